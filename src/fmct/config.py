@@ -1,0 +1,176 @@
+"""Configs as data: dataclasses filled from YAML files and dotted ``key=value`` overrides.
+
+Every command builds its config with :func:`load_config` and writes the resolved result beside its
+outputs with :func:`save_config`, so that a run can always be told apart and repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's fields (a usage error, exit 2)."""
+
+
+# --------------------------------------------------------------------------------------------- ingest
+@dataclass
+class SelectionConfig:
+    """Which DICOM series of a study count as the head CT to keep."""
+
+    modality: str = "CT"
+    min_slices: int = 20  # fewer slices is a scout, a single-slice export or a dose report
+    # Slice thickness (mm) within which series are candidates; outside it they are skipped.
+    thickness_range_mm: tuple[float, float] = (0.4, 6.0)
+    # When a study holds several candidates: "preferred" keeps one by the rules below, "all" keeps all.
+    series: str = "preferred"
+    prefer_kernel: str = "soft"  # "soft" (brain/standard kernels), "bone" or "any"
+    axial_only: bool = True  # a reformat more than 30 degrees from axial is not a candidate
+    # A gap between slices above this multiple of the median spacing is a missing slice.
+    max_gap_ratio: float = 1.5
+    reject_gaps: bool = True  # False: keep the series and interpolate across the gap
+
+
+@dataclass
+class CanonicalConfig:
+    """The fixed grid every scan is resampled to: RAS, isotropic, centred on the head."""
+
+    spacing_mm: float = 1.5
+    shape: tuple[int, int, int] = (128, 128, 128)  # 192 mm cube at 1.5 mm
+    interpolation: str = "linear"  # "linear" or "nearest"
+    # Average neighbouring voxels before downsampling by 2x or more, so noise does not alias.
+    antialias: bool = True
+    air_hu: int = -1024  # value outside the source field of view and of padding voxels
+    # Tissue denser than this (HU) is body; the largest 3D component of it after an opening is the head.
+    head_threshold_hu: float = -300.0
+    # The cube's top lies this far (mm) above the vertex, so the whole brain down to the skull base fits.
+    vertex_margin_mm: float = 12.0
+
+
+@dataclass
+class IngestConfig:
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    canonical: CanonicalConfig = field(default_factory=CanonicalConfig)
+    # Salt of the pseudonymous keys. Empty: a new random salt on the first ingest into a store, then the
+    # store's own salt, so patients keep one key across runs. Share it between stores to split by patient.
+    salt: str = ""
+
+
+# ---------------------------------------------------------------------------------------- machinery
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Build config ``cls`` from defaults, then the YAML file ``path``, then ``key=value`` overrides.
+
+    Overrides use dotted keys into nested configs (``canonical.spacing_mm=1.0``); values are parsed as
+    YAML (``shape=[96,96,96]``, ``antialias=false``). Unknown keys raise :class:`ConfigError`.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: cannot read config: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping of keys to values")
+        values = loaded
+    for override in overrides or []:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(values, key.strip(), value)
+    return _build(cls, values, prefix="")
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain YAML-friendly data (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(config)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from fmct.store import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _set_dotted(values: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type[T], values: dict, prefix: str) -> T:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(options[0], value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(hint) or (Any,)
+        return [_coerce(arg, v, key) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    return value

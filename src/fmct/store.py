@@ -1,0 +1,184 @@
+"""The cache store: one memory-mappable int16 file per canonical scan, plus a manifest and an errors table.
+
+Layout of a store folder::
+
+    config.yaml          resolved ingest config, including the salt of the pseudonymous keys
+    manifest.csv         one row per stored scan (columns: MANIFEST_COLUMNS)
+    errors.csv           one row per skipped input: source, reason
+    scans/<scan_id>.npy  int16 HU on the canonical RAS grid, axes (x, y, z) = (I, J, K)
+    scans/<scan_id>.json the scan's manifest row; written after the .npy, so it marks the scan complete
+    errors/<key>.json    one skipped input: {"source", "reason"}
+
+Every file is written to a temporary name and renamed, so a killed job never leaves a file that looks
+whole. The per-scan JSON files are the truth; ``manifest.csv`` and ``errors.csv`` are rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+MANIFEST_COLUMNS = [
+    "scan_id",
+    "patient_key",
+    "study_key",
+    "source",
+    "original_shape",
+    "original_spacing_mm",
+    "slice_thickness_mm",
+    "kernel",
+    "kvp",
+    "manufacturer",
+    "model",
+    "store_shape",
+    "store_spacing_mm",
+    "affine",  # 4x4 row-major: store voxel (i, j, k) -> source world RAS mm (DICOM LPS with x, y negated)
+]
+_JSON_COLUMNS = {"original_shape", "original_spacing_mm", "store_shape", "store_spacing_mm", "affine"}
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save ``array`` as .npy (no pickle) through a temporary file and a rename."""
+    _atomic_write(Path(path), lambda handle: np.save(handle, array, allow_pickle=False))
+
+
+# ---------------------------------------------------------------------------------------- the store
+class Store:
+    """Read access to a store folder written by ``fmct ingest``.
+
+    ``store[i]`` and ``store[scan_id]`` return ``(hu, row)``: the canonical int16 HU volume, memory-mapped,
+    axes (x, y, z) in RAS order at ``row["store_spacing_mm"]``, and its manifest row as a dict.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "scans").is_dir():
+            raise FileNotFoundError(f"{self.path}: not an fmct store (no scans/ folder)")
+        manifest = self.path / "manifest.csv"
+        rows = read_manifest(manifest) if manifest.exists() else None
+        if rows is None or len(rows) != len(list((self.path / "scans").glob("*.json"))):
+            rows = self._rows_from_scans()
+        self.rows: list[dict] = rows
+        self._index = {row["scan_id"]: i for i, row in enumerate(rows)}
+
+    @property
+    def scan_ids(self) -> list[str]:
+        return [row["scan_id"] for row in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, scan_id: str) -> bool:
+        return scan_id in self._index
+
+    def __getitem__(self, key: int | str) -> tuple[np.ndarray, dict]:
+        row = self.rows[self._index[key] if isinstance(key, str) else key]
+        hu = np.load(self.path / "scans" / f"{row['scan_id']}.npy", mmap_mode="r", allow_pickle=False)
+        return hu, row
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, dict]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def affine(self, key: int | str) -> np.ndarray:
+        """4x4 matrix from store voxel indices to the source's world RAS coordinates (mm)."""
+        row = self.rows[self._index[key] if isinstance(key, str) else key]
+        return np.asarray(row["affine"], dtype=np.float64).reshape(4, 4)
+
+    def errors(self) -> list[dict]:
+        """The skipped inputs: dicts with ``source`` and ``reason``."""
+        return [json.loads(p.read_text()) for p in sorted((self.path / "errors").glob("*.json"))]
+
+    def _rows_from_scans(self) -> list[dict]:
+        return sorted(
+            (json.loads(p.read_text()) for p in (self.path / "scans").glob("*.json")),
+            key=lambda row: row["scan_id"],
+        )
+
+
+# ------------------------------------------------------------------------------------------ writing
+def write_scan(store_path: Path, hu: np.ndarray, row: dict) -> None:
+    """Store one canonical scan: the int16 volume first, then its manifest row that marks it complete."""
+    scans = Path(store_path) / "scans"
+    atomic_save_npy(scans / f"{row['scan_id']}.npy", np.ascontiguousarray(hu, dtype=np.int16))
+    atomic_write_text(scans / f"{row['scan_id']}.json", json.dumps(row))
+
+
+def write_error(store_path: Path, key: str, source: str, reason: str) -> None:
+    """Record a skipped input under ``key`` (a pseudonymous hash of its source)."""
+    atomic_write_text(Path(store_path) / "errors" / f"{key}.json", json.dumps({"source": source, "reason": reason}))
+
+
+def clear_error(store_path: Path, key: str) -> None:
+    (Path(store_path) / "errors" / f"{key}.json").unlink(missing_ok=True)
+
+
+def rebuild_tables(store_path: Path) -> tuple[int, int]:
+    """Rewrite ``manifest.csv`` and ``errors.csv`` from the per-scan files; return (scans, errors)."""
+    store_path = Path(store_path)
+    rows = sorted(
+        (json.loads(p.read_text()) for p in (store_path / "scans").glob("*.json")), key=lambda r: r["scan_id"]
+    )
+    atomic_write_text(store_path / "manifest.csv", _to_csv(rows, MANIFEST_COLUMNS))
+    errors = [json.loads(p.read_text()) for p in sorted((store_path / "errors").glob("*.json"))]
+    atomic_write_text(store_path / "errors.csv", _to_csv(errors, ["source", "reason"]))
+    return len(rows), len(errors)
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Rows of a manifest.csv with list columns decoded and numbers as numbers."""
+    rows = []
+    with open(path, newline="") as handle:
+        for raw in csv.DictReader(handle):
+            row: dict = {}
+            for key, value in raw.items():
+                if key in _JSON_COLUMNS:
+                    row[key] = json.loads(value)
+                elif key in ("slice_thickness_mm", "kvp"):
+                    row[key] = float(value) if value else None
+                else:
+                    row[key] = value
+            rows.append(row)
+    return rows
+
+
+def _to_csv(rows: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {k: json.dumps(row.get(k)) if k in _JSON_COLUMNS else ("" if row.get(k) is None else row.get(k)) for k in columns}
+        )
+    return buffer.getvalue()
