@@ -16,14 +16,25 @@ whole. The per-scan JSON files are the truth; ``manifest.csv`` and ``errors.csv`
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
+import multiprocessing
 import os
+import secrets
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from fmct.config import IngestConfig
 
 MANIFEST_COLUMNS = [
     "scan_id",
@@ -182,3 +193,200 @@ def _to_csv(rows: list[dict], columns: list[str]) -> str:
             {k: json.dumps(row.get(k)) if k in _JSON_COLUMNS else ("" if row.get(k) is None else row.get(k)) for k in columns}
         )
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- ingest
+@dataclass
+class IngestSummary:
+    """What an ingest run did. ``ok`` is False only when inputs were given and none could be stored."""
+
+    store: Path
+    stored: int = 0
+    already_stored: int = 0
+    skipped: int = 0  # inputs skipped in this run, each with its reason in errors.csv
+    skipped_before: int = 0  # inputs that failed in an earlier run and were not retried
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.stored + self.already_stored > 0 or self.skipped == 0
+
+    def describe(self) -> str:
+        rate = self.stored / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"stored {self.stored} new scans in {self.seconds:.1f} s ({rate:.2f} scans/s); "
+            f"{self.already_stored} were already in {self.store}"
+        ]
+        if self.skipped or self.skipped_before:
+            lines.append(
+                f"skipped {self.skipped} inputs (+{self.skipped_before} from earlier runs, --retry-failed "
+                f"retries them); reasons in {self.store / 'errors.csv'}"
+            )
+        return "\n".join(lines)
+
+
+def ingest(
+    sources: list[str | os.PathLike],
+    out: str | os.PathLike,
+    config: "IngestConfig",
+    workers: int = 1,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> IngestSummary:
+    """Read DICOM series and NIfTI files under ``sources`` into the store ``out``; resumable.
+
+    Series are discovered by SeriesInstanceUID, selected by ``config.selection``, read to HU, resampled
+    to ``config.canonical`` and written atomically, ``workers`` processes at a time. Scans already in
+    the store are skipped; inputs that failed before are skipped unless ``retry_failed``. A bad input
+    never stops the batch: its one-line reason goes to ``errors.csv``. Identifiers are replaced by salted
+    hashes (``scan_id``, ``patient_key``, ``study_key``) before anything is written.
+    """
+    from fmct.config import ConfigError, save_config
+    from fmct.io import discover, select_series
+
+    started = time.perf_counter()
+    store_path = Path(out)
+    config = _settle_salt(store_path, config)
+    (store_path / "scans").mkdir(parents=True, exist_ok=True)
+    (store_path / "errors").mkdir(exist_ok=True)
+    save_config(config, store_path / "config.yaml")
+
+    missing = [str(s) for s in sources if not Path(s).exists()]
+    if missing:
+        raise ConfigError(f"{missing[0]}: no such file or folder")
+    walked = _walk(sources)
+    all_files = [p for files in walked.values() for p in files]
+    nifti_files = [p for p in all_files if p.name.endswith((".nii", ".nii.gz"))]
+    series, unreadable = discover([p for p in all_files if not p.name.endswith((".nii", ".nii.gz"))])
+    kept, rejected = select_series(series, config.selection)
+
+    salt = config.salt
+    summary = IngestSummary(store=store_path)
+    problems = unreadable + rejected
+    recognised = {str(p) for info in series for p in info.files} | {str(p) for p in nifti_files}
+    recognised |= {str(path) for path, _ in unreadable}
+    for source, files in walked.items():
+        if not any(str(p) in recognised for p in files):
+            problems.append((source, "no DICOM series or NIfTI file found here"))
+    for source, reason in problems:
+        write_error(store_path, pseudonym(salt, "source", str(source)), str(source), reason)
+        summary.skipped += 1
+
+    jobs = [(pseudonym(salt, "series", info.series_uid), info) for info in kept]
+    jobs += [(pseudonym(salt, "series", str(Path(path).resolve())), path) for path in nifti_files]
+    todo = []
+    for scan_id, job in jobs:
+        if (store_path / "scans" / f"{scan_id}.json").exists():
+            summary.already_stored += 1
+        elif (store_path / "errors" / f"{scan_id}.json").exists() and not retry_failed:
+            summary.skipped_before += 1
+        else:
+            todo.append((scan_id, job))
+
+    try:
+        for scan_id, reason, source in _run(todo, store_path, config, workers, progress):
+            if reason is None:
+                clear_error(store_path, scan_id)
+                summary.stored += 1
+            else:
+                write_error(store_path, scan_id, source, reason)
+                summary.skipped += 1
+    finally:
+        rebuild_tables(store_path)
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def pseudonym(salt: str, kind: str, value: str) -> str:
+    """A 16-hex-digit salted SHA-256 of ``value``: stable for one salt, meaningless without it."""
+    return hashlib.sha256(f"{salt}\x00{kind}\x00{value}".encode()).hexdigest()[:16]
+
+
+def _settle_salt(store_path: Path, config: "IngestConfig") -> "IngestConfig":
+    """Use the store's salt for an existing store; a new random one for a new store unless given."""
+    from fmct.config import ConfigError, IngestConfig, load_config
+
+    existing = store_path / "config.yaml"
+    if existing.exists():
+        stored_salt = load_config(IngestConfig, existing).salt
+        if config.salt and config.salt != stored_salt:
+            raise ConfigError(f"{store_path}: the store was made with another salt; keys would not match")
+        return dataclasses.replace(config, salt=stored_salt)
+    return dataclasses.replace(config, salt=config.salt or secrets.token_hex(16))
+
+
+def _walk(sources) -> dict[str, list[Path]]:
+    """Every file under each source (a file is its own list), keyed by the source as given."""
+    return {
+        str(source): [Path(source)] if Path(source).is_file() else sorted(p for p in Path(source).rglob("*") if p.is_file())
+        for source in sources
+    }
+
+
+def _run(todo, store_path: Path, config, workers: int, progress: bool):
+    """Yield (scan_id, reason or None, source) as jobs finish, in a pool of ``workers`` processes."""
+    bar = tqdm(total=len(todo), unit="scan", desc="ingest", disable=not progress or not todo, dynamic_ncols=True)
+    try:
+        if workers <= 1:
+            _limit_threads()
+            for scan_id, job in todo:
+                yield _ingest_one(scan_id, job, store_path, config)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_limit_threads) as pool:
+            futures = [pool.submit(_ingest_one, scan_id, job, store_path, config) for scan_id, job in todo]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+                    bar.update()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+def _limit_threads() -> None:
+    # One thread per worker process: --workers sets the parallelism, not torch's thread pool.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _ingest_one(scan_id: str, job, store_path: Path, config) -> tuple[str, str | None, str]:
+    """Read, canonicalise and store one scan; return (scan_id, None, source) or (scan_id, reason, source)."""
+    from fmct.io import ScanError, read_nifti, read_series
+    from fmct.preprocess import canonical
+
+    source = job.source if hasattr(job, "source") else str(job)
+    try:
+        volume = read_nifti(job) if isinstance(job, (str, Path)) else read_series(job, config.selection)
+        source = volume.source or source
+        result = canonical(volume, config.canonical)
+    except ScanError as error:
+        return scan_id, str(error), source
+    except Exception as error:  # a bad scan must never stop the batch; keep its reason on one line
+        return scan_id, f"unexpected {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", source
+    salt = config.salt
+    identity = volume.identity
+    meta = result.metadata
+    row = {
+        "scan_id": scan_id,
+        "patient_key": pseudonym(salt, "patient", identity.get("patient_id") or identity.get("series_uid", source)),
+        "study_key": pseudonym(salt, "study", identity.get("study_uid") or identity.get("series_uid", source)),
+        "source": source,
+        "original_shape": list(volume.shape),
+        "original_spacing_mm": [round(float(s), 6) for s in volume.spacing_mm],
+        "slice_thickness_mm": meta.get("slice_thickness_mm"),
+        "kernel": meta.get("kernel", ""),
+        "kvp": meta.get("kvp"),
+        "manufacturer": meta.get("manufacturer", ""),
+        "model": meta.get("model", ""),
+        "store_shape": list(result.shape),
+        "store_spacing_mm": [float(s) for s in result.spacing_mm],
+        "affine": [float(v) for v in result.affine.ravel()],
+    }
+    write_scan(store_path, result.hu, row)
+    return scan_id, None, source

@@ -1,0 +1,142 @@
+"""From a scan as read to the canonical volume: RAS, isotropic spacing, a fixed grid centred on the head.
+
+The canonical grid is axis-aligned in the scan's own world frame (RAS, mm): voxel (i, j, k) sits at
+``origin + spacing_mm * (i, j, k)`` with i towards the patient's Right, j Anterior, k Superior. Any
+source geometry — reversed, oblique, gantry-tilted (a sheared affine) — is handled by one resampling
+through the exact voxel-to-voxel mapping, so landmarks keep their world coordinates.
+
+HU windows for the model are applied later, on the training device (``fmct.data``); here HU stay HU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from fmct.config import CanonicalConfig
+from fmct.io.volume import ScanError, Volume
+
+# Spacing (mm) of the coarse copy used to find the head: fine enough for a 5 mm opening, cheap to label.
+_MASK_SPACING_MM = 3.0
+
+
+def canonical(volume: Volume, config: CanonicalConfig | None = None) -> Volume:
+    """Resample ``volume`` onto the canonical grid of ``config`` and return it as int16 HU.
+
+    The grid is ``config.shape`` voxels of ``config.spacing_mm`` (default 128^3 at 1.5 mm, a 192 mm cube),
+    centred in x and y on the head and placed in z so that the vertex lies ``vertex_margin_mm`` below the
+    top face. The CT table, headrest and air do not steer the centring (see :func:`head_mask`). Voxels
+    outside the source field of view are air (``config.air_hu``). The returned affine maps canonical
+    voxels to the source's world RAS coordinates in mm.
+    """
+    config = config or CanonicalConfig()
+    centre = head_centre(volume, config)
+    shape = np.asarray(config.shape)
+    affine = np.diag([config.spacing_mm] * 3 + [1.0])
+    affine[:3, 3] = centre - config.spacing_mm * (shape - 1) / 2.0
+    hu = resample(volume, affine, tuple(config.shape), config)
+    metadata = dict(volume.metadata, store_shape=list(config.shape), store_spacing_mm=[config.spacing_mm] * 3)
+    return Volume(hu=hu, affine=affine, metadata=metadata, identity=volume.identity, source=volume.source)
+
+
+def head_mask(volume: Volume, threshold_hu: float = -300.0) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean head mask on a coarse (~3 mm) copy of ``volume``, and that copy's voxel->RAS affine.
+
+    Body is tissue above ``threshold_hu``. A 3D opening (radius ~6 mm) cuts the thin CT table and
+    headrest shell away from the head, and the largest connected component is kept: the head.
+    """
+    step = np.maximum(1, np.round(_MASK_SPACING_MM / volume.spacing_mm).astype(int))
+    coarse = np.asarray(volume.hu[:: step[0], :: step[1], :: step[2]])
+    affine = volume.affine.copy()
+    affine[:3, :3] = affine[:3, :3] * step
+    body = coarse > threshold_hu
+    radius = np.maximum(1, np.round(6.0 / (volume.spacing_mm * step)).astype(int))
+    opened = ndimage.binary_opening(body, structure=_ellipsoid(radius))
+    labels, count = ndimage.label(opened)
+    if count == 0:
+        labels, count = ndimage.label(body)  # a tiny field of view: no opening
+    if count == 0:
+        return np.zeros_like(body), affine
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes)), affine
+
+
+def head_centre(volume: Volume, config: CanonicalConfig) -> np.ndarray:
+    """World RAS point (mm) at the centre of the canonical cube for ``volume``.
+
+    z: the vertex (highest head voxel) plus ``vertex_margin_mm`` is the top of the cube, so a scan that
+    also covers the neck keeps the whole brain in view. x, y: the middle of the head's extent within the
+    cube's height (robust 1st-99th percentiles), so shoulders or a nose do not pull the centre.
+    """
+    mask, affine = head_mask(volume, config.head_threshold_hu)
+    points = np.argwhere(mask)
+    if len(points) < 8:
+        raise ScanError(f"no head found: fewer than 8 voxels above {config.head_threshold_hu:g} HU")
+    world = points @ affine[:3, :3].T + affine[:3, 3]
+    height_mm = config.spacing_mm * config.shape[2]
+    top = world[:, 2].max() + config.vertex_margin_mm
+    in_cube = world[world[:, 2] >= top - height_mm]
+    low, high = np.percentile(in_cube[:, :2], [1, 99], axis=0)
+    return np.array([(low[0] + high[0]) / 2, (low[1] + high[1]) / 2, top - height_mm / 2])
+
+
+def resample(volume: Volume, target_affine: np.ndarray, shape: tuple[int, int, int], config: CanonicalConfig) -> np.ndarray:
+    """Sample ``volume`` at the voxel centres of the grid (``target_affine``, ``shape``) -> int16 HU.
+
+    One trilinear (or nearest) interpolation through the voxel-to-voxel map ``inv(A_src) @ A_target``.
+    Only the source box that the grid touches is converted to float. With ``config.antialias``, source
+    axes finer than half the target spacing are first averaged over whole voxels, so that downsampling
+    thin slices does not alias their noise (the averaged grid's affine is shifted to stay exact).
+    """
+    source_affine = volume.affine
+    target_to_source = np.linalg.inv(source_affine) @ target_affine
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    touched = corners @ target_to_source.T
+    low = np.clip(np.floor(touched[:, :3].min(axis=0)).astype(int) - 1, 0, np.array(volume.shape) - 1)
+    high = np.clip(np.ceil(touched[:, :3].max(axis=0)).astype(int) + 2, 1, np.array(volume.shape))
+    if np.any(high <= low):
+        raise ScanError("the canonical grid does not overlap the scan's field of view")
+    box = np.asarray(volume.hu[low[0] : high[0], low[1] : high[1], low[2] : high[2]], dtype=np.float32)
+    tensor = torch.from_numpy(box - np.float32(config.air_hu))[None, None]
+    # Index of the first voxel of the box and the size of its voxels, in source voxel units.
+    offset = low.astype(np.float64)
+    factor = np.ones(3)
+    if config.antialias:
+        pool = np.floor(config.spacing_mm / volume.spacing_mm + 1e-6).astype(int)
+        pool = np.where(pool >= 2, pool, 1)
+        pool = np.minimum(pool, np.array(tensor.shape[2:]))
+        if np.any(pool > 1):
+            tensor = F.avg_pool3d(tensor, kernel_size=tuple(pool), stride=tuple(pool))
+            offset = offset + (pool - 1) / 2.0
+            factor = pool.astype(np.float64)
+    # Target voxel -> index into the (pooled) box tensor.
+    to_box = np.diag(np.append(1.0 / factor, 1.0)) @ np.array(
+        [[1, 0, 0, -offset[0]], [0, 1, 0, -offset[1]], [0, 0, 1, -offset[2]], [0, 0, 0, 1.0]]
+    ) @ target_to_source
+    # affine_grid maps normalised target coordinates ([-1, 1] per axis, align_corners) to normalised
+    # source coordinates; its point order is (x, y, z) = (last, middle, first) tensor axis.
+    source_size = np.array(tensor.shape[2:], dtype=np.float64)
+    normalise = np.diag(np.append(2.0 / np.maximum(source_size - 1, 1), 1.0))
+    normalise[:3, 3] = -1.0
+    denormalise = np.diag(np.append((np.array(shape, dtype=np.float64) - 1) / 2.0, 1.0))
+    denormalise[:3, 3] = (np.array(shape) - 1) / 2.0
+    # The output is laid out (k, j, i), so affine_grid's input point is already (i, j, k); its output
+    # point must be (k, j, i) of the box.
+    theta = (normalise @ to_box @ denormalise)[[2, 1, 0]]
+    grid = F.affine_grid(
+        torch.from_numpy(theta[None]).float(), size=[1, 1, shape[2], shape[1], shape[0]], align_corners=True
+    )
+    mode = {"linear": "bilinear", "nearest": "nearest"}.get(config.interpolation)
+    if mode is None:
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', not {config.interpolation!r}")
+    sampled = F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0]
+    # sampled is indexed (k, j, i) of the target: back to (i, j, k).
+    hu = sampled.permute(2, 1, 0).numpy() + np.float32(config.air_hu)
+    return np.clip(np.rint(hu), config.air_hu, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def _ellipsoid(radius: np.ndarray) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    return sum((g / max(r, 1)) ** 2 for g, r in zip(grids, radius)) <= 1.0
