@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from fmct.config import ConfigError
+
+
+# A config override: a dotted key, "=", a value (a path never starts like this unless it has "=").
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 class UsageError(Exception):
@@ -20,11 +25,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------- ingest
 def _ingest_parser(sub) -> None:
     parser = sub.add_parser("ingest", help="DICOM folders / NIfTI files -> canonical HU store")
-    parser.add_argument("sources", nargs="+", metavar="SRC", help="folders of DICOM files and/or NIfTI files")
     parser.add_argument("--out", required=True, help="store folder (created or resumed)")
     parser.add_argument("--workers", type=int, default=1, help="processes reading scans")
     parser.add_argument("--retry-failed", action="store_true", help="retry inputs skipped by an earlier run")
-    _add_config_args(parser)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument(
+        "inputs", nargs="*", metavar="SRC|key=value",
+        help="folders of DICOM files and/or NIfTI files, then config overrides, e.g. canonical.spacing_mm=1.0",
+    )
     parser.set_defaults(run=_ingest_run)
 
 
@@ -32,13 +40,113 @@ def _ingest_run(args) -> int:
     from fmct.config import IngestConfig, load_config
     from fmct.store import ingest
 
-    config = load_config(IngestConfig, args.config, args.overrides)
-    summary = ingest(args.sources, args.out, config, workers=args.workers, retry_failed=args.retry_failed)
+    overrides = [item for item in args.inputs if _OVERRIDE.match(item)]
+    sources = [item for item in args.inputs if not _OVERRIDE.match(item)]
+    if not sources:
+        raise UsageError("no SRC given")
+    config = load_config(IngestConfig, args.config, overrides)
+    summary = ingest(sources, args.out, config, workers=args.workers, retry_failed=args.retry_failed)
     print(summary.describe())
     return 0 if summary.ok else 1
 
 
-PARSERS = [_ingest_parser]
+# -------------------------------------------------------------------------------------------- probe
+def _probe_parser(sub) -> None:
+    parser = sub.add_parser("probe", help="per-finding probes on frozen embeddings -> predictions")
+    parser.add_argument("--embeddings", required=True, help="embeddings folder written by fmct embed")
+    parser.add_argument(
+        "--labels", required=True,
+        help="labels CSV of DESIGN.md, or [cq500:|rsna:|generic:]FILE (CQ500 reads.csv, RSNA stage_2_train.csv)",
+    )
+    parser.add_argument("--out", required=True, help="predictions folder")
+    parser.add_argument("--store", help="store whose manifest maps `source` labels to scans and gives patient keys")
+    parser.add_argument("--label-fractions", help="comma-separated shares of the training labels, e.g. 0.01,0.1,1")
+    parser.add_argument("--shots", help="comma-separated N: N positives and N negatives per finding")
+    parser.add_argument("--seeds", type=int, help="number of seeds (training subsets) per budget")
+    parser.add_argument("--features", choices=["cls", "patch_mean", "concat"])
+    parser.add_argument("--method", choices=["logistic", "knn"])
+    parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (OOD)")
+    parser.add_argument("--findings", help="comma-separated findings to probe (default: all)")
+    parser.add_argument("--model", help="model name in the predictions (default: from the embeddings)")
+    parser.add_argument("--arm", help="arm in the predictions, e.g. pretrained or scratch")
+    parser.add_argument("--rename", help="generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id")
+    _add_config_args(parser)
+    parser.set_defaults(run=_probe_run)
+
+
+def _probe_run(args) -> int:
+    from pathlib import Path
+
+    from fmct.config import load_config
+    from fmct.eval.probe import ProbeConfig, run_probe
+
+    flags = {
+        "label_fractions": args.label_fractions, "shots": args.shots, "ood_sites": args.ood_sites,
+        "findings": args.findings,
+    }
+    overrides = [f"{key}=[{value}]" for key, value in flags.items() if value is not None]
+    scalars = {"seeds": args.seeds, "features": args.features, "method": args.method, "model": args.model, "arm": args.arm}
+    overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
+    config = load_config(ProbeConfig, args.config, args.overrides + overrides)
+    rename = {}
+    for pair in (args.rename or "").split(","):
+        if pair.strip():
+            old, sep, new = pair.partition("=")
+            if not sep:
+                raise UsageError(f"--rename {pair!r} is not OLD=new")
+            rename[old.strip()] = new.strip()
+    try:
+        summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    print(summary.describe(Path(args.out)))
+    return 0 if summary.n_predictions else 1
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+def _evaluate_parser(sub) -> None:
+    parser = sub.add_parser("evaluate", help="predictions -> AUROC/AUPRC/sensitivity with bootstrap CIs, paired tests")
+    parser.add_argument("--predictions", nargs="+", required=True, metavar="DIR", help="predictions folders")
+    parser.add_argument("--out", required=True, help="folder for metrics.csv, comparisons.csv, roc.csv, metrics.json")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.set_defaults(run=_evaluate_run)
+
+
+def _evaluate_run(args) -> int:
+    from fmct.eval.evaluate import evaluate, write_evaluation
+
+    try:
+        evaluation = evaluate(args.predictions, n_bootstrap=args.bootstrap, seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    write_evaluation(evaluation, args.out)
+    print(f"evaluate: {len(evaluation.metrics)} metric rows, {len(evaluation.comparisons)} comparisons -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- report
+def _report_parser(sub) -> None:
+    parser = sub.add_parser("report", help="evaluation or predictions folders -> one self-contained HTML page")
+    parser.add_argument("folders", nargs="+", metavar="DIR", help="evaluation folders (metrics.json) or predictions folders")
+    parser.add_argument("--out", required=True, help="the HTML file to write (PNGs go to <name>_figures/ beside it)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples when given predictions folders")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.set_defaults(run=_report_run)
+
+
+def _report_run(args) -> int:
+    from fmct.eval.report import write_report
+
+    try:
+        path = write_report(args.folders, args.out, n_bootstrap=args.bootstrap, seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"report: {path}")
+    return 0
+
+
+PARSERS = [_ingest_parser, _probe_parser, _evaluate_parser, _report_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in PARSERS:
         add(sub)
-    args = parser.parse_args(argv)
+    # Positionals may stand on both sides of options (`ingest A --out S B k=v`): argparse leaves the later
+    # ones over, and they join the verb's positional list.
+    args, extra = parser.parse_known_args(argv)
+    positional = "inputs" if hasattr(args, "inputs") else "overrides" if hasattr(args, "overrides") else None
+    if positional is None or any(item.startswith("-") for item in extra):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    else:
+        setattr(args, positional, getattr(args, positional) + extra)
     try:
         return args.run(args)
     except (ConfigError, UsageError) as error:
