@@ -132,10 +132,11 @@ def _build(cls: type[T], values: dict, prefix: str) -> T:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(hints[name], value, prefix + name)
-    return cls(**kwargs)
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:  # a config's own checks (__post_init__) speak for it
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

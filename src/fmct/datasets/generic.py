@@ -1,0 +1,99 @@
+"""The labels table of DESIGN.md, read from a generic CSV (with optional column renaming) and written back.
+
+Format: one row per scan, keyed by ``scan_id`` (a store scan) or ``source`` (the path given to ingest);
+optional ``patient_id``, ``site``, ``split`` (train, val, test); every other column is a finding with
+1 (present), 0 (absent) or empty (unknown: the scan is left out for that finding).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fmct.store import atomic_write_text
+
+KEY_COLUMNS = ("scan_id", "source")
+META_COLUMNS = ("patient_id", "site", "split")
+FINDINGS = (
+    "ich", "iph", "ivh", "sdh", "edh", "sah", "infarct", "hydrocephalus", "atrophy", "mass", "midline_shift", "fracture",
+)
+_TRUE = {"1", "1.0", "true", "yes", "y", "t"}
+_FALSE = {"0", "0.0", "false", "no", "n", "f"}
+_UNKNOWN = {"", "na", "nan", "n/a", "none", "-1", "?"}
+
+
+@dataclass
+class Labels:
+    """Rows of the labels table: dicts with ``scan_id``/``source``, ``patient_id``, ``site``, ``split`` (str,
+    possibly empty) and one value per finding (1, 0 or None for unknown); ``notes`` say what an adapter
+    could not use."""
+
+    rows: list[dict]
+    findings: list[str]
+    origin: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_label(value: str, where: str) -> int | None:
+    """A finding cell as 1, 0 or None (unknown); anything else raises ValueError naming ``where``."""
+    text = value.strip().lower()
+    if text in _TRUE:
+        return 1
+    if text in _FALSE:
+        return 0
+    if text in _UNKNOWN:
+        return None
+    raise ValueError(f"{where}: label {value!r} is not 1, 0 or empty")
+
+
+def read_generic(path: str | os.PathLike, rename: dict[str, str] | None = None) -> Labels:
+    """Read a labels CSV; ``rename`` maps the file's column names to ours (e.g. {"Hemorrhage": "ich"})."""
+    path = Path(path)
+    rename = rename or {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            original = [c.strip() for c in reader.fieldnames or []]
+            raw_rows = [list(row.values()) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: cannot read labels CSV: {error}") from None
+    missing = sorted(set(rename) - set(original))
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} to rename (columns: {', '.join(original)})")
+    header = [rename.get(c, c) for c in original]
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path}: duplicate column names after renaming: {header}")
+    key = next((c for c in KEY_COLUMNS if c in header), None)
+    if key is None:
+        raise ValueError(f"{path}: needs a scan_id or source column (columns: {', '.join(header)})")
+    findings = [c for c in header if c not in KEY_COLUMNS + META_COLUMNS]
+    if not findings:
+        raise ValueError(f"{path}: no finding column")
+    rows = []
+    for line, values in enumerate(raw_rows, start=2):
+        if len(values) != len(header) or any(v is None for v in values):
+            raise ValueError(f"{path}:{line}: {len(values)} cells for {len(header)} columns")
+        cells = dict(zip(header, (v.strip() for v in values)))
+        if not cells[key]:
+            raise ValueError(f"{path}:{line}: empty {key}")
+        row = {c: cells.get(c, "") for c in KEY_COLUMNS + META_COLUMNS}
+        for finding in findings:
+            row[finding] = parse_label(cells[finding], f"{path}:{line} column {finding}")
+        rows.append(row)
+    return Labels(rows=rows, findings=findings, origin=str(path))
+
+
+def write_labels(labels: Labels, path: str | os.PathLike) -> None:
+    """Write ``labels`` as a labels CSV of DESIGN.md (unknown as empty), atomically."""
+    columns = [c for c in KEY_COLUMNS if any(row.get(c) for row in labels.rows)] + list(META_COLUMNS) + labels.findings
+    lines = [",".join(columns)]
+    for row in labels.rows:
+        cells = ["" if row.get(c) is None else str(row.get(c)) for c in columns]
+        lines.append(",".join(_quote(c) for c in cells))
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
+def _quote(cell: str) -> str:
+    return '"' + cell.replace('"', '""') + '"' if any(ch in cell for ch in ',"\n') else cell

@@ -1,0 +1,221 @@
+"""One self-contained HTML report of evaluated predictions (``fmct report``).
+
+Sections (each an ``<h2 id=...>``): ``roc`` (ROC curves per finding at the largest label budget, ID and
+OOD side by side, averaged over seeds), ``label-efficiency`` (AUROC vs label fraction with 95% CI bands,
+one line per model and arm), ``id-vs-ood`` (AUROC in- and out-of-distribution with CIs and the drop),
+``comparisons`` (paired AUROC differences with bootstrap CI and p-values), ``metrics`` (every metric
+with its CI) and ``provenance`` (the run.json of every predictions folder behind the numbers).
+The figures are embedded as base64 PNGs, so the page opens alone; they are also written as PNG files
+into ``<report name>_figures/`` beside the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from fmct.eval.evaluate import Evaluation, evaluate, read_evaluation  # noqa: E402
+from fmct.store import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+SECTIONS = ("roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
+
+
+def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, seed: int = 0) -> Evaluation:
+    """Merge evaluation folders (holding metrics.json) and evaluate predictions folders (holding predictions.csv) together."""
+    evaluated, predictions = [], []
+    for folder in map(Path, folders):
+        if (folder / "metrics.json").exists():
+            evaluated.append(read_evaluation(folder))
+        elif (folder / "predictions.csv").exists():
+            predictions.append(folder)
+        else:
+            raise ValueError(f"{folder}: neither an evaluation folder (metrics.json) nor a predictions folder (predictions.csv)")
+    if predictions:
+        evaluated.append(evaluate(predictions, n_bootstrap=n_bootstrap, seed=seed))
+    return Evaluation(
+        metrics=[row for e in evaluated for row in e.metrics],
+        comparisons=[row for e in evaluated for row in e.comparisons],
+        roc=[row for e in evaluated for row in e.roc],
+        runs=[run for e in evaluated for run in e.runs],
+        settings=evaluated[0].settings,
+    )
+
+
+def write_report(
+    folders: list[str | os.PathLike], out: str | os.PathLike, n_bootstrap: int = 1000, seed: int = 0
+) -> Path:
+    """Write the HTML report of ``folders`` to ``out`` (and its PNGs beside it); return the page's path."""
+    out = Path(out)
+    evaluation = load_evaluation(folders, n_bootstrap=n_bootstrap, seed=seed)
+    figures = _figures(evaluation)
+    figure_dir = out.with_name(out.stem + "_figures")
+    for name, png in figures.items():
+        atomic_write_bytes(figure_dir / f"{name}.png", png)
+    atomic_write_text(out, render_html(evaluation, figures))
+    return out
+
+
+# --------------------------------------------------------------------------------------- figures
+def _system(row: dict) -> str:
+    return f"{row['model']} ({row['arm']})" if row.get("arm") else row["model"]
+
+
+def _fraction(row: dict) -> float | None:
+    try:
+        return float(row["label_fraction"]) if not row.get("shots") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _largest_budget(rows: list[dict]) -> tuple[str, str]:
+    budgets = {(r["label_fraction"], r["shots"]) for r in rows}
+    fractions = [b for b in budgets if not b[1]]
+    if fractions:
+        return max(fractions, key=lambda b: float(b[0]))
+    return max(budgets, key=lambda b: float(b[1]))
+
+
+def _figures(evaluation: Evaluation) -> dict[str, bytes]:
+    figures = {}
+    for finding in sorted({r["finding"] for r in evaluation.metrics}):
+        rows = [r for r in evaluation.metrics if r["finding"] == finding]
+        groups = [g for g in ("ID", "OOD") if any(r["group"] == g for r in rows)]
+        fraction, shots = _largest_budget(rows)
+        figure, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False)
+        for ax, group in zip(axes[0], groups):
+            curves: dict[str, list[tuple[float, float]]] = {}
+            for point in evaluation.roc:
+                if (point["finding"], point["group"], point["label_fraction"], point["shots"]) == (finding, group, fraction, shots):
+                    curves.setdefault(_system(point), []).append((point["fpr"], point["tpr"]))
+            aucs = {_system(r): r["auroc"] for r in rows if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)}
+            for system, points in sorted(curves.items()):
+                fpr, tpr = zip(*sorted(points))
+                ax.step(fpr, tpr, where="post", label=f"{system}: AUROC {_number(aucs.get(system))}")
+            ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+            budget = f"{shots} shots" if shots else f"label fraction {fraction}"
+            ax.set(title=f"{finding}, {group} ({budget})", xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+            ax.legend(fontsize=7, loc="lower right")
+        figures[f"roc_{finding}"] = _png(figure)
+
+        by_fraction = [r for r in rows if _fraction(r) is not None]
+        if len({r["label_fraction"] for r in by_fraction}) > 1:
+            figure, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False, sharey=True)
+            for ax, group in zip(axes[0], groups):
+                for system in sorted({_system(r) for r in by_fraction}):
+                    points = sorted((_fraction(r), r) for r in by_fraction if r["group"] == group and _system(r) == system)
+                    if not points:
+                        continue
+                    x = [p[0] for p in points]
+                    ax.plot(x, [_float(p[1]["auroc"]) for p in points], marker="o", label=system)
+                    ax.fill_between(x, [_float(p[1]["auroc_lo"]) for p in points], [_float(p[1]["auroc_hi"]) for p in points], alpha=0.2)
+                ax.set_xscale("log")
+                ax.axhline(0.5, color="0.7", linestyle=":", linewidth=1)
+                ax.set(title=f"{finding}, {group}", xlabel="label fraction (log scale)", ylabel="AUROC (95% CI)")
+                ax.legend(fontsize=7, loc="lower right")
+            figures[f"label_efficiency_{finding}"] = _png(figure)
+    return figures
+
+
+# ------------------------------------------------------------------------------------------ HTML
+def _float(value) -> float:
+    return float("nan") if value is None or value == "" else float(value)
+
+
+def _number(value, digits: int = 3) -> str:
+    value = _float(value)
+    return "n/a" if value != value else f"{value:.{digits}f}"
+
+
+def _with_ci(row: dict, name: str) -> str:
+    return f"{_number(row.get(name))} [{_number(row.get(name + '_lo'))}, {_number(row.get(name + '_hi'))}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _image(name: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def render_html(evaluation: Evaluation, figures: dict[str, bytes]) -> str:
+    """The report page as one HTML string with the figures inlined."""
+    settings = evaluation.settings
+    level = int(round(100 * settings.get("level", 0.95)))
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fmct report</title><style>",
+        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #bbb;padding:2px 6px;text-align:left}figure{display:inline-block;margin:4px}"
+        "pre{background:#f4f4f4;padding:6px;overflow-x:auto;font-size:12px}",
+        "</style></head><body><h1>fmct report</h1>",
+        f"<p>{level}% CIs: patient-level bootstrap, {settings.get('n_bootstrap')} resamples (seed {settings.get('seed')}); "
+        "metrics computed per training seed, then averaged over seeds. ID: in-distribution test split; "
+        "OOD: test scans of held-out sites.</p>",
+        "<h2 id='roc'>ROC curves per finding</h2>",
+        *[_image(n, png) for n, png in figures.items() if n.startswith("roc_")],
+        "<h2 id='label-efficiency'>Label efficiency</h2>",
+    ]
+    efficiency = [_image(n, png) for n, png in figures.items() if n.startswith("label_efficiency_")]
+    parts += efficiency or ["<p>Only one label fraction was evaluated: no curve to draw.</p>"]
+
+    parts.append("<h2 id='id-vs-ood'>In-distribution vs out-of-distribution (AUROC)</h2>")
+    paired: dict[tuple, dict] = {}
+    for row in evaluation.metrics:
+        key = (_system(row), row["finding"], row["budget"])
+        paired.setdefault(key, {})[row["group"]] = row
+    table_rows = []
+    for (system, finding, budget), by_group in paired.items():
+        in_d, out_d = by_group.get("ID"), by_group.get("OOD")
+        drop = _number(_float(out_d["auroc"]) - _float(in_d["auroc"])) if in_d and out_d else "n/a"
+        table_rows.append([
+            system, finding, budget,
+            _with_ci(in_d, "auroc") if in_d else "n/a", in_d["sites"] if in_d else "",
+            _with_ci(out_d, "auroc") if out_d else "n/a", out_d["sites"] if out_d else "", drop,
+        ])
+    parts.append(_table(["model (arm)", "finding", "label budget", "AUROC ID", "ID sites", "AUROC OOD", "OOD sites", "OOD - ID"], table_rows))
+
+    parts.append("<h2 id='comparisons'>Paired comparisons (same scans)</h2>")
+    parts.append(_table(
+        ["finding", "group", "label budget", "a", "b", "scans", "AUROC a", "AUROC b", f"a - b [{level}% CI]", "p (bootstrap)", "p (DeLong)"],
+        [[
+            c["finding"], c["group"], c["budget"], f"{c['model_a']} ({c['arm_a']})", f"{c['model_b']} ({c['arm_b']})",
+            c["n_scans"], _number(c["auroc_a"]), _number(c["auroc_b"]), _with_ci(c, "auroc_diff"),
+            _number(c["p_bootstrap"], 4), _number(c["p_delong"], 4),
+        ] for c in evaluation.comparisons],
+    ))
+
+    parts.append("<h2 id='metrics'>All metrics</h2>")
+    parts.append(_table(
+        ["model (arm)", "finding", "label budget", "group", "scans", "patients", "pos", "neg", "seeds",
+         "AUROC", "AUPRC", "sens @ 90% spec", "sens @ 95% spec", "AUROC sd over seeds"],
+        [[
+            _system(r), r["finding"], r["budget"], r["group"], r["n_scans"], r["n_patients"], r["n_pos"], r["n_neg"],
+            r["n_seeds"], _with_ci(r, "auroc"), _with_ci(r, "auprc"), _with_ci(r, "sens_at_spec90"),
+            _with_ci(r, "sens_at_spec95"), _number(r["auroc_seed_sd"]),
+        ] for r in evaluation.metrics],
+    ))
+
+    parts.append("<h2 id='provenance'>Configs and model identities</h2>")
+    for run in evaluation.runs:
+        parts.append(f"<h3>{html.escape(run['path'])}</h3><pre>{html.escape(json.dumps(run['run'], indent=2, sort_keys=True))}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,107 @@
+"""Model folders: the weights of a :class:`~fmct.models.ViT3D` as ``model.safetensors`` and its architecture
+plus free metadata as ``config.json``. Nothing is unpickled, so a folder from anyone is safe to load.
+
+``config.json``::
+
+    {"format": "fmct-vit3d", "version": 1,
+     "config": {...ViT3DConfig fields...},
+     "extra": {...whatever the writer passed: HU windows, training run, step...}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from fmct.models.vit3d import ViT3D, ViT3DConfig
+from fmct.store import atomic_write_bytes, atomic_write_text
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "fmct-vit3d"
+
+
+class CheckpointError(Exception):
+    """A model folder that cannot be loaded; ``str(error)`` is one line naming the file and the reason."""
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP keeps the model in .module, torch.compile in ._orig_mod.
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``model``'s weights and config to ``folder`` (created if needed); return the folder.
+
+    ``model`` may be wrapped by DDP or ``torch.compile``. With FSDP, gather a full state first and
+    call this on one rank. ``extra`` must be JSON-serialisable (e.g. the HU windows the model was trained
+    on). Each file is written atomically; the weights go first so that ``config.json`` marks a complete folder.
+    """
+    model = _unwrap(model)
+    if not isinstance(model, ViT3D):
+        raise TypeError(f"hub.save expects a ViT3D, got {type(model).__name__}")
+    folder = Path(folder)
+    try:
+        config_text = json.dumps(
+            {"format": FORMAT, "version": 1, "config": dataclasses.asdict(model.config), "extra": extra or {}},
+            indent=2,
+        )
+    except TypeError as error:
+        raise TypeError(f"hub.save: extra metadata is not JSON-serialisable: {error}") from None
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_FILE, config_text + "\n")
+    return folder
+
+
+def read_config_json(folder: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a model folder: keys ``format``, ``version``, ``config``, ``extra``."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {folder} is not an fmct model folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable: {error}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("config"), dict):
+        raise CheckpointError(f"{path}: not an fmct model config (expected format {FORMAT!r} with a 'config' mapping)")
+    return info
+
+
+def read_extra(folder: str | os.PathLike) -> dict:
+    """The ``extra`` metadata saved with the model (empty dict when none)."""
+    return read_config_json(folder).get("extra") or {}
+
+
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ViT3D:
+    """The :class:`ViT3D` saved in ``folder``, on ``device``, in eval mode. Raises :class:`CheckpointError`."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    try:
+        config = ViT3DConfig(**read_config_json(folder)["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: invalid model config: {error}") from None
+    weights_path = folder / WEIGHTS_FILE
+    try:
+        tensors = load_file(weights_path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights_path}: missing") from None
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path}: unreadable safetensors file: {error}") from None
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = ViT3D(config)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()
+        raise CheckpointError(f"{weights_path}: weights do not match {config_path}: {' '.join(r.strip() for r in reason[:3])}") from None
+    return model.to(device).eval()

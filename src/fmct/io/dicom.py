@@ -1,0 +1,622 @@
+"""DICOM CT series: discovery in folder trees, head-CT series selection, and reading into a ``Volume``.
+
+Geometry follows the DICOM standard (PS3.3 C.7.6.2): ImageOrientationPatient (IOP) gives the row and
+column direction cosines, PixelSpacing is (spacing between rows, spacing between columns),
+ImagePositionPatient (IPP) is the centre of the first transmitted pixel, all in the LPS+ patient frame.
+Slices are ordered by their position along the slice normal (row x column cosine), never by
+InstanceNumber or file name. The stack direction comes from the IPPs themselves, so a gantry-tilted
+series gives a sheared affine that resampling later corrects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from fmct.config import SelectionConfig
+from fmct.io.volume import ScanError, Volume
+
+AIR_HU = -1024.0  # padding voxels and anything below it (outside the reconstruction circle) become air
+CT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_NOT_A_SCAN_IMAGE_TYPES = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SCREEN SAVE"}
+_MAX_AXIAL_TILT_DEG = 30.0
+# Uncompressed little-endian syntaxes whose pixel bytes are read directly (pydicom inflates Deflated).
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
+_HEADER_TAGS = [
+    "SOPClassUID",
+    "Modality",
+    "ImageType",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "PatientID",
+    "SliceThickness",
+    "ConvolutionKernel",
+    "ImageOrientationPatient",
+    "SeriesDescription",
+    "NumberOfFrames",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+]
+_UID_PATTERN = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+@dataclass
+class SeriesInfo:
+    """One discovered series, from headers only (no pixel data read).
+
+    ``series_uid``, ``study_uid`` and ``patient_id`` are identifiers: ingest hashes them, nothing stores
+    them. ``orientation`` is the IOP (6,) in LPS (row then column cosines). ``n_slices`` counts frames
+    (a multi-frame file counts all its frames); ``number_of_frames`` is the largest NumberOfFrames of a
+    file (1 for classic one-slice-per-file series). ``source`` is a display name without UIDs: the common
+    folder of the files, "#", and a short hash of the series UID.
+    """
+
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    files: list[Path]
+    modality: str
+    image_type: tuple[str, ...]
+    n_slices: int
+    slice_thickness_mm: float | None
+    kernel: str
+    orientation: np.ndarray | None
+    series_description: str
+    sop_class_uid: str
+    number_of_frames: int
+    source: str
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def discover(paths: Iterable[str | Path]) -> tuple[list[SeriesInfo], list[tuple[str, str]]]:
+    """Find the DICOM series under ``paths`` (folders walked recursively, and single files).
+
+    Files are grouped by SeriesInstanceUID from their headers only. Files with or without ``.dcm`` are
+    read; DICOMDIR files are ignored; files without the DICOM Part 10 preamble are skipped silently.
+
+    Returns:
+        (series, errors): series sorted by source; errors as (path, one-line reason) for DICOM files
+        whose header cannot be read (truncated, corrupt, no SeriesInstanceUID).
+    """
+    headers: dict[str, list[tuple[Path, Dataset]]] = {}
+    errors: list[tuple[str, str]] = []
+    for path in _walk_files(paths):
+        if path.name.upper() == "DICOMDIR" or not _has_dicom_preamble(path):
+            continue
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except Exception as error:  # any parse failure of a file that claims to be DICOM is reported
+            errors.append((str(path), f"unreadable DICOM header: {_one_line(error)}"))
+            continue
+        if str(header.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
+            continue
+        series_uid = str(header.get("SeriesInstanceUID", "")).strip()
+        if not series_uid:
+            errors.append((str(path), "unreadable DICOM header: no SeriesInstanceUID (incomplete or truncated file)"))
+            continue
+        headers.setdefault(series_uid, []).append((path, header))
+    series = [_series_info(uid, members) for uid, members in headers.items()]
+    return sorted(series, key=lambda info: info.source), errors
+
+
+def _walk_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Every regular file under ``paths``, each once, in a stable order."""
+    seen: set[Path] = set()
+    files: list[Path] = []
+    for root in paths:
+        root = Path(root)
+        candidates: Iterable[Path]
+        if root.is_dir():
+            candidates = (
+                Path(folder) / name
+                for folder, subfolders, names in sorted(os.walk(root))
+                for name in sorted(names)
+            )
+        else:
+            candidates = [root]
+        for path in candidates:
+            resolved = path.resolve()
+            if resolved not in seen and resolved.is_file():
+                seen.add(resolved)
+                files.append(path)
+    return files
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """True when ``path`` holds 'DICM' after the 128-byte preamble (what dcmread(force=False) requires)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _series_info(series_uid: str, members: list[tuple[Path, Dataset]]) -> SeriesInfo:
+    members.sort(key=lambda member: str(member[0]))
+    files = [path for path, _ in members]
+    first = members[0][1]
+    frames = [int(header.get("NumberOfFrames", 1) or 1) for _, header in members]
+    measures = _functional_item(first, "PixelMeasuresSequence")
+    orientation_item = _functional_item(first, "PlaneOrientationSequence")
+    thickness = first.get("SliceThickness") or (measures.get("SliceThickness") if measures else None)
+    iop = first.get("ImageOrientationPatient") or (
+        orientation_item.get("ImageOrientationPatient") if orientation_item else None
+    )
+    return SeriesInfo(
+        series_uid=series_uid,
+        study_uid=str(first.get("StudyInstanceUID", "")),
+        patient_id=str(first.get("PatientID", "")),
+        files=files,
+        modality=str(first.get("Modality", "")),
+        image_type=tuple(str(value).strip().upper() for value in _as_list(first.get("ImageType"))),
+        n_slices=sum(frames),
+        slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
+        kernel=_kernel_name(first),
+        orientation=np.array([float(v) for v in iop]) if iop and len(iop) == 6 else None,
+        series_description=str(first.get("SeriesDescription", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        number_of_frames=max(frames),
+        source=_source_name(files, series_uid),
+    )
+
+
+def _source_name(files: list[Path], series_uid: str) -> str:
+    folder = os.path.commonpath([str(path.parent) for path in files])
+    return f"{folder}#{hashlib.sha256(series_uid.encode()).hexdigest()[:10]}"
+
+
+def _functional_item(ds: Dataset, keyword: str, frame_group: Dataset | None = None) -> Dataset | None:
+    """The item of functional group ``keyword`` for a frame: per-frame group first, then shared group."""
+    for group in (frame_group, _first_item(ds, "SharedFunctionalGroupsSequence")):
+        if group is not None:
+            item = _first_item(group, keyword)
+            if item is not None:
+                return item
+    return None
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    sequence = ds.get(keyword)
+    return sequence[0] if sequence else None
+
+
+def _as_list(value) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+
+
+def _kernel_name(ds: Dataset) -> str:
+    return "\\".join(str(value).strip() for value in _as_list(ds.get("ConvolutionKernel")))
+
+
+# ------------------------------------------------------------------------------------------ selection
+def kernel_class(kernel: str) -> str:
+    """Classify a reconstruction kernel name as "soft" (brain / standard), "bone" (sharp) or "unknown".
+
+    Covers GE (STANDARD, SOFT / BONE, BONEPLUS, LUNG, DETAIL, EDGE), Siemens (a family letter, optional
+    lower-case letter, and a sharpness number: 'H30s', 'Hr40', 'J70h', 'Qr40'; <= 45 soft, >= 60 sharp),
+    Philips (A, B, C, UA, UB, UC soft; D, E, L, YA..YE sharp) and Toshiba/Canon (FC01..FC29 soft,
+    FC30 and above sharp). For multi-valued kernels ('Hr40\\3') the first value decides.
+    """
+    name = kernel.split("\\")[0].strip()
+    upper = name.upper()
+    if upper in {"STANDARD", "SOFT", "STND", "SMOOTH", "BRAIN", "A", "B", "C", "UA", "UB", "UC"}:
+        return "soft"
+    if upper in {"BONE", "BONEPLUS", "LUNG", "DETAIL", "EDGE", "SHARP", "D", "E", "L", "YA", "YB", "YC", "YD", "YE"}:
+        return "bone"
+    canon = re.fullmatch(r"FC(\d{2})", upper)
+    if canon:
+        return "soft" if int(canon.group(1)) < 30 else "bone"
+    siemens = re.fullmatch(r"[A-Z][a-z]?(\d{2})[a-z]?(?:\s.*)?", name)
+    if siemens:
+        sharpness = int(siemens.group(1))
+        return "soft" if sharpness <= 45 else "bone" if sharpness >= 60 else "unknown"
+    if "BONE" in upper or "SHARP" in upper or "LUNG" in upper:
+        return "bone"
+    if "SOFT" in upper or "BRAIN" in upper or "STANDARD" in upper:
+        return "soft"
+    return "unknown"
+
+
+def select_series(
+    series: list[SeriesInfo], config: SelectionConfig
+) -> tuple[list[SeriesInfo], list[tuple[str, str]]]:
+    """Keep the head CT series to ingest, by the rules of ``config`` (see ``SelectionConfig``).
+
+    A series is a candidate when its Modality is ``config.modality``, its SOP class is a CT image (not
+    a dose report or secondary capture), its ImageType is not a localizer/scout, it has at least
+    ``config.min_slices`` slices (frames count), its slice thickness (mm) is within
+    ``config.thickness_range_mm`` and, with ``config.axial_only``, its slice normal is within 30 degrees
+    of the S-I axis. With ``config.series == "preferred"`` one candidate per study is kept: the preferred
+    kernel class (``config.prefer_kernel``), then the thinnest slices, then the most slices.
+
+    Returns:
+        (kept, skipped): skipped holds (source, one-line reason) for every series not kept, except a
+        repeat of a kept series (the same SeriesInstanceUID listed twice), which is dropped silently.
+    """
+    if config.series not in ("preferred", "all"):
+        raise ValueError(f"selection.series must be 'preferred' or 'all', got {config.series!r}")
+    if config.prefer_kernel not in ("soft", "bone", "any"):
+        raise ValueError(f"selection.prefer_kernel must be 'soft', 'bone' or 'any', got {config.prefer_kernel!r}")
+    skipped: list[tuple[str, str]] = []
+    candidates: list[SeriesInfo] = []
+    seen_uids: set[str] = set()
+    for info in series:
+        if info.series_uid in seen_uids:
+            continue
+        seen_uids.add(info.series_uid)
+        reason = _rejection_reason(info, config)
+        if reason:
+            skipped.append((info.source, reason))
+        else:
+            candidates.append(info)
+    if config.series == "all":
+        return candidates, skipped
+
+    by_study: dict[tuple[str, str], list[SeriesInfo]] = {}
+    for info in candidates:
+        by_study.setdefault((info.patient_id, info.study_uid), []).append(info)
+    kept = []
+    for members in by_study.values():
+        ranked = sorted(members, key=lambda info: _preference_key(info, config.prefer_kernel))
+        best = ranked[0]
+        kept.append(best)
+        for other in ranked[1:]:
+            reason = f"another series of the study is preferred: {_describe(best)} over {_describe(other)}"
+            skipped.append((other.source, reason))
+    return kept, skipped
+
+
+def _rejection_reason(info: SeriesInfo, config: SelectionConfig) -> str:
+    """Why ``info`` is not a head CT candidate, or "" when it is."""
+    if info.modality.upper() != config.modality.upper():
+        return f"modality {info.modality or 'missing'} is not {config.modality}"
+    if info.sop_class_uid not in CT_IMAGE_SOP_CLASSES:
+        return f"not a CT image series (SOP class {UID(info.sop_class_uid).name or 'missing'})"
+    not_a_scan = _NOT_A_SCAN_IMAGE_TYPES.intersection(info.image_type)
+    if not_a_scan:
+        return f"localizer/scout (ImageType {'/'.join(sorted(not_a_scan))})"
+    if info.n_slices < config.min_slices:
+        return f"{info.n_slices} slices, fewer than min_slices {config.min_slices}"
+    low, high = config.thickness_range_mm
+    if info.slice_thickness_mm is not None and not low <= info.slice_thickness_mm <= high:
+        return f"slice thickness {info.slice_thickness_mm:g} mm outside {low:g}..{high:g} mm"
+    if config.axial_only and info.orientation is not None:
+        angle = _angle_from_axial_deg(info.orientation)
+        if angle > _MAX_AXIAL_TILT_DEG:
+            return f"not axial: slice normal {angle:.0f} degrees from the S-I axis"
+    return ""
+
+
+def _angle_from_axial_deg(orientation: np.ndarray) -> float:
+    normal = np.cross(orientation[:3], orientation[3:])
+    norm = np.linalg.norm(normal)
+    return float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / norm)))) if norm else 90.0
+
+
+def _preference_key(info: SeriesInfo, prefer_kernel: str) -> tuple:
+    kernel_rank = {"soft": {"soft": 0, "unknown": 1, "bone": 2}, "bone": {"bone": 0, "unknown": 1, "soft": 2}}
+    rank = kernel_rank[prefer_kernel][kernel_class(info.kernel)] if prefer_kernel != "any" else 0
+    thickness = info.slice_thickness_mm if info.slice_thickness_mm is not None else float("inf")
+    return (rank, thickness, -info.n_slices, info.source)
+
+
+def _describe(info: SeriesInfo) -> str:
+    thickness = f"{info.slice_thickness_mm:g} mm" if info.slice_thickness_mm is not None else "unknown thickness"
+    return f"[{kernel_class(info.kernel)} kernel '{info.kernel}', {thickness}, {info.n_slices} slices]"
+
+
+# ------------------------------------------------------------------------------------------- reading
+def read_series(info_or_path: SeriesInfo | str | Path, config: SelectionConfig | None = None) -> Volume:
+    """Read one series into a ``Volume``: HU float32 (I, J, K) and its RAS voxel -> world (mm) affine.
+
+    ``info_or_path`` is a ``SeriesInfo`` from ``discover``, a folder holding exactly one series, or one
+    DICOM file (a multi-frame file, or a single slice, which is an error). ``config`` supplies the modality
+    and the gap rules (``max_gap_ratio``, ``reject_gaps``); defaults when None.
+
+    HU = stored value x RescaleSlope + RescaleIntercept, per slice (per frame for enhanced CT); padding
+    voxels (PixelPaddingValue / PixelPaddingRangeLimit) and values below -1024 HU become -1024 HU (air).
+    Slices at the same position are dropped when identical. Slightly uneven spacing is linearly
+    interpolated onto a uniform grid at the median spacing along the slice normal; a gap above
+    ``max_gap_ratio`` x the median spacing is rejected (or interpolated when ``reject_gaps`` is False).
+
+    Raises:
+        ScanError: with a one-line reason (never an identifier) for any input that cannot be used.
+    """
+    config = config or SelectionConfig()
+    info = info_or_path if isinstance(info_or_path, SeriesInfo) else _info_for_path(Path(info_or_path))
+    datasets = [_read_file(path) for path in info.files]
+    _check_ct_images(datasets, info, config)
+    slices = _collect_slices(datasets, info.files)
+    hu_stack, affine, tilt_deg = _stack_slices(slices, config)
+    first = datasets[0]
+    metadata = {
+        "kernel": info.kernel,
+        "kvp": _float_or_none(first.get("KVP")),
+        "manufacturer": str(first.get("Manufacturer", "")),
+        "model": str(first.get("ManufacturerModelName", "")),
+        "slice_thickness_mm": info.slice_thickness_mm,
+        "original_shape": [int(n) for n in hu_stack.shape[::-1]],
+        "original_spacing_mm": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+        "gantry_tilt_deg": tilt_deg,
+        "transfer_syntax": UID(str(first.file_meta.get("TransferSyntaxUID", ""))).name,
+    }
+    identity = {"patient_id": info.patient_id, "study_uid": info.study_uid, "series_uid": info.series_uid}
+    # (K, rows, columns) -> (I, J, K): a transposed view, no copy (Fortran-ordered in I, J, K)
+    return Volume(hu=hu_stack.transpose(2, 1, 0), affine=affine, metadata=metadata, identity=identity, source=info.source)
+
+
+def _info_for_path(path: Path) -> SeriesInfo:
+    if not path.exists():
+        raise ScanError(f"{path}: no such file or folder")
+    series, errors = discover([path])
+    if errors:
+        bad_path, reason = errors[0]
+        raise ScanError(f"{_display_name(Path(bad_path))}: {reason}")
+    if not series:
+        what = "empty folder" if path.is_dir() and not any(path.iterdir()) else "no DICOM files"
+        raise ScanError(f"{what}: {path}" if path.is_dir() else f"not a DICOM file: {path}")
+    if len(series) > 1:
+        raise ScanError(f"{len(series)} DICOM series in {path}; expected exactly one")
+    return series[0]
+
+
+def _read_file(path: Path) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise ScanError(f"{_display_name(path)}: not a DICOM file") from None
+    except Exception as error:
+        raise ScanError(f"{_display_name(path)}: unreadable DICOM file ({_one_line(error)})") from None
+    if "PixelData" not in ds:
+        raise ScanError(f"{_display_name(path)}: no pixel data (or the file is truncated before it)")
+    return ds
+
+
+def _check_ct_images(datasets: list[Dataset], info: SeriesInfo, config: SelectionConfig) -> None:
+    modalities = {str(ds.get("Modality", "")) for ds in datasets}
+    if modalities != {config.modality}:
+        raise ScanError(f"modality {'/'.join(sorted(m or 'missing' for m in modalities))} is not {config.modality}")
+    classes = {str(ds.get("SOPClassUID", "")) for ds in datasets}
+    unknown = classes - set(CT_IMAGE_SOP_CLASSES)
+    if unknown:
+        names = ", ".join(sorted(UID(uid).name or "missing" for uid in unknown))
+        raise ScanError(f"not a CT image (SOP class {names})")
+    for ds, path in zip(datasets, info.files):
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise ScanError(f"{_display_name(path)}: not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})")
+
+
+@dataclass
+class _Slices:
+    """Every frame of the series, in file order: stored pixel values and per-frame geometry (LPS)."""
+
+    pixels: list[np.ndarray]  # one (rows, columns) array of stored values per frame
+    orientation: np.ndarray  # (n, 6) IOP
+    position: np.ndarray  # (n, 3) IPP, mm
+    pixel_spacing: np.ndarray  # (n, 2) between rows, between columns, mm
+    slope: np.ndarray  # (n,)
+    intercept: np.ndarray  # (n,)
+    padding: list[tuple[float, float] | None]  # inclusive stored-value range of padding, per frame
+
+
+def _collect_slices(datasets: list[Dataset], files: list[Path]) -> _Slices:
+    pixels, orientation, position, spacing, slope, intercept, padding = [], [], [], [], [], [], []
+    for ds, path in zip(datasets, files):
+        frames = _stored_frames(ds, path)
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        for index, frame in enumerate(frames):
+            group = per_frame[index] if per_frame and index < len(per_frame) else None
+            plane_orientation = _functional_item(ds, "PlaneOrientationSequence", group) or ds
+            plane_position = _functional_item(ds, "PlanePositionSequence", group) or ds
+            measures = _functional_item(ds, "PixelMeasuresSequence", group) or ds
+            transformation = _functional_item(ds, "PixelValueTransformationSequence", group) or ds
+            iop = plane_orientation.get("ImageOrientationPatient")
+            ipp = plane_position.get("ImagePositionPatient")
+            pixel_spacing = measures.get("PixelSpacing")
+            if not iop or len(iop) != 6 or not ipp or len(ipp) != 3:
+                raise ScanError(f"{_display_name(path)}: no image position/orientation (not a volume slice)")
+            if not pixel_spacing or len(pixel_spacing) != 2 or min(float(v) for v in pixel_spacing) <= 0:
+                raise ScanError(f"{_display_name(path)}: no valid PixelSpacing")
+            pixels.append(frame)
+            orientation.append([float(v) for v in iop])
+            position.append([float(v) for v in ipp])
+            spacing.append([float(v) for v in pixel_spacing])
+            slope.append(_float_or_none(transformation.get("RescaleSlope")) or 1.0)
+            intercept.append(_float_or_none(transformation.get("RescaleIntercept")) or 0.0)
+            padding.append(_padding_range(ds))
+    return _Slices(
+        pixels=pixels,
+        orientation=np.array(orientation),
+        position=np.array(position),
+        pixel_spacing=np.array(spacing),
+        slope=np.array(slope),
+        intercept=np.array(intercept),
+        padding=padding,
+    )
+
+
+def _stored_frames(ds: Dataset, path: Path) -> np.ndarray:
+    """The stored pixel values of ``ds`` as (frames, rows, columns) integers with the correct sign.
+
+    Uncompressed little-endian data is viewed straight from the PixelData bytes; anything else goes
+    through pydicom's pixel handlers (pylibjpeg plugins for JPEG, JPEG-LS, JPEG 2000 and RLE).
+    """
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    syntax = ds.file_meta.get("TransferSyntaxUID", "")
+    if str(syntax) in _NATIVE_SYNTAXES and bits_allocated in (8, 16, 32):
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
+        expected = rows * columns * n_frames
+        data = ds.PixelData
+        expected_bytes = expected * dtype.itemsize
+        if len(data) < expected_bytes:
+            raise ScanError(f"{_display_name(path)}: pixel data is truncated ({len(data)} of {expected_bytes} bytes)")
+        values = np.frombuffer(data, dtype=dtype, count=expected)
+        if bits_stored < bits_allocated:  # bits above HighBit may hold overlays: drop them, extend the sign
+            shift = bits_allocated - bits_stored
+            values = (values << shift) >> shift if signed else values & ((1 << bits_stored) - 1)
+        return values.reshape(n_frames, rows, columns)
+    try:
+        array = ds.pixel_array
+    except Exception as error:
+        name = UID(str(syntax)).name or "missing"
+        raise ScanError(f"{_display_name(path)}: cannot decode transfer syntax {name}: {_one_line(error)}") from None
+    return array.reshape(n_frames, rows, columns)
+
+
+def _padding_range(ds: Dataset) -> tuple[float, float] | None:
+    """Stored values that mark padding (PixelPaddingValue, up to PixelPaddingRangeLimit), or None."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit", value)
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    # US/SS is ambiguous in implicit VR: a signed image's padding may have been decoded as unsigned
+    value, limit = (int(v) - 65536 if signed and int(v) > 32767 else int(v) for v in (value, limit))
+    return (min(value, limit), max(value, limit))
+
+
+def _stack_slices(slices: _Slices, config: SelectionConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """Sort, deduplicate, check and space the slices; return HU (K, rows, columns), RAS affine, tilt (deg)."""
+    shapes = {frame.shape for frame in slices.pixels}
+    if len(shapes) > 1:
+        raise ScanError(f"slices of different sizes in one series: {' and '.join(f'{r}x{c}' for r, c in sorted(shapes))}")
+    orientations = slices.orientation
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        distinct = len(np.unique(np.round(orientations, 3), axis=0))
+        raise ScanError(f"mixed orientations in one series ({distinct} distinct ImageOrientationPatient)")
+    if np.abs(slices.pixel_spacing - slices.pixel_spacing[0]).max() > 1e-4:
+        raise ScanError("mixed pixel spacings in one series")
+    row_cosine = orientations[0, :3] / np.linalg.norm(orientations[0, :3])
+    column_cosine = orientations[0, 3:] / np.linalg.norm(orientations[0, 3:])
+    normal = np.cross(row_cosine, column_cosine)
+    along_normal = slices.position @ normal  # mm
+    order = np.argsort(along_normal, kind="stable")
+    hu = _to_hu(slices, order)
+    positions, along_normal = slices.position[order], along_normal[order]
+    hu, positions, along_normal = _drop_duplicates(hu, positions, along_normal)
+    n_slices = len(along_normal)
+    if n_slices < 2:
+        raise ScanError("single slice: a volume needs at least 2 slice positions")
+
+    extent = along_normal[-1] - along_normal[0]
+    stack_direction = (positions[-1] - positions[0]) / extent  # LPS mm per mm along the normal
+    off_line = positions - (positions[0] + np.outer(along_normal - along_normal[0], stack_direction))
+    tolerance_mm = 0.25 * slices.pixel_spacing[0].min()
+    if np.abs(off_line).max() > tolerance_mm:
+        raise ScanError(f"slice positions do not lie on one line (off by {np.abs(off_line).max():.2f} mm)")
+
+    gaps = np.diff(along_normal)
+    median_gap = float(np.median(gaps))
+    widest = int(np.argmax(gaps))
+    if gaps[widest] > config.max_gap_ratio * median_gap and config.reject_gaps:
+        raise ScanError(
+            f"gap of {gaps[widest]:.2f} mm at {along_normal[widest]:.1f} mm along the slice normal, "
+            f"after slice {widest + 1} of {n_slices} (median {median_gap:.2f} mm)"
+        )
+    if np.abs(gaps - median_gap).max() > 1e-3 * median_gap:
+        hu = _interpolate_uniform(hu, along_normal - along_normal[0], median_gap)
+        slice_step = stack_direction * median_gap
+    else:
+        slice_step = (positions[-1] - positions[0]) / (n_slices - 1)
+
+    spacing_between_rows, spacing_between_columns = slices.pixel_spacing[0]
+    affine = np.eye(4)
+    affine[:3, 0] = row_cosine * spacing_between_columns  # i runs along a row
+    affine[:3, 1] = column_cosine * spacing_between_rows  # j runs down a column
+    affine[:3, 2] = slice_step
+    affine[:3, 3] = positions[0]
+    affine[:2, :] *= -1  # LPS -> RAS
+    return hu, affine, gantry_tilt_deg(slice_step, column_cosine, normal)
+
+
+def gantry_tilt_deg(slice_step: np.ndarray, column_cosine: np.ndarray, normal: np.ndarray) -> float:
+    """Gantry tilt (degrees) of a stack whose slices advance by ``slice_step`` (LPS mm).
+
+    The angle between the stack direction and the slice normal, in the plane of the normal and the
+    column direction. Positive when successive slices shift against the column direction (anterior in
+    a standard axial series): the sign dcm2niix estimates from the slice vector.
+    """
+    angle = np.degrees(np.arctan2(-(slice_step @ column_cosine), abs(slice_step @ normal)))
+    return round(float(angle), 4) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _to_hu(slices: _Slices, order: np.ndarray) -> np.ndarray:
+    """HU float32 (K, rows, columns) in ``order``: rescale per slice, padding and sub-air values to air."""
+    rows, columns = slices.pixels[0].shape
+    hu = np.empty((len(order), rows, columns), dtype=np.float32)
+    for out_index, k in enumerate(order):
+        stored = slices.pixels[k]
+        np.multiply(stored, np.float32(slices.slope[k]), out=hu[out_index], casting="unsafe")
+        hu[out_index] += np.float32(slices.intercept[k])
+        padding = slices.padding[k]
+        if padding is not None:
+            hu[out_index][(stored >= padding[0]) & (stored <= padding[1])] = AIR_HU
+    np.maximum(hu, AIR_HU, out=hu)
+    return hu
+
+
+def _drop_duplicates(hu: np.ndarray, positions: np.ndarray, along_normal: np.ndarray):
+    """Remove repeated slice positions (within 0.01 mm) whose images are identical; reject differing ones."""
+    repeated = np.flatnonzero(np.diff(along_normal) < 0.01) + 1
+    if len(repeated) == 0:
+        return hu, positions, along_normal
+    for index in repeated:
+        if not np.array_equal(hu[index], hu[index - 1]):
+            raise ScanError(
+                f"duplicate slice positions: different images at {along_normal[index]:.2f} mm along the slice normal"
+            )
+    keep = np.setdiff1d(np.arange(len(along_normal)), repeated)
+    return hu[keep], positions[keep], along_normal[keep]
+
+
+def _interpolate_uniform(hu: np.ndarray, offsets_mm: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Linearly resample (K, rows, columns) slices at ``offsets_mm`` onto 0, spacing, 2 x spacing, ... mm."""
+    n_out = int(np.floor(offsets_mm[-1] / spacing_mm + 1e-3)) + 1
+    targets = np.arange(n_out) * spacing_mm
+    lower = np.clip(np.searchsorted(offsets_mm, targets, side="right") - 1, 0, len(offsets_mm) - 2)
+    weight = ((targets - offsets_mm[lower]) / (offsets_mm[lower + 1] - offsets_mm[lower])).astype(np.float32)
+    out = np.empty((n_out,) + hu.shape[1:], dtype=np.float32)
+    for m in range(n_out):
+        np.multiply(hu[lower[m]], 1 - weight[m], out=out[m])
+        out[m] += weight[m] * hu[lower[m] + 1]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _float_or_none(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _display_name(path: Path) -> str:
+    """A file name fit for an error message: files named by their SOP Instance UID are not shown."""
+    return "a file named by its UID" if _UID_PATTERN.search(path.name) else path.name
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an exception message, shortened, with anything that looks like a UID removed."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return _UID_PATTERN.sub("<uid>", text)[:200]

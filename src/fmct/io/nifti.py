@@ -1,0 +1,67 @@
+"""NIfTI CT volumes (.nii, .nii.gz) into a ``Volume``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from fmct.io.dicom import AIR_HU
+from fmct.io.volume import ScanError, Volume
+
+
+def read_nifti(path: str | Path) -> Volume:
+    """Read a 3D NIfTI-1/2 CT image as HU float32 (I, J, K) with its RAS voxel -> world (mm) affine.
+
+    The affine is the sform when sform_code > 0, else the qform (NIfTI world space is RAS+, as
+    ``Volume``'s). scl_slope / scl_inter are applied. A 4D image whose extra axes have length 1 is
+    squeezed to 3D; any other 4D image is rejected. Values below -1024 HU become -1024 (air), as in the
+    DICOM reader. NIfTI carries no identifiers, so ``identity`` holds the resolved file path only.
+
+    Raises:
+        ScanError: one-line reason for a missing, unreadable or truncated file, a non-3D image, or
+            NaN/inf voxels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ScanError(f"{path}: no such file")
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for a corrupt header
+        raise ScanError(f"{path.name}: unreadable NIfTI ({_first_line(error)})") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ScanError(f"{path.name}: not a NIfTI image ({type(image).__name__})")
+    shape = image.shape
+    if len(shape) < 3:
+        raise ScanError(f"{path.name}: {len(shape)}D image (shape {shape}), a CT volume needs 3 dimensions")
+    if len(shape) > 3 and any(n != 1 for n in shape[3:]):
+        raise ScanError(f"{path.name}: 4D image (shape {shape}), only 3D volumes are supported")
+    header = image.header
+    sform, sform_code = header.get_sform(coded=True)
+    affine = sform if sform_code and sform_code > 0 else header.get_qform()
+    try:
+        hu = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape[:3])
+    except Exception as error:  # truncated data: EOFError, zlib / gzip errors, short reads
+        raise ScanError(f"{path.name}: unreadable NIfTI voxel data ({_first_line(error)})") from None
+    not_finite = int(np.count_nonzero(~np.isfinite(hu)))
+    if not_finite:
+        raise ScanError(f"{path.name}: {not_finite} NaN/inf voxels")
+    np.maximum(hu, AIR_HU, out=hu)
+    resolved = str(path.resolve())
+    metadata = {
+        "kernel": "",
+        "kvp": None,
+        "manufacturer": "",
+        "model": "",
+        "slice_thickness_mm": None,
+        "original_shape": [int(n) for n in shape[:3]],
+        "original_spacing_mm": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+    }
+    identity = {"patient_id": resolved, "study_uid": resolved, "series_uid": resolved}
+    return Volume(hu=hu, affine=np.asarray(affine, dtype=np.float64), metadata=metadata, identity=identity, source=str(path))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]

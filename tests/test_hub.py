@@ -1,0 +1,82 @@
+"""Model folders: safetensors + config.json round trip and one-line errors for bad folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fmct import hub
+from fmct.models import ViT3DConfig, build_vit3d
+
+torch.set_num_threads(1)
+
+
+def small_model(**overrides):
+    settings = dict(size="tiny", img_size=(32, 32, 16), patch_size=(8, 8, 4), depth=2, n_registers=2)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = build_vit3d(ViT3DConfig(**settings))
+    with torch.no_grad():  # move every parameter off its initial value, so that a missed one shows
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    return model.eval()
+
+
+def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
+    model = small_model()
+    extra = {"windows_hu": [[40, 80], [80, 200], [600, 2800]], "step": 1200}
+    hub.save(model, tmp_path / "export", extra=extra)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = hub.load(tmp_path / "export")
+    assert loaded.config == model.config and not loaded.training
+    x = torch.randn(2, 3, 32, 32, 16)
+    masks = torch.rand(2, 64) < 0.5
+    with torch.no_grad():
+        expected, got = model.forward_features(x, masks=masks), loaded.forward_features(x, masks=masks)
+    for key in ("cls", "patch", "registers"):
+        assert torch.equal(expected[key], got[key]), key
+    assert hub.read_extra(tmp_path / "export") == extra
+    # The loaded model is trainable (fine-tuning starts from it).
+    assert all(param.requires_grad for param in loaded.parameters())
+    loaded(x).sum().backward()
+    assert loaded.patch_embed.proj.weight.grad is not None
+
+
+def test_bad_folders_give_one_line_errors(tmp_path):
+    with pytest.raises(hub.CheckpointError, match=r"config\.json: missing") as error:
+        hub.load(tmp_path / "nowhere")
+    assert "\n" not in str(error.value)
+    folder = hub.save(small_model(), tmp_path / "model")
+
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(hub.CheckpointError, match="unreadable safetensors file") as error:
+        hub.load(folder)
+    assert str(folder / "model.safetensors") in str(error.value) and "\n" not in str(error.value)
+
+    hub.save(small_model(depth=3), folder)
+    info = json.loads((folder / "config.json").read_text())
+    info["config"]["depth"] = 2
+    (folder / "config.json").write_text(json.dumps(info))
+    with pytest.raises(hub.CheckpointError, match="weights do not match") as error:
+        hub.load(folder)
+    assert "\n" not in str(error.value)
+
+    info["config"]["size"] = "gigantic"
+    (folder / "config.json").write_text(json.dumps(info))
+    with pytest.raises(hub.CheckpointError, match="invalid model config"):
+        hub.load(folder)
+
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(hub.CheckpointError, match="unreadable"):
+        hub.load(folder)
+
+
+def test_save_refuses_unserialisable_extra_and_leaves_no_temp_files(tmp_path):
+    model = small_model()
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        hub.save(model, tmp_path, extra={"tensor": torch.zeros(1)})
+    hub.save(model, tmp_path)
+    hub.save(model, tmp_path)  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

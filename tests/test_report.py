@@ -1,0 +1,112 @@
+"""evaluate + report on real peer predictions (CT-FM head CT triage: SinoCT in-distribution, CQ500 OOD)."""
+
+import base64
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fmct.cli import main
+from fmct.eval.evaluate import evaluate, read_evaluation, write_evaluation, write_predictions
+from fmct.eval.report import SECTIONS
+
+PEER = Path("/work/shared/data/ctfm-predictions")
+SETS = (("SinoCT", "patient_id", "test", "sinoct"), ("CQ500", "name", "ood", "cq500"))
+
+
+def _peer_rows():
+    """CT-FM's scores as fmct predictions: one finding (abnormal), three encoders x four label fractions."""
+    rows = []
+    for name, id_column, split, site in SETS:
+        with open(PEER / f"{name}_combined_predictions.csv", newline="") as handle:
+            for record in csv.DictReader(handle):
+                for column, value in record.items():
+                    if column in (id_column, "label"):
+                        continue
+                    model, percent = column.rsplit("_", 1)
+                    rows.append({
+                        "scan_id": f"{site}/{record[id_column]}", "patient_id": "", "site": site, "split": split,
+                        "finding": "abnormal", "label": record["label"], "score": float(value), "model": model,
+                        "arm": "scratch" if model == "baseline" else "pretrained",
+                        "label_fraction": int(percent.removesuffix("pct")) / 100, "seed": 0,
+                    })
+    return rows
+
+
+def _peer_column(name, id_column, column):
+    with open(PEER / f"{name}_combined_predictions.csv", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    return np.array([float(r["label"]) for r in records]), np.array([float(r[column]) for r in records])
+
+
+@pytest.mark.skipif(not PEER.exists(), reason="peer predictions not present")
+def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
+    write_predictions(tmp_path / "pred", _peer_rows(), {"source": "CT-FM combined predictions", "commit": "f58c89a"})
+    evaluation = evaluate([tmp_path / "pred"], n_bootstrap=200, seed=0)
+    assert len(evaluation.metrics) == 3 * 4 * 2  # models x fractions x (ID, OOD)
+
+    for (name, id_column, _, _), group in zip(SETS, ("ID", "OOD")):
+        labels, scores = _peer_column(name, id_column, "ct_fm_10pct")
+        row = next(m for m in evaluation.metrics if (m["model"], m["label_fraction"], m["group"]) == ("ct_fm", "0.1", group))
+        assert row["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)  # ties included
+        assert row["auroc_lo"] < row["auroc"] < row["auroc_hi"] and row["auroc_hi"] - row["auroc_lo"] < 0.12
+        assert row["n_scans"] == len(labels) and row["n_pos"] == int(labels.sum())
+
+    # Paired comparison at 100% labels, in-distribution: CT-FM vs scratch, on the same 978 scans.
+    comparison = next(
+        c for c in evaluation.comparisons
+        if (c["group"], c["label_fraction"], c["model_a"], c["model_b"]) == ("ID", "1.0", "ct_fm", "baseline")
+    )
+    labels, ct_fm = _peer_column("SinoCT", "patient_id", "ct_fm_100pct")
+    _, baseline = _peer_column("SinoCT", "patient_id", "baseline_100pct")
+    assert comparison["n_scans"] == 978
+    assert comparison["auroc_diff"] == pytest.approx(roc_auc_score(labels, ct_fm) - roc_auc_score(labels, baseline), abs=1e-12)
+    assert comparison["auroc_diff_lo"] < comparison["auroc_diff"] < comparison["auroc_diff_hi"]
+    assert 0 <= comparison["p_delong"] <= 1 and 0 <= comparison["p_bootstrap"] <= 1
+    # The two tests agree on whether the difference excludes zero at the 5% level.
+    assert (comparison["p_delong"] < 0.05) == (comparison["auroc_diff_lo"] > 0 or comparison["auroc_diff_hi"] < 0)
+
+    write_evaluation(evaluation, tmp_path / "eval")
+    again = read_evaluation(tmp_path / "eval")
+    assert again.metrics[0]["auroc"] == evaluation.metrics[0]["auroc"]
+
+    assert main(["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    for section in SECTIONS:
+        assert f"<h2 id='{section}'>" in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)  # ROC + label efficiency
+    assert "f58c89a" in page and "cq500" in page and "sinoct" in page
+    assert sorted(p.name for p in (tmp_path / "report_figures").iterdir()) == ["label_efficiency_abnormal.png", "roc_abnormal.png"]
+
+
+def test_evaluate_cli_with_seeds_shots_and_a_missing_column(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = []
+    labels = rng.integers(0, 2, 80)
+    for arm, signal in (("pretrained", 2.0), ("scratch", 0.5)):
+        for seed in range(3):
+            scores = signal * labels + rng.normal(size=80)
+            for i in range(80):
+                rows.append({
+                    "scan_id": f"s{i}", "patient_id": f"p{i // 2}", "site": "A", "split": "test", "finding": "ich",
+                    "label": labels[i], "score": scores[i], "model": "vit", "arm": arm, "label_fraction": "", "seed": seed, "shots": 8,
+                })
+    write_predictions(tmp_path / "pred", rows, {"method": "logistic"})
+    assert main(["evaluate", "--predictions", str(tmp_path / "pred"), "--out", str(tmp_path / "eval"), "--bootstrap", "100"]) == 0
+    evaluation = read_evaluation(tmp_path / "eval")
+    pretrained = next(m for m in evaluation.metrics if m["arm"] == "pretrained")
+    assert pretrained["budget"] == "8 shots" and pretrained["n_seeds"] == 3 and pretrained["n_patients"] == 40
+    per_seed = [roc_auc_score(labels, [r["score"] for r in rows if r["arm"] == "pretrained" and r["seed"] == s]) for s in range(3)]
+    assert pretrained["auroc"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+    assert pretrained["auroc_seed_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+    (comparison,) = evaluation.comparisons
+    assert (comparison["arm_a"], comparison["arm_b"]) == ("pretrained", "scratch") and comparison["auroc_diff_lo"] > 0
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "predictions.csv").write_text("scan_id,label,score\na,1,0.5\n")
+    assert main(["evaluate", "--predictions", str(tmp_path / "bad"), "--out", str(tmp_path / "e2")]) == 2
+    assert "missing column(s) patient_id" in capsys.readouterr().err
