@@ -85,7 +85,7 @@ def test_write_then_read_gives_back_hu_and_affine(tmp_path, head_phantom, ras_af
     affine = ras_affine(rotation_x_deg=20.0, tilt_deg=0.0)
     write_series(tmp_path, hu, affine, transfer_syntax=transfer_syntax, multiframe=multiframe, file_names="shuffled")
     volume = read_series(tmp_path)
-    assert volume.hu.dtype == np.float32
+    assert volume.hu.dtype == np.int16  # slope 1 and a whole intercept: exact integers
     np.testing.assert_array_equal(volume.hu, hu)
     np.testing.assert_allclose(volume.affine, affine, atol=1e-4)
     assert volume.metadata["original_shape"] == [40, 36, 12]

@@ -20,7 +20,7 @@ def is_nifti(path: str | Path) -> bool:
 def read_scan(path: str | Path) -> Volume:
     """Read one scan: a .nii/.nii.gz file, a folder holding exactly one DICOM series, or a DICOM file.
 
-    Returns HU float32 (I, J, K) with its RAS voxel -> world (mm) affine. Raises ScanError with a
+    Returns HU (I, J, K; int16 or float32) with its RAS voxel -> world (mm) affine. Raises ScanError with a
     one-line reason (for a folder with several series, naming how many).
     """
     return read_nifti(path) if is_nifti(path) else read_series(path)

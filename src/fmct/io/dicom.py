@@ -325,7 +325,7 @@ def _describe(info: SeriesInfo) -> str:
 
 # ------------------------------------------------------------------------------------------- reading
 def read_series(info_or_path: SeriesInfo | str | Path, config: SelectionConfig | None = None) -> Volume:
-    """Read one series into a ``Volume``: HU float32 (I, J, K) and its RAS voxel -> world (mm) affine.
+    """Read one series into a ``Volume``: HU (I, J, K; int16 when the rescale is exact, else float32) and its RAS voxel -> world (mm) affine.
 
     ``info_or_path`` is a ``SeriesInfo`` from ``discover``, a folder holding exactly one series, or one
     DICOM file (a multi-frame file, or a single slice, which is an error). ``config`` supplies the modality
@@ -562,17 +562,29 @@ def gantry_tilt_deg(slice_step: np.ndarray, column_cosine: np.ndarray, normal: n
 
 
 def _to_hu(slices: _Slices, order: np.ndarray) -> np.ndarray:
-    """HU float32 (K, rows, columns) in ``order``: rescale per slice, padding and sub-air values to air."""
+    """HU (K, rows, columns) in ``order``: rescale per slice, padding and sub-air values to air.
+
+    int16 when every slope is 1 and every intercept a whole number (nearly all CT: exact, and half the
+    memory and time of float32); float32 otherwise.
+    """
     rows, columns = slices.pixels[0].shape
-    hu = np.empty((len(order), rows, columns), dtype=np.float32)
+    exact = all(float(slope) == 1.0 for slope in slices.slope) and all(float(b).is_integer() for b in slices.intercept)
+    hu = np.empty((len(order), rows, columns), dtype=np.int16 if exact else np.float32)
+    scratch = np.empty((rows, columns), dtype=np.int32 if exact else np.float32)
     for out_index, k in enumerate(order):
         stored = slices.pixels[k]
-        np.multiply(stored, np.float32(slices.slope[k]), out=hu[out_index], casting="unsafe")
-        hu[out_index] += np.float32(slices.intercept[k])
+        if exact:  # through int32, so that a sub-air padding value cannot wrap around in int16
+            np.add(stored, np.int32(slices.intercept[k]), out=scratch, dtype=np.int32)
+        else:
+            np.multiply(stored, np.float32(slices.slope[k]), out=scratch, casting="unsafe")
+            scratch += np.float32(slices.intercept[k])
         padding = slices.padding[k]
         if padding is not None:
-            hu[out_index][(stored >= padding[0]) & (stored <= padding[1])] = AIR_HU
-    np.maximum(hu, AIR_HU, out=hu)
+            scratch[(stored >= padding[0]) & (stored <= padding[1])] = AIR_HU
+        np.maximum(scratch, AIR_HU, out=scratch, casting="unsafe")
+        if exact:
+            np.minimum(scratch, np.iinfo(np.int16).max, out=scratch)
+        hu[out_index] = scratch  # plain ufuncs and a copy: np.clip with a cast is several times slower
     return hu
 
 
