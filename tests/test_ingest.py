@@ -238,3 +238,12 @@ def test_bad_inputs_each_give_a_reason_and_the_batch_goes_on(tmp_path):
     summary = ingest(sources, tmp_path / "store", IngestConfig(), progress=False)
     assert summary.stored == 0 and summary.already_stored == 1
     assert len(Store(tmp_path / "store").errors()) == len(reasons)
+
+
+def test_folders_named_by_uid_do_not_leak_it(tmp_path):
+    uid_folder = "1.2.840.113619.2.55.3.604688119.969.1268071029.320"
+    write_head(tmp_path / "in" / uid_folder / "series", PatientID="P1")
+    ingest([tmp_path / "in"], tmp_path / "store", IngestConfig(), progress=False)
+    source = Store(tmp_path / "store").rows[0]["source"]
+    assert uid_folder not in source and source.endswith("series#" + source.split("#")[1])
+    assert "/uid-" in source

@@ -177,7 +177,9 @@ def _series_info(series_uid: str, members: list[tuple[Path, Dataset]]) -> Series
 
 
 def _source_name(files: list[Path], series_uid: str) -> str:
+    """The series' folder plus a short hash of its UID; folder names that are UIDs are hashed too."""
     folder = os.path.commonpath([str(path.parent) for path in files])
+    folder = _UID_PATTERN.sub(lambda uid: "uid-" + hashlib.sha256(uid.group().encode()).hexdigest()[:10], folder)
     return f"{folder}#{hashlib.sha256(series_uid.encode()).hexdigest()[:10]}"
 
 
