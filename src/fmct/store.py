@@ -330,17 +330,20 @@ def _walk(sources) -> dict[str, list[Path]]:
 
 def _run(todo, store_path: Path, config, workers: int, progress: bool):
     """Yield (scan_id, reason or None, source) as jobs finish, in a pool of ``workers`` processes."""
-    bar = tqdm(total=len(todo), unit="scan", desc="ingest", disable=not progress or not todo, dynamic_ncols=True)
-    try:
-        if workers <= 1:
-            _limit_threads()
+    if workers <= 1 or len(todo) <= 1:
+        _limit_threads()
+        with tqdm(total=len(todo), unit="scan", desc="ingest", disable=not progress or not todo, dynamic_ncols=True) as bar:
             for scan_id, job in todo:
                 yield _ingest_one(scan_id, job, store_path, config)
                 bar.update()
-            return
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_limit_threads) as pool:
-            futures = [pool.submit(_ingest_one, scan_id, job, store_path, config) for scan_id, job in todo]
+        return
+    # fork starts workers in milliseconds with everything imported; spawn re-imports torch in each.
+    # The pool is made before the progress bar so that no bar thread exists when the workers fork.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_limit_threads) as pool:
+        futures = [pool.submit(_ingest_one, scan_id, job, store_path, config) for scan_id, job in todo]
+        with tqdm(total=len(todo), unit="scan", desc="ingest", disable=not progress, dynamic_ncols=True) as bar:
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -349,8 +352,6 @@ def _run(todo, store_path: Path, config, workers: int, progress: bool):
                 for future in futures:
                     future.cancel()
                 raise
-    finally:
-        bar.close()
 
 
 def _limit_threads() -> None:
