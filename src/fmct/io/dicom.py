@@ -575,6 +575,13 @@ def _to_hu(slices: _Slices, order: np.ndarray) -> np.ndarray:
     scratch = np.empty((rows, columns), dtype=np.int32 if exact else np.float32)
     for out_index, k in enumerate(order):
         stored = slices.pixels[k]
+        if exact and slices.padding[k] is None:
+            low, high = int(stored.min()), int(stored.max())
+            intercept = int(slices.intercept[k])
+            if high <= 32767 and low + intercept >= AIR_HU and high + intercept <= 32767:
+                # The usual case: one pass straight into int16, nothing to clip.
+                np.add(stored, np.int16(intercept), out=hu[out_index], dtype=np.int16, casting="unsafe")
+                continue
         if exact:  # through int32, so that a sub-air padding value cannot wrap around in int16
             np.add(stored, np.int32(slices.intercept[k]), out=scratch, dtype=np.int32)
         else:
