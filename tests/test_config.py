@@ -35,3 +35,48 @@ def test_resolved_config_round_trips(tmp_path):
 def test_bad_overrides_say_why(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(IngestConfig, None, [override])
+
+
+def test_a_scalar_fills_a_tuple_of_one_element_type():
+    from fmct.ssl.config import PretrainConfig
+
+    config = load_config(PretrainConfig, None, ["model.patch_size=8", "model.img_size=32", "augment.global_size=32",
+                                                "augment.local_size=16"])
+    assert config.model.patch_size == (8, 8, 8) and config.model.img_size == (32, 32, 32)
+    config = load_config(IngestConfig, None, ["canonical.shape=96"])
+    assert config.canonical.shape == (96, 96, 96)
+    with pytest.raises(ConfigError, match="expected 3 values"):
+        load_config(IngestConfig, None, ["canonical.shape=[96, 96]"])
+
+
+def test_exponent_without_dot_is_a_float():
+    # YAML 1.1 reads 1e-6 as a string; a float field takes it as the number it means.
+    assert load_config(IngestConfig, None, ["canonical.spacing_mm=5e-1"]).canonical.spacing_mm == 0.5
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(IngestConfig, None, ["canonical.spacing_mm=fine"])
+
+
+def test_overriding_one_key_keeps_a_sections_own_defaults():
+    from dataclasses import dataclass, field
+
+    from fmct.config import CanonicalConfig
+
+    @dataclass
+    class Outer:
+        canonical: CanonicalConfig = field(default_factory=lambda: CanonicalConfig(spacing_mm=3.0, shape=(64, 64, 64)))
+
+    config = load_config(Outer, None, ["canonical.antialias=false"])
+    assert config.canonical.spacing_mm == 3.0 and config.canonical.shape == (64, 64, 64)
+    assert config.canonical.antialias is False
+
+
+def test_derived_values_follow_an_override():
+    from dataclasses import dataclass, field
+
+    from fmct.models import ViT3DConfig
+
+    @dataclass
+    class Outer:
+        model: ViT3DConfig = field(default_factory=ViT3DConfig)
+
+    assert load_config(Outer, None, ["model.size=tiny"]).model.embed_dim == 192

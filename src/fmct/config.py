@@ -132,11 +132,34 @@ def _build(cls: type[T], values: dict, prefix: str) -> T:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in values.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A section's own defaults may differ from its class's (default_factory=lambda: Section(x=1)):
+            # overriding one key keeps those. Only the differing keys are carried over, so values that the
+            # class derives from others (a ViT's width from its size) are derived afresh.
+            own, generic = to_dict(default), to_dict(type(default)())
+            value = _merged({k: v for k, v in own.items() if v != generic[k]}, value)
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:  # a config's own checks (__post_init__) speak for it
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _merged(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) else value
+    return merged
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -149,9 +172,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         return _coerce(options[0], value, key)
     if origin is tuple:
+        args = typing.get_args(hint)
+        # A scalar stands for all elements of a tuple of one element type: patch_size=12 -> (12, 12, 12).
+        if not isinstance(value, (list, tuple)) and len(set(args)) == 1 and Ellipsis not in args:
+            value = [value] * len(args)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, key) for v in value)
         if len(args) != len(value):
@@ -168,6 +194,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads exponents without a dot (1e-6) as strings
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):

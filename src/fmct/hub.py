@@ -39,6 +39,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The model folder behind ``path``: a folder holding ``config.json`` and ``model.safetensors`` is itself;
+    a pretraining run folder maps to its ``backbone/``. Anything else raises :class:`CheckpointError`."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return path
+    backbone = path / "backbone"
+    if (backbone / CONFIG_FILE).is_file() and (backbone / WEIGHTS_FILE).is_file():
+        return backbone
+    if backbone.is_dir():
+        raise CheckpointError(f"{backbone}: pretraining run without a finished backbone ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    raise CheckpointError(f"{path}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a pretraining run (backbone/)")
+
+
 def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``model``'s weights and config to ``folder`` (created if needed); return the folder.
 

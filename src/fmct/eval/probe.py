@@ -129,7 +129,8 @@ def fit_knn(
 
 
 # ------------------------------------------------------------------------------------------- run
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (checkpoints, labels, embeddings), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -137,25 +138,52 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_probe(
-    embeddings_path: str | os.PathLike,
+@dataclass
+class Cohort:
+    """The labelled scans that probe and finetune train and test on, with their splits.
+
+    ``labels`` (n_scans, n_findings) float: 1, 0 or NaN (unknown), row i for ``scan_ids[i]``, column f
+    for ``findings[f]``. ``patients``, ``sites`` and ``split`` (train | val | test | ood) are (n_scans,)
+    string arrays. ``origin`` is the labels file; ``notes`` say which label rows could not be used.
+    """
+
+    scan_ids: list[str]
+    findings: list[str]
+    labels: np.ndarray
+    patients: np.ndarray
+    sites: np.ndarray
+    split: np.ndarray
+    origin: str
+    notes: list[str]
+
+    def label_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Positives and negatives per finding and split: ``{finding: {split: {"pos", "neg"}}}``."""
+        counts = {}
+        for f, finding in enumerate(self.findings):
+            known = ~np.isnan(self.labels[:, f])
+            counts[finding] = {
+                name: {kind: int(np.sum(self.labels[known & (self.split == name), f] == value)) for kind, value in (("pos", 1), ("neg", 0))}
+                for name in ("train", "val", "test", "ood")
+            }
+        return counts
+
+
+def load_cohort(
     labels_spec: str,
-    out: str | os.PathLike,
-    config: ProbeConfig,
+    available_scan_ids,
+    where: str,
+    config,
     store_path: str | os.PathLike | None = None,
     rename: dict[str, str] | None = None,
-) -> ProbeSummary:
-    """Fit the probes and write ``predictions.csv``, ``run.json`` and ``config.yaml`` into ``out``.
+) -> Cohort:
+    """The labelled scans among ``available_scan_ids`` (those with features: ``where`` names them in
+    messages), split by patient as :func:`fmct.eval.splits.assign_splits` does.
 
-    ``labels_spec`` is a labels file as :func:`fmct.datasets.load_labels` reads it. Rows keyed by
-    ``source`` need ``store_path``, whose manifest also supplies patient keys for rows without a
-    patient_id (without either, each scan is its own patient).
+    ``config`` is any config with ``findings``, ``ood_sites``, ``val_fraction``, ``test_fraction`` and
+    ``split_seed`` (:class:`ProbeConfig`, ``FinetuneConfig``). Rows keyed by ``source`` need
+    ``store_path``, whose manifest also supplies patient keys for rows without a patient_id (without
+    either, each scan is its own patient). Bad labels raise ValueError naming the file.
     """
-    if config.method not in ("logistic", "knn"):
-        raise ValueError(f"probe method {config.method!r}: choose logistic or knn")
-    out = Path(out)
-    embeddings = read_embeddings(embeddings_path)
-    features = embeddings.feature_matrix(config.features)
     labels = load_labels(labels_spec, rename)
     notes = list(labels.notes)
 
@@ -182,14 +210,13 @@ def run_probe(
         if row["scan_id"] in row_of_scan:
             raise ValueError(f"{labels.origin}: scan {row['scan_id']} is labelled twice")
         row_of_scan[row["scan_id"]] = row
-    embedded = {scan_id: i for i, scan_id in enumerate(embeddings.scan_ids)}
-    scan_ids = [s for s in row_of_scan if s in embedded]
+    available = set(str(s) for s in available_scan_ids)
+    scan_ids = [s for s in row_of_scan if s in available]
     if len(scan_ids) < len(row_of_scan):
-        notes.append(f"{len(row_of_scan) - len(scan_ids)} labelled scans have no embedding")
+        notes.append(f"{len(row_of_scan) - len(scan_ids)} labelled scans are not in {where}")
     if not scan_ids:
-        raise ValueError(f"{labels.origin}: no labelled scan is in the embeddings {embeddings_path}")
+        raise ValueError(f"{labels.origin}: no labelled scan is in {where}")
 
-    x = features[[embedded[s] for s in scan_ids]]
     table = [row_of_scan[s] for s in scan_ids]
     y = np.array([[np.nan if r[f] is None else r[f] for f in findings] for r in table], dtype=np.float64)
     patients = np.array([r.get("patient_id") or patient_keys.get(s) or s for r, s in zip(table, scan_ids)])
@@ -198,20 +225,43 @@ def run_probe(
         patients, y, sites, np.array([r.get("split", "") for r in table]), tuple(config.ood_sites),
         config.val_fraction, config.test_fraction, config.split_seed,
     )
+    return Cohort(scan_ids, findings, y, patients, sites, split, labels.origin, notes)
+
+
+def run_probe(
+    embeddings_path: str | os.PathLike,
+    labels_spec: str,
+    out: str | os.PathLike,
+    config: ProbeConfig,
+    store_path: str | os.PathLike | None = None,
+    rename: dict[str, str] | None = None,
+) -> ProbeSummary:
+    """Fit the probes and write ``predictions.csv``, ``run.json`` and ``config.yaml`` into ``out``.
+
+    ``labels_spec`` is a labels file as :func:`fmct.datasets.load_labels` reads it. Rows keyed by
+    ``source`` need ``store_path``, whose manifest also supplies patient keys for rows without a
+    patient_id (without either, each scan is its own patient).
+    """
+    if config.method not in ("logistic", "knn"):
+        raise ValueError(f"probe method {config.method!r}: choose logistic or knn")
+    out = Path(out)
+    embeddings = read_embeddings(embeddings_path)
+    features = embeddings.feature_matrix(config.features)
+    cohort = load_cohort(labels_spec, embeddings.scan_ids, f"the embeddings {embeddings_path}", config, store_path, rename)
+    embedded = {scan_id: i for i, scan_id in enumerate(embeddings.scan_ids)}
+    scan_ids, findings, y = cohort.scan_ids, cohort.findings, cohort.labels
+    patients, sites, split, notes = cohort.patients, cohort.sites, cohort.split, cohort.notes
+    x = features[[embedded[s] for s in scan_ids]]
 
     model_name = config.model or embeddings.meta.get("model") or Path(embeddings_path).name
     arm = config.arm or embeddings.meta.get("arm") or "pretrained"
     budgets = [(f, None) for f in config.label_fractions] + [(None, n) for n in config.shots]
-    predictions, fits, skipped, counts = [], [], [], {}
+    predictions, fits, skipped = [], [], []
     progress = tqdm(total=len(findings) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False)
     for f, finding in enumerate(findings):
         known = ~np.isnan(y[:, f])
         train, val = np.flatnonzero(known & (split == "train")), np.flatnonzero(known & (split == "val"))
         evaluated = np.flatnonzero(known & np.isin(split, ("test", "ood")))
-        counts[finding] = {
-            name: {"pos": int(np.sum(y[known & (split == name), f] == 1)), "neg": int(np.sum(y[known & (split == name), f] == 0))}
-            for name in ("train", "val", "test", "ood")
-        }
         if len(set(y[train, f].tolist())) < 2 or len(evaluated) == 0:
             skipped.append(f"{finding}: the training split needs a positive and a negative, and a test scan must exist")
             progress.update(config.seeds * len(budgets))
@@ -242,11 +292,11 @@ def run_probe(
         "config": to_dict(config),
         "model": model_name,
         "arm": arm,
-        "embeddings": {"path": str(npz), "sha256": _sha256(npz), "meta": embeddings.meta},
-        "labels": {"spec": labels_spec, "sha256": _sha256(Path(labels.origin)), "notes": notes},
+        "embeddings": {"path": str(npz), "sha256": file_sha256(npz), "meta": embeddings.meta},
+        "labels": {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin)), "notes": notes},
         "store": None if store_path is None else str(store_path),
         "scans_per_split": {name: int(np.sum(split == name)) for name in ("train", "val", "test", "ood")},
-        "labels_per_split": counts,
+        "labels_per_split": cohort.label_counts(),
         "fits": fits,
         "skipped": skipped,
     }

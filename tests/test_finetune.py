@@ -1,0 +1,125 @@
+"""fmct finetune on a separable synthetic store (a bright blob present or absent), with a tiny ViT on the CPU:
+from scratch and from a checkpoint, the attentive probe, resume, and the predictions read by evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fmct import hub
+from fmct.cli import main
+from fmct.eval.evaluate import read_predictions
+from fmct.eval.finetune import Classifier, FinetuneConfig, balanced_batches, lr_factor, run_finetune
+from fmct.models import ViT3DConfig
+from test_embed import TINY, save_tiny_run, tiny_model, write_blob_store
+
+torch.set_num_threads(1)
+
+N_SCANS = 40
+# Explicit splits: 20 train, 8 val, 8 test (site A) and 4 OOD scans (site B).
+SPLITS = ["train"] * 20 + ["val"] * 8 + ["test"] * 8 + [""] * 4
+SITES = ["A"] * 36 + ["B"] * 4
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    store, ich = write_blob_store(root, n_scans=N_SCANS, seed=1, splits=SPLITS, sites=SITES)
+    return root, store, ich
+
+
+def quick(**overrides) -> FinetuneConfig:
+    settings = dict(label_fractions=(1.0,), seeds=1, batch_size=8, max_steps=60, eval_every=20, patience=2, warmup_steps=5,
+                    lr=1e-3, layer_decay=0.75, workers=2, ood_sites=("B",), model=ViT3DConfig(**TINY))
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def test_scratch_fine_tune_separates_the_blob_and_evaluate_reads_it(cohort, tmp_path, capsys):
+    root, store, ich = cohort
+    out = tmp_path / "scratch"
+    summary = run_finetune("scratch", store, str(root / "labels.csv"), out, quick())
+    assert summary.findings == ["ich"] and summary.n_fits == 1
+    columns = read_predictions(out).columns
+    assert sorted(set(columns["split"])) == ["ood", "test"] and set(columns["arm"]) == {"scratch"}
+    assert len(columns["scan_id"]) == 12
+    test = columns["split"] == "test"
+    auc = roc_auc_score(columns["label"][test].astype(int), columns["score"][test].astype(float))
+    assert auc > 0.8, auc
+    run = json.loads((out / "run.json").read_text())
+    assert run["scans_per_split"] == {"train": 20, "val": 8, "test": 8, "ood": 4}
+    fit = run["fits"][0]
+    assert fit["per_finding"]["ich"]["n_train_pos"] + fit["per_finding"]["ich"]["n_train_neg"] == 20
+    assert fit["chosen_on"] == "val" and 0 < fit["best_step"] <= fit["steps"] <= 60
+    assert fit["final_train_loss"] < 0.6  # it learned: a head that guessed would sit at ln 2 = 0.69
+
+    code = main(["evaluate", "--predictions", str(out), "--out", str(tmp_path / "eval"), "--bootstrap", "50"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "scratch" in json.dumps(metrics)
+
+
+def test_fine_tune_from_a_checkpoint_via_cli_then_resume(cohort, tmp_path, capsys):
+    root, store, _ = cohort
+    run = save_tiny_run(tmp_path / "run")
+    argv = ["finetune", "--model", str(run), "--store", str(store), "--labels", str(root / "labels.csv"),
+            "--out", str(tmp_path / "ft"), "--label-fractions", "0.5,1", "--seeds", "1", "--max-steps", "20",
+            "--batch-size", "4", "--lr", "0.001", "--ood-sites", "B", "--trainable-blocks", "1", "eval_every=10"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "2 fits (0 reused)" in capsys.readouterr().out
+    columns = read_predictions(tmp_path / "ft").columns
+    assert set(columns["arm"]) == {"pretrained"} and set(columns["model"]) == {"run"}
+    assert sorted(set(columns["label_fraction"])) == ["0.5", "1.0"]
+    fit_dir = tmp_path / "ft" / "fits" / "fraction1-seed0"
+    assert (fit_dir / "head.safetensors").exists() and (fit_dir / "backbone" / "model.safetensors").exists()
+    # Only the last block and the final norm were trained: the first block is the checkpoint's.
+    tuned, original = hub.load(fit_dir / "backbone"), hub.load(run / "backbone")
+    assert torch.equal(tuned.blocks[0].attn.qkv.weight, original.blocks[0].attn.qkv.weight)
+    assert not torch.equal(tuned.blocks[1].attn.qkv.weight, original.blocks[1].attn.qkv.weight)
+    first = (tmp_path / "ft" / "predictions.csv").read_text()
+
+    assert main(argv) == 0
+    assert "2 fits (2 reused)" in capsys.readouterr().out
+    assert (tmp_path / "ft" / "predictions.csv").read_text() == first
+    assert main(argv[:-1] + ["eval_every=5"]) == 2  # another config must not reuse these fits
+    assert "another config" in capsys.readouterr().err
+
+
+def test_attentive_probe_on_frozen_patch_tokens(cohort, tmp_path):
+    root, store, _ = cohort
+    run = save_tiny_run(tmp_path / "run")
+    summary = run_finetune(str(run), store, str(root / "labels.csv"), tmp_path / "attn",
+                           quick(head="attentive", trainable_blocks=0, max_steps=60, lr=3e-3))
+    columns = read_predictions(tmp_path / "attn").columns
+    test = columns["split"] == "test"
+    auc = roc_auc_score(columns["label"][test].astype(int), columns["score"][test].astype(float))
+    assert summary.n_predictions == 12 and auc > 0.8, auc
+    assert json.loads((tmp_path / "attn" / "run.json").read_text())["fits"][0]["final_train_loss"] < 0.6
+    assert not (tmp_path / "attn" / "fits" / "fraction1-seed0" / "backbone").exists()  # frozen: nothing new to save
+
+
+def test_freezing_leaves_the_right_parameters_trainable():
+    model = Classifier(tiny_model(), n_findings=3, head="attentive")
+    model.freeze(0)
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"pool", "linear"}
+    model = Classifier(tiny_model(), n_findings=3)
+    model.freeze(1)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert all(n.startswith(("backbone.blocks.1.", "backbone.norm.", "linear.")) for n in names)
+    assert any(n.startswith("backbone.norm.") for n in names) and any(n.startswith("backbone.blocks.1.") for n in names)
+    model.train()
+    assert not model.backbone.blocks[0].training and model.backbone.blocks[1].training
+
+
+def test_balanced_batches_draw_both_classes_evenly_and_schedule_shape():
+    subsets = [(np.array([0]), np.arange(1, 100)), (np.array([100, 101]), np.array([102]))]
+    batches = np.array(balanced_batches(subsets, batch_size=16, n_steps=250, rng=np.random.default_rng(0)))
+    share_of_rare_positive = np.mean(batches == 0)
+    assert abs(share_of_rare_positive - 0.25) < 0.02  # a finding's positives fill a quarter of the rows
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1) and lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5) and lr_factor(100, 10, 100) == pytest.approx(0.0)
