@@ -22,6 +22,18 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. canonical.spacing_mm=1.0")
 
 
+def _parse_rename(text: str | None) -> dict[str, str]:
+    """``--rename Old=new,Other=other`` as a dict of column names (empty when not given)."""
+    rename = {}
+    for pair in (text or "").split(","):
+        if pair.strip():
+            old, sep, new = pair.partition("=")
+            if not sep:
+                raise UsageError(f"--rename {pair!r} is not OLD=new")
+            rename[old.strip()] = new.strip()
+    return rename
+
+
 # ------------------------------------------------------------------------------------------- ingest
 def _ingest_parser(sub) -> None:
     parser = sub.add_parser("ingest", help="DICOM folders / NIfTI files -> canonical HU store")
@@ -88,13 +100,7 @@ def _probe_run(args) -> int:
     scalars = {"seeds": args.seeds, "features": args.features, "method": args.method, "model": args.model, "arm": args.arm}
     overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
     config = load_config(ProbeConfig, args.config, args.overrides + overrides)
-    rename = {}
-    for pair in (args.rename or "").split(","):
-        if pair.strip():
-            old, sep, new = pair.partition("=")
-            if not sep:
-                raise UsageError(f"--rename {pair!r} is not OLD=new")
-            rename[old.strip()] = new.strip()
+    rename = _parse_rename(args.rename)
     try:
         summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None)
     except (ValueError, FileNotFoundError) as error:
@@ -146,7 +152,143 @@ def _report_run(args) -> int:
     return 0
 
 
-PARSERS = [_ingest_parser, _probe_parser, _evaluate_parser, _report_parser]
+# -------------------------------------------------------------------------------------------- synth
+def _synth_parser(sub) -> None:
+    parser = sub.add_parser("synth", help="synthetic head CT cohort with labelled findings -> DICOM/NIfTI + labels.csv")
+    parser.add_argument("--out", required=True, help="output folder (created or resumed)")
+    parser.add_argument("--n", type=int, default=200, help="number of cases")
+    parser.add_argument("--sites", default="A,B,C", help="comma-separated site profiles; cases cycle through them")
+    parser.add_argument("--format", choices=["dicom", "nifti"], default="dicom")
+    parser.add_argument("--layout", choices=["plain", "cq500", "rsna"], default="plain")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="processes generating cases")
+    parser.add_argument("--matrix", type=int, default=512, help="pixels per image side (same field of view)")
+    parser.add_argument("--preview", action="store_true", help="also write preview/<case>.png montages")
+    parser.set_defaults(run=_synth_run)
+
+
+def _synth_run(args) -> int:
+    from fmct.synth import generate_cohort, parse_sites
+
+    try:
+        sites = parse_sites(args.sites)
+        summary = generate_cohort(args.out, n=args.n, sites=sites, fmt=args.format, layout=args.layout,
+                                  seed=args.seed, workers=args.workers, preview=args.preview, matrix=args.matrix)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(summary.describe())
+    return 0
+
+
+
+# ----------------------------------------------------------------------------------------- pretrain
+def _pretrain_parser(sub) -> None:
+    parser = sub.add_parser("pretrain", help="self-supervised pretraining (DINO + iBOT, or MAE) on a store; resumes")
+    parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
+    parser.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
+    _add_config_args(parser)
+    parser.set_defaults(run=_pretrain_run)
+
+
+def _pretrain_run(args) -> int:
+    from fmct.config import load_config
+    from fmct.ssl.checkpoint import TrainStateError
+    from fmct.ssl.config import PretrainConfig
+    from fmct.ssl.train import PretrainError, pretrain
+
+    config = load_config(PretrainConfig, args.config, args.overrides)
+    try:
+        result = pretrain(args.store, args.out, config)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    except (PretrainError, TrainStateError) as error:
+        print(f"fmct pretrain: {error}", file=sys.stderr)
+        return 1
+    if result["rank"] == 0:
+        print(f"pretrain: {result['step']} of {result['total_steps']} steps -> {args.out}")
+    return 0
+
+# ------------------------------------------------------------------------------------------- embed
+def _embed_parser(sub) -> None:
+    parser = sub.add_parser("embed", help="backbone features (CLS, mean patch token) of every scan of a store; resumes")
+    parser.add_argument("--model", required=True, metavar="RUN|DIR", help="pretraining run or model folder")
+    parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
+    parser.add_argument("--out", required=True, metavar="EMB", help="embeddings folder (resumed from its finished chunks)")
+    parser.add_argument("--batch-size", type=int, help="volumes per forward pass")
+    parser.add_argument("--workers", type=int, help="threads reading volumes from the store")
+    parser.add_argument("--arm", help="arm recorded with the embeddings, e.g. pretrained or scratch")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    _add_config_args(parser)
+    parser.set_defaults(run=_embed_run)
+
+
+def _embed_run(args) -> int:
+    from fmct.config import load_config
+    from fmct.eval.embed import EmbedConfig, embed_store
+    from fmct.hub import CheckpointError
+
+    flags = {"batch_size": args.batch_size, "workers": args.workers, "arm": args.arm, "compile": args.compile or None}
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    config = load_config(EmbedConfig, args.config, args.overrides + overrides)
+    try:
+        summary = embed_store(args.model, args.store, args.out, config)
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    print(summary.describe())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- finetune
+def _finetune_parser(sub) -> None:
+    parser = sub.add_parser("finetune", help="backbone + head trained on labels per budget and seed -> predictions; resumes")
+    parser.add_argument("--model", required=True, metavar="RUN|DIR|scratch", help="pretraining run, model folder, or scratch")
+    parser.add_argument("--like", metavar="RUN|DIR", help="with --model scratch: take the architecture and windows of this model")
+    parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
+    parser.add_argument("--labels", required=True, help="labels CSV of DESIGN.md, or [cq500:|rsna:|generic:]FILE")
+    parser.add_argument("--out", required=True, help="predictions folder (finished fits in it are reused)")
+    parser.add_argument("--head", choices=["linear", "attentive"], help="linear on CLS, or one learned query over patch tokens")
+    parser.add_argument("--trainable-blocks", type=int, help="train only the last k blocks (0: frozen backbone; -1: all)")
+    parser.add_argument("--label-fractions", help="comma-separated shares of the training labels, e.g. 0.01,0.1,1")
+    parser.add_argument("--shots", help="comma-separated N: N positives and N negatives per finding")
+    parser.add_argument("--seeds", type=int, help="number of seeds (training subsets) per budget")
+    parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (OOD)")
+    parser.add_argument("--findings", help="comma-separated findings to train (default: all)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-steps", type=int, help="training steps per fit (early stopping may end sooner)")
+    parser.add_argument("--lr", type=float, help="peak learning rate of the head and the top block")
+    parser.add_argument("--workers", type=int, help="threads reading volumes from the store")
+    parser.add_argument("--name", help="model name in the predictions (default: from the model folder)")
+    parser.add_argument("--arm", help="arm in the predictions (default: pretrained, or scratch)")
+    parser.add_argument("--rename", help="generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id")
+    _add_config_args(parser)
+    parser.set_defaults(run=_finetune_run)
+
+
+def _finetune_run(args) -> int:
+    from pathlib import Path
+
+    from fmct.config import load_config
+    from fmct.eval.finetune import FinetuneConfig, run_finetune
+    from fmct.hub import CheckpointError
+
+    lists = {"label_fractions": args.label_fractions, "shots": args.shots, "ood_sites": args.ood_sites, "findings": args.findings}
+    overrides = [f"{key}=[{value}]" for key, value in lists.items() if value is not None]
+    scalars = {
+        "head": args.head, "trainable_blocks": args.trainable_blocks, "seeds": args.seeds, "batch_size": args.batch_size,
+        "max_steps": args.max_steps, "lr": args.lr, "workers": args.workers, "name": args.name, "arm": args.arm,
+    }
+    overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
+    config = load_config(FinetuneConfig, args.config, args.overrides + overrides)
+    rename = _parse_rename(args.rename)
+    try:
+        summary = run_finetune(args.model, args.store, args.labels, args.out, config, like=args.like, rename=rename or None)
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    print(summary.describe(Path(args.out)))
+    return 0 if summary.n_predictions else 1
+
+
+PARSERS = [_ingest_parser, _probe_parser, _evaluate_parser, _report_parser, _synth_parser, _pretrain_parser, _embed_parser, _finetune_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
