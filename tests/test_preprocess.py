@@ -71,3 +71,12 @@ def test_nearest_interpolation_only_copies_source_values():
     source.hu = np.rint(source.hu)
     result = canonical(source, CanonicalConfig(interpolation="nearest", antialias=False))
     assert set(np.unique(result.hu)) <= set(np.unique(source.hu).astype(int)) | {-1024}
+
+
+def test_a_mask_is_not_taken_for_a_ct():
+    from fmct.io.volume import ScanError
+
+    mask = Volume(hu=np.zeros((64, 64, 40), np.float32), affine=np.diag([3.0, 3.0, 5.0, 1.0]))
+    mask.hu[20:40, 20:40, 10:30] = 1
+    with pytest.raises(ScanError, match="not CT in HU"):
+        canonical(mask)

@@ -46,11 +46,16 @@ def head_mask(volume: Volume, threshold_hu: float = -300.0) -> tuple[np.ndarray,
 
     Body is tissue above ``threshold_hu``. A 3D opening (radius ~6 mm) cuts the thin CT table and
     headrest shell away from the head, and the largest connected component is kept: the head.
+
+    Raises:
+        ScanError: when almost nothing is air, which no head CT in HU is (a mask, or wrong rescaling).
     """
     step = np.maximum(1, np.round(_MASK_SPACING_MM / volume.spacing_mm).astype(int))
     coarse = np.asarray(volume.hu[:: step[0], :: step[1], :: step[2]])
     affine = volume.affine.copy()
     affine[:3, :3] = affine[:3, :3] * step
+    if np.mean(coarse < -500) < 0.01:
+        raise ScanError("not CT in HU: under 1% of voxels are air (< -500 HU); a mask, a label map or another modality?")
     body = coarse > threshold_hu
     radius = np.maximum(1, np.round(6.0 / (volume.spacing_mm * step)).astype(int))
     opened = ndimage.binary_opening(body, structure=_ellipsoid(radius))
