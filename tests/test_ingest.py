@@ -247,3 +247,15 @@ def test_folders_named_by_uid_do_not_leak_it(tmp_path):
     source = Store(tmp_path / "store").rows[0]["source"]
     assert uid_folder not in source and source.endswith("series#" + source.split("#")[1])
     assert "/uid-" in source
+
+
+def test_synth_labels_match_the_store_from_any_working_directory(tmp_path, monkeypatch):
+    from fmct.datasets import load_labels, match_to_store
+    from fmct.synth import generate_cohort
+
+    generate_cohort(tmp_path / "cohort", n=3, sites=("A",), fmt="dicom", matrix=128)
+    monkeypatch.chdir(tmp_path)
+    ingest(["cohort/dicom"], tmp_path / "store", IngestConfig(), progress=False)
+    monkeypatch.chdir(tmp_path / "cohort")  # somewhere else entirely
+    matched, unmatched = match_to_store(load_labels(str(tmp_path / "cohort" / "labels.csv")), Store(tmp_path / "store").rows)
+    assert unmatched == 0 and len({row["scan_id"] for row in matched}) == 3

@@ -259,7 +259,8 @@ def ingest(
     missing = [str(s) for s in sources if not Path(s).exists()]
     if missing:
         raise ConfigError(f"{missing[0]}: no such file or folder")
-    walked = _walk(sources)
+    # Absolute sources, so that labels can be matched to scans from any working directory.
+    walked = _walk([os.path.abspath(source) for source in sources])
     all_files = [p for files in walked.values() for p in files]
     nifti_files = [p for p in all_files if p.name.endswith((".nii", ".nii.gz"))]
     series, unreadable = discover([p for p in all_files if not p.name.endswith((".nii", ".nii.gz"))])

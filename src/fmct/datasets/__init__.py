@@ -53,12 +53,19 @@ def _detect(path: Path) -> str:
     return "generic"
 
 
-def _location(source: str) -> tuple[str, str]:
-    """(absolute path, series tag) of a source; ingest names a DICOM series ``<folder>#<10-hex hash of its UID>``."""
+def _location(source: str, base: str = "") -> tuple[str, str]:
+    """(absolute path, series tag) of a source; ingest names a DICOM series ``<folder>#<10-hex hash of its UID>``.
+
+    A relative path is taken relative to ``base`` (the labels file's folder) when it exists there, as in
+    ``fmct synth``'s labels.csv, else relative to the working directory.
+    """
     location, sep, tag = source.rpartition("#")
     if not sep or not re.fullmatch(r"[0-9a-f]{10}", tag):
         location, tag = source, ""
-    return os.path.normcase(os.path.abspath(os.path.expanduser(location))).rstrip(os.sep), tag
+    location = os.path.expanduser(location)
+    if base and not os.path.isabs(location) and os.path.exists(os.path.join(base, location)):
+        location = os.path.join(base, location)
+    return os.path.normcase(os.path.abspath(location)).rstrip(os.sep), tag
 
 
 def match_to_store(labels: Labels, manifest_rows: list[dict]) -> tuple[list[dict], int]:
@@ -74,12 +81,13 @@ def match_to_store(labels: Labels, manifest_rows: list[dict]) -> tuple[list[dict
         location, tag = _location(scan["source"])
         by_location.setdefault(location, []).append((tag, scan))
     locations = sorted(by_location)
+    base = os.path.dirname(os.path.abspath(labels.origin)) if labels.origin else ""
     matched, unmatched, owner = [], 0, {}
     for index, row in enumerate(labels.rows):
         if row.get("scan_id"):
             matched.append(row)
             continue
-        location, tag = _location(row["source"])
+        location, tag = _location(row["source"], base)
         scans = [scan for scan_tag, scan in by_location.get(location, []) if not tag or scan_tag == tag]
         if not tag:
             scans += [scan for inside in _locations_under(locations, location) for _, scan in by_location[inside]]
