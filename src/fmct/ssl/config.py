@@ -1,0 +1,153 @@
+"""The pretraining config (``fmct pretrain``): model, augmentation, objectives, optimiser, engine.
+
+Read with ``fmct.config.load_config(PretrainConfig, yaml_path, ["dino.n_prototypes=4096", ...])``.
+It lives here rather than in :mod:`fmct.config` because its model and augmentation sections are defined
+by :mod:`fmct.models` and :mod:`fmct.data`, which themselves import :mod:`fmct.config`.
+
+Run length is counted in epochs of the store (one epoch = ``len(store) // global_batch`` steps), as in
+DINO; every schedule is then a function of the global step, so a resumed run continues each schedule
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fmct.data.augment import AugmentConfig
+from fmct.models.vit3d import ViT3DConfig
+
+METHODS = ("dino", "mae")
+CENTERINGS = ("sinkhorn_knopp", "ema")
+SHARDINGS = ("ddp", "fsdp")
+
+# Keys that may differ when a run is resumed: they change how long it runs or how it reports, never
+# what one step computes. (Changing optim.epochs stretches the cosine schedules from the resumed step on.)
+RESUMABLE_KEYS = (
+    "optim.epochs",
+    "engine.checkpoint_every",
+    "engine.log_every",
+    "engine.workers",
+    "engine.progress",
+)
+
+
+@dataclass
+class DINOConfig:
+    """DINO self-distillation on CLS tokens across multi-crop (DINOv2's values by default)."""
+
+    loss_weight: float = 1.0
+    n_prototypes: int = 65536  # 65536 for ViT-B as in FM-CT / DINOv2; a few thousand for tiny models
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_n_layers: int = 3
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04  # warmed up linearly to teacher_temp, then held
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_epochs: float = 30.0
+    centering: str = "sinkhorn_knopp"  # or "ema" (DINO's centre, momentum below)
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    freeze_last_layer_epochs: float = 1.0  # prototypes get no update for this long
+
+
+@dataclass
+class IBOTConfig:
+    """iBOT masked-patch distillation on the global crops."""
+
+    loss_weight: float = 1.0
+    separate_head: bool = False  # False: the DINO head also scores the patch tokens
+    n_prototypes: int = 65536  # only for a separate head
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a crop's patches masked, drawn per crop
+    mask_probability: float = 0.5  # share of global crops that are masked at all
+
+
+@dataclass
+class KoLeoConfig:
+    loss_weight: float = 0.1  # KoLeo on the student CLS of each global crop
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoding on the global crops (``method: mae``)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 384
+    decoder_depth: int = 4
+    decoder_heads: int = 6
+    norm_pix: bool = True  # each target patch standardised to mean 0, variance 1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedules. Learning rate = base_lr * global_batch / 1024, warmed up, then cosine."""
+
+    batch_size: int = 64  # volumes per rank and step
+    epochs: float = 100.0
+    warmup_epochs: float = 10.0
+    base_lr: float = 2e-3  # for a global batch of 1024
+    min_lr: float = 1e-6
+    weight_decay: float = 0.04  # cosine to weight_decay_end
+    weight_decay_end: float = 0.2
+    layer_decay: float = 0.9  # block i's LR scale is layer_decay ** (depth + 1 - (i + 1))
+    clip_grad: float = 3.0  # max global gradient L2 norm; 0 switches clipping off
+    betas: tuple[float, float] = (0.9, 0.999)
+    teacher_momentum: float = 0.992  # EMA momentum, cosine to teacher_momentum_end
+    teacher_momentum_end: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    """Where and how the steps run. The same code runs on a CPU (fp32) and CUDA (bf16 autocast)."""
+
+    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
+    seed: int = 0
+    workers: int = 4  # loader processes per rank (they only read int16 bytes)
+    bf16: bool = True  # bf16 autocast on CUDA; a CPU always computes in fp32
+    tf32: bool = True  # TF32 matmuls for the fp32 parts on CUDA
+    compile: bool = False  # torch.compile each transformer block
+    sharding: str = "ddp"  # multi-process: "ddp" (replicated) or "fsdp" (FSDP2 fully_shard, large models)
+    deterministic: bool = False  # deterministic kernels (bit-exact resume on CPU)
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
+    log_every: int = 10  # steps between log.jsonl lines
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``fmct pretrain`` needs besides the store; written resolved to RUN/config.yaml."""
+
+    method: str = "dino"  # "dino" (DINO + iBOT + KoLeo) or "mae"
+    model: ViT3DConfig = field(default_factory=ViT3DConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        choices = [("method", self.method, METHODS), ("dino.centering", self.dino.centering, CENTERINGS),
+                   ("engine.sharding", self.engine.sharding, SHARDINGS)]
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        model, augment = self.model, self.augment
+        if tuple(model.img_size) != (augment.global_size,) * 3:
+            raise ValueError(
+                f"model.img_size {list(model.img_size)} must be the global crop size "
+                f"{[augment.global_size] * 3} (augment.global_size): the position embedding is learned for it"
+            )
+        for name, size in (("global_size", augment.global_size), ("local_size", augment.local_size)):
+            if any(size % p for p in model.patch_size):
+                raise ValueError(f"augment.{name} {size} is not a multiple of model.patch_size {list(model.patch_size)}")
+        if model.in_chans != len(augment.windows):
+            raise ValueError(f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})")
+        if self.optim.batch_size < 1 or self.optim.epochs <= 0:
+            raise ValueError("optim.batch_size must be >= 1 and optim.epochs > 0")
+        if self.engine.checkpoint_every < 1 or self.engine.log_every < 1:
+            raise ValueError("engine.checkpoint_every and engine.log_every must be >= 1 step")
+        if not 0 < self.mae.mask_ratio < 1:
+            raise ValueError(f"mae.mask_ratio must lie in (0, 1), got {self.mae.mask_ratio}")
+        if self.method == "dino" and self.koleo.loss_weight > 0 and self.optim.batch_size < 2:
+            raise ValueError("KoLeo needs optim.batch_size >= 2 (nearest neighbours within a batch); or set koleo.loss_weight=0")
