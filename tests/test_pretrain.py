@@ -386,5 +386,16 @@ def test_a_short_cpu_pretraining_lowers_the_loss_without_collapse(tmp_path):
 
 @pytest.mark.parametrize("name", ["pretrain_vitb.yaml", "pretrain_mae_vitb.yaml", "pretrain_tiny_cpu.yaml"])
 def test_example_configs_load(name):
-    config = load_config(PretrainConfig, Path(__file__).parents[1] / "configs" / name)
+    config = load_config(PretrainConfig, Path(__file__).parents[1] / "src" / "fmct" / "configs" / name)
     assert config.model.in_chans == len(config.augment.windows) == 3
+
+
+def test_a_held_out_site_is_left_out_of_pretraining(store, tmp_path):
+    from fmct.ssl.config import DataConfig
+    from fmct.ssl.train import pretraining_scan_ids
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("scan_id,site,ich\n" + "".join(f"scan{i:03d},{'C' if i < 3 else 'A'},0\n" for i in range(8)))
+    kept = pretraining_scan_ids(store, DataConfig(labels=str(labels), exclude_sites=("C",)))
+    assert kept == [f"scan{i:03d}" for i in range(3, 8)]
+    assert pretraining_scan_ids(store, DataConfig()) is None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
-from fmct.config import ConfigError
+from fmct.config import DEMO_SCALES, ConfigError
 
 
 # A config override: a dotted key, "=", a value (a path never starts like this unless it has "=").
@@ -17,9 +18,9 @@ class UsageError(Exception):
     """A bad command line or input path, reported in one line with exit status 2."""
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. canonical.spacing_mm=1.0")
+def _add_config_args(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--config", help="YAML config file, or the name of one shipped in fmct/configs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
 
 
 def _parse_rename(text: str | None) -> dict[str, str]:
@@ -82,7 +83,7 @@ def _probe_parser(sub) -> None:
     parser.add_argument("--model", help="model name in the predictions (default: from the embeddings)")
     parser.add_argument("--arm", help="arm in the predictions, e.g. pretrained or scratch")
     parser.add_argument("--rename", help="generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id")
-    _add_config_args(parser)
+    _add_config_args(parser, "c_grid=[0.01,0.1,1] val_fraction=0.2")
     parser.set_defaults(run=_probe_run)
 
 
@@ -186,7 +187,7 @@ def _pretrain_parser(sub) -> None:
     parser = sub.add_parser("pretrain", help="self-supervised pretraining (DINO + iBOT, or MAE) on a store; resumes")
     parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
     parser.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
-    _add_config_args(parser)
+    _add_config_args(parser, "optim.epochs=100 model.size=small")
     parser.set_defaults(run=_pretrain_run)
 
 
@@ -218,7 +219,7 @@ def _embed_parser(sub) -> None:
     parser.add_argument("--workers", type=int, help="threads reading volumes from the store")
     parser.add_argument("--arm", help="arm recorded with the embeddings, e.g. pretrained or scratch")
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
-    _add_config_args(parser)
+    _add_config_args(parser, "chunk_size=512")
     parser.set_defaults(run=_embed_run)
 
 
@@ -260,7 +261,7 @@ def _finetune_parser(sub) -> None:
     parser.add_argument("--name", help="model name in the predictions (default: from the model folder)")
     parser.add_argument("--arm", help="arm in the predictions (default: pretrained, or scratch)")
     parser.add_argument("--rename", help="generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id")
-    _add_config_args(parser)
+    _add_config_args(parser, "patience=5 layer_decay=0.75")
     parser.set_defaults(run=_finetune_run)
 
 
@@ -288,7 +289,88 @@ def _finetune_run(args) -> int:
     return 0 if summary.n_predictions else 1
 
 
-PARSERS = [_ingest_parser, _probe_parser, _evaluate_parser, _report_parser, _synth_parser, _pretrain_parser, _embed_parser, _finetune_parser]
+# --------------------------------------------------------------------------------------------- demo
+def _demo_parser(sub) -> None:
+    parser = sub.add_parser("demo", help="the whole data flow on a synthetic multi-site cohort: what pretraining buys")
+    parser.add_argument("--out", default="demo_out", help="demo folder (created or resumed)")
+    parser.add_argument("--scale", choices=sorted(DEMO_SCALES), default="small", help="small: 2-core laptop; large: a GPU")
+    parser.add_argument("--config", help="YAML config file (fmct.config.DemoConfig)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. n_scans=400 seeds=3")
+    parser.set_defaults(run=_demo_run)
+
+
+def _demo_run(args) -> int:
+    """Each stage is one public verb; each resumes, so re-running the demo continues where it stopped."""
+    from fmct.config import DemoConfig, load_config, save_config
+
+    config = load_config(DemoConfig, args.config, DEMO_SCALES[args.scale] + args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "demo.yaml")
+    cohort, store, run = out / "cohort", out / "store", out / "pretrain"
+    labels = str(cohort / "labels.csv")
+    workers = str(config.workers)
+    split = ["--ood-sites", config.ood_sites, "--findings", config.findings, "--seeds", str(config.seeds)]
+    budgets = ["--label-fractions", config.label_fractions]
+    finetune = [
+        "finetune", "--store", str(store), "--labels", labels, *split, *budgets, "--workers", workers,
+        "--max-steps", str(config.finetune_steps), "--batch-size", str(config.finetune_batch_size), "--name", "vit",
+    ]
+    stages = [
+        ["synth", "--out", str(cohort), "--n", str(config.n_scans), "--sites", config.sites, "--format", "dicom",
+         "--seed", str(config.seed), "--workers", workers, "--matrix", str(config.matrix)],
+        ["ingest", str(cohort / "dicom"), "--out", str(store), "--workers", workers,
+         f"canonical.shape=[{config.store_shape},{config.store_shape},{config.store_shape}]",
+         f"canonical.spacing_mm={config.store_spacing_mm}"],
+        # The held-out site stays unseen by pretraining too: its scans test generalisation only.
+        ["pretrain", "--store", str(store), "--out", str(run), "--config", config.pretrain_config,
+         f"engine.seed={config.seed}", f"data.labels={labels}", f"data.exclude_sites=[{config.ood_sites}]",
+         *config.pretrain],
+        ["embed", "--model", str(run), "--store", str(store), "--out", str(out / "embeddings"), "--workers", workers],
+        ["probe", "--embeddings", str(out / "embeddings"), "--labels", labels, "--store", str(store),
+         "--out", str(out / "probe"), *split, *budgets, "--model", "vit-linear-probe", "--arm", "pretrained"],
+        [*finetune, "--model", str(run), "--out", str(out / "finetune_pretrained"), "--arm", "pretrained"],
+        [*finetune, "--model", "scratch", "--like", str(run), "--out", str(out / "finetune_scratch"), "--arm", "scratch"],
+        ["evaluate", "--predictions", str(out / "probe"), str(out / "finetune_pretrained"),
+         str(out / "finetune_scratch"), "--out", str(out / "evaluation")],
+        ["report", str(out / "evaluation"), "--out", str(out / "report.html")],
+    ]
+    for stage in stages:
+        print(f"\n== fmct {' '.join(stage)}", flush=True)
+        status = main(stage)
+        if status != 0:
+            print(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume", file=sys.stderr)
+            return status
+    print(_demo_table(out / "evaluation" / "metrics.csv", config))
+    print(f"\nreport: {(out / 'report.html').resolve()}")
+    return 0
+
+
+def _demo_table(metrics_csv: Path, config) -> str:
+    """AUROC [95% CI] of each arm per label fraction, in- and out-of-distribution, for the first finding."""
+    import csv
+
+    finding = config.findings.split(",")[0]
+    with open(metrics_csv, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["finding"] == finding and row["label_fraction"]]
+    systems = sorted({(row["model"], row["arm"]) for row in rows})
+    fractions = sorted({row["label_fraction"] for row in rows}, key=float)
+    lines = [f"\n{finding}: AUROC [95% CI] by share of training labels", f"{'model (arm)':34} {'group':5} " + " ".join(f"{f:>20}" for f in fractions)]
+    for model, arm in systems:
+        for group in ("ID", "OOD"):
+            cells = []
+            for fraction in fractions:
+                match = [r for r in rows if (r["model"], r["arm"], r["group"], r["label_fraction"]) == (model, arm, group, fraction)]
+                cells.append(f"{float(match[0]['auroc']):.3f} [{float(match[0]['auroc_lo']):.2f},{float(match[0]['auroc_hi']):.2f}]" if match else "-")
+            lines.append(f"{model + ' (' + arm + ')':34} {group:5} " + " ".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
+
+
+# In the order of the data flow, as `fmct --help` lists them.
+PARSERS = [
+    _synth_parser, _ingest_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
+    _evaluate_parser, _report_parser, _demo_parser,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,10 +113,20 @@ class EngineConfig:
 
 
 @dataclass
+class DataConfig:
+    """Which scans of the store to pretrain on. Of a labels file only the site column is read."""
+
+    labels: str = ""  # a labels CSV of DESIGN.md (or cq500:/rsna: spec) giving each scan's site
+    # Sites kept out of pretraining, so that a held-out site stays unseen for an out-of-distribution test.
+    exclude_sites: tuple[str, ...] = ()
+
+
+@dataclass
 class PretrainConfig:
     """Everything ``fmct pretrain`` needs besides the store; written resolved to RUN/config.yaml."""
 
     method: str = "dino"  # "dino" (DINO + iBOT + KoLeo) or "mae"
+    data: DataConfig = field(default_factory=DataConfig)
     model: ViT3DConfig = field(default_factory=ViT3DConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
@@ -147,6 +157,8 @@ class PretrainConfig:
             raise ValueError("optim.batch_size must be >= 1 and optim.epochs > 0")
         if self.engine.checkpoint_every < 1 or self.engine.log_every < 1:
             raise ValueError("engine.checkpoint_every and engine.log_every must be >= 1 step")
+        if self.data.exclude_sites and not self.data.labels:
+            raise ValueError("data.exclude_sites needs data.labels, the file that gives each scan's site")
         if not 0 < self.mae.mask_ratio < 1:
             raise ValueError(f"mae.mask_ratio must lie in (0, 1), got {self.mae.mask_ratio}")
         if self.method == "dino" and self.koleo.loss_weight > 0 and self.optim.batch_size < 2:

@@ -45,7 +45,7 @@ from fmct.models import DINOHead, ViT3D, build_vit3d
 from fmct.models.vit3d import grouped_parameters
 from fmct.ssl.centering import EMACenter, sinkhorn_knopp
 from fmct.ssl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from fmct.ssl.config import RESUMABLE_KEYS, EngineConfig, PretrainConfig
+from fmct.ssl.config import RESUMABLE_KEYS, DataConfig, EngineConfig, PretrainConfig
 from fmct.ssl.dino_loss import DINOLoss
 from fmct.ssl.distributed import (
     DistEnv,
@@ -63,7 +63,7 @@ from fmct.ssl.ibot_loss import iBOTPatchLoss
 from fmct.ssl.koleo_loss import KoLeoLoss
 from fmct.ssl.mae import MAEDecoder, MaskSplit, mae_loss, patchify3d, random_masking
 from fmct.ssl.schedules import Schedules, StepValues
-from fmct.store import atomic_write_text
+from fmct.store import Store, atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -369,6 +369,21 @@ def pretrain(store: str | os.PathLike, run_dir: str | os.PathLike, config: Pretr
         close_distributed()
 
 
+def pretraining_scan_ids(store: Path, data: DataConfig) -> list[str] | None:
+    """The store's scans minus those of ``data.exclude_sites`` (None: all of them)."""
+    if not data.exclude_sites:
+        return None
+    from fmct.datasets import load_labels, match_to_store
+
+    rows = Store(store).rows
+    matched, _ = match_to_store(load_labels(data.labels), rows)
+    excluded = {row["scan_id"] for row in matched if row.get("site") in data.exclude_sites}
+    kept = [row["scan_id"] for row in rows if row["scan_id"] not in excluded]
+    print(f"pretrain: {len(excluded)} scans of sites {', '.join(data.exclude_sites)} left out, {len(kept)} used",
+          file=sys.stderr)
+    return kept
+
+
 def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> dict:
     engine, optim = config.engine, config.optim
     checkpoint_path = run_dir / CHECKPOINT_FILE
@@ -381,8 +396,8 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     configure_torch(engine, env.device)
 
     try:
-        dataset = StoreVolumes(store)
-    except ValueError as error:  # an empty store
+        dataset = StoreVolumes(store, pretraining_scan_ids(store, config.data))
+    except ValueError as error:  # an empty store, or a labels file that does not fit it
         raise ConfigError(str(error)) from None
     if dataset.skipped and env.is_main:
         print(f"pretrain: {len(dataset.skipped)} scans of another grid left out, e.g. {dataset.skipped[0][0]}: "
