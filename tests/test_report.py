@@ -110,3 +110,20 @@ def test_evaluate_cli_with_seeds_shots_and_a_missing_column(tmp_path, capsys):
     (tmp_path / "bad" / "predictions.csv").write_text("scan_id,label,score\na,1,0.5\n")
     assert main(["evaluate", "--predictions", str(tmp_path / "bad"), "--out", str(tmp_path / "e2")]) == 2
     assert "missing column(s) patient_id" in capsys.readouterr().err
+
+
+def test_report_skips_a_finding_without_positives_in_a_group(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for fraction in ("0.1", "1.0"):
+        for i in range(60):
+            split = "test" if i < 30 else "ood"
+            label = 0 if split == "test" else int(i % 3 == 0)  # no positive in-distribution
+            rows.append({
+                "scan_id": f"s{i}", "patient_id": f"p{i}", "site": "A" if split == "test" else "C", "split": split,
+                "finding": "mass", "label": label, "score": label + rng.normal(), "model": "vit", "arm": "pretrained",
+                "label_fraction": fraction, "seed": 0, "shots": "",
+            })
+    write_predictions(tmp_path / "pred", rows, {"method": "logistic"})
+    assert main(["report", str(tmp_path / "pred"), "--out", str(tmp_path / "report.html"), "--bootstrap", "50"]) == 0
+    assert (tmp_path / "report_figures" / "label_efficiency_mass.png").exists()  # drawn for OOD alone

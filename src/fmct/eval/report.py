@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -94,8 +95,11 @@ def _largest_budget(rows: list[dict]) -> tuple[str, str]:
 def _figures(evaluation: Evaluation) -> dict[str, bytes]:
     figures = {}
     for finding in sorted({r["finding"] for r in evaluation.metrics}):
-        rows = [r for r in evaluation.metrics if r["finding"] == finding]
+        # A group without positives (or negatives) has no AUROC: nothing to draw for it.
+        rows = [r for r in evaluation.metrics if r["finding"] == finding and not math.isnan(_float(r["auroc"]))]
         groups = [g for g in ("ID", "OOD") if any(r["group"] == g for r in rows)]
+        if not groups:
+            continue
         fraction, shots = _largest_budget(rows)
         figure, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False)
         for ax, group in zip(axes[0], groups):
