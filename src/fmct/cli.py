@@ -342,6 +342,7 @@ def _demo_run(args) -> int:
             print(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume", file=sys.stderr)
             return status
     print(_demo_table(out / "evaluation" / "metrics.csv", config))
+    print(_demo_verdict(out / "evaluation" / "comparisons.csv", config))
     print(f"\nreport: {(out / 'report.html').resolve()}")
     return 0
 
@@ -363,6 +364,33 @@ def _demo_table(metrics_csv: Path, config) -> str:
                 match = [r for r in rows if (r["model"], r["arm"], r["group"], r["label_fraction"]) == (model, arm, group, fraction)]
                 cells.append(f"{float(match[0]['auroc']):.3f} [{float(match[0]['auroc_lo']):.2f},{float(match[0]['auroc_hi']):.2f}]" if match else "-")
             lines.append(f"{model + ' (' + arm + ')':34} {group:5} " + " ".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
+
+
+def _demo_verdict(comparisons_csv: Path, config) -> str:
+    """Fine-tuned pretrained minus scratch AUROC, paired on the same scans, per budget and site group."""
+    import csv
+
+    finding = config.findings.split(",")[0]
+    with open(comparisons_csv, newline="") as handle:
+        rows = [
+            row for row in csv.DictReader(handle)
+            if row["finding"] == finding and {(row["model_a"], row["arm_a"]), (row["model_b"], row["arm_b"])}
+            == {("vit", "pretrained"), ("vit", "scratch")}
+        ]
+    lines = [f"\n{finding}: pretrained - scratch (fine-tuned), AUROC difference [95% CI], paired bootstrap p"]
+    better = []
+    for row in sorted(rows, key=lambda r: (r["group"], float(r["label_fraction"] or 0))):
+        sign = 1.0 if row["arm_a"] == "pretrained" else -1.0
+        diff, low, high = (sign * float(row[k]) for k in ("auroc_diff", "auroc_diff_lo", "auroc_diff_hi"))
+        low, high = min(low, high), max(low, high)
+        lines.append(f"  {row['group']:4} labels {row['label_fraction']:>5}: {diff:+.3f} [{low:+.3f}, {high:+.3f}]  p={float(row['p_bootstrap']):.3f}")
+        if low > 0:
+            better.append(f"{row['group']} at {row['label_fraction']}")
+    lines.append(
+        f"  pretraining is significantly better at: {', '.join(better)}" if better
+        else "  at no budget is the pretrained model significantly better than scratch on this run"
+    )
     return "\n".join(lines)
 
 
