@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from fmct.config import IngestConfig
 from fmct.io.dicom_write import write_series
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/fmct-bench-ingest"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    threadpool_limits(limits=1)  # BLAS/OpenMP pools too, for both contenders: one core each
     root = args.out / "dicom"
     if not root.exists() or len(list(root.iterdir())) != args.series:
         shutil.rmtree(root, ignore_errors=True)

@@ -15,6 +15,7 @@ whole. The per-scan JSON files are the truth; ``manifest.csv`` and ``errors.csv`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -332,8 +333,9 @@ def _walk(sources) -> dict[str, list[Path]]:
 def _run(todo, store_path: Path, config, workers: int, progress: bool):
     """Yield (scan_id, reason or None, source) as jobs finish, in a pool of ``workers`` processes."""
     if workers <= 1 or len(todo) <= 1:
-        _limit_threads()
-        with tqdm(total=len(todo), unit="scan", desc="ingest", disable=not progress or not todo, dynamic_ncols=True) as bar:
+        with _one_thread(), tqdm(
+            total=len(todo), unit="scan", desc="ingest", disable=not progress or not todo, dynamic_ncols=True
+        ) as bar:
             for scan_id, job in todo:
                 yield _ingest_one(scan_id, job, store_path, config)
                 bar.update()
@@ -355,11 +357,28 @@ def _run(todo, store_path: Path, config, workers: int, progress: bool):
                 raise
 
 
-def _limit_threads() -> None:
-    # One thread per worker process: --workers sets the parallelism, not torch's thread pool.
+@contextlib.contextmanager
+def _one_thread():
+    """torch and the BLAS/OpenMP pools on one thread: --workers sets the parallelism (restored after)."""
     import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _limit_threads() -> None:
+    """Pool initializer: a worker process keeps one thread for its whole life."""
+    import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(limits=1)  # applied now and kept: not used as a context
 
 
 def _ingest_one(scan_id: str, job, store_path: Path, config) -> tuple[str, str | None, str]:

@@ -578,9 +578,11 @@ def _to_hu(slices: _Slices, order: np.ndarray) -> np.ndarray:
         if exact and slices.padding[k] is None:
             low, high = int(stored.min()), int(stored.max())
             intercept = int(slices.intercept[k])
-            if high <= 32767 and low + intercept >= AIR_HU and high + intercept <= 32767:
-                # The usual case: one pass straight into int16, nothing to clip.
+            if -32768 <= low and high <= 32767 and -32768 <= low + intercept and high + intercept <= 32767:
+                # The usual case: straight into int16 (no value can wrap), then air as the floor.
                 np.add(stored, np.int16(intercept), out=hu[out_index], dtype=np.int16, casting="unsafe")
+                if low + intercept < AIR_HU:
+                    np.maximum(hu[out_index], np.int16(AIR_HU), out=hu[out_index])
                 continue
         if exact:  # through int32, so that a sub-air padding value cannot wrap around in int16
             np.add(stored, np.int32(slices.intercept[k]), out=scratch, dtype=np.int32)
