@@ -447,8 +447,7 @@ def run_finetune(
         "labels": {"spec": labels_spec, "sha256": labels_sha256, "notes": notes},
         "store": str(Path(store_path).resolve()),
         "device": str(device),
-        "scans_per_split": {name: int(np.sum(split == name)) for name in ("train", "val", "test", "ood")},
-        "labels_per_split": cohort.label_counts(),
+        **cohort.split_counts(),
         "fits": fits,
         "skipped": skipped,
     }

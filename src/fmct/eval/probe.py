@@ -156,6 +156,11 @@ class Cohort:
     origin: str
     notes: list[str]
 
+    def split_counts(self) -> dict:
+        """Scans per split and positives/negatives per finding and split, as run.json records them."""
+        scans = {name: int(np.sum(self.split == name)) for name in ("train", "val", "test", "ood")}
+        return {"scans_per_split": scans, "labels_per_split": self.label_counts()}
+
     def label_counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """Positives and negatives per finding and split: ``{finding: {split: {"pos", "neg"}}}``."""
         counts = {}
@@ -295,8 +300,7 @@ def run_probe(
         "embeddings": {"path": str(npz), "sha256": file_sha256(npz), "meta": embeddings.meta},
         "labels": {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin)), "notes": notes},
         "store": None if store_path is None else str(store_path),
-        "scans_per_split": {name: int(np.sum(split == name)) for name in ("train", "val", "test", "ood")},
-        "labels_per_split": cohort.label_counts(),
+        **cohort.split_counts(),
         "fits": fits,
         "skipped": skipped,
     }
