@@ -259,3 +259,16 @@ def test_synth_labels_match_the_store_from_any_working_directory(tmp_path, monke
     monkeypatch.chdir(tmp_path / "cohort")  # somewhere else entirely
     matched, unmatched = match_to_store(load_labels(str(tmp_path / "cohort" / "labels.csv")), Store(tmp_path / "store").rows)
     assert unmatched == 0 and len({row["scan_id"] for row in matched}) == 3
+
+
+def test_a_malformed_header_value_is_a_reason_not_a_crash(tmp_path):
+    write_head(tmp_path / "in" / "good", PatientID="G")
+    files = write_head(tmp_path / "in" / "odd", PatientID="O")
+    dataset = pydicom.dcmread(files[0])
+    tag = pydicom.tag.Tag("NumberOfFrames")  # "1A", as in one of pydicom's own test files: not a number
+    dataset._dict[tag] = pydicom.dataelem.RawDataElement(tag, "IS", 2, b"1A", 0, False, True)
+    dataset.save_as(files[0])
+    summary = ingest([tmp_path / "in"], tmp_path / "store", IngestConfig(), progress=False)
+    assert summary.stored == 1
+    (error,) = Store(tmp_path / "store").errors()
+    assert "odd" in error["source"] and "unreadable DICOM header" in error["reason"]

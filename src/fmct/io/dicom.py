@@ -110,7 +110,13 @@ def discover(paths: Iterable[str | Path]) -> tuple[list[SeriesInfo], list[tuple[
             errors.append((str(path), "unreadable DICOM header: no SeriesInstanceUID (incomplete or truncated file)"))
             continue
         headers.setdefault(series_uid, []).append((path, header))
-    series = [_series_info(uid, members) for uid, members in headers.items()]
+    series = []
+    for uid, members in headers.items():
+        try:
+            series.append(_series_info(uid, members))
+        except Exception as error:  # a malformed header value must not stop discovery of the rest
+            folder = os.path.commonpath([str(path.parent) for path, _ in members])
+            errors.append((f"{folder}#{hashlib.sha256(uid.encode()).hexdigest()[:10]}", f"unreadable DICOM header: {_one_line(error)}"))
     return sorted(series, key=lambda info: info.source), errors
 
 
