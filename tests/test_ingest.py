@@ -167,6 +167,7 @@ def test_two_workers_give_the_same_store(tmp_path):
 def test_cli_usage_errors_exit_2(tmp_path, capsys):
     assert main(["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
     assert "missing: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # a usage error leaves nothing behind
     (tmp_path / "in").mkdir()
     assert main(["ingest", str(tmp_path / "in"), "--out", str(tmp_path / "s"), "canonical.spacing=2"]) == 2
     assert "unknown config key canonical.spacing" in capsys.readouterr().err

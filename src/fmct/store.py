@@ -251,15 +251,14 @@ def ingest(
     from fmct.io import discover, select_series
 
     started = time.perf_counter()
+    missing = [str(s) for s in sources if not Path(s).exists()]
+    if missing:
+        raise ConfigError(f"{missing[0]}: no such file or folder")
     store_path = Path(out)
     config = _settle_salt(store_path, config)
     (store_path / "scans").mkdir(parents=True, exist_ok=True)
     (store_path / "errors").mkdir(exist_ok=True)
     save_config(config, store_path / "config.yaml")
-
-    missing = [str(s) for s in sources if not Path(s).exists()]
-    if missing:
-        raise ConfigError(f"{missing[0]}: no such file or folder")
     # Absolute sources, so that labels can be matched to scans from any working directory.
     walked = _walk([os.path.abspath(source) for source in sources])
     all_files = [p for files in walked.values() for p in files]
