@@ -17,7 +17,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ich: AUROC [95% CI] by share of training labels" in printed and "report:" in printed
     html = (out / "report.html").read_text()
-    for section in ("roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
+    for section in ("summary", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
         assert f"<h2 id='{section}'>" in html
     for arm in ("vit (pretrained)", "vit (scratch)", "vit-linear-probe (pretrained)"):
         assert arm in printed

@@ -127,3 +127,19 @@ def test_report_skips_a_finding_without_positives_in_a_group(tmp_path):
     write_predictions(tmp_path / "pred", rows, {"method": "logistic"})
     assert main(["report", str(tmp_path / "pred"), "--out", str(tmp_path / "report.html"), "--bootstrap", "50"]) == 0
     assert (tmp_path / "report_figures" / "label_efficiency_mass.png").exists()  # drawn for OOD alone
+
+
+def test_report_says_what_pretraining_buys(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 120)
+    rows = []
+    for arm, signal in (("pretrained", 2.5), ("scratch", 0.3)):
+        scores = signal * labels + rng.normal(size=120)
+        rows += [{
+            "scan_id": f"s{i}", "patient_id": f"p{i}", "site": "A", "split": "test", "finding": "ich", "label": labels[i],
+            "score": scores[i], "model": "vit", "arm": arm, "label_fraction": "0.1", "seed": 0, "shots": "",
+        } for i in range(120)]
+    write_predictions(tmp_path / "pred", rows, {"method": "test"})
+    assert main(["report", str(tmp_path / "pred"), "--out", str(tmp_path / "report.html"), "--bootstrap", "200"]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert "<h2 id='summary'>" in html and "Pretraining is significantly better at: vit, ich, ID, labels 0.1" in html

@@ -1,7 +1,8 @@
 """One self-contained HTML report of evaluated predictions (``fmct report``).
 
-Sections (each an ``<h2 id=...>``): ``roc`` (ROC curves per finding at the largest label budget, ID and
-OOD side by side, averaged over seeds), ``label-efficiency`` (AUROC vs label fraction with 95% CI bands,
+Sections (each an ``<h2 id=...>``): ``summary`` (what pretraining buys: pretrained vs scratch twins, when
+both arms are present), ``roc`` (ROC curves per finding at the largest label budget, ID and OOD side by
+side, averaged over seeds), ``label-efficiency`` (AUROC vs label fraction with 95% CI bands,
 one line per model and arm), ``id-vs-ood`` (AUROC in- and out-of-distribution with CIs and the drop),
 ``comparisons`` (paired AUROC differences with bootstrap CI and p-values), ``metrics`` (every metric
 with its CI) and ``provenance`` (the run.json of every predictions folder behind the numbers).
@@ -161,6 +162,34 @@ def _image(name: str, png: bytes) -> str:
     return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></figure>'
 
 
+def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
+    """The answer to "what does pretraining buy?": every budget where a pretrained model and its scratch
+    twin (same model name) differ with the paired CI clear of 0, or a plain statement that none does."""
+    pairs = [c for c in comparisons if c["model_a"] == c["model_b"] and {c["arm_a"], c["arm_b"]} == {"pretrained", "scratch"}]
+    if not pairs:
+        return []
+    better, worse = [], []
+    for c in pairs:
+        sign = 1.0 if c["arm_a"] == "pretrained" else -1.0
+        low, high = sorted((sign * _float(c["auroc_diff_lo"]), sign * _float(c["auroc_diff_hi"])))
+        where = f"{c['model_a']}, {c['finding']}, {c['group']}, labels {c['budget']} ({sign * _float(c['auroc_diff']):+.3f} [{low:+.3f}, {high:+.3f}])"
+        if low > 0:
+            better.append(where)
+        elif high < 0:
+            worse.append(where)
+    lines = ["<h2 id='summary'>Pretrained vs scratch</h2>",
+             f"<p>{len(pairs)} paired comparisons of a pretrained model with the same architecture trained from scratch "
+             f"(AUROC difference pretrained - scratch, {level}% paired-bootstrap CI).</p>"]
+    lines.append(
+        "<p>Pretraining is significantly better at: " + "; ".join(map(html.escape, better)) + ".</p>" if better
+        else "<p><b>At no finding, label budget or site group is the pretrained model significantly better than "
+             "scratch in this evaluation.</b></p>"
+    )
+    if worse:
+        lines.append("<p>Scratch is significantly better at: " + "; ".join(map(html.escape, worse)) + ".</p>")
+    return lines
+
+
 def render_html(evaluation: Evaluation, figures: dict[str, bytes]) -> str:
     """The report page as one HTML string with the figures inlined."""
     settings = evaluation.settings
@@ -174,6 +203,7 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes]) -> str:
         f"<p>{level}% CIs: patient-level bootstrap, {settings.get('n_bootstrap')} resamples (seed {settings.get('seed')}); "
         "metrics computed per training seed, then averaged over seeds. ID: in-distribution test split; "
         "OOD: test scans of held-out sites.</p>",
+        *_pretraining_summary(evaluation.comparisons, level),
         "<h2 id='roc'>ROC curves per finding</h2>",
         *[_image(n, png) for n, png in figures.items() if n.startswith("roc_")],
         "<h2 id='label-efficiency'>Label efficiency</h2>",
