@@ -262,6 +262,7 @@ def test_synth_labels_match_the_store_from_any_working_directory(tmp_path, monke
     assert unmatched == 0 and len({row["scan_id"] for row in matched}) == 3
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # pydicom's own warning on the bad value we wrote
 def test_a_malformed_header_value_is_a_reason_not_a_crash(tmp_path):
     write_head(tmp_path / "in" / "good", PatientID="G")
     files = write_head(tmp_path / "in" / "odd", PatientID="O")
