@@ -23,6 +23,11 @@ def _add_config_args(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
 
 
+def _add_bootstrap_args(parser: argparse.ArgumentParser, resamples_help: str) -> None:
+    parser.add_argument("--bootstrap", type=int, default=1000, help=resamples_help)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+
+
 def _parse_rename(text: str | None) -> dict[str, str]:
     """``--rename Old=new,Other=other`` as a dict of column names (empty when not given)."""
     rename = {}
@@ -115,8 +120,7 @@ def _evaluate_parser(sub) -> None:
     parser = sub.add_parser("evaluate", help="predictions -> AUROC/AUPRC/sensitivity with bootstrap CIs, paired tests")
     parser.add_argument("--predictions", nargs="+", required=True, metavar="DIR", help="predictions folders")
     parser.add_argument("--out", required=True, help="folder for metrics.csv, comparisons.csv, roc.csv, metrics.json")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    _add_bootstrap_args(parser, "patient-level bootstrap resamples")
     parser.set_defaults(run=_evaluate_run)
 
 
@@ -137,8 +141,7 @@ def _report_parser(sub) -> None:
     parser = sub.add_parser("report", help="evaluation or predictions folders -> one self-contained HTML page")
     parser.add_argument("folders", nargs="+", metavar="DIR", help="evaluation folders (metrics.json) or predictions folders")
     parser.add_argument("--out", required=True, help="the HTML file to write (PNGs go to <name>_figures/ beside it)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples when given predictions folders")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    _add_bootstrap_args(parser, "bootstrap resamples when given predictions folders")
     parser.set_defaults(run=_report_run)
 
 
@@ -341,52 +344,36 @@ def _demo_run(args) -> int:
         if status != 0:
             print(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume", file=sys.stderr)
             return status
-    print(_demo_table(out / "evaluation" / "metrics.csv", config))
-    print(_demo_verdict(out / "evaluation" / "comparisons.csv", config))
+    print(_demo_summary(out / "evaluation", config))
     print(f"\nreport: {(out / 'report.html').resolve()}")
     return 0
 
 
-def _demo_table(metrics_csv: Path, config) -> str:
-    """AUROC [95% CI] of each arm per label fraction, in- and out-of-distribution, for the first finding."""
-    import csv
+def _demo_summary(evaluation_dir: Path, config) -> str:
+    """For the first finding: AUROC [95% CI] of each arm per label fraction, in- and out-of-distribution,
+    then the paired pretrained - scratch differences of the fine-tuned twins."""
+    from fmct.eval.evaluate import pretraining_effects, read_evaluation
 
+    evaluation = read_evaluation(evaluation_dir)
     finding = config.findings.split(",")[0]
-    with open(metrics_csv, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["finding"] == finding and row["label_fraction"]]
-    systems = sorted({(row["model"], row["arm"]) for row in rows})
+    rows = [row for row in evaluation.metrics if row["finding"] == finding and row["label_fraction"]]
     fractions = sorted({row["label_fraction"] for row in rows}, key=float)
-    lines = [f"\n{finding}: AUROC [95% CI] by share of training labels", f"{'model (arm)':34} {'group':5} " + " ".join(f"{f:>20}" for f in fractions)]
-    for model, arm in systems:
+    cells = {(row["model"], row["arm"], row["group"], row["label_fraction"]): row for row in rows}
+    lines = [f"\n{finding}: AUROC [95% CI] by share of training labels",
+             f"{'model (arm)':34} {'group':5} " + " ".join(f"{f:>20}" for f in fractions)]
+    for model, arm in sorted({(row["model"], row["arm"]) for row in rows}):
         for group in ("ID", "OOD"):
-            cells = []
+            row_cells = []
             for fraction in fractions:
-                match = [r for r in rows if (r["model"], r["arm"], r["group"], r["label_fraction"]) == (model, arm, group, fraction)]
-                cells.append(f"{float(match[0]['auroc']):.3f} [{float(match[0]['auroc_lo']):.2f},{float(match[0]['auroc_hi']):.2f}]" if match else "-")
-            lines.append(f"{model + ' (' + arm + ')':34} {group:5} " + " ".join(f"{c:>20}" for c in cells))
-    return "\n".join(lines)
+                row = cells.get((model, arm, group, fraction))
+                row_cells.append(f"{row['auroc']:.3f} [{row['auroc_lo']:.2f},{row['auroc_hi']:.2f}]" if row else "-")
+            lines.append(f"{model + ' (' + arm + ')':34} {group:5} " + " ".join(f"{c:>20}" for c in row_cells))
 
-
-def _demo_verdict(comparisons_csv: Path, config) -> str:
-    """Fine-tuned pretrained minus scratch AUROC, paired on the same scans, per budget and site group."""
-    import csv
-
-    finding = config.findings.split(",")[0]
-    with open(comparisons_csv, newline="") as handle:
-        rows = [
-            row for row in csv.DictReader(handle)
-            if row["finding"] == finding and {(row["model_a"], row["arm_a"]), (row["model_b"], row["arm_b"])}
-            == {("vit", "pretrained"), ("vit", "scratch")}
-        ]
-    lines = [f"\n{finding}: pretrained - scratch (fine-tuned), AUROC difference [95% CI], paired bootstrap p"]
-    better = []
-    for row in sorted(rows, key=lambda r: (r["group"], float(r["label_fraction"] or 0))):
-        sign = 1.0 if row["arm_a"] == "pretrained" else -1.0
-        diff, low, high = (sign * float(row[k]) for k in ("auroc_diff", "auroc_diff_lo", "auroc_diff_hi"))
-        low, high = min(low, high), max(low, high)
-        lines.append(f"  {row['group']:4} labels {row['label_fraction']:>5}: {diff:+.3f} [{low:+.3f}, {high:+.3f}]  p={float(row['p_bootstrap']):.3f}")
-        if low > 0:
-            better.append(f"{row['group']} at {row['label_fraction']}")
+    effects = [e for e in pretraining_effects(evaluation.comparisons) if e["finding"] == finding and e["model"] == "vit"]
+    lines.append(f"\n{finding}: pretrained - scratch (fine-tuned), AUROC difference [95% CI], paired bootstrap p")
+    for e in sorted(effects, key=lambda e: (e["group"], float(e["label_fraction"] or 0))):
+        lines.append(f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  p={e['p_bootstrap']:.3f}")
+    better = [f"{e['group']} at {e['label_fraction']}" for e in effects if e["low"] > 0]
     lines.append(
         f"  pretraining is significantly better at: {', '.join(better)}" if better
         else "  at no budget is the pretrained model significantly better than scratch on this run"

@@ -249,6 +249,7 @@ def ingest(
     """
     from fmct.config import ConfigError, save_config
     from fmct.io import discover, select_series
+    from fmct.io.dicom import walk_files
 
     started = time.perf_counter()
     missing = [str(s) for s in sources if not Path(s).exists()]
@@ -260,7 +261,7 @@ def ingest(
     (store_path / "errors").mkdir(exist_ok=True)
     save_config(config, store_path / "config.yaml")
     # Absolute sources, so that labels can be matched to scans from any working directory.
-    walked = _walk([os.path.abspath(source) for source in sources])
+    walked = {source: walk_files([source]) for source in map(os.path.abspath, sources)}
     all_files = [p for files in walked.values() for p in files]
     nifti_files = [p for p in all_files if p.name.endswith((".nii", ".nii.gz"))]
     series, unreadable = discover([p for p in all_files if not p.name.endswith((".nii", ".nii.gz"))])
@@ -319,14 +320,6 @@ def _settle_salt(store_path: Path, config: "IngestConfig") -> "IngestConfig":
             raise ConfigError(f"{store_path}: the store was made with another salt; keys would not match")
         return dataclasses.replace(config, salt=stored_salt)
     return dataclasses.replace(config, salt=config.salt or secrets.token_hex(16))
-
-
-def _walk(sources) -> dict[str, list[Path]]:
-    """Every file under each source (a file is its own list), keyed by the source as given."""
-    return {
-        str(source): [Path(source)] if Path(source).is_file() else sorted(p for p in Path(source).rglob("*") if p.is_file())
-        for source in sources
-    }
 
 
 def _run(todo, store_path: Path, config, workers: int, progress: bool):

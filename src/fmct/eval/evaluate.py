@@ -340,6 +340,24 @@ COMPARISON_COLUMNS = [
 ROC_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "fpr", "tpr"]
 
 
+def pretraining_effects(comparisons: list[dict]) -> list[dict]:
+    """What pretraining buys: every comparison of a pretrained model with its scratch twin (same model name),
+    turned to read pretrained - scratch: ``model, finding, group, budget, label_fraction, diff, low, high,
+    p_bootstrap`` (AUROC difference and its paired-bootstrap CI)."""
+    effects = []
+    for c in comparisons:
+        if c["model_a"] != c["model_b"] or {c["arm_a"], c["arm_b"]} != {"pretrained", "scratch"}:
+            continue
+        sign = 1.0 if c["arm_a"] == "pretrained" else -1.0
+        low, high = sorted((sign * float(c["auroc_diff_lo"]), sign * float(c["auroc_diff_hi"])))
+        effects.append({
+            "model": c["model_a"], "finding": c["finding"], "group": c["group"], "budget": c["budget"],
+            "label_fraction": c["label_fraction"], "diff": sign * float(c["auroc_diff"]), "low": low, "high": high,
+            "p_bootstrap": float(c["p_bootstrap"]),
+        })
+    return effects
+
+
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> None:
     """Write ``metrics.csv``, ``comparisons.csv``, ``roc.csv`` and ``metrics.json`` (everything) into ``out``."""
     out = Path(out)

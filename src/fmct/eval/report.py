@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from fmct.eval.evaluate import Evaluation, evaluate, read_evaluation  # noqa: E402
+from fmct.eval.evaluate import Evaluation, evaluate, pretraining_effects, read_evaluation  # noqa: E402
 from fmct.store import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 SECTIONS = ("roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
@@ -164,29 +164,27 @@ def _image(name: str, png: bytes) -> str:
 
 def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
     """The answer to "what does pretraining buy?": every budget where a pretrained model and its scratch
-    twin (same model name) differ with the paired CI clear of 0, or a plain statement that none does."""
-    pairs = [c for c in comparisons if c["model_a"] == c["model_b"] and {c["arm_a"], c["arm_b"]} == {"pretrained", "scratch"}]
-    if not pairs:
+    twin differ with the paired CI clear of 0, or a plain statement that none does."""
+    effects = pretraining_effects(comparisons)
+    if not effects:
         return []
-    better, worse = [], []
-    for c in pairs:
-        sign = 1.0 if c["arm_a"] == "pretrained" else -1.0
-        low, high = sorted((sign * _float(c["auroc_diff_lo"]), sign * _float(c["auroc_diff_hi"])))
-        where = f"{c['model_a']}, {c['finding']}, {c['group']}, labels {c['budget']} ({sign * _float(c['auroc_diff']):+.3f} [{low:+.3f}, {high:+.3f}])"
-        if low > 0:
-            better.append(where)
-        elif high < 0:
-            worse.append(where)
+
+    def where(e: dict) -> str:
+        return html.escape(f"{e['model']}, {e['finding']}, {e['group']}, labels {e['budget']} "
+                           f"({e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}])")
+
+    better = [where(e) for e in effects if e["low"] > 0]
+    worse = [where(e) for e in effects if e["high"] < 0]
     lines = ["<h2 id='summary'>Pretrained vs scratch</h2>",
-             f"<p>{len(pairs)} paired comparisons of a pretrained model with the same architecture trained from scratch "
+             f"<p>{len(effects)} paired comparisons of a pretrained model with the same architecture trained from scratch "
              f"(AUROC difference pretrained - scratch, {level}% paired-bootstrap CI).</p>"]
     lines.append(
-        "<p>Pretraining is significantly better at: " + "; ".join(map(html.escape, better)) + ".</p>" if better
+        "<p>Pretraining is significantly better at: " + "; ".join(better) + ".</p>" if better
         else "<p><b>At no finding, label budget or site group is the pretrained model significantly better than "
              "scratch in this evaluation.</b></p>"
     )
     if worse:
-        lines.append("<p>Scratch is significantly better at: " + "; ".join(map(html.escape, worse)) + ".</p>")
+        lines.append("<p>Scratch is significantly better at: " + "; ".join(worse) + ".</p>")
     return lines
 
 

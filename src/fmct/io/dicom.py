@@ -95,7 +95,7 @@ def discover(paths: Iterable[str | Path]) -> tuple[list[SeriesInfo], list[tuple[
     """
     headers: dict[str, list[tuple[Path, Dataset]]] = {}
     errors: list[tuple[str, str]] = []
-    for path in _walk_files(paths):
+    for path in walk_files(paths):
         if path.name.upper() == "DICOMDIR" or not _has_dicom_preamble(path):
             continue
         try:
@@ -120,7 +120,7 @@ def discover(paths: Iterable[str | Path]) -> tuple[list[SeriesInfo], list[tuple[
     return sorted(series, key=lambda info: info.source), errors
 
 
-def _walk_files(paths: Iterable[str | Path]) -> list[Path]:
+def walk_files(paths: Iterable[str | Path]) -> list[Path]:
     """Every regular file under ``paths``, each once, in a stable order."""
     seen: set[Path] = set()
     files: list[Path] = []
