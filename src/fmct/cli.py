@@ -28,6 +28,15 @@ def _add_bootstrap_args(parser: argparse.ArgumentParser, resamples_help: str) ->
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
 
 
+def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The label budgets, seeds, held-out sites and findings shared by probe and finetune."""
+    parser.add_argument("--label-fractions", help="comma-separated shares of the training labels, e.g. 0.01,0.1,1")
+    parser.add_argument("--shots", help="comma-separated N: N positives and N negatives per finding")
+    parser.add_argument("--seeds", type=int, help="number of seeds (training subsets) per budget")
+    parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (OOD)")
+    parser.add_argument("--findings", help=f"comma-separated findings to {verb} (default: all)")
+
+
 def _parse_rename(text: str | None) -> dict[str, str]:
     """``--rename Old=new,Other=other`` as a dict of column names (empty when not given)."""
     rename = {}
@@ -78,13 +87,9 @@ def _probe_parser(sub) -> None:
     )
     parser.add_argument("--out", required=True, help="predictions folder")
     parser.add_argument("--store", help="store whose manifest maps `source` labels to scans and gives patient keys")
-    parser.add_argument("--label-fractions", help="comma-separated shares of the training labels, e.g. 0.01,0.1,1")
-    parser.add_argument("--shots", help="comma-separated N: N positives and N negatives per finding")
-    parser.add_argument("--seeds", type=int, help="number of seeds (training subsets) per budget")
+    _add_budget_args(parser, "probe")
     parser.add_argument("--features", choices=["cls", "patch_mean", "concat"])
     parser.add_argument("--method", choices=["logistic", "knn"])
-    parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (OOD)")
-    parser.add_argument("--findings", help="comma-separated findings to probe (default: all)")
     parser.add_argument("--model", help="model name in the predictions (default: from the embeddings)")
     parser.add_argument("--arm", help="arm in the predictions, e.g. pretrained or scratch")
     parser.add_argument("--rename", help="generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id")
@@ -252,11 +257,7 @@ def _finetune_parser(sub) -> None:
     parser.add_argument("--out", required=True, help="predictions folder (finished fits in it are reused)")
     parser.add_argument("--head", choices=["linear", "attentive"], help="linear on CLS, or one learned query over patch tokens")
     parser.add_argument("--trainable-blocks", type=int, help="train only the last k blocks (0: frozen backbone; -1: all)")
-    parser.add_argument("--label-fractions", help="comma-separated shares of the training labels, e.g. 0.01,0.1,1")
-    parser.add_argument("--shots", help="comma-separated N: N positives and N negatives per finding")
-    parser.add_argument("--seeds", type=int, help="number of seeds (training subsets) per budget")
-    parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (OOD)")
-    parser.add_argument("--findings", help="comma-separated findings to train (default: all)")
+    _add_budget_args(parser, "train")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-steps", type=int, help="training steps per fit (early stopping may end sooner)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the head and the top block")
