@@ -78,7 +78,7 @@ def main() -> None:
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
     configure_torch(config.engine, device)
     # A long run's schedules: every timed step is in the ordinary regime (prototypes trained, LR warm).
-    schedules = Schedules(config, steps_per_epoch=1000, global_batch=batch)
+    schedules = Schedules(config, global_batch=batch)
     trainer = Trainer(config, env, schedules)
     n_params = sum(p.numel() for p in trainer.student.parameters())
 

@@ -157,6 +157,10 @@ def test_param_groups_layer_decay_and_no_decay_rules():
         assert by_name[name]["wd_scale"] == 0.0 and by_name[name]["weight_decay"] == 0.0, name
     assert by_name["blocks.0.attn.proj.weight"]["weight_decay"] == pytest.approx(0.04)
     torch.optim.AdamW(groups, lr=1e-3)  # the groups are valid optimizer input
+    # DINOv2's patch-embedding multiplier scales the embedding on top of its layer decay, nothing else.
+    slow = {name: g["lr_scale"] for g in model.param_groups(0.04, 0.5, patch_embed_lr_mult=0.2) for name in g["names"]}
+    assert slow["patch_embed.proj.weight"] == pytest.approx(0.025) and slow["pos_embed"] == 0.125
+    assert slow["blocks.0.attn.qkv.weight"] == 0.25
 
 
 def test_dino_head_is_weight_normalised_and_last_layer_freezes():
@@ -164,17 +168,21 @@ def test_dino_head_is_weight_normalised_and_last_layer_freezes():
     head = DINOHead(in_dim=16, out_dim=32, hidden=24, bottleneck=8, n_layers=3)
     x = torch.randn(5, 7, 16)
     logits = head(x)
-    assert logits.shape == (5, 7, 32) and logits.abs().max() <= 1.0 + 1e-6
+    assert logits.shape == (5, 7, 32) and logits.abs().max() <= 1.0 + 1e-6  # norms start at 1: cosines
     with torch.no_grad():
         before = head(x)
-        head.prototypes.mul_(torch.rand(32, 1) * 10 + 0.1)  # rescaling a prototype leaves its logits
+        head.prototypes.mul_(torch.rand(32, 1) * 10 + 0.1)  # rescaling a prototype's direction leaves its logits
         assert torch.allclose(head(x), before, atol=1e-6)
+        head.prototype_norms[3] = 2.5  # the trainable norm (DINOv2's weight_g) scales its logit
+        assert torch.allclose(head(x)[..., 3], 2.5 * before[..., 3], atol=1e-6)
+        head.prototype_norms.fill_(1.0)
     prototypes = head.prototypes.detach().clone()
+    norms = head.prototype_norms.detach().clone()
     first_linear = head.mlp[0].weight.detach().clone()
     optimizer = torch.optim.AdamW(head.param_groups(weight_decay=0.04), lr=1e-2)
     head(x).logsumexp(-1).sum().backward()
     head.cancel_last_layer_gradients()
     optimizer.step()
-    assert torch.equal(head.prototypes, prototypes)
+    assert torch.equal(head.prototypes, prototypes) and torch.equal(head.prototype_norms, norms)
     assert not torch.equal(head.mlp[0].weight, first_linear)
     assert len(head.mlp) == 5  # Linear, GELU, Linear, GELU, Linear

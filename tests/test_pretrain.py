@@ -32,7 +32,7 @@ TINY = [
     "model.size=tiny", "model.depth=2", "model.embed_dim=64", "model.n_heads=2", "model.img_size=32",
     "model.patch_size=8", "model.n_registers=1", "augment.global_size=32", "augment.local_size=16",
     "augment.n_local=2", "dino.n_prototypes=256", "dino.head_hidden_dim=128", "dino.head_bottleneck_dim=32",
-    "dino.teacher_temp_warmup_epochs=1", "optim.batch_size=2", "optim.epochs=2", "optim.warmup_epochs=1",
+    "dino.teacher_temp_warmup_epochs=1", "optim.batch_size=2", "optim.epoch_length=4", "optim.epochs=2", "optim.warmup_epochs=1",
     "optim.base_lr=0.05", "optim.layer_decay=1.0", "engine.device=cpu", "engine.workers=0",
     "engine.progress=false", "engine.log_every=1", "engine.checkpoint_every=4",
 ]
@@ -133,14 +133,15 @@ def test_a_tiny_run_logs_every_term_and_exports_the_teacher(store, tmp_path, mon
 
     monkeypatch.setattr(train, "sample_ibot_masks", recording_masks)
     result = pretrain(store, run, tiny_config("ibot.mask_probability=0.5", "ibot.mask_ratio=[0.2,0.4]"))
-    assert result["step"] == result["total_steps"] == 8  # 8 scans / batch 2 = 4 steps per epoch, 2 epochs
+    assert result["step"] == result["total_steps"] == 8  # 2 epochs of 4 steps
     lines = log_lines(run)
     assert [line["step"] for line in lines] == list(range(1, 9))
     for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "weight_decay", "teacher_momentum",
-                "teacher_temp", "teacher_entropy", "teacher_top_mass", "grad_norm", "volumes_per_s"):
+                "teacher_temp", "teacher_entropy", "teacher_entropy_ibot", "teacher_top_mass", "teacher_cosine",
+                "grad_norm_backbone", "grad_norm_dino_head", "volumes_per_s"):
         assert all(np.isfinite(line[key]) for line in lines), key
     assert lines[0]["teacher_temp"] == pytest.approx(0.04) and lines[-1]["teacher_temp"] == pytest.approx(0.07)
-    assert lines[0]["lr"] == 0.0 and lines[4]["lr"] == pytest.approx(0.05 * 2 / 1024)
+    assert lines[0]["lr"] == 0.0 and lines[4]["lr"] == pytest.approx(0.05 * np.sqrt(2 / 1024))
     # Masks: 2 global crops x 2 volumes per step, half of them masked, each at 20-40% of its 64 patches.
     assert len(masks_seen) == 8
     for masks in masks_seen:
@@ -265,7 +266,7 @@ def test_the_mae_objective_trains_through_the_same_loop(store, tmp_path):
 def _worker(rank: int, store: str, run: str, port: int, sharding: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = pretrain(store, run, tiny_config(f"engine.sharding={sharding}"))
+    result = pretrain(store, run, tiny_config(f"engine.sharding={sharding}", "optim.epoch_length=2"))
     if sharding == "ddp":  # every rank holds whole replicas: keep this rank's to compare
         state = {f"student.{k}": v for k, v in result["student"].state_dict().items()}
         state.update({f"teacher.{k}": v for k, v in result["teacher"].state_dict().items()})
@@ -277,7 +278,7 @@ def _worker(rank: int, store: str, run: str, port: int, sharding: str) -> None:
 
 
 def run_two_processes(store: Path, run: Path, sharding: str) -> Path:
-    """A 2-process gloo pretraining of the tiny config (8 scans, 2 per rank: 2 steps per epoch, 4 steps)."""
+    """A 2-process gloo pretraining of the tiny config (2 volumes per rank, 2 epochs of 2 steps)."""
     import socket
 
     with socket.socket() as probe:
@@ -372,7 +373,7 @@ def test_a_short_cpu_pretraining_lowers_the_loss_without_collapse(tmp_path):
     store = make_store(tmp_path / "store", n=32, size=48, seed=1)
     run = tmp_path / "run"
     pretrain(store, run, tiny_config("optim.batch_size=8", "optim.epochs=40", "optim.warmup_epochs=4",
-                                     "optim.base_lr=0.5", "dino.teacher_temp_warmup_epochs=10", "engine.log_every=4",
+                                     "optim.base_lr=0.044", "dino.teacher_temp_warmup_epochs=10", "engine.log_every=4",
                                      "engine.checkpoint_every=1000", "dino.n_prototypes=1024"))
     lines = log_lines(run)
 
@@ -396,7 +397,7 @@ def test_pretraining_on_a_synth_cohort_lowers_the_loss_without_collapse(tmp_path
     ingest([tmp_path / "cohort" / "nifti"], tmp_path / "store", config, progress=False)
     run = tmp_path / "run"
     pretrain(tmp_path / "store", run, tiny_config(
-        "optim.batch_size=8", "optim.epochs=54", "optim.warmup_epochs=6", "optim.base_lr=0.5",
+        "optim.batch_size=8", "optim.epoch_length=3", "optim.epochs=54", "optim.warmup_epochs=6", "optim.base_lr=0.044",
         "dino.teacher_temp_warmup_epochs=10", "engine.log_every=4", "engine.checkpoint_every=1000",
         "dino.n_prototypes=1024"))
     lines = log_lines(run)
@@ -420,3 +421,47 @@ def test_a_held_out_site_is_left_out_of_pretraining(store, tmp_path):
     kept = pretraining_scan_ids(store, DataConfig(labels=str(labels), exclude_sites=("C",)))
     assert kept == [f"scan{i:03d}" for i in range(3, 8)]
     assert pretraining_scan_ids(store, DataConfig()) is None
+
+
+# ----------------------------------------------------------------------------------- online evaluation
+def test_rankme_and_output_cosine_hand_examples():
+    from fmct.ssl.online_eval import rankme
+    from fmct.ssl.train import output_cosine
+
+    assert rankme(np.eye(4)) == pytest.approx(4.0, rel=1e-5)  # four equal singular values
+    assert rankme(np.ones((4, 6))) == pytest.approx(1.0, abs=1e-4)  # one direction only
+    assert float(output_cosine(torch.ones(5, 8))) == pytest.approx(1.0)  # every scan alike
+    assert float(output_cosine(torch.eye(4))) == pytest.approx(0.0)  # orthogonal outputs
+    assert float(output_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))) == pytest.approx(np.sqrt(0.5))
+
+
+def labelled_store(path: Path, n: int = 16) -> tuple[Path, Path]:
+    """``n`` phantoms and a labels CSV: ``ich`` alternating, patients of two scans, the last two in the test split."""
+    make_store(path / "store", n=n, size=48, seed=3)
+    labels = path / "labels.csv"
+    rows = [f"scan{i:03d},p{i // 2:02d},{'test' if i >= n - 2 else ''},{i % 2}\n" for i in range(n)]
+    labels.write_text("scan_id,patient_id,split,ich\n" + "".join(rows))
+    return path / "store", labels
+
+
+def test_online_metrics_appear_in_the_log_from_step_0(tmp_path):
+    from fmct.ssl.online_eval import OnlineEvaluator
+
+    store, labels = labelled_store(tmp_path)
+    evaluator = OnlineEvaluator(store, str(labels), ["ich"], max_scans=64, knn_k=5, excluded_sites=(),
+                                windows=[(40.0, 80.0)], device=torch.device("cpu"))
+    assert "scan014" not in evaluator.scan_ids and "scan015" not in evaluator.scan_ids  # never the test split
+    assert len(evaluator.scan_ids) == 14 and evaluator.scored == [(0, "ich")]
+    halves = dict(zip(evaluator.scan_ids, evaluator.half))
+    assert all(halves[f"scan{2 * p:03d}"] == halves[f"scan{2 * p + 1:03d}"] for p in range(7))  # by patient
+
+    run = tmp_path / "run"
+    pretrain(store, run, tiny_config("online_eval.every=4", f"online_eval.labels={labels}", "optim.epochs=2",
+                                     "engine.log_every=2", "online_eval.knn_k=5"))
+    lines = log_lines(run)
+    online = [line for line in lines if "online_rankme" in line]
+    assert [line["step"] for line in online] == [0, 4, 8]
+    for line in online:
+        assert 1.0 <= line["online_rankme"] <= 64
+        assert 0.0 <= line["online_knn_auroc_ich"] <= 1.0 and 0.0 <= line["online_linear_auroc_ich"] <= 1.0
+    assert all("online_rankme" not in line for line in lines if line["step"] in (2, 6))

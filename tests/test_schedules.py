@@ -25,15 +25,16 @@ def test_cosine_and_warmup_shapes():
 
 def test_run_schedules_follow_the_recipe():
     # 100 epochs of 10 steps at a global batch of 256: DINOv2's shapes, FM-CT-like values.
-    config = load_config(PretrainConfig, None, ["optim.epochs=100", "optim.warmup_epochs=10", "optim.base_lr=0.002",
-                                                "optim.min_lr=1e-6", "dino.teacher_temp_warmup_epochs=30"])
-    schedules = Schedules(config, steps_per_epoch=10, global_batch=256)
+    config = load_config(PretrainConfig, None, ["optim.epochs=100", "optim.epoch_length=10", "optim.warmup_epochs=10",
+                                                "optim.base_lr=0.004", "optim.min_lr=1e-6",
+                                                "dino.teacher_temp_warmup_epochs=30"])
+    schedules = Schedules(config, global_batch=256)
     assert schedules.total_steps == 1000
-    assert schedules.peak_lr == pytest.approx(0.002 * 256 / 1024)  # linear scaling rule
+    assert schedules.peak_lr == pytest.approx(0.002)  # square-root scaling: 4e-3 * sqrt(256 / 1024)
 
     start, warm, end = schedules.at(0), schedules.at(100), schedules.at(1000)
-    assert start.lr == 0.0 and warm.lr == pytest.approx(5e-4) and end.lr == pytest.approx(1e-6)
-    assert schedules.at(50).lr == pytest.approx(2.5e-4)
+    assert start.lr == 0.0 and warm.lr == pytest.approx(2e-3) and end.lr == pytest.approx(1e-6)
+    assert schedules.at(50).lr == pytest.approx(1e-3)
     assert start.weight_decay == pytest.approx(0.04) and end.weight_decay == pytest.approx(0.2)
     assert schedules.at(500).weight_decay == pytest.approx(0.12)
     assert start.teacher_momentum == pytest.approx(0.992) and end.teacher_momentum == pytest.approx(1.0)
@@ -46,3 +47,12 @@ def test_run_schedules_follow_the_recipe():
     lrs = [schedules.at(s).lr for s in range(100, 1001, 50)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert not math.isnan(schedules.at(10_000).lr)
+
+
+def test_an_epoch_is_a_fixed_number_of_steps_whatever_the_store():
+    # DINOv2 counts its schedules in epochs of 1,250 iterations; a small store must not shrink a warm-up.
+    config = load_config(PretrainConfig, None, ["optim.epochs=2", "optim.warmup_epochs=1"])
+    schedules = Schedules(config, global_batch=64)
+    assert schedules.steps_per_epoch == 1250 and schedules.total_steps == 2500
+    assert schedules.at(625).lr == pytest.approx(0.5 * 4e-3 * math.sqrt(64 / 1024))  # half-way through warm-up
+    assert schedules.at(1249).freeze_last_layer and not schedules.at(1250).freeze_last_layer

@@ -75,7 +75,7 @@ def block_mask_3d(
     min_block: int = 4,
     aspect_range: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> torch.Tensor:
-    """A bool mask (D, H, W) over a patch grid with exactly ``round(ratio * D*H*W)`` tokens True.
+    """A bool mask (D, H, W) over a patch grid with exactly ``floor(ratio * D*H*W)`` tokens True (DINOv2 floors its counts).
 
     Masked tokens come in cuboid blocks: each block has a volume drawn uniformly between ``min_block``
     tokens and the number still to mask, and per-axis side factors drawn log-uniformly in
@@ -91,7 +91,7 @@ def block_mask_3d(
     if not 0 < aspect_range[0] <= aspect_range[1]:
         raise ValueError(f"aspect_range must be (low, high) with 0 < low <= high, got {aspect_range}")
     grid = tuple(int(g) for g in grid)
-    n_masked = int(round(ratio * math.prod(grid)))
+    n_masked = int(ratio * math.prod(grid))
     mask = _block_mask(grid, n_masked, _numpy_rng(generator), min_block, aspect_range)
     return torch.from_numpy(mask)
 
@@ -112,7 +112,7 @@ def sample_ibot_masks(
     ratios are spread over ``ratio_range``: the range is cut into as many equal bins as masked crops
     and crop i draws its ratio uniformly in bin i, so a batch always spans the whole range. Then the
     batch order is shuffled, so which crops are masked is random. Each mask is a
-    :func:`block_mask_3d` with exactly ``round(ratio * N)`` tokens. For multi-crop batches in crop-major
+    :func:`block_mask_3d` with exactly ``floor(ratio * N)`` tokens. For multi-crop batches in crop-major
     order (crop 0 of every image, then crop 1, ...), pass ``batch = n_global * images``.
     """
     low, high = ratio_range
@@ -128,6 +128,6 @@ def sample_ibot_masks(
     masks = np.zeros((batch, n_tokens), dtype=bool)
     for i in range(n_masked_crops):
         ratio = rng.uniform(bin_edges[i], bin_edges[i + 1])
-        masks[i] = _block_mask(grid, int(round(ratio * n_tokens)), rng, min_block, aspect_range).ravel()
+        masks[i] = _block_mask(grid, int(ratio * n_tokens), rng, min_block, aspect_range).ravel()
     masks = masks[rng.permutation(batch)]
     return torch.from_numpy(masks).to(device)

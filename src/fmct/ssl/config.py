@@ -4,9 +4,10 @@ Read with ``fmct.config.load_config(PretrainConfig, yaml_path, ["dino.n_prototyp
 It lives here rather than in :mod:`fmct.config` because its model and augmentation sections are defined
 by :mod:`fmct.models` and :mod:`fmct.data`, which themselves import :mod:`fmct.config`.
 
-Run length is counted in epochs of the store (one epoch = ``len(store) // global_batch`` steps), as in
-DINO; every schedule is then a function of the global step, so a resumed run continues each schedule
-exactly where it stopped.
+Run length and every schedule are counted in epochs of ``optim.epoch_length`` steps (DINOv2's fixed
+1,250 iterations), never in passes over the store: a warm-up then lasts the same number of optimiser
+steps on a store of 150 scans as on one of 300,000. Every schedule is a function of the global step, so
+a resumed run continues each schedule exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ SHARDINGS = ("ddp", "fsdp")
 # what one step computes. (Changing optim.epochs stretches the cosine schedules from the resumed step on.)
 RESUMABLE_KEYS = (
     "optim.epochs",
+    "online_eval.every",
+    "online_eval.store",
+    "online_eval.labels",
+    "online_eval.findings",
+    "online_eval.max_scans",
+    "online_eval.knn_k",
     "engine.checkpoint_every",
     "engine.log_every",
     "engine.workers",
@@ -79,17 +86,19 @@ class MAEConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedules. Learning rate = base_lr * global_batch / 1024, warmed up, then cosine."""
+    """AdamW and its schedules. Learning rate = base_lr * sqrt(global_batch / 1024), warmed up, then cosine."""
 
     batch_size: int = 64  # volumes per rank and step
-    epochs: float = 100.0
+    epoch_length: int = 1250  # optimiser steps per "epoch" of every schedule (DINOv2's OFFICIAL_EPOCH_LENGTH)
+    epochs: float = 100.0  # run length: epochs * epoch_length steps
     warmup_epochs: float = 10.0
-    base_lr: float = 2e-3  # for a global batch of 1024
+    base_lr: float = 4e-3  # for a global batch of 1024 (square-root scaling, as in DINOv2)
     min_lr: float = 1e-6
     weight_decay: float = 0.04  # cosine to weight_decay_end
     weight_decay_end: float = 0.2
     layer_decay: float = 0.9  # block i's LR scale is layer_decay ** (depth + 1 - (i + 1))
-    clip_grad: float = 3.0  # max global gradient L2 norm; 0 switches clipping off
+    patch_embed_lr_mult: float = 0.2  # extra LR scale of the patch embedding (DINOv2)
+    clip_grad: float = 3.0  # max gradient L2 norm of each module (backbone, DINO head, iBOT head); 0: off
     betas: tuple[float, float] = (0.9, 0.999)
     teacher_momentum: float = 0.992  # EMA momentum, cosine to teacher_momentum_end
     teacher_momentum_end: float = 1.0
@@ -122,6 +131,19 @@ class DataConfig:
 
 
 @dataclass
+class OnlineEvalConfig:
+    """Probe the teacher during pretraining (:mod:`fmct.ssl.online_eval`): k-NN and linear AUROC on a
+    labelled validation subset (never its test split), RankMe and the teacher's statistics in log.jsonl."""
+
+    every: int = 0  # steps between evaluations (and one before the first step); 0: off
+    store: str = ""  # labelled store; empty: the pretraining store
+    labels: str = ""  # labels CSV (or cq500:/rsna: spec) of that store; empty: RankMe only
+    findings: tuple[str, ...] = ()  # empty: every finding with enough positives
+    max_scans: int = 256  # held in memory as int16
+    knn_k: int = 20
+
+
+@dataclass
 class PretrainConfig:
     """Everything ``fmct pretrain`` needs besides the store; written resolved to RUN/config.yaml."""
 
@@ -135,6 +157,7 @@ class PretrainConfig:
     mae: MAEConfig = field(default_factory=MAEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    online_eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
 
     def __post_init__(self) -> None:
         choices = [("method", self.method, METHODS), ("dino.centering", self.dino.centering, CENTERINGS),
@@ -153,8 +176,8 @@ class PretrainConfig:
                 raise ValueError(f"augment.{name} {size} is not a multiple of model.patch_size {list(model.patch_size)}")
         if model.in_chans != len(augment.windows):
             raise ValueError(f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})")
-        if self.optim.batch_size < 1 or self.optim.epochs <= 0:
-            raise ValueError("optim.batch_size must be >= 1 and optim.epochs > 0")
+        if self.optim.batch_size < 1 or self.optim.epochs <= 0 or self.optim.epoch_length < 1:
+            raise ValueError("optim.batch_size and optim.epoch_length must be >= 1 and optim.epochs > 0")
         if self.engine.checkpoint_every < 1 or self.engine.log_every < 1:
             raise ValueError("engine.checkpoint_every and engine.log_every must be >= 1 step")
         if self.data.exclude_sites and not self.data.labels:

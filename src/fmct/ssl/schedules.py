@@ -45,24 +45,30 @@ class StepValues:
 
 @dataclass(frozen=True)
 class Schedules:
-    """All schedules of a pretraining run, built from its config and the length of an epoch in steps."""
+    """All schedules of a pretraining run, built from its config and its global batch (volumes per step).
+
+    An epoch is ``config.optim.epoch_length`` steps, whatever the size of the store.
+    """
 
     config: PretrainConfig
-    steps_per_epoch: int
     global_batch: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.config.optim.epoch_length
 
     @property
     def total_steps(self) -> int:
         return max(1, round(self.config.optim.epochs * self.steps_per_epoch))
 
     def steps(self, epochs: float) -> int:
-        """``epochs`` of the store as a whole number of steps."""
+        """``epochs`` as a whole number of steps."""
         return round(epochs * self.steps_per_epoch)
 
     @property
     def peak_lr(self) -> float:
-        """The linear scaling rule: base_lr is the learning rate for a global batch of 1024 volumes."""
-        return self.config.optim.base_lr * self.global_batch / 1024
+        """DINOv2's square-root scaling rule: base_lr is the learning rate for a global batch of 1024 volumes."""
+        return self.config.optim.base_lr * math.sqrt(self.global_batch / 1024)
 
     def at(self, step: int) -> StepValues:
         """Every scheduled value at global step ``step``."""

@@ -11,13 +11,13 @@ One DINO step, in order:
    the logits of the masked patches are balanced (Sinkhorn-Knopp) or centred (EMA) and sharpened;
 4. the student sees all crops, masked patches replaced by the mask token; loss = DINO (CLS, teacher
    global views -> student views of the other crops) + iBOT (masked patches) + KoLeo (student CLS);
-5. backward; the prototypes' gradients dropped during the first epoch; gradient clipping; AdamW; the
-   teacher moves towards the student.
+5. backward; gradient clipping per module (backbone, DINO head, iBOT head, as DINOv2); the last
+   layer's gradients dropped during the first epoch; AdamW; the teacher moves towards the student.
 
 An MAE step encodes the visible 25% of each global crop's patches and reconstructs the rest.
 
 A run folder holds ``config.yaml`` (resolved config), ``log.jsonl`` (one line per logging step),
-``checkpoint.pt`` (:mod:`fmct.ssl.checkpoint`) and ``backbone/`` (the teacher backbone as safetensors +
+``checkpoint.pt`` (:mod:`fmct.ssl.checkpoint`), ``tensorboard/`` (when TensorBoard is installed) and ``backbone/`` (the teacher backbone as safetensors +
 config.json through :func:`fmct.hub.save`, refreshed with every checkpoint). Run again on the same
 folder, the job resumes from the checkpoint and reaches the weights of a run that never stopped.
 """
@@ -62,6 +62,7 @@ from fmct.ssl.distributed import (
 from fmct.ssl.ibot_loss import iBOTPatchLoss
 from fmct.ssl.koleo_loss import KoLeoLoss
 from fmct.ssl.mae import MAEDecoder, MaskSplit, mae_loss, patchify3d, random_masking
+from fmct.ssl.online_eval import OnlineEvaluator, build_online_evaluator
 from fmct.ssl.schedules import Schedules, StepValues
 from fmct.store import Store, atomic_write_text
 
@@ -75,6 +76,8 @@ BACKBONE_DIR = "backbone"
 COLLAPSE_TOP_MASS = 0.5
 COLLAPSE_MIN_ROWS = 16
 UNIFORM_ENTROPY = 0.99
+# A DINO head whose outputs for different scans have a mean cosine above this maps every scan alike.
+COLLAPSE_COSINE = 0.95
 
 
 class PretrainError(RuntimeError):
@@ -127,9 +130,16 @@ class DINOModel(nn.Module):
         if self.ibot_head is not None:
             self.ibot_head.cancel_last_layer_gradients()
 
-    def param_groups(self, weight_decay: float, layer_decay: float) -> list[dict]:
+    def clipped_modules(self) -> dict[str, nn.Module]:
+        """The modules whose gradients are clipped each on its own (DINOv2 clips backbone and heads apart)."""
+        modules = {"backbone": self.backbone, "dino_head": self.dino_head}
+        if self.ibot_head is not None:
+            modules["ibot_head"] = self.ibot_head
+        return modules
+
+    def param_groups(self, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float = 1.0) -> list[dict]:
         """AdamW groups of the backbone (layer-wise LR decay) and the heads (LR scale 1), named as in the model."""
-        groups = _prefixed(self.backbone.param_groups(weight_decay, layer_decay), "backbone.")
+        groups = _prefixed(self.backbone.param_groups(weight_decay, layer_decay, patch_embed_lr_mult), "backbone.")
         groups += _prefixed(self.dino_head.param_groups(weight_decay), "dino_head.")
         if self.ibot_head is not None:
             groups += _prefixed(self.ibot_head.param_groups(weight_decay), "ibot_head.")
@@ -155,10 +165,15 @@ class MAEModel(nn.Module):
         visible = self.backbone.forward_features(crops, keep_idx=keep_idx)["patch"]
         return self.decoder(visible, restore_idx)
 
-    def param_groups(self, weight_decay: float, layer_decay: float) -> list[dict]:
+    def clipped_modules(self) -> dict[str, nn.Module]:
+        """The modules whose gradients are clipped each on its own."""
+        return {"backbone": self.backbone, "decoder": self.decoder}
+
+    def param_groups(self, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float = 1.0) -> list[dict]:
         """AdamW groups of the backbone (layer-wise LR decay) and the decoder (LR scale 1), named as in the model."""
         decoder = grouped_parameters(self.decoder.named_parameters(), lambda name: 1.0, weight_decay)
-        return _prefixed(self.backbone.param_groups(weight_decay, layer_decay), "backbone.") + _prefixed(decoder, "decoder.")
+        backbone = self.backbone.param_groups(weight_decay, layer_decay, patch_embed_lr_mult)
+        return _prefixed(backbone, "backbone.") + _prefixed(decoder, "decoder.")
 
 
 def _prefixed(groups: list[dict], prefix: str) -> list[dict]:
@@ -171,7 +186,7 @@ def _prefixed(groups: list[dict], prefix: str) -> list[dict]:
 def build_optimizer(model: nn.Module, config: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``model``'s groups (layer-wise LR scale, no decay on norms/biases/tokens), fused on CUDA."""
     optim = config.optim
-    groups = unwrap(model).param_groups(optim.weight_decay, optim.layer_decay)
+    groups = unwrap(model).param_groups(optim.weight_decay, optim.layer_decay, optim.patch_embed_lr_mult)
     return torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, fused=device.type == "cuda")
 
 
@@ -229,19 +244,38 @@ class DINOObjective:
         ibot = self.ibot_loss(student_out.patch_logits, teacher_patch, masks)
         koleo = sum(self.koleo_loss(cls) for cls in student_out.cls.chunk(n_global))
         loss = config.dino.loss_weight * dino + config.ibot.loss_weight * ibot + config.koleo.loss_weight * koleo
-        return {"loss": loss, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo, **teacher_statistics(teacher_cls)}
+        return {"loss": loss, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo, **teacher_statistics(teacher_cls),
+                "teacher_entropy_ibot": row_entropy(teacher_patch),
+                "teacher_cosine": output_cosine(teacher_out.cls_logits[:batch])}
+
+
+def row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats, at most ln K) of the rows of probabilities (rows, K); 0-d, NaN for no rows."""
+    probs = probs.detach().float()
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+
+def output_cosine(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between the logit rows (rows, K) of different volumes: near 1 when the head
+    maps every scan to the same output (the collapse Sinkhorn-Knopp hides, as it spreads any batch over
+    all prototypes), near 0 for a head that tells scans apart."""
+    unit = torch.nn.functional.normalize(logits.detach().float(), dim=-1)
+    n = unit.shape[0]
+    if n < 2:
+        return unit.new_full((), float("nan"))
+    similarity = unit @ unit.T
+    return (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))
 
 
 def teacher_statistics(teacher_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Collapse indicators of teacher probabilities (rows, K), as 0-d tensors (no device sync).
+    """Collapse indicators of the teacher's DINO (CLS) probabilities (rows, K), as 0-d tensors (no device sync).
 
     ``teacher_entropy``: mean entropy of a row's distribution over prototypes (nats, at most ln K).
     ``teacher_top_mass``: the largest share of the batch's total probability held by one prototype.
     ``teacher_rows``: the number of rows (crops) these statistics come from.
     """
     probs = teacher_probs.detach().float()
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
-    return {"teacher_entropy": entropy, "teacher_top_mass": probs.mean(dim=0).max(),
+    return {"teacher_entropy": row_entropy(probs), "teacher_top_mass": probs.mean(dim=0).max(),
             "teacher_rows": probs.new_full((), float(probs.shape[0]))}  # a fill kernel: no host-to-device copy
 
 
@@ -257,6 +291,11 @@ def collapse_reason(metrics: dict[str, float], n_prototypes: int, teacher_warm: 
         return (f"one prototype holds {top_mass:.0%} of the teacher's mass (teacher entropy {entropy:.3f} nats): "
                 f"every scan gets the same target, the representation is collapsing; try "
                 f"dino.centering=sinkhorn_knopp, a lower optim.base_lr or a longer warm-up")
+    cosine = metrics.get("teacher_cosine", 0.0)
+    if teacher_warm and cosine > COLLAPSE_COSINE:
+        return (f"the teacher's DINO head gives every scan nearly the same output (mean cosine {cosine:.3f} between "
+                f"scans): its targets carry no information about the scan; try model.layerscale_init=null, a "
+                f"higher dino.head_lr_mult or dino.warmup_from_ibot")
     max_entropy = math.log(n_prototypes)
     if teacher_warm and entropy > UNIFORM_ENTROPY * max_entropy:
         return (f"the teacher's targets are nearly uniform (entropy {entropy:.3f} of at most {max_entropy:.3f} nats) "
@@ -328,15 +367,22 @@ class Trainer:
                 split = MaskSplit(*(t.to(device, non_blocking=True) for t in split))
                 metrics = mae_objective(self.student, global_crops, split, config)
         metrics["loss"].backward()
+        max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
+        for name, module in unwrap(self.student).clipped_modules().items():
+            metrics[f"grad_norm_{name}"] = full_tensor(nn.utils.clip_grad_norm_(module.parameters(), max_norm))
+        # After clipping, as DINOv2's frozen last layer still counts in the clip norm.
         if config.method == "dino" and values.freeze_last_layer:
             unwrap(self.student).cancel_last_layer_gradients()
-        max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
-        metrics["grad_norm"] = full_tensor(nn.utils.clip_grad_norm_(self.student.parameters(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None:
             update_teacher(self.teacher, self.student, values.teacher_momentum)
         return metrics
+
+
+    def evaluated_backbone(self) -> ViT3D:
+        """The backbone that ``fmct pretrain`` exports: the teacher's for DINO, the student's for MAE."""
+        return unwrap(self.teacher if self.teacher is not None else self.student).backbone
 
 
 def compile_blocks(models: list[nn.Module | None]) -> None:
@@ -406,10 +452,11 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     if len(dataset) < global_batch:
         raise ConfigError(f"{store}: {len(dataset)} usable scans do not fill one global batch of {global_batch} "
                           f"(optim.batch_size {optim.batch_size} x {env.world_size} processes)")
-    schedules = Schedules(config, steps_per_epoch=len(dataset) // global_batch, global_batch=global_batch)
+    schedules = Schedules(config, global_batch=global_batch)
     total_steps = schedules.total_steps
 
     trainer = Trainer(config, env, schedules)
+    evaluator = _online_evaluator(config, store, env)
     state_parts = dict(student=trainer.student, optimizer=trainer.optimizer, teacher=trainer.teacher, centers=trainer.centers)
     step = load_checkpoint(checkpoint_path, **state_parts) if resuming else 0
     last_checkpoint = step if resuming else None
@@ -422,6 +469,8 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
                       teacher_warm_step=schedules.steps(config.dino.teacher_temp_warmup_epochs))
     loader = make_loader(dataset, optim.batch_size, workers=engine.workers, seed=engine.seed, rank=env.rank,
                          world_size=env.world_size, start_step=step, total_steps=total_steps)
+    if evaluator is not None and step == 0:
+        monitor.write({"step": 0, **evaluator(trainer.evaluated_backbone())})  # the random-init reference
     nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
     for hu, _ in loader:
         metrics = trainer.step(hu, step)
@@ -429,14 +478,16 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
         step += 1
         monitor.add(metrics)
         at_checkpoint = step % engine.checkpoint_every == 0 or step == total_steps
-        if step % engine.log_every == 0 or at_checkpoint:
+        at_evaluation = evaluator is not None and (step % config.online_eval.every == 0 or step == total_steps)
+        if step % engine.log_every == 0 or at_checkpoint or at_evaluation:
             # Never write a checkpoint from weights that a non-finite loss has already spoilt.
             if bool(all_reduce_max(nonfinite.float())):
                 kept = (f"last good checkpoint {checkpoint_path} (step {last_checkpoint}) kept" if last_checkpoint is not None
                         else "no checkpoint was written yet")
                 raise PretrainError(f"loss became NaN or infinite by step {step} (this step: {describe_losses(metrics)}); "
                                     f"stopped; {kept}")
-            monitor.log(step, schedules.at(step - 1))
+            online = evaluator(trainer.evaluated_backbone()) if at_evaluation else {}
+            monitor.log(step, schedules.at(step - 1), online)
             if at_checkpoint:
                 model_state = save_checkpoint(checkpoint_path, step=step, meta=meta, is_main=env.is_main, **state_parts)
                 if env.is_main:
@@ -448,6 +499,18 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     teacher = unwrap(trainer.teacher) if trainer.teacher is not None else None
     return {"step": step, "total_steps": total_steps, "rank": env.rank, "student": unwrap(trainer.student),
             "teacher": teacher, "last": monitor.last}
+
+
+def _online_evaluator(config: PretrainConfig, store: Path, env: DistEnv) -> OnlineEvaluator | None:
+    """The online evaluator on the main process (the others never wait for it), or None."""
+    if config.online_eval.every > 0 and env.world_size > 1 and config.engine.sharding == "fsdp":
+        raise ConfigError("online_eval needs engine.sharding=ddp: an FSDP-sharded teacher cannot be probed on one rank")
+    if not env.is_main:
+        return None
+    try:
+        return build_online_evaluator(config, store, env.device)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"online_eval: {error}") from None
 
 
 def describe_losses(metrics: dict[str, torch.Tensor]) -> str:
@@ -555,8 +618,9 @@ class Monitor:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.n_steps += 1
 
-    def log(self, step: int, values: StepValues) -> None:
-        """Write the line of ``step``: metrics averaged since the last line, the step's scheduled ``values``."""
+    def log(self, step: int, values: StepValues, online: dict[str, float] | None = None) -> None:
+        """Write the line of ``step``: metrics averaged since the last line, the step's scheduled ``values``
+        and the ``online`` evaluation's figures (rank 0 only) when there are any."""
         names = sorted(self.sums)
         means = all_reduce_mean(torch.stack([self.sums[name] for name in names]) / self.n_steps).tolist()
         now = time.perf_counter()
@@ -566,22 +630,29 @@ class Monitor:
         if "teacher_entropy" not in record:  # MAE has no teacher
             for key in ("teacher_momentum", "teacher_temp"):
                 record.pop(key)
+        record.update(online or {})
         self.sums, self.n_steps, self.clock = {}, 0, now
         self.last, self.logged_any = record, True
         if not self.env.is_main:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for name, value in record.items():
-                if name != "step":
-                    self.writer.add_scalar(name, value, step)
+        self.write(record)
         reason = collapse_reason(record, self.n_prototypes, teacher_warm=step >= self.teacher_warm_step)
         if reason and not self.warned_collapse:
             self.warned_collapse = True
             tqdm.write(f"WARNING: pretrain step {step}: {reason}", file=sys.stderr)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.update(step - self.bar.n)
+
+    def write(self, record: dict) -> None:
+        """Append ``record`` (with its ``step``) to log.jsonl and TensorBoard (rank 0 only)."""
+        if not self.env.is_main:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if name not in ("step", "epoch"):
+                    self.writer.add_scalar(name, value, record["step"])
 
     def close(self) -> None:
         """Close the progress bar and the TensorBoard writer."""
