@@ -1,8 +1,30 @@
-"""`fmct demo` end to end on a reduced cohort: every verb runs, the report has every section."""
+"""`fmct demo` end to end on a reduced cohort: every verb runs, the report has every section; and the demo's
+closing summary on evaluated predictions of every arm."""
 
 import pytest
 
-from fmct.cli import main
+from fmct.cli import _demo_summary, main
+from fmct.config import DemoConfig
+from fmct.eval.evaluate import evaluate, write_evaluation, write_predictions
+from test_report import signal_predictions
+
+ARMS = ("vit (pretrained)", "vit (scratch)", "vit-linear-probe (pretrained)", "vit-linear-probe (random-init)",
+        "hu-histogram (hu-histogram)")
+
+
+def test_demo_summary_shows_the_floors_and_a_verdict_per_floor(tmp_path):
+    systems = {("vit", "pretrained"): 1.0, ("vit", "scratch"): 1.0, ("vit-linear-probe", "pretrained"): 2.5,
+               ("vit-linear-probe", "random-init"): 0.0, ("hu-histogram", "hu-histogram"): 4.0}
+    rows = signal_predictions(systems, n=160, fractions=("0.5", "1.0"), splits=("test", "ood"))
+    write_predictions(tmp_path / "pred", rows, {})
+    write_evaluation(evaluate([tmp_path / "pred"], n_bootstrap=200), tmp_path / "evaluation")
+    printed = _demo_summary(tmp_path / "evaluation", DemoConfig(findings="ich"))
+    for arm in ARMS:
+        assert f"\n{arm:34} ID " in printed and f"\n{arm:34} OOD " in printed
+    assert "ich: pretrained linear probe - random-init floor, AUROC difference [95% CI]" in printed
+    assert "pretrained linear probe vs random-init: clears it (95% CI above 0) at ID 0.5 [+" in printed
+    assert "OOD 1.0 [+" in printed.split("pretrained linear probe vs random-init:")[1].splitlines()[0]
+    assert "pretrained linear probe vs hu-histogram: clears it at no budget on this run" in printed
 
 
 @pytest.mark.slow
@@ -19,7 +41,10 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     html = (out / "report.html").read_text()
     for section in ("summary", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
         assert f"<h2 id='{section}'>" in html
-    for arm in ("vit (pretrained)", "vit (scratch)", "vit-linear-probe (pretrained)"):
+    for arm in ARMS:
         assert arm in printed
+    for floor in ("random-init", "hu-histogram"):
+        assert f"pretrained linear probe vs {floor}: " in printed
+        assert f"the {floor} floor" in html[html.index("<h2 id='summary'>") : html.index("<h2 id='roc'>")]
     # Re-running resumes: every stage finds its work done.
     assert main(["demo", "--out", str(out), *overrides]) == 0

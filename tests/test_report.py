@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from fmct.cli import main
 from fmct.eval.evaluate import evaluate, read_evaluation, write_evaluation, write_predictions
-from fmct.eval.report import SECTIONS
+from fmct.eval.report import SECTIONS, render_html
 
 PEER = Path("/work/shared/data/ctfm-predictions")
 SETS = (("SinoCT", "patient_id", "test", "sinoct"), ("CQ500", "name", "ood", "cq500"))
@@ -129,17 +129,45 @@ def test_report_skips_a_finding_without_positives_in_a_group(tmp_path):
     assert (tmp_path / "report_figures" / "label_efficiency_mass.png").exists()  # drawn for OOD alone
 
 
-def test_report_says_what_pretraining_buys(tmp_path):
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 2, 120)
+def signal_predictions(systems: dict[tuple[str, str], float], n: int = 120, fractions=("0.1",), splits=("test",),
+                       seed: int = 2) -> list[dict]:
+    """Predictions of ich by each (model, arm) system on the same ``n`` scans, one seed, at each label fraction:
+    score = signal x label + N(0, 1) noise. Scan i has split ``splits[i % len(splits)]`` (site C for ood, else A)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    split = [splits[i % len(splits)] for i in range(n)]
     rows = []
-    for arm, signal in (("pretrained", 2.5), ("scratch", 0.3)):
-        scores = signal * labels + rng.normal(size=120)
-        rows += [{
-            "scan_id": f"s{i}", "patient_id": f"p{i}", "site": "A", "split": "test", "finding": "ich", "label": labels[i],
-            "score": scores[i], "model": "vit", "arm": arm, "label_fraction": "0.1", "seed": 0, "shots": "",
-        } for i in range(120)]
-    write_predictions(tmp_path / "pred", rows, {"method": "test"})
+    for (model, arm), signal in systems.items():
+        for fraction in fractions:
+            scores = signal * labels + rng.normal(size=n)
+            rows += [{
+                "scan_id": f"s{i}", "patient_id": f"p{i}", "site": "C" if split[i] == "ood" else "A", "split": split[i],
+                "finding": "ich", "label": labels[i], "score": scores[i], "model": model, "arm": arm,
+                "label_fraction": fraction, "seed": 0, "shots": "",
+            } for i in range(n)]
+    return rows
+
+
+def test_report_says_what_pretraining_buys(tmp_path):
+    write_predictions(tmp_path / "pred", signal_predictions({("vit", "pretrained"): 2.5, ("vit", "scratch"): 0.3}), {})
     assert main(["report", str(tmp_path / "pred"), "--out", str(tmp_path / "report.html"), "--bootstrap", "200"]) == 0
     html = (tmp_path / "report.html").read_text()
     assert "<h2 id='summary'>" in html and "Pretraining is significantly better at: vit, ich, ID, labels 0.1" in html
+
+
+def test_report_summary_says_whether_the_pretrained_arms_clear_each_floor(tmp_path):
+    def summary(systems: dict) -> str:
+        write_predictions(tmp_path / "pred", signal_predictions(systems), {})
+        html = render_html(evaluate([tmp_path / "pred"], n_bootstrap=200), {})
+        return html[html.index("<h2 id='summary'>") : html.index("<h2 id='roc'>")]
+
+    text = summary({("vit", "pretrained"): 2.5, ("vit", "random-init"): 0.0, ("hu-histogram", "hu-histogram"): 4.0})
+    assert "<b>The pretrained arms clear the random-init floor everywhere</b>" in text
+    assert "CI above 0 at 1 of 1 comparisons" in text
+    assert "<b>The pretrained arms do not clear the hu-histogram floor anywhere</b>" in text
+    assert "The floor is significantly better at: vit, ich, ID, labels 0.1 (-" in text
+
+    text = summary({("vit", "pretrained"): 2.5, ("weak", "pretrained"): 0.0, ("vit", "random-init"): 0.0})
+    assert "<b>The pretrained arms clear the random-init floor only in part</b>" in text
+    assert "CI above 0 at 1 of 2 comparisons" in text and "not at: weak, ich, ID, labels 0.1" in text
+    assert "<b>No pretrained arm is checked against the hu-histogram floor</b>" in text and "not in this evaluation" in text

@@ -88,7 +88,8 @@ def _probe_parser(sub) -> None:
     parser.add_argument("--out", required=True, help="predictions folder")
     parser.add_argument("--store", help="store whose manifest maps `source` labels to scans and gives patient keys")
     _add_budget_args(parser, "probe")
-    parser.add_argument("--features", choices=["cls", "patch_mean", "concat"])
+    parser.add_argument("--features", choices=["cls", "patch_mean", "concat", "first_order"],
+                        help="default: the table's own (cls for a backbone, first_order for hu-histogram)")
     parser.add_argument("--method", choices=["logistic", "knn"])
     parser.add_argument("--model", help="model name in the predictions (default: from the embeddings)")
     parser.add_argument("--arm", help="arm in the predictions, e.g. pretrained or scratch")
@@ -219,15 +220,27 @@ def _pretrain_run(args) -> int:
 
 # ------------------------------------------------------------------------------------------- embed
 def _embed_parser(sub) -> None:
-    parser = sub.add_parser("embed", help="backbone features (CLS, mean patch token) of every scan of a store; resumes")
-    parser.add_argument("--model", required=True, metavar="RUN|DIR", help="pretraining run or model folder")
+    parser = sub.add_parser(
+        "embed", help="features of every scan of a store: a backbone's (CLS, mean patch token) or a floor's; resumes",
+        description="One row of features per scan of a store. RUN|DIR: a pretrained backbone's CLS and mean patch "
+                    "token (arm pretrained). The two floors every pretrained model must beat, probed like any embeddings: "
+                    "`--model scratch --like RUN` (the same architecture, randomly initialised and frozen; arm random-init) "
+                    "and `--model hu-histogram` (share of head voxels in 41 bins of 5 HU from -50 to 150 HU, and mean, SD "
+                    "and percentiles of HU within 0..100 HU; fmct.eval.radiomics; arm hu-histogram).",
+    )
+    parser.add_argument(
+        "--model", required=True, metavar="RUN|DIR|scratch|hu-histogram",
+        help="pretraining run or model folder; scratch (with --like): random-init floor; hu-histogram: radiomics floor",
+    )
+    parser.add_argument("--like", metavar="RUN|DIR", help="with --model scratch: the model whose architecture and windows to take "
+                                                         "(weights drawn from init_seed, 0 unless overridden)")
     parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
     parser.add_argument("--out", required=True, metavar="EMB", help="embeddings folder (resumed from its finished chunks)")
     parser.add_argument("--batch-size", type=int, help="volumes per forward pass")
     parser.add_argument("--workers", type=int, help="threads reading volumes from the store")
-    parser.add_argument("--arm", help="arm recorded with the embeddings, e.g. pretrained or scratch")
+    parser.add_argument("--arm", help="arm recorded with the embeddings (default: pretrained, random-init or hu-histogram)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
-    _add_config_args(parser, "chunk_size=512")
+    _add_config_args(parser, "chunk_size=512 init_seed=1")
     parser.set_defaults(run=_embed_run)
 
 
@@ -240,7 +253,7 @@ def _embed_run(args) -> int:
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     config = load_config(EmbedConfig, args.config, args.overrides + overrides)
     try:
-        summary = embed_store(args.model, args.store, args.out, config)
+        summary = embed_store(args.model, args.store, args.out, config, like=args.like)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     print(summary.describe())
@@ -316,10 +329,19 @@ def _demo_run(args) -> int:
     workers = str(config.workers)
     split = ["--ood-sites", config.ood_sites, "--findings", config.findings, "--seeds", str(config.seeds)]
     budgets = ["--label-fractions", config.label_fractions]
+    embed = ["embed", "--store", str(store), "--workers", workers]
+    probe = ["probe", "--labels", labels, "--store", str(store), *split, *budgets]
     finetune = [
         "finetune", "--store", str(store), "--labels", labels, *split, *budgets, "--workers", workers,
         "--max-steps", str(config.finetune_steps), "--batch-size", str(config.finetune_batch_size), "--name", "vit",
     ]
+
+    def embed_and_probe(model: list[str], suffix: str, name: str, arm: str) -> list[list[str]]:
+        """Embed with ``model`` into ``embeddings<suffix>``, then probe into ``probe<suffix>`` as ``name`` (``arm``)."""
+        embeddings = str(out / f"embeddings{suffix}")
+        return [[*embed, *model, "--out", embeddings],
+                [*probe, "--embeddings", embeddings, "--out", str(out / f"probe{suffix}"), "--model", name, "--arm", arm]]
+
     stages = [
         ["synth", "--out", str(cohort), "--n", str(config.n_scans), "--sites", config.sites, "--format", "dicom",
          "--seed", str(config.seed), "--workers", workers, "--matrix", str(config.matrix)],
@@ -330,13 +352,14 @@ def _demo_run(args) -> int:
         ["pretrain", "--store", str(store), "--out", str(run), "--config", config.pretrain_config,
          f"engine.seed={config.seed}", f"data.labels={labels}", f"data.exclude_sites=[{config.ood_sites}]",
          *config.pretrain],
-        ["embed", "--model", str(run), "--store", str(store), "--out", str(out / "embeddings"), "--workers", workers],
-        ["probe", "--embeddings", str(out / "embeddings"), "--labels", labels, "--store", str(store),
-         "--out", str(out / "probe"), *split, *budgets, "--model", "vit-linear-probe", "--arm", "pretrained"],
+        *embed_and_probe(["--model", str(run)], "", "vit-linear-probe", "pretrained"),
+        # The floors every pretrained arm must beat, embedded and probed like the pretrained backbone.
+        *embed_and_probe(["--model", "scratch", "--like", str(run)], "_random_init", "vit-linear-probe", "random-init"),
+        *embed_and_probe(["--model", "hu-histogram"], "_hu_histogram", "hu-histogram", "hu-histogram"),
         [*finetune, "--model", str(run), "--out", str(out / "finetune_pretrained"), "--arm", "pretrained"],
         [*finetune, "--model", "scratch", "--like", str(run), "--out", str(out / "finetune_scratch"), "--arm", "scratch"],
-        ["evaluate", "--predictions", str(out / "probe"), str(out / "finetune_pretrained"),
-         str(out / "finetune_scratch"), "--out", str(out / "evaluation")],
+        ["evaluate", "--predictions", str(out / "probe"), str(out / "probe_random_init"), str(out / "probe_hu_histogram"),
+         str(out / "finetune_pretrained"), str(out / "finetune_scratch"), "--out", str(out / "evaluation")],
         ["report", str(out / "evaluation"), "--out", str(out / "report.html")],
     ]
     for stage in stages:
@@ -352,8 +375,9 @@ def _demo_run(args) -> int:
 
 def _demo_summary(evaluation_dir: Path, config) -> str:
     """For the first finding: AUROC [95% CI] of each arm per label fraction, in- and out-of-distribution,
-    then the paired pretrained - scratch differences of the fine-tuned twins."""
-    from fmct.eval.evaluate import pretraining_effects, read_evaluation
+    then the paired pretrained - scratch differences of the fine-tuned twins, and the paired differences of
+    the pretrained linear probe from each floor with a verdict line per floor."""
+    from fmct.eval.evaluate import FLOORS, arm_effects, pretraining_effects, read_evaluation
 
     evaluation = read_evaluation(evaluation_dir)
     finding = config.findings.split(",")[0]
@@ -362,7 +386,7 @@ def _demo_summary(evaluation_dir: Path, config) -> str:
     cells = {(row["model"], row["arm"], row["group"], row["label_fraction"]): row for row in rows}
     lines = [f"\n{finding}: AUROC [95% CI] by share of training labels",
              f"{'model (arm)':34} {'group':5} " + " ".join(f"{f:>20}" for f in fractions)]
-    for model, arm in sorted({(row["model"], row["arm"]) for row in rows}):
+    for model, arm in sorted({(row["model"], row["arm"]) for row in rows}, key=lambda system: (system[1] in FLOORS, system)):
         for group in ("ID", "OOD"):
             row_cells = []
             for fraction in fractions:
@@ -370,15 +394,29 @@ def _demo_summary(evaluation_dir: Path, config) -> str:
                 row_cells.append(f"{row['auroc']:.3f} [{row['auroc_lo']:.2f},{row['auroc_hi']:.2f}]" if row else "-")
             lines.append(f"{model + ' (' + arm + ')':34} {group:5} " + " ".join(f"{c:>20}" for c in row_cells))
 
-    effects = [e for e in pretraining_effects(evaluation.comparisons) if e["finding"] == finding and e["model"] == "vit"]
+    def of(effects: list[dict], model: str) -> list[dict]:
+        """The effects of ``model`` on the summary's finding, by group then label fraction."""
+        return sorted((e for e in effects if e["finding"] == finding and e["model"] == model),
+                      key=lambda e: (e["group"], float(e["label_fraction"] or 0)))
+
+    def difference(e: dict) -> str:
+        return f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  p={e['p_bootstrap']:.3f}"
+
     lines.append(f"\n{finding}: pretrained - scratch (fine-tuned), AUROC difference [95% CI], paired bootstrap p")
-    for e in sorted(effects, key=lambda e: (e["group"], float(e["label_fraction"] or 0))):
-        lines.append(f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  p={e['p_bootstrap']:.3f}")
+    effects = of(pretraining_effects(evaluation.comparisons), "vit")
+    lines += [difference(e) for e in effects]
     better = [f"{e['group']} at {e['label_fraction']}" for e in effects if e["low"] > 0]
     lines.append(
         f"  pretraining is significantly better at: {', '.join(better)}" if better
         else "  at no budget is the pretrained model significantly better than scratch on this run"
     )
+    for floor in FLOORS:
+        lines.append(f"\n{finding}: pretrained linear probe - {floor} floor, AUROC difference [95% CI], paired bootstrap p")
+        effects = of(arm_effects(evaluation.comparisons, floor), "vit-linear-probe")
+        lines += [difference(e) for e in effects]
+        cleared = [f"{e['group']} {e['label_fraction']} [{e['low']:+.3f}, {e['high']:+.3f}]" for e in effects if e["low"] > 0]
+        lines.append(f"  pretrained linear probe vs {floor}: "
+                     + (f"clears it (95% CI above 0) at {', '.join(cleared)}" if cleared else "clears it at no budget on this run"))
     return "\n".join(lines)
 
 

@@ -96,14 +96,30 @@ def read_extra(folder: str | os.PathLike) -> dict:
     return read_config_json(folder).get("extra") or {}
 
 
+def read_architecture(folder: str | os.PathLike) -> ViT3DConfig:
+    """The :class:`ViT3DConfig` saved in a model folder's ``config.json``. Raises :class:`CheckpointError`."""
+    try:
+        return ViT3DConfig(**read_config_json(folder)["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: invalid model config: {error}") from None
+
+
+def random_init(config: ViT3DConfig, seed: int, device: str | torch.device = "cpu") -> ViT3D:
+    """A :class:`ViT3D` of architecture ``config`` with random weights, on ``device``, in eval mode: the
+    random-init baseline of a model when ``config`` is that model's (:func:`read_architecture`).
+
+    Seeds torch's global RNG with ``seed`` and draws the weights on the CPU, so one seed gives the same
+    weights on every device; what is drawn after it (e.g. a head's init) follows from ``seed`` too.
+    """
+    torch.manual_seed(seed)
+    return ViT3D(config).to(device).eval()
+
+
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ViT3D:
     """The :class:`ViT3D` saved in ``folder``, on ``device``, in eval mode. Raises :class:`CheckpointError`."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
-    try:
-        config = ViT3DConfig(**read_config_json(folder)["config"])
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{config_path}: invalid model config: {error}") from None
+    config = read_architecture(folder)
     weights_path = folder / WEIGHTS_FILE
     try:
         tensors = load_file(weights_path)

@@ -1,23 +1,30 @@
 """``fmct embed``: the features of every scan of a store under a backbone, as an embeddings table.
 
-Per scan: the whole canonical volume resized to the model's input size and windowed into channels
-(:func:`fmct.data.embed_transform`, with the HU windows recorded with the model or the defaults), one
-forward pass, then the CLS token and the mean of the patch tokens (the probe builds ``concat``).
+What turns a scan into features (``--model``, see :func:`resolve_encoder`), and the arm it is recorded as:
+
+- ``RUN|DIR``, a pretrained backbone (arm ``pretrained``), or ``scratch --like RUN|DIR``, the same
+  architecture randomly initialised from ``init_seed`` and frozen (arm ``random-init``, a floor): the
+  whole canonical volume resized to the model's input size and windowed into channels
+  (:func:`fmct.data.embed_transform`, with the HU windows recorded with the (like) model or the defaults),
+  one forward pass, then the CLS token and the mean of the patch tokens (the probe builds ``concat``);
+- ``hu-histogram``: first-order HU features of the canonical volume itself (arm ``hu-histogram``, the
+  radiomics floor; :mod:`fmct.eval.radiomics`), one feature ``first_order``.
 
 Data path: reader threads copy int16 volumes out of the store's memory-mapped files straight into one
 host buffer per batch (pinned on CUDA); the CPU touches bytes only. On the device: to float, resize,
-windows, forward (bf16 autocast on CUDA, fp32 on CPU). On CUDA the host-to-device copy of the next batch
-runs on its own stream, under the forward of the current one.
+windows, forward (bf16 autocast on CUDA, fp32 on CPU), or the histogram. On CUDA the host-to-device copy
+of the next batch runs on its own stream, under the forward of the current one.
 
 Resume: scans are processed in chunks of ``chunk_size`` (rounded up to a multiple of the batch). Each
 finished chunk is written atomically to ``EMB/chunks/chunk-NNNNN.npz`` with the fingerprint of the model
 and settings that made it; a re-run reuses every chunk whose scans and fingerprint match, then assembles
 ``embeddings.npz`` + ``embeddings.json`` (:mod:`fmct.eval.embeddings`), ``errors.csv`` (scans skipped,
-with the reason) and ``config.yaml``.
+with the reason: unreadable, or features not finite) and ``config.yaml``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -35,8 +42,9 @@ import torch
 from tqdm import tqdm
 
 from fmct import hub
-from fmct.config import save_config
+from fmct.config import save_config, to_dict
 from fmct.data import DEFAULT_WINDOWS, StoreVolumes, embed_transform
+from fmct.eval import radiomics
 from fmct.eval.embeddings import write_embeddings
 from fmct.eval.evaluate import rows_to_csv
 from fmct.eval.probe import file_sha256
@@ -50,8 +58,11 @@ class EmbedConfig:
     workers: int = 4  # reader threads copying volumes out of the store
     chunk_size: int = 1024  # scans per resumable chunk file (rounded up to a multiple of batch_size)
     compile: bool = False  # torch.compile the forward pass (pays off on CUDA for large stores)
-    arm: str = "pretrained"  # written to the table's meta; the probe copies it into its predictions
-    model_name: str = ""  # empty: the model folder's name (the run's name for RUN/backbone)
+    # Written to the table's meta; the probe copies it into its predictions. Empty: pretrained, random-init
+    # (--model scratch) or hu-histogram (--model hu-histogram).
+    arm: str = ""
+    model_name: str = ""  # empty: the (like) model folder's name (the run's name for RUN/backbone), or hu-histogram
+    init_seed: int = 0  # seed of the random-init weights of --model scratch
 
 
 @dataclass
@@ -112,6 +123,79 @@ def encode(
     with autocast(x.device):
         tokens = (forward_features or model.forward_features)(x)
     return tokens["cls"].float(), tokens["patch"].float().mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------- encoders
+RANDOM_INIT = "scratch"  # --model scratch --like RUN|DIR: the random-init floor
+HU_HISTOGRAM = "hu-histogram"  # --model hu-histogram: the radiomics floor
+
+
+@dataclass
+class Encoder:
+    """What :func:`embed_store` runs on each batch and records about it.
+
+    ``encode`` maps int16 HU volumes (B, 1, X, Y, Z) on the device to float features ``{name: (B, C)}``.
+    ``fingerprint`` is what decides the features (a chunk made with another is recomputed); the table's
+    meta holds it and ``meta``. ``name`` and ``arm`` are the table's defaults, ``default_feature`` the
+    feature the probe reads unless told otherwise, ``not_finite_reason`` why a scan's features can be
+    NaN (such a scan is skipped with it).
+    """
+
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    name: str
+    arm: str
+    fingerprint: dict
+    meta: dict = field(default_factory=dict)
+    default_feature: str = "cls"
+    not_finite_reason: str = "the forward pass gave non-finite features"
+
+
+def resolve_encoder(model: str, like: str | None, config: EmbedConfig, device: torch.device) -> Encoder:
+    """The :class:`Encoder` of ``--model RUN|DIR|scratch|hu-histogram`` (``like``: the model whose
+    architecture and windows ``scratch`` takes). Raises ValueError for a bad combination and
+    :class:`fmct.hub.CheckpointError` for a bad model folder."""
+    if like is not None and model != RANDOM_INIT:
+        raise ValueError(f"--like only applies to --model {RANDOM_INIT}")
+    if model == HU_HISTOGRAM:
+        fingerprint = {"features": HU_HISTOGRAM, "feature_columns": radiomics.FEATURE_COLUMNS, "head_hu": radiomics.HEAD_HU}
+        return Encoder(lambda hu: {radiomics.FEATURE_NAME: radiomics.first_order_features(hu)}, HU_HISTOGRAM, "hu-histogram",
+                       fingerprint, default_feature=radiomics.FEATURE_NAME, not_finite_reason=radiomics.NOT_FINITE_REASON)
+    if model == RANDOM_INIT:
+        if like is None:
+            raise ValueError(f"--model {RANDOM_INIT} needs --like RUN|DIR: the model whose architecture and windows it takes")
+        like_dir = hub.resolve_model_dir(like)
+        backbone = hub.random_init(hub.read_architecture(like_dir), config.init_seed, device)
+        return _backbone_encoder(backbone, model_windows(like_dir), model_name(like_dir), "random-init",
+                                 {"weights_sha256": _weights_sha256(backbone)},
+                                 {"model_path": "", "like": str(like_dir.resolve()), "init_seed": config.init_seed}, config)
+    model_dir = hub.resolve_model_dir(model)
+    return _backbone_encoder(hub.load(model_dir, device), model_windows(model_dir), model_name(model_dir), "pretrained",
+                             {"checkpoint_sha256": file_sha256(model_dir / hub.WEIGHTS_FILE)},
+                             {"model_path": str(model_dir.resolve())}, config)
+
+
+def _backbone_encoder(model: ViT3D, windows: list[tuple[float, float]], name: str, arm: str, weights: dict, meta: dict,
+                      config: EmbedConfig) -> Encoder:
+    """The encoder of a ViT: CLS and mean patch token (:func:`encode`); ``weights`` identifies its weights."""
+    forward_features = torch.compile(model.forward_features) if config.compile else model.forward_features
+
+    def features(hu: torch.Tensor) -> dict[str, torch.Tensor]:
+        cls, patch_mean = encode(model, hu, windows, forward_features)
+        return {"cls": cls, "patch_mean": patch_mean}
+
+    device = next(model.parameters()).device
+    fingerprint = {**weights, "windows_hu": [list(w) for w in windows], "input_size": list(model.config.img_size),
+                   "precision": "bf16" if device.type == "cuda" else "fp32"}
+    return Encoder(features, name, arm, fingerprint, {**meta, "model_config": to_dict(model.config)})
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """Hex sha256 of a model's parameters and buffers (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -182,6 +266,9 @@ def to_device(hu: torch.Tensor, device: torch.device, copy_stream: torch.cuda.St
 
 
 # ----------------------------------------------------------------------------------------- chunks
+CHUNK_KEYS = ("scan_id", "failed_scan_id", "failed_reason", "fingerprint")  # every other array is a feature
+
+
 def _load_chunk(path: Path, expected_ids: list[str], fingerprint: str) -> dict[str, np.ndarray] | None:
     """A finished chunk's arrays, or None when the file is missing, unreadable, stale or of other scans."""
     try:
@@ -195,12 +282,14 @@ def _load_chunk(path: Path, expected_ids: list[str], fingerprint: str) -> dict[s
     return arrays
 
 
-def _save_chunk(path: Path, scan_ids: list[str], cls: np.ndarray, patch_mean: np.ndarray,
-                failed: list[tuple[str, str]], fingerprint: str) -> dict[str, np.ndarray]:
+def _save_chunk(path: Path, scan_ids: list[str], features: dict[str, np.ndarray], failed: list[tuple[str, str]],
+                fingerprint: str, not_finite_reason: str) -> dict[str, np.ndarray]:
+    """Write a finished chunk; a scan with a non-finite feature value joins ``failed`` with ``not_finite_reason``."""
+    finite = np.all([np.isfinite(values).all(axis=1) for values in features.values()], axis=0)
+    failed = failed + [(s, not_finite_reason) for s, ok in zip(scan_ids, finite) if not ok]
     arrays = {
-        "scan_id": np.asarray(scan_ids, dtype=str).reshape(-1),
-        "cls": cls.astype(np.float32),
-        "patch_mean": patch_mean.astype(np.float32),
+        "scan_id": np.asarray([s for s, ok in zip(scan_ids, finite) if ok], dtype=str).reshape(-1),
+        **{name: values[finite].astype(np.float32) for name, values in features.items()},
         "failed_scan_id": np.asarray([s for s, _ in failed], dtype=str).reshape(-1),
         "failed_reason": np.asarray([r for _, r in failed], dtype=str).reshape(-1),
         "fingerprint": np.asarray(fingerprint),
@@ -219,12 +308,14 @@ def embed_store(
     config: EmbedConfig | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    like: str | os.PathLike | None = None,
 ) -> EmbedSummary:
-    """Embed every scan of the store at ``store_path`` with the backbone at ``model_path`` (a model folder
-    or a pretraining run) into the embeddings folder ``out``; resumes from the finished chunks there.
+    """Embed every scan of the store at ``store_path`` into the embeddings folder ``out``; resumes from the
+    finished chunks there. ``model_path``: a model folder or a pretraining run, ``scratch`` (a random-init
+    backbone like the model at ``like``) or ``hu-histogram`` (see :func:`resolve_encoder`).
 
     ``device`` defaults to CUDA when available, else the CPU. Raises :class:`fmct.hub.CheckpointError`
-    for a bad model folder and ValueError / FileNotFoundError for a bad or empty store.
+    for a bad model folder and ValueError / FileNotFoundError for a bad model choice or a bad or empty store.
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
@@ -232,16 +323,9 @@ def embed_store(
         raise ValueError(f"batch_size ({config.batch_size}) and chunk_size ({config.chunk_size}) must be at least 1")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
-    model_dir = hub.resolve_model_dir(model_path)
-    model = hub.load(model_dir, device)
-    windows = model_windows(model_dir)
-    checkpoint_sha256 = file_sha256(model_dir / hub.WEIGHTS_FILE)
+    encoder = resolve_encoder(str(model_path), None if like is None else str(like), config, device)
     volumes = StoreVolumes(store_path)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    fingerprint = json.dumps({
-        "checkpoint_sha256": checkpoint_sha256, "windows_hu": windows, "input_size": list(model.config.img_size),
-        "store_shape": list(volumes.shape), "precision": precision,
-    }, sort_keys=True)
+    fingerprint = json.dumps({**encoder.fingerprint, "store_shape": list(volumes.shape)}, sort_keys=True)
 
     chunk_scans = math.ceil(config.chunk_size / config.batch_size) * config.batch_size
     chunks = [range(start, min(start + chunk_scans, len(volumes))) for start in range(0, len(volumes), chunk_scans)]
@@ -262,26 +346,25 @@ def embed_store(
         batches += [list(chunk[s : s + config.batch_size]) for s in starts]
         plan += [(k, s == starts[-1]) for s in starts]
 
-    forward_features = torch.compile(model.forward_features) if config.compile else model.forward_features
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     bar = tqdm(total=len(volumes), initial=sum(len(chunks[k]) for k in finished), unit="scan", desc="embed",
                disable=not progress)
     reader = read_hu_batches(volumes, batches, config.workers, pin_memory=device.type == "cuda")
     try:
-        cls_parts, mean_parts, ids, failed = [], [], [], []
+        parts, ids, failed = {}, [], []
         for (k, closes_chunk), batch in zip(plan, reader):
-            cls, patch_mean = encode(model, to_device(batch.hu, device, copy_stream), windows, forward_features)
+            features = encoder.encode(to_device(batch.hu, device, copy_stream))
             keep = [row for row in range(len(batch.indices)) if row not in batch.failed]
             # Results stay on the device until the chunk closes: one synchronisation per chunk, not per batch.
-            cls_parts.append(cls[keep] if batch.failed else cls)
-            mean_parts.append(patch_mean[keep] if batch.failed else patch_mean)
+            for name, values in features.items():
+                parts.setdefault(name, []).append(values[keep] if batch.failed else values)
             ids += [volumes.scan_ids[batch.indices[row]] for row in keep]
             failed += [(volumes.scan_ids[batch.indices[row]], reason) for row, reason in batch.failed.items()]
             bar.update(len(batch.indices))
             if closes_chunk:
-                finished[k] = _save_chunk(chunk_paths[k], ids, torch.cat(cls_parts).cpu().numpy(),
-                                          torch.cat(mean_parts).cpu().numpy(), failed, fingerprint)
-                cls_parts, mean_parts, ids, failed = [], [], [], []
+                chunk_features = {name: torch.cat(values).cpu().numpy() for name, values in parts.items()}
+                finished[k] = _save_chunk(chunk_paths[k], ids, chunk_features, failed, fingerprint, encoder.not_finite_reason)
+                parts, ids, failed = {}, [], []
     finally:
         reader.close()
         bar.close()
@@ -292,21 +375,19 @@ def embed_store(
         (s, r) for arrays in ordered for s, r in zip(arrays["failed_scan_id"].tolist(), arrays["failed_reason"].tolist())
     ]
     if len(scan_ids) == 0:
-        raise ValueError(f"{volumes.store.path}: no scan could be read (first reason: {skipped[0][1]})")
+        raise ValueError(f"{volumes.store.path}: no scan could be embedded (first reason: {skipped[0][1]})")
     meta = {
-        "model": config.model_name or model_name(model_dir),
-        "arm": config.arm,
-        "model_path": str(model_dir.resolve()),
-        "checkpoint_sha256": checkpoint_sha256,
-        "model_config": hub.read_config_json(model_dir)["config"],
-        "input_size": list(model.config.img_size),
-        "windows_hu": [list(w) for w in windows],
+        "model": config.model_name or encoder.name,
+        "arm": config.arm or encoder.arm,
+        "default_feature": encoder.default_feature,
+        **encoder.fingerprint,
+        **encoder.meta,
         "store": str(volumes.store.path.resolve()),
         "n_scans": int(len(scan_ids)),
         "n_skipped": len(skipped),
-        "precision": precision,
     }
-    features = {name: np.concatenate([arrays[name] for arrays in ordered]) for name in ("cls", "patch_mean")}
+    names = [name for name in ordered[0] if name not in CHUNK_KEYS]
+    features = {name: np.concatenate([arrays[name] for arrays in ordered]) for name in names}
     write_embeddings(out, scan_ids, features, meta)
     atomic_write_text(out / "errors.csv", rows_to_csv([{"scan_id": s, "reason": r} for s, r in skipped], ["scan_id", "reason"]))
     save_config(config, out / "config.yaml")

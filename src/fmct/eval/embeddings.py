@@ -3,10 +3,12 @@
 An embeddings folder holds two files, both free of pickle:
 
 - ``embeddings.npz``: ``scan_id`` as a fixed-width unicode array (N,), and one float32 array (N, C) per
-  feature: ``cls`` (the CLS token) and ``patch_mean`` (the mean of the patch tokens); the probe builds
-  ``concat`` from the two. Row i of every array belongs to ``scan_id[i]``.
+  feature: for a backbone ``cls`` (the CLS token) and ``patch_mean`` (the mean of the patch tokens), from
+  which the probe builds ``concat``; for the HU histogram floor ``first_order`` (:mod:`fmct.eval.radiomics`).
+  Row i of every array belongs to ``scan_id[i]``.
 - ``embeddings.json``: the model identity and settings behind the features (e.g. ``model``, ``arm``,
-  checkpoint path and sha256, input size), copied by the probe into its ``run.json``.
+  checkpoint path and sha256, input size, and ``default_feature``: the feature a probe reads unless told
+  otherwise, ``cls`` when absent), copied by the probe into its ``run.json``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ class Embeddings:
     features: dict[str, np.ndarray]
     meta: dict = field(default_factory=dict)
 
+    @property
+    def default_feature(self) -> str:
+        """The feature a probe reads unless told otherwise: the meta's ``default_feature``, else ``cls``."""
+        return self.meta.get("default_feature") or "cls"
+
     def feature_matrix(self, name: str) -> np.ndarray:
-        """(N, C) float64 features by name: ``cls``, ``patch_mean`` or ``concat`` (the two side by side)."""
+        """(N, C) float64 features by name: any of the table's, or ``concat`` (``cls`` and ``patch_mean`` side by side)."""
         if name == "concat":
             return np.concatenate([self.feature_matrix(n) for n in FEATURE_NAMES], axis=1)
         if name not in self.features:

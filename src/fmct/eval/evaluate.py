@@ -8,7 +8,8 @@ A predictions folder holds:
   ``scan_id``; ``patient_id`` (may be empty: the scan is then its own patient); ``site``;
   ``split``: ``test`` (in-distribution test) or ``ood`` (test scan of a held-out site), other splits
   (train, val) may be present and are ignored; ``finding``; ``label`` 0/1; ``score`` (higher = more
-  likely positive); ``model`` (a name); ``arm`` (e.g. pretrained, scratch); ``label_fraction`` (share
+  likely positive); ``model`` (a name); ``arm`` (``pretrained``; ``scratch``: the same architecture trained
+  from a random init; the floors ``random-init`` and ``hu-histogram`` of ``FLOORS``); ``label_fraction`` (share
   of the training labels used, e.g. 0.01); ``seed`` (of the training subset and fit); and the optional
   ``shots`` (N positives and N negatives trained on; ``label_fraction`` is then empty).
 - ``run.json``: the config and model identity behind the scores (embeddings or checkpoint path and its
@@ -30,7 +31,9 @@ For every finding, budget and site group, each pair of (model, arm) systems is c
 both scored: the AUROC difference (a - b) with its paired-bootstrap 95% CI and two-sided bootstrap
 p-value (2 x (replicates on the far side of 0, plus 1) / (resamples + 1)), and DeLong's paired test on
 the scores averaged over seeds (exact for one seed; scans treated as independent, unlike the bootstrap,
-which keeps patients together).
+which keeps patients together). :func:`arm_effects` reads them as pretrained - baseline: against the
+scratch twin (:func:`pretraining_effects`: what pretraining buys) and against each floor of ``FLOORS``
+(a pretrained arm clears a floor where the difference's CI lies above 0).
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ PREDICTION_COLUMNS = [
 ]
 METRIC_NAMES = ("auroc", "auprc", "sens_at_spec90", "sens_at_spec95")
 GROUPS = {"test": "ID", "ood": "OOD"}  # split -> site group
+# The floors every pretrained arm must beat (arm -> what it is), each probed like the pretrained backbone.
+FLOORS = {
+    "random-init": "the same architecture, randomly initialised and frozen",
+    "hu-histogram": "first-order HU histogram and statistics of each scan",
+}
 ROC_GRID = np.linspace(0.0, 1.0, 101)
 
 
@@ -316,9 +324,11 @@ def _budget_order(budget: tuple[str, str]) -> tuple:
 
 
 def _system_order(system: tuple[str, str]) -> tuple:
-    # Pretrained arms first, so differences read "pretrained - scratch".
+    # Pretrained arms first, then any other arm, scratch, the floors: differences read "pretrained - scratch",
+    # "pretrained - random-init", "scratch - hu-histogram".
     model, arm = system
-    return (arm != "pretrained", arm == "scratch", model, arm)
+    ranks = {"pretrained": 0, "scratch": 2, **{floor: 3 + i for i, floor in enumerate(FLOORS)}}
+    return (ranks.get(arm, 1), model, arm)
 
 
 def _key_order(key: tuple) -> tuple:
@@ -340,22 +350,29 @@ COMPARISON_COLUMNS = [
 ROC_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "fpr", "tpr"]
 
 
-def pretraining_effects(comparisons: list[dict]) -> list[dict]:
-    """What pretraining buys: every comparison of a pretrained model with its scratch twin (same model name),
-    turned to read pretrained - scratch: ``model, finding, group, budget, label_fraction, diff, low, high,
-    p_bootstrap`` (AUROC difference and its paired-bootstrap CI)."""
+def arm_effects(comparisons: list[dict], baseline_arm: str, same_model: bool = False) -> list[dict]:
+    """Every comparison of a pretrained system with a ``baseline_arm`` system (of the same model name when
+    ``same_model``), turned to read pretrained - baseline: ``model, baseline_model, finding, group, budget,
+    label_fraction, diff, low, high, p_bootstrap`` (AUROC difference and its paired-bootstrap CI)."""
     effects = []
     for c in comparisons:
-        if c["model_a"] != c["model_b"] or {c["arm_a"], c["arm_b"]} != {"pretrained", "scratch"}:
+        if {c["arm_a"], c["arm_b"]} != {"pretrained", baseline_arm} or (same_model and c["model_a"] != c["model_b"]):
             continue
-        sign = 1.0 if c["arm_a"] == "pretrained" else -1.0
+        pretrained_first = c["arm_a"] == "pretrained"
+        sign = 1.0 if pretrained_first else -1.0
+        model, baseline_model = (c["model_a"], c["model_b"]) if pretrained_first else (c["model_b"], c["model_a"])
         low, high = sorted((sign * float(c["auroc_diff_lo"]), sign * float(c["auroc_diff_hi"])))
         effects.append({
-            "model": c["model_a"], "finding": c["finding"], "group": c["group"], "budget": c["budget"],
-            "label_fraction": c["label_fraction"], "diff": sign * float(c["auroc_diff"]), "low": low, "high": high,
-            "p_bootstrap": float(c["p_bootstrap"]),
+            "model": model, "baseline_model": baseline_model, "finding": c["finding"], "group": c["group"],
+            "budget": c["budget"], "label_fraction": c["label_fraction"], "diff": sign * float(c["auroc_diff"]),
+            "low": low, "high": high, "p_bootstrap": float(c["p_bootstrap"]),
         })
     return effects
+
+
+def pretraining_effects(comparisons: list[dict]) -> list[dict]:
+    """What pretraining buys: :func:`arm_effects` of every pretrained model against its scratch twin (same model name)."""
+    return arm_effects(comparisons, "scratch", same_model=True)
 
 
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> None:

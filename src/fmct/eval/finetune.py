@@ -54,7 +54,7 @@ from fmct.eval.evaluate import write_predictions
 from fmct.eval.metrics import auroc
 from fmct.eval.probe import Cohort, file_sha256, load_cohort
 from fmct.eval.splits import training_subset
-from fmct.models import ViT3D, ViT3DConfig, build_vit3d
+from fmct.models import ViT3D, ViT3DConfig
 from fmct.models.vit3d import grouped_parameters
 from fmct.store import atomic_write_bytes, atomic_write_text
 
@@ -189,11 +189,11 @@ class Backbone:
     model_dir: Path | None = None  # None: random init
     sha256: str = ""
 
-    def build(self, device: torch.device) -> ViT3D:
-        """The backbone on ``device``: the saved weights, or a fresh init drawn from torch's global RNG."""
+    def build(self, device: torch.device, seed: int) -> ViT3D:
+        """The backbone on ``device``: the saved weights, or a random init drawn from ``seed``."""
         if self.model_dir is not None:
             return hub.load(self.model_dir, device)
-        return build_vit3d(self.config).to(device)
+        return hub.random_init(self.config, seed, device)
 
     def identity(self) -> dict:
         return {"arm": self.arm, "name": self.name, "model_path": str(self.model_dir.resolve()) if self.model_dir else "",
@@ -207,12 +207,12 @@ def resolve_backbone(model: str, like: str | None, config: FinetuneConfig) -> Ba
         if like is None:
             return Backbone(config.arm or "scratch", config.name or f"vit-{config.model.size}", config.model, list(DEFAULT_WINDOWS))
         like_dir = hub.resolve_model_dir(like)
-        architecture = ViT3DConfig(**hub.read_config_json(like_dir)["config"])
+        architecture = hub.read_architecture(like_dir)
         return Backbone(config.arm or "scratch", config.name or model_name(like_dir), architecture, model_windows(like_dir))
     if like is not None:
         raise ValueError("--like only applies to --model scratch")
     model_dir = hub.resolve_model_dir(model)
-    architecture = ViT3DConfig(**hub.read_config_json(model_dir)["config"])
+    architecture = hub.read_architecture(model_dir)
     return Backbone(config.arm or "pretrained", config.name or model_name(model_dir), architecture,
                     model_windows(model_dir), model_dir, file_sha256(model_dir / hub.WEIGHTS_FILE))
 
@@ -471,8 +471,8 @@ def _fit_budget(
         subsets.append((chosen[y[chosen, f] == 1], chosen[y[chosen, f] == 0]))
         counts[findings[f]] = {"n_train_pos": len(subsets[-1][0]), "n_train_neg": len(subsets[-1][1])}
 
-    torch.manual_seed(seed)  # the scratch init and the head init of this fit
-    classifier = Classifier(backbone.build(scans.device), len(findings), config.head).to(scans.device)
+    torch.manual_seed(seed)  # the head init of this fit (a scratch backbone is drawn from the same seed first)
+    classifier = Classifier(backbone.build(scans.device, seed), len(findings), config.head).to(scans.device)
     classifier.freeze(config.trainable_blocks)
     info = _train_one(classifier, scans, np.nan_to_num(y), mask, subsets, val_rows, y[val_rows], seed)
     logits, failed = scans.predict(classifier, eval_rows)

@@ -41,7 +41,7 @@ from fmct.eval.splits import assign_splits, training_subset
 @dataclass
 class ProbeConfig:
     method: str = "logistic"  # logistic | knn
-    features: str = "cls"  # cls | patch_mean | concat
+    features: str = ""  # cls | patch_mean | concat (a backbone's), first_order (the HU histogram's); empty: the table's default
     label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     shots: tuple[int, ...] = ()  # N positives and N negatives per finding, in addition to the fractions
     seeds: int = 5  # seeds 0 .. seeds-1, each its own training subset
@@ -251,7 +251,8 @@ def run_probe(
         raise ValueError(f"probe method {config.method!r}: choose logistic or knn")
     out = Path(out)
     embeddings = read_embeddings(embeddings_path)
-    features = embeddings.feature_matrix(config.features)
+    feature = config.features or embeddings.default_feature
+    features = embeddings.feature_matrix(feature)
     cohort = load_cohort(labels_spec, embeddings.scan_ids, f"the embeddings {embeddings_path}", config, store_path, rename)
     embedded = {scan_id: i for i, scan_id in enumerate(embeddings.scan_ids)}
     scan_ids, findings, y = cohort.scan_ids, cohort.findings, cohort.labels
@@ -297,6 +298,7 @@ def run_probe(
         "config": to_dict(config),
         "model": model_name,
         "arm": arm,
+        "features": feature,
         "embeddings": {"path": str(npz), "sha256": file_sha256(npz), "meta": embeddings.meta},
         "labels": {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin)), "notes": notes},
         "store": None if store_path is None else str(store_path),

@@ -1,8 +1,9 @@
 """One self-contained HTML report of evaluated predictions (``fmct report``).
 
-Sections (each an ``<h2 id=...>``): ``summary`` (what pretraining buys: pretrained vs scratch twins, when
-both arms are present), ``roc`` (ROC curves per finding at the largest label budget, ID and OOD side by
-side, averaged over seeds), ``label-efficiency`` (AUROC vs label fraction with 95% CI bands,
+Sections (each an ``<h2 id=...>``): ``summary`` (whether the pretrained arms clear each floor of
+:data:`fmct.eval.evaluate.FLOORS`, random-init and hu-histogram, or that a floor is missing; then what
+pretraining buys: pretrained vs scratch twins, when both arms are present), ``roc`` (ROC curves per
+finding at the largest label budget, ID and OOD side by side, averaged over seeds), ``label-efficiency`` (AUROC vs label fraction with 95% CI bands,
 one line per model and arm), ``id-vs-ood`` (AUROC in- and out-of-distribution with CIs and the drop),
 ``comparisons`` (paired AUROC differences with bootstrap CI and p-values), ``metrics`` (every metric
 with its CI) and ``provenance`` (the run.json of every predictions folder behind the numbers).
@@ -25,10 +26,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from fmct.eval.evaluate import Evaluation, evaluate, pretraining_effects, read_evaluation  # noqa: E402
+from fmct.eval.evaluate import FLOORS, Evaluation, arm_effects, evaluate, pretraining_effects, read_evaluation  # noqa: E402
 from fmct.store import atomic_write_bytes, atomic_write_text  # noqa: E402
 
-SECTIONS = ("roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
+SECTIONS = ("summary", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
 
 
 def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, seed: int = 0) -> Evaluation:
@@ -162,6 +163,48 @@ def _image(name: str, png: bytes) -> str:
     return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></figure>'
 
 
+def _where(e: dict) -> str:
+    """Where an effect of :func:`fmct.eval.evaluate.arm_effects` was measured, and its AUROC difference [CI], as HTML."""
+    return html.escape(f"{e['model']}, {e['finding']}, {e['group']}, labels {e['budget']} "
+                       f"({e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}])")
+
+
+def _summary(evaluation: Evaluation, level: int) -> list[str]:
+    """The report's first section: whether the pretrained arms clear each floor, then what pretraining buys."""
+    arms = {row["arm"] for row in evaluation.metrics}
+    lines = ["<h2 id='summary'>Summary: pretrained vs the floors and vs scratch</h2>"]
+    for floor, what in FLOORS.items():
+        lines.append(_floor_verdict(evaluation.comparisons, floor, what, arms, level))
+    return lines + _pretraining_summary(evaluation.comparisons, level)
+
+
+def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str], level: int) -> str:
+    """One paragraph: do the pretrained arms clear ``floor`` (AUROC difference with its paired CI above 0)?"""
+    floor_name, what = f"the {html.escape(floor)} floor", html.escape(what)
+    if "pretrained" not in arms:
+        return f"<p>No pretrained arm in this evaluation: nothing to check against {floor_name} ({what}).</p>"
+    if floor not in arms:
+        return f"<p><b>No pretrained arm is checked against {floor_name}</b> ({what}): it is not in this evaluation.</p>"
+    effects = arm_effects(comparisons, floor)
+    if not effects:
+        return (f"<p><b>No pretrained arm is checked against {floor_name}</b> ({what}): they never scored the same "
+                "scans at the same label budget.</p>")
+    cleared = [e for e in effects if e["low"] > 0]
+    below = [_where(e) for e in effects if e["high"] < 0]
+    counted = (f"AUROC difference pretrained - {html.escape(floor)} with its {level}% paired-bootstrap CI above 0 at "
+               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget)")
+    if len(cleared) == len(effects):
+        verdict = f"<b>The pretrained arms clear {floor_name} everywhere</b> ({what}): {counted}."
+    elif not cleared:
+        verdict = f"<b>The pretrained arms do not clear {floor_name} anywhere</b> ({what}): {counted}."
+    else:
+        verdict = (f"<b>The pretrained arms clear {floor_name} only in part</b> ({what}): {counted}; not at: "
+                   + "; ".join(_where(e) for e in effects if e["low"] <= 0) + ".")
+    if below:
+        verdict += f" The floor is significantly better at: {'; '.join(below)}."
+    return f"<p>{verdict}</p>"
+
+
 def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
     """The answer to "what does pretraining buy?": every budget where a pretrained model and its scratch
     twin differ with the paired CI clear of 0, or a plain statement that none does."""
@@ -169,13 +212,9 @@ def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
     if not effects:
         return []
 
-    def where(e: dict) -> str:
-        return html.escape(f"{e['model']}, {e['finding']}, {e['group']}, labels {e['budget']} "
-                           f"({e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}])")
-
-    better = [where(e) for e in effects if e["low"] > 0]
-    worse = [where(e) for e in effects if e["high"] < 0]
-    lines = ["<h2 id='summary'>Pretrained vs scratch</h2>",
+    better = [_where(e) for e in effects if e["low"] > 0]
+    worse = [_where(e) for e in effects if e["high"] < 0]
+    lines = ["<h3>Pretrained vs scratch</h3>",
              f"<p>{len(effects)} paired comparisons of a pretrained model with the same architecture trained from scratch "
              f"(AUROC difference pretrained - scratch, {level}% paired-bootstrap CI).</p>"]
     lines.append(
@@ -201,7 +240,7 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes]) -> str:
         f"<p>{level}% CIs: patient-level bootstrap, {settings.get('n_bootstrap')} resamples (seed {settings.get('seed')}); "
         "metrics computed per training seed, then averaged over seeds. ID: in-distribution test split; "
         "OOD: test scans of held-out sites.</p>",
-        *_pretraining_summary(evaluation.comparisons, level),
+        *_summary(evaluation, level),
         "<h2 id='roc'>ROC curves per finding</h2>",
         *[_image(n, png) for n, png in figures.items() if n.startswith("roc_")],
         "<h2 id='label-efficiency'>Label efficiency</h2>",
