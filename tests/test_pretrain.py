@@ -90,7 +90,7 @@ def test_objective_wires_dino_ibot_koleo_and_the_ema_is_exact(separate_head):
     global_crops, local_crops = torch.rand(4, 3, 32, 32, 32), torch.rand(4, 3, 16, 16, 16)
     masks = sample_ibot_masks(4, (4, 4, 4), (0.1, 0.5), 0.5, generator=torch.Generator().manual_seed(0))
     masked_index = masks.flatten().nonzero().squeeze(1)
-    metrics = objective(student, teacher, global_crops, local_crops, masks, masked_index, teacher_temp=0.04)
+    metrics = objective(student, teacher, global_crops, local_crops, masks, masked_index, teacher_temp=0.04, dino_weight=1.0)
     terms = {name: float(metrics[name].detach()) for name in ("loss", "dino_loss", "ibot_loss", "koleo_loss")}
     assert all(np.isfinite(v) for v in terms.values()), terms
     assert terms["loss"] == pytest.approx(terms["dino_loss"] + terms["ibot_loss"] + 0.1 * terms["koleo_loss"], rel=1e-6)
@@ -102,7 +102,8 @@ def test_objective_wires_dino_ibot_koleo_and_the_ema_is_exact(separate_head):
     assert (student.ibot_head is not None) == separate_head
     # Without masked crops the iBOT term is exactly 0.
     none = torch.zeros_like(masks)
-    metrics = objective(student, teacher, global_crops, None, none, none.flatten().nonzero().squeeze(1), teacher_temp=0.04)
+    metrics = objective(student, teacher, global_crops, None, none, none.flatten().nonzero().squeeze(1), teacher_temp=0.04,
+                        dino_weight=1.0)
     assert float(metrics["ibot_loss"].detach()) == 0.0 and float(metrics["dino_loss"].detach()) > 0
 
     # Optimizer groups name each parameter as the model (and so the checkpoint) does.
@@ -349,7 +350,8 @@ def test_the_monitor_warns_of_collapse_once_and_drops_torn_lines(tmp_path, capsy
     assert [line["step"] for line in log_lines(tmp_path)] == [1]
     collapsed = torch.zeros(32, 256)
     collapsed[:, 3] = 1.0
-    values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.996, teacher_temp=0.05, freeze_last_layer=False)
+    values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.996, teacher_temp=0.05, freeze_last_layer=False,
+                         dino_weight=1.0)
     for step in (2, 3):
         monitor.add({"loss": torch.tensor(5.0), **teacher_statistics(collapsed)})
         monitor.log(step, values)

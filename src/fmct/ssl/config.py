@@ -43,6 +43,10 @@ class DINOConfig:
     """DINO self-distillation on CLS tokens across multi-crop (DINOv2's values by default)."""
 
     loss_weight: float = 1.0
+    # The DINO term is off (weight 0) for this long while iBOT and KoLeo make the CLS depend on the scan:
+    # from a fresh ViT, whose CLS is nearly the same for every scan, Sinkhorn-Knopp turns identical
+    # teacher rows into uniform targets and the head learns to ignore its input (fmct's FINDINGS).
+    start_epochs: float = 0.0
     n_prototypes: int = 65536  # 65536 for ViT-B as in FM-CT / DINOv2; a few thousand for tiny models
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256

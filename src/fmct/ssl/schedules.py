@@ -41,6 +41,7 @@ class StepValues:
     teacher_momentum: float  # EMA: teacher <- m * teacher + (1 - m) * student
     teacher_temp: float
     freeze_last_layer: bool  # DINO prototypes get no update at this step
+    dino_weight: float  # weight of the DINO (CLS) term: 0 until dino.start_epochs, then dino.loss_weight
 
 
 @dataclass(frozen=True)
@@ -81,4 +82,5 @@ class Schedules:
             teacher_temp=linear_warmup(step, self.steps(dino.teacher_temp_warmup_epochs), dino.teacher_temp_start,
                                        dino.teacher_temp),
             freeze_last_layer=step < self.steps(dino.freeze_last_layer_epochs),
+            dino_weight=dino.loss_weight if step >= self.steps(dino.start_epochs) else 0.0,
         )

@@ -228,8 +228,10 @@ class DINOObjective:
         return self.centers[name](logits, temp)
 
     def __call__(self, student: nn.Module, teacher: nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor | None,
-                 masks: torch.Tensor, masked_index: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
-        """Loss terms (scalars) and teacher statistics of one batch; ``loss`` is the weighted sum."""
+                 masks: torch.Tensor, masked_index: torch.Tensor, teacher_temp: float,
+                 dino_weight: float) -> dict[str, torch.Tensor]:
+        """Loss terms (scalars) and teacher statistics of one batch; ``loss`` is the weighted sum, the
+        DINO term weighted by ``dino_weight`` (the schedule's: 0 before ``dino.start_epochs``)."""
         config = self.config
         n_global = config.augment.n_global
         batch = global_crops.shape[0] // n_global
@@ -243,7 +245,7 @@ class DINOObjective:
         dino = self.dino_loss(student_cls_logits, teacher_cls.view(n_global, batch, n_prototypes))
         ibot = self.ibot_loss(student_out.patch_logits, teacher_patch, masks)
         koleo = sum(self.koleo_loss(cls) for cls in student_out.cls.chunk(n_global))
-        loss = config.dino.loss_weight * dino + config.ibot.loss_weight * ibot + config.koleo.loss_weight * koleo
+        loss = dino_weight * dino + config.ibot.loss_weight * ibot + config.koleo.loss_weight * koleo
         return {"loss": loss, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo, **teacher_statistics(teacher_cls),
                 "teacher_entropy_ibot": row_entropy(teacher_patch),
                 "teacher_cosine": output_cosine(teacher_out.cls_logits[:batch])}
@@ -294,8 +296,8 @@ def collapse_reason(metrics: dict[str, float], n_prototypes: int, teacher_warm: 
     cosine = metrics.get("teacher_cosine", 0.0)
     if teacher_warm and cosine > COLLAPSE_COSINE:
         return (f"the teacher's DINO head gives every scan nearly the same output (mean cosine {cosine:.3f} between "
-                f"scans): its targets carry no information about the scan; try model.layerscale_init=null, a "
-                f"higher dino.head_lr_mult or dino.warmup_from_ibot")
+                f"scans): its targets carry no information about the scan; try dino.start_epochs > 0 (iBOT and "
+                f"KoLeo first), model.layerscale_init=null or a higher optim.base_lr")
     max_entropy = math.log(n_prototypes)
     if teacher_warm and entropy > UNIFORM_ENTROPY * max_entropy:
         return (f"the teacher's targets are nearly uniform (entropy {entropy:.3f} of at most {max_entropy:.3f} nats) "
@@ -361,7 +363,7 @@ class Trainer:
                 masked_index = masks.flatten().nonzero().squeeze(1)  # on the CPU: no device sync
                 metrics = self.objective(self.student, self.teacher, global_crops, local_crops if len(local_crops) else None,
                                          masks.to(device, non_blocking=True), masked_index.to(device, non_blocking=True),
-                                         values.teacher_temp)
+                                         values.teacher_temp, values.dino_weight)
             else:
                 split = random_masking(global_crops.shape[0], math.prod(grid), config.mae.mask_ratio, generator=generator)
                 split = MaskSplit(*(t.to(device, non_blocking=True) for t in split))
