@@ -33,13 +33,19 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     overrides = [
         "n_scans=36", "matrix=128", "seeds=1", "label_fractions=0.5,1", "finetune_steps=6", "finetune_batch_size=4",
         "findings=ich,hydrocephalus",
-        "pretrain=[optim.epochs=2, optim.batch_size=4, optim.warmup_epochs=1, engine.checkpoint_every=5]",
+        "pretrain=[optim.epoch_length=5, optim.epochs=2, optim.batch_size=4, engine.checkpoint_every=5]",
+        "pretrain_stop_at_step=4",
     ]
     assert main(["demo", "--out", str(out), *overrides]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "ich: AUROC [95% CI] by share of training labels" in printed and "report:" in printed
     html = (out / "report.html").read_text()
-    for section in ("summary", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
+    # The demo's own pretraining stops at step 4, then the same command resumes it to the end (10 steps).
+    assert "resuming" in captured.err and (out / "pretrain" / "backbone").is_dir()
+    assert "The pretrained arm is the shipped checkpoint fmct-synth-tiny" in printed
+    assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='roc'>")]
+    for section in ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
         assert f"<h2 id='{section}'>" in html
     for arm in ARMS:
         assert arm in printed

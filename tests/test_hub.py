@@ -80,3 +80,19 @@ def test_save_refuses_unserialisable_extra_and_leaves_no_temp_files(tmp_path):
     hub.save(model, tmp_path)
     hub.save(model, tmp_path)  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log():
+    assert "fmct-synth-tiny" in hub.shipped_models()
+    folder = hub.resolve_model_dir("fmct-synth-tiny")
+    assert folder == hub.SHIPPED_DIR / "fmct-synth-tiny"
+    model = hub.load(folder)
+    assert model.config.img_size == (48, 48, 48) or list(model.config.img_size) == [48, 48, 48]
+    size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    assert size_mb <= 25
+    card = (folder / "README.md").read_text()
+    for heading in ("## Data", "## Recipe and budget", "## Online evaluation during pretraining", "## Intended use", "## Limits"):
+        assert heading in card
+    assert "site C" in card and hub.training_log("fmct-synth-tiny") == folder / "log.jsonl"
+    extra = hub.read_extra(folder)
+    assert extra["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]] and extra["method"] == "dino"

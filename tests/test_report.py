@@ -2,6 +2,7 @@
 
 import base64
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -171,3 +172,21 @@ def test_report_summary_says_whether_the_pretrained_arms_clear_each_floor(tmp_pa
     assert "<b>The pretrained arms clear the random-init floor only in part</b>" in text
     assert "CI above 0 at 1 of 2 comparisons" in text and "not at: weak, ich, ID, labels 0.1" in text
     assert "<b>No pretrained arm is checked against the hu-histogram floor</b>" in text and "not in this evaluation" in text
+
+
+def test_report_draws_the_learning_curves_of_a_pretraining_log(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 0, "online_rankme": 3.0, "online_knn_auroc_ich": 0.52, "online_linear_auroc_ich": 0.50}]
+    records += [{"step": s, "loss": 9.0 - s / 100, "dino_loss": 5.5, "ibot_loss": 2.5, "koleo_loss": 1.0,
+                 "teacher_cosine": 1.0 - s / 400, "teacher_entropy": 5.5 - s / 200} for s in (10, 20, 100)]
+    records.append({"step": 100, "online_rankme": 20.0, "online_knn_auroc_ich": 0.70, "online_linear_auroc_ich": 0.66})
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 11')  # a torn line
+    rows = signal_predictions({("vit", "pretrained"): 1.0}, n=60)
+    write_predictions(tmp_path / "pred", rows, {})
+    out = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "pred"), "--out", str(out), "--bootstrap", "20", "--pretraining", str(run)]) == 0
+    html = out.read_text()
+    section = html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='roc'>")]
+    assert "<img" in section and (tmp_path / "report_figures" / "learning_curve_run.png").stat().st_size > 10_000
+    assert main(["report", str(tmp_path / "pred"), "--out", str(out), "--pretraining", str(tmp_path / "nothing")]) == 2

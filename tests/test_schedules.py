@@ -56,3 +56,10 @@ def test_an_epoch_is_a_fixed_number_of_steps_whatever_the_store():
     assert schedules.steps_per_epoch == 1250 and schedules.total_steps == 2500
     assert schedules.at(625).lr == pytest.approx(0.5 * 4e-3 * math.sqrt(64 / 1024))  # half-way through warm-up
     assert schedules.at(1249).freeze_last_layer and not schedules.at(1250).freeze_last_layer
+
+
+def test_the_dino_term_starts_after_its_start_epochs():
+    config = load_config(PretrainConfig, None, ["optim.epoch_length=10", "dino.start_epochs=2", "dino.loss_weight=0.5"])
+    schedules = Schedules(config, global_batch=16)
+    assert schedules.at(0).dino_weight == schedules.at(19).dino_weight == 0.0
+    assert schedules.at(20).dino_weight == 0.5 and schedules.at(500).dino_weight == 0.5

@@ -75,19 +75,26 @@ class DemoConfig:
     GPU-sized run. Every stage is a public verb and resumes, so a re-run continues where it stopped.
     """
 
-    n_scans: int = 220
+    n_scans: int = 420  # cases cycle through the sites: 280 in-distribution (A, B), 140 held out (C)
     sites: str = "A,B,C"
     ood_sites: str = "C"  # held out: its scans are test-only, the out-of-distribution set
+    # Share of the in-distribution scans in the test split (by patient; the cohort's own split column is
+    # not used): 0.4 of 280 gives an ID test split of about 110 scans, about 40 of them with a bleed.
+    test_fraction: float = 0.4
     matrix: int = 256  # DICOM matrix of the synthetic series
     workers: int = 2
     seed: int = 0
     store_shape: int = 64  # canonical cube, voxels per side
     store_spacing_mm: float = 3.0  # 64 x 3 mm = the same 192 mm field of view as the 128 x 1.5 mm default
+    # The pretrained arm: a shipped checkpoint (pretrained on other synthetic heads, never on site C) or
+    # empty for the demo's own pretraining run. The demo's own run always happens, to show the verb.
+    foundation_model: str = "fmct-synth-tiny"
     pretrain_config: str = "pretrain_demo"  # a config shipped in fmct/configs, or a YAML path
     pretrain: list[str] = field(default_factory=list)  # overrides on top of it, e.g. optim.epochs=20
+    pretrain_stop_at_step: int = 30  # the first pretrain call stops here; the second resumes it
     label_fractions: str = "0.1,0.3,1"
     seeds: int = 2
-    # Findings common enough in 200 scans to have test positives at every site (the rest are rarer).
+    # Findings common enough to have test positives at every site (the rest are rarer).
     findings: str = "ich,midline_shift"
     finetune_steps: int = 40
     finetune_batch_size: int = 12
@@ -97,8 +104,8 @@ class DemoConfig:
 DEMO_SCALES: dict[str, list[str]] = {
     "small": [],
     "large": [
-        "n_scans=2000", "matrix=512", "workers=8", "store_shape=128", "store_spacing_mm=1.5",
-        "pretrain_config=pretrain_demo_large",
+        "n_scans=2000", "test_fraction=0.2", "matrix=512", "workers=8", "store_shape=128", "store_spacing_mm=1.5",
+        "foundation_model=", "pretrain_config=pretrain_demo_large",
         "label_fractions=0.01,0.1,0.3,1", "seeds=5", "findings=ich,iph,ivh,sdh,edh,sah,infarct,"
         "hydrocephalus,atrophy,mass,midline_shift,fracture", "finetune_steps=400", "finetune_batch_size=32",
     ],

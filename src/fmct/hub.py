@@ -39,10 +39,23 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Checkpoints shipped inside the package, loadable by name (``--model fmct-synth-tiny``): each folder
+# holds model.safetensors, config.json, the run's log.jsonl and a model card (README.md).
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
+
+def shipped_models() -> list[str]:
+    """Names of the checkpoints shipped inside the package."""
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / CONFIG_FILE).is_file()) if SHIPPED_DIR.is_dir() else []
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The model folder behind ``path``: a folder holding ``config.json`` and ``model.safetensors`` is itself;
-    a pretraining run folder maps to its ``backbone/``. Anything else raises :class:`CheckpointError`."""
+    a pretraining run folder maps to its ``backbone/``; a name of :func:`shipped_models` that is not a
+    folder here maps to the shipped checkpoint. Anything else raises :class:`CheckpointError`."""
     path = Path(path)
+    if not path.exists() and str(path) in shipped_models():
+        path = SHIPPED_DIR / str(path)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return path
     backbone = path / "backbone"
@@ -50,7 +63,26 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         return backbone
     if backbone.is_dir():
         raise CheckpointError(f"{backbone}: pretraining run without a finished backbone ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    raise CheckpointError(f"{path}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a pretraining run (backbone/)")
+    names = ", ".join(shipped_models()) or "none"
+    raise CheckpointError(f"{path}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), a pretraining run (backbone/) "
+                          f"nor a shipped model ({names})")
+
+
+TRAINING_LOG = "log.jsonl"
+
+
+def training_log(path: str | os.PathLike) -> Path:
+    """The pretraining log (log.jsonl) behind ``path``: a pretraining run folder's own, or the one kept
+    in a model folder (shipped checkpoints carry theirs); for ``RUN/backbone``, the run's. Raises
+    :class:`CheckpointError` when there is none."""
+    path = Path(path)
+    if (path / TRAINING_LOG).is_file():
+        return path / TRAINING_LOG
+    model_dir = resolve_model_dir(path)
+    for folder in (model_dir, model_dir.parent if model_dir.name == "backbone" else None):
+        if folder is not None and (folder / TRAINING_LOG).is_file():
+            return folder / TRAINING_LOG
+    raise CheckpointError(f"{path}: no pretraining log ({TRAINING_LOG}) in the run or model folder")
 
 
 def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> Path:

@@ -69,6 +69,7 @@ class FinetuneConfig:
     shots: tuple[int, ...] = ()  # N positives and N negatives per finding, in addition to the fractions
     seeds: int = 3  # seeds 0 .. seeds-1, each its own training subset, head init and batches
     split_seed: int = 0
+    use_split_column: bool = True  # false: ignore the labels' split column, split every scan by the fractions below
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     ood_sites: tuple[str, ...] = ()  # sites whose scans are test-only (out-of-distribution)

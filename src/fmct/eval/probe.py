@@ -46,6 +46,7 @@ class ProbeConfig:
     shots: tuple[int, ...] = ()  # N positives and N negatives per finding, in addition to the fractions
     seeds: int = 5  # seeds 0 .. seeds-1, each its own training subset
     split_seed: int = 0
+    use_split_column: bool = True  # false: ignore the labels' split column, split every scan by the fractions below
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     ood_sites: tuple[str, ...] = ()  # sites whose scans are test-only (out-of-distribution)
@@ -184,8 +185,8 @@ def load_cohort(
     """The labelled scans among ``available_scan_ids`` (those with features: ``where`` names them in
     messages), split by patient as :func:`fmct.eval.splits.assign_splits` does.
 
-    ``config`` is any config with ``findings``, ``ood_sites``, ``val_fraction``, ``test_fraction`` and
-    ``split_seed`` (:class:`ProbeConfig`, ``FinetuneConfig``). Rows keyed by ``source`` need
+    ``config`` is any config with ``findings``, ``ood_sites``, ``use_split_column``, ``val_fraction``,
+    ``test_fraction`` and ``split_seed`` (:class:`ProbeConfig`, ``FinetuneConfig``). Rows keyed by ``source`` need
     ``store_path``, whose manifest also supplies patient keys for rows without a patient_id (without
     either, each scan is its own patient). Bad labels raise ValueError naming the file.
     """
@@ -227,7 +228,8 @@ def load_cohort(
     patients = np.array([r.get("patient_id") or patient_keys.get(s) or s for r, s in zip(table, scan_ids)])
     sites = np.array([r.get("site", "") for r in table])
     split = assign_splits(
-        patients, y, sites, np.array([r.get("split", "") for r in table]), tuple(config.ood_sites),
+        patients, y, sites, np.array([r.get("split", "") if config.use_split_column else "" for r in table]),
+        tuple(config.ood_sites),
         config.val_fraction, config.test_fraction, config.split_seed,
     )
     return Cohort(scan_ids, findings, y, patients, sites, split, labels.origin, notes)

@@ -26,10 +26,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from fmct import hub  # noqa: E402
 from fmct.eval.evaluate import FLOORS, Evaluation, arm_effects, evaluate, pretraining_effects, read_evaluation  # noqa: E402
 from fmct.store import atomic_write_bytes, atomic_write_text  # noqa: E402
 
-SECTIONS = ("summary", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
+SECTIONS = ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
 
 
 def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, seed: int = 0) -> Evaluation:
@@ -54,12 +55,23 @@ def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, s
 
 
 def write_report(
-    folders: list[str | os.PathLike], out: str | os.PathLike, n_bootstrap: int = 1000, seed: int = 0
+    folders: list[str | os.PathLike], out: str | os.PathLike, n_bootstrap: int = 1000, seed: int = 0,
+    pretraining: list[str | os.PathLike] = (),
 ) -> Path:
-    """Write the HTML report of ``folders`` to ``out`` (and its PNGs beside it); return the page's path."""
+    """Write the HTML report of ``folders`` to ``out`` (and its PNGs beside it); return the page's path.
+
+    ``pretraining``: runs, model folders or shipped model names whose pretraining logs are drawn as
+    learning curves (loss terms, teacher statistics, online validation AUROC and RankMe by step).
+    """
     out = Path(out)
     evaluation = load_evaluation(folders, n_bootstrap=n_bootstrap, seed=seed)
     figures = _figures(evaluation)
+    for spec in pretraining:
+        try:
+            log = hub.training_log(spec)
+        except hub.CheckpointError as error:
+            raise ValueError(str(error)) from None
+        figures[f"learning_curve_{Path(str(spec)).name}"] = _png(learning_curve_figure(read_training_log(log), str(spec)))
     figure_dir = out.with_name(out.stem + "_figures")
     for name, png in figures.items():
         atomic_write_bytes(figure_dir / f"{name}.png", png)
@@ -227,6 +239,59 @@ def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
     return lines
 
 
+def read_training_log(path: str | os.PathLike) -> list[dict]:
+    """The lines of a pretraining log.jsonl as dicts (a torn last line is left out)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def learning_curve_figure(records: list[dict], title: str):
+    """Three panels by step: the loss terms; the teacher's head-output cosine between scans (near 1 for a
+    collapsed DINO head) and its entropy; the online validation k-NN and linear AUROC per finding (left
+    axis) and RankMe (right axis)."""
+    figure, (losses, teacher, online) = plt.subplots(1, 3, figsize=(15, 4))
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "mae_loss"):
+        steps, values = series(key)
+        if steps:
+            losses.plot(steps, values, label=key)
+    losses.set(title=f"{title}: losses", xlabel="step")
+    steps, values = series("teacher_cosine")
+    if steps:
+        teacher.plot(steps, values, label="head-output cosine between scans")
+    teacher.set(title="DINO teacher", xlabel="step", ylabel="cosine (near 1: collapsed)", ylim=(0, 1.05))
+    steps, values = series("teacher_entropy")
+    if steps:
+        entropy_axis = teacher.twinx()
+        entropy_axis.plot(steps, values, color="tab:orange", label="teacher entropy (nats, at most ln K)")
+        entropy_axis.set_ylabel("entropy (nats)")
+        entropy_axis.legend(fontsize=7, loc="upper right")
+    for key in sorted({k for r in records for k in r if k.startswith("online_") and "auroc" in k}):
+        steps, values = series(key)
+        online.plot(steps, values, marker="o", markersize=3, label=key.removeprefix("online_").replace("_auroc", ""))
+    online.axhline(0.5, color="0.7", linestyle=":", linewidth=1)
+    online.set(title="online validation AUROC (step 0: random init)", xlabel="step", ylabel="AUROC")
+    steps, values = series("online_rankme")
+    if steps:
+        rank_axis = online.twinx()
+        rank_axis.plot(steps, values, color="black", linestyle="--", label="RankMe")
+        rank_axis.set_ylabel("RankMe (effective rank)")
+        rank_axis.legend(fontsize=7, loc="upper right")
+    for ax in (losses, teacher, online):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower left")
+    return figure
+
+
 def render_html(evaluation: Evaluation, figures: dict[str, bytes]) -> str:
     """The report page as one HTML string with the figures inlined."""
     settings = evaluation.settings
@@ -241,6 +306,9 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes]) -> str:
         "metrics computed per training seed, then averaged over seeds. ID: in-distribution test split; "
         "OOD: test scans of held-out sites.</p>",
         *_summary(evaluation, level),
+        "<h2 id='learning-curves'>Pretraining learning curves</h2>",
+        *([_image(n, png) for n, png in figures.items() if n.startswith("learning_curve_")]
+          or ["<p>No pretraining log was given (fmct report --pretraining RUN|MODEL).</p>"]),
         "<h2 id='roc'>ROC curves per finding</h2>",
         *[_image(n, png) for n, png in figures.items() if n.startswith("roc_")],
         "<h2 id='label-efficiency'>Label efficiency</h2>",

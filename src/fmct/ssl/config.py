@@ -32,6 +32,7 @@ RESUMABLE_KEYS = (
     "online_eval.max_scans",
     "online_eval.knn_k",
     "engine.checkpoint_every",
+    "engine.stop_at_step",
     "engine.log_every",
     "engine.workers",
     "engine.progress",
@@ -121,6 +122,9 @@ class EngineConfig:
     sharding: str = "ddp"  # multi-process: "ddp" (replicated) or "fsdp" (FSDP2 fully_shard, large models)
     deterministic: bool = False  # deterministic kernels (bit-exact resume on CPU)
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
+    # Stop after this global step with a checkpoint (0: run to the end), e.g. to fit a job's time limit;
+    # the same command without it resumes the run on the same schedules.
+    stop_at_step: int = 0
     log_every: int = 10  # steps between log.jsonl lines
     progress: bool = True  # tqdm bar on rank 0
 

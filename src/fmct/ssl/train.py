@@ -462,6 +462,8 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     state_parts = dict(student=trainer.student, optimizer=trainer.optimizer, teacher=trainer.teacher, centers=trainer.centers)
     step = load_checkpoint(checkpoint_path, **state_parts) if resuming else 0
     last_checkpoint = step if resuming else None
+    if resuming and env.is_main and step < total_steps:
+        print(f"pretrain: resuming {run_dir} from its checkpoint at step {step} of {total_steps}", file=sys.stderr)
     meta = {"config_sha256": config_sha256, "method": config.method, "world_size": env.world_size}
     export_extra = {"method": config.method, "store": str(store), "config_sha256": config_sha256,
                     "windows": [list(w) for w in config.augment.windows], "input_size": config.augment.global_size}
@@ -479,7 +481,8 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
         nonfinite |= ~torch.isfinite(metrics["loss"].detach())
         step += 1
         monitor.add(metrics)
-        at_checkpoint = step % engine.checkpoint_every == 0 or step == total_steps
+        stopping = step == engine.stop_at_step
+        at_checkpoint = step % engine.checkpoint_every == 0 or step == total_steps or stopping
         at_evaluation = evaluator is not None and (step % config.online_eval.every == 0 or step == total_steps)
         if step % engine.log_every == 0 or at_checkpoint or at_evaluation:
             # Never write a checkpoint from weights that a non-finite loss has already spoilt.
@@ -495,6 +498,8 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
                 if env.is_main:
                     export_backbone(model_state, config, run_dir / BACKBONE_DIR, {**export_extra, "step": step})
                 last_checkpoint = step
+        if stopping:
+            break
     monitor.close()
     if step >= total_steps and env.is_main and not monitor.logged_any:
         print(f"pretrain: {run_dir} is already complete ({step} of {total_steps} steps)", file=sys.stderr)
