@@ -14,7 +14,7 @@ from fmct.cli import main
 from fmct.eval.evaluate import evaluate, read_evaluation, write_evaluation, write_predictions
 from fmct.eval.report import SECTIONS, render_html
 
-PEER = Path("/work/shared/data/ctfm-predictions")
+PEER = Path(__file__).parent / "data" / "ctfm-predictions"
 SETS = (("SinoCT", "patient_id", "test", "sinoct"), ("CQ500", "name", "ood", "cq500"))
 
 
@@ -43,7 +43,6 @@ def _peer_column(name, id_column, column):
     return np.array([float(r["label"]) for r in records]), np.array([float(r[column]) for r in records])
 
 
-@pytest.mark.skipif(not PEER.exists(), reason="peer predictions not present")
 def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
     write_predictions(tmp_path / "pred", _peer_rows(), {"source": "CT-FM combined predictions", "commit": "f58c89a"})
     evaluation = evaluate([tmp_path / "pred"], n_bootstrap=200, seed=0)

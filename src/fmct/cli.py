@@ -1,10 +1,15 @@
-"""``fmct <verb>``: parse the command line, then call the library. Exit 0 done, 1 failure, 2 usage/config error."""
+"""``fmct <verb>``: parse the command line, then call the library. Exit 0 done, 1 failure, 2 usage/config error,
+130 interrupted."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import re
 import sys
+import textwrap
+from functools import cached_property, partial
 from pathlib import Path
 
 from fmct.config import DEMO_SCALES, ConfigError
@@ -13,14 +18,89 @@ from fmct.config import DEMO_SCALES, ConfigError
 # A config override: a dotted key, "=", a value (a path never starts like this unless it has "=").
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
+_EXIT_STATUS = """\
+exit status:
+  0    done; a batch where some inputs were skipped still exits 0 and says where the reasons are
+  1    failure
+  2    usage or config error
+  130  interrupted; run the same command again to resume
+
+`fmct VERB --help` lists the options of VERB, each with its default and unit."""
+
+_CONFIG_HELP = "YAML config file, or the name of one shipped in fmct/configs (default: none, the built-in defaults)"
+_RENAME_HELP = "generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id (default: none)"
+
 
 class UsageError(Exception):
     """A bad command line or input path, reported in one line with exit status 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help where every option names its default, paragraphs wrap and indented lines (examples) keep theirs.
+
+    An option whose argparse default is None leaves the value to the verb's config dataclass when its
+    dest is a field there (``config``, "module:Class"): the default shown is read from that dataclass, so
+    help and behaviour cannot drift apart. It is imported only when help is shown, as it may import torch.
+    A help text that names its own default, "(default: ...)", is left as it is, as is a switch that is off
+    unless given. A required option says "(required)".
+    """
+
+    def __init__(self, prog: str, config: str = "") -> None:
+        super().__init__(prog)
+        self.config = config
+
+    @cached_property
+    def _config_defaults(self) -> object | None:
+        """The verb's config with its defaults, or None for a verb without one."""
+        if not self.config:
+            return None
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)()
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "(default:" in help or action.default is False:
+            return help
+        if action.required and action.option_strings:
+            return f"{help} (required)"
+        if action.default is None:
+            if not hasattr(self._config_defaults, action.dest):
+                return help
+            default = _spell(getattr(self._config_defaults, action.dest))
+            return f"{help} (default: {default.replace('%', '%%')})"  # help is %-formatted next
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(
+            indent + line if line.startswith(" ") else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+            for line in text.splitlines()
+        )
+
+
+def _spell(value: object) -> str:
+    """A config value as the command line writes it: a list comma-separated, an empty one "none"."""
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    return "none" if value == "" else str(value)
+
+
+def _add_verb(
+    sub: argparse._SubParsersAction, name: str, summary: str, example: str, about: str = "", config: str = "",
+) -> argparse.ArgumentParser:
+    """The parser of verb ``name``: ``summary`` in ``fmct --help``; atop ``fmct <name> --help``, ``about``
+    (else the summary) and one example invocation. ``config``: "module:Class" of the verb's config dataclass."""
+    return sub.add_parser(
+        name, help=summary, description=f"{about or summary}\n\nexample:\n  {example}",
+        formatter_class=partial(_HelpFormatter, config=config),
+    )
+
+
 def _add_config_args(parser: argparse.ArgumentParser, example: str) -> None:
-    parser.add_argument("--config", help="YAML config file, or the name of one shipped in fmct/configs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    parser.add_argument("--config", help=_CONFIG_HELP)
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help=f"config overrides, dotted into nested sections, values parsed as YAML, e.g. {example}",
+    )
 
 
 def _add_bootstrap_args(parser: argparse.ArgumentParser, resamples_help: str) -> None:
@@ -30,10 +110,12 @@ def _add_bootstrap_args(parser: argparse.ArgumentParser, resamples_help: str) ->
 
 def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
     """The label budgets, seeds, held-out sites and findings shared by probe and finetune."""
-    parser.add_argument("--label-fractions", help="comma-separated shares of the training labels, e.g. 0.01,0.1,1")
-    parser.add_argument("--shots", help="comma-separated N: N positives and N negatives per finding")
-    parser.add_argument("--seeds", type=int, help="number of seeds (training subsets) per budget")
-    parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (OOD)")
+    parser.add_argument("--label-fractions", help="comma-separated shares (0 to 1) of the training labels, one budget each")
+    parser.add_argument(
+        "--shots", help="comma-separated N, one budget each besides the fractions: N positive and N negative scans per finding",
+    )
+    parser.add_argument("--seeds", type=int, help="number of seeds per budget, each its own training subset")
+    parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (out-of-distribution)")
     parser.add_argument("--findings", help=f"comma-separated findings to {verb} (default: all)")
 
 
@@ -51,11 +133,16 @@ def _parse_rename(text: str | None) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------- ingest
 def _ingest_parser(sub) -> None:
-    parser = sub.add_parser("ingest", help="DICOM folders / NIfTI files -> canonical HU store")
+    parser = _add_verb(
+        sub, "ingest", "DICOM folders / NIfTI files -> canonical HU store",
+        "fmct ingest cohort/dicom scan.nii.gz --out store --workers 2 canonical.spacing_mm=1.0",
+        about="DICOM folders / NIfTI files -> a store of canonical int16 HU volumes and its manifest. An input "
+              "that cannot be used is skipped with a one-line reason; a re-run resumes, skipping scans already stored.",
+    )
     parser.add_argument("--out", required=True, help="store folder (created or resumed)")
     parser.add_argument("--workers", type=int, default=1, help="processes reading scans")
     parser.add_argument("--retry-failed", action="store_true", help="retry inputs skipped by an earlier run")
-    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--config", help=_CONFIG_HELP)
     parser.add_argument(
         "inputs", nargs="*", metavar="SRC|key=value",
         help="folders of DICOM files and/or NIfTI files, then config overrides, e.g. canonical.spacing_mm=1.0",
@@ -79,21 +166,38 @@ def _ingest_run(args) -> int:
 
 # -------------------------------------------------------------------------------------------- probe
 def _probe_parser(sub) -> None:
-    parser = sub.add_parser("probe", help="per-finding probes on frozen embeddings -> predictions")
+    parser = _add_verb(
+        sub, "probe", "per-finding probes on frozen embeddings -> predictions",
+        "fmct probe --embeddings emb --labels cohort/labels.csv --store store --out probe --label-fractions 0.1,1 --ood-sites C",
+        config="fmct.eval.probe:ProbeConfig",
+    )
     parser.add_argument("--embeddings", required=True, help="embeddings folder written by fmct embed")
     parser.add_argument(
         "--labels", required=True,
         help="labels CSV of DESIGN.md, or [cq500:|rsna:|generic:]FILE (CQ500 reads.csv, RSNA stage_2_train.csv)",
     )
     parser.add_argument("--out", required=True, help="predictions folder")
-    parser.add_argument("--store", help="store whose manifest maps `source` labels to scans and gives patient keys")
+    parser.add_argument(
+        "--store",
+        help="store whose manifest maps `source` labels to scans and gives patient keys (default: none; the labels "
+             "then need scan_id, and a scan without patient_id is its own patient)",
+    )
     _add_budget_args(parser, "probe")
-    parser.add_argument("--features", choices=["cls", "patch_mean", "concat", "first_order"],
-                        help="default: the table's own (cls for a backbone, first_order for hu-histogram)")
-    parser.add_argument("--method", choices=["logistic", "knn"])
+    parser.add_argument(
+        "--features", choices=["cls", "patch_mean", "concat", "first_order"],
+        help="columns of the table: cls (CLS token), patch_mean (mean patch token), concat (both), first_order "
+             "(the HU histogram's) (default: the table's own, cls for a backbone, first_order for hu-histogram)",
+    )
+    parser.add_argument(
+        "--method", choices=["logistic", "knn"],
+        help="logistic: L2-regularised logistic regression, C chosen by validation AUROC (c_grid); "
+             "knn: cosine k nearest neighbours, k chosen by validation AUROC (knn_k)",
+    )
     parser.add_argument("--model", help="model name in the predictions (default: from the embeddings)")
-    parser.add_argument("--arm", help="arm in the predictions, e.g. pretrained or scratch")
-    parser.add_argument("--rename", help="generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id")
+    parser.add_argument(
+        "--arm", help="arm in the predictions, e.g. pretrained or scratch (default: the embeddings' arm, else pretrained)",
+    )
+    parser.add_argument("--rename", help=_RENAME_HELP)
     _add_config_args(parser, "c_grid=[0.01,0.1,1] val_fraction=0.2")
     parser.set_defaults(run=_probe_run)
 
@@ -123,10 +227,15 @@ def _probe_run(args) -> int:
 
 # ----------------------------------------------------------------------------------------- evaluate
 def _evaluate_parser(sub) -> None:
-    parser = sub.add_parser("evaluate", help="predictions -> AUROC/AUPRC/sensitivity with bootstrap CIs, paired tests")
-    parser.add_argument("--predictions", nargs="+", required=True, metavar="DIR", help="predictions folders")
+    parser = _add_verb(
+        sub, "evaluate", "predictions -> AUROC/AUPRC/sensitivity with bootstrap CIs, paired tests",
+        "fmct evaluate --predictions probe finetune --out evaluation --bootstrap 2000",
+    )
+    parser.add_argument(
+        "--predictions", nargs="+", required=True, metavar="DIR", help="predictions folders written by fmct probe or finetune",
+    )
     parser.add_argument("--out", required=True, help="folder for metrics.csv, comparisons.csv, roc.csv, metrics.json")
-    _add_bootstrap_args(parser, "patient-level bootstrap resamples")
+    _add_bootstrap_args(parser, "patient-level bootstrap resamples (of the scans' patients)")
     parser.set_defaults(run=_evaluate_run)
 
 
@@ -144,11 +253,15 @@ def _evaluate_run(args) -> int:
 
 # ------------------------------------------------------------------------------------------- report
 def _report_parser(sub) -> None:
-    parser = sub.add_parser("report", help="evaluation or predictions folders -> one self-contained HTML page")
+    parser = _add_verb(
+        sub, "report", "evaluation or predictions folders -> one self-contained HTML page",
+        "fmct report evaluation --out report.html --pretraining run",
+    )
     parser.add_argument("folders", nargs="+", metavar="DIR", help="evaluation folders (metrics.json) or predictions folders")
     parser.add_argument("--out", required=True, help="the HTML file to write (PNGs go to <name>_figures/ beside it)")
     parser.add_argument("--pretraining", nargs="+", default=[], metavar="RUN|MODEL",
-                        help="pretraining runs, model folders or shipped model names whose log.jsonl to draw as learning curves")
+                        help="pretraining runs, model folders or shipped model names whose log.jsonl to draw as learning "
+                             "curves (default: none)")
     _add_bootstrap_args(parser, "bootstrap resamples when given predictions folders")
     parser.set_defaults(run=_report_run)
 
@@ -166,13 +279,23 @@ def _report_run(args) -> int:
 
 # -------------------------------------------------------------------------------------------- synth
 def _synth_parser(sub) -> None:
-    parser = sub.add_parser("synth", help="synthetic head CT cohort with labelled findings -> DICOM/NIfTI + labels.csv")
+    parser = _add_verb(
+        sub, "synth", "synthetic head CT cohort with labelled findings -> DICOM/NIfTI + labels.csv",
+        "fmct synth --out cohort --n 60 --sites A,B --format nifti --seed 1 --workers 2 --preview",
+    )
     parser.add_argument("--out", required=True, help="output folder (created or resumed)")
-    parser.add_argument("--n", type=int, default=200, help="number of cases")
+    parser.add_argument("--n", type=int, default=200, help="number of cases (studies)")
     parser.add_argument("--sites", default="A,B,C", help="comma-separated site profiles; cases cycle through them")
-    parser.add_argument("--format", choices=["dicom", "nifti"], default="dicom")
-    parser.add_argument("--layout", choices=["plain", "cq500", "rsna"], default="plain")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--format", choices=["dicom", "nifti"], default="dicom",
+        help="dicom: a DICOM series per case; nifti: a .nii.gz per case (the cq500 and rsna layouts are DICOM)",
+    )
+    parser.add_argument(
+        "--layout", choices=["plain", "cq500", "rsna"], default="plain",
+        help="plain: a folder or file per case and labels.csv; cq500: as the CQ500 release, with reads.csv; "
+             "rsna: as the RSNA 2019 challenge, with stage_2_train.csv",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the cohort: case i is drawn from (seed, i), whatever --workers")
     parser.add_argument("--workers", type=int, default=1, help="processes generating cases")
     parser.add_argument("--matrix", type=int, default=512, help="pixels per image side (same field of view)")
     parser.add_argument("--preview", action="store_true", help="also write preview/<case>.png montages")
@@ -195,7 +318,12 @@ def _synth_run(args) -> int:
 
 # ----------------------------------------------------------------------------------------- pretrain
 def _pretrain_parser(sub) -> None:
-    parser = sub.add_parser("pretrain", help="self-supervised pretraining (DINO + iBOT, or MAE) on a store; resumes")
+    parser = _add_verb(
+        sub, "pretrain", "self-supervised pretraining (DINO + iBOT, or MAE) on a store; resumes",
+        "fmct pretrain --store store --out run --config pretrain_demo optim.epochs=20",
+        about="Self-supervised pretraining (DINO + iBOT, or MAE) of a 3D ViT on the volumes of a store, no labels "
+              "needed. The same command resumes from RUN's last checkpoint.",
+    )
     parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
     parser.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
     _add_config_args(parser, "optim.epochs=100 model.size=small")
@@ -222,20 +350,22 @@ def _pretrain_run(args) -> int:
 
 # ------------------------------------------------------------------------------------------- embed
 def _embed_parser(sub) -> None:
-    parser = sub.add_parser(
-        "embed", help="features of every scan of a store: a backbone's (CLS, mean patch token) or a floor's; resumes",
-        description="One row of features per scan of a store. RUN|DIR: a pretrained backbone's CLS and mean patch "
-                    "token (arm pretrained). The two floors every pretrained model must beat, probed like any embeddings: "
-                    "`--model scratch --like RUN` (the same architecture, randomly initialised and frozen; arm random-init) "
-                    "and `--model hu-histogram` (share of head voxels in 41 bins of 5 HU from -50 to 150 HU, and mean, SD "
-                    "and percentiles of HU within 0..100 HU; fmct.eval.radiomics; arm hu-histogram).",
+    parser = _add_verb(
+        sub, "embed", "features of every scan of a store: a backbone's (CLS, mean patch token) or a floor's; resumes",
+        "fmct embed --model run --store store --out emb --batch-size 8",
+        about="One row of features per scan of a store. RUN|DIR: a pretrained backbone's CLS and mean patch "
+              "token (arm pretrained). The two floors every pretrained model must beat, probed like any embeddings: "
+              "`--model scratch --like RUN` (the same architecture, randomly initialised and frozen; arm random-init) "
+              "and `--model hu-histogram` (share of head voxels in 41 bins of 5 HU from -50 to 150 HU, and mean, SD "
+              "and percentiles of HU within 0..100 HU; fmct.eval.radiomics; arm hu-histogram).",
+        config="fmct.eval.embed:EmbedConfig",
     )
     parser.add_argument(
         "--model", required=True, metavar="RUN|DIR|scratch|hu-histogram",
         help="pretraining run or model folder; scratch (with --like): random-init floor; hu-histogram: radiomics floor",
     )
-    parser.add_argument("--like", metavar="RUN|DIR", help="with --model scratch: the model whose architecture and windows to take "
-                                                         "(weights drawn from init_seed, 0 unless overridden)")
+    parser.add_argument("--like", metavar="RUN|DIR", help="with --model scratch, where it is needed: the model whose architecture "
+                                                         "and windows to take, weights drawn from init_seed (default: none)")
     parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
     parser.add_argument("--out", required=True, metavar="EMB", help="embeddings folder (resumed from its finished chunks)")
     parser.add_argument("--batch-size", type=int, help="volumes per forward pass")
@@ -264,22 +394,35 @@ def _embed_run(args) -> int:
 
 # ---------------------------------------------------------------------------------------- finetune
 def _finetune_parser(sub) -> None:
-    parser = sub.add_parser("finetune", help="backbone + head trained on labels per budget and seed -> predictions; resumes")
+    parser = _add_verb(
+        sub, "finetune", "backbone + head trained on labels per budget and seed -> predictions; resumes",
+        "fmct finetune --model run --store store --labels cohort/labels.csv --out finetune --label-fractions 0.1,1 --max-steps 200",
+        config="fmct.eval.finetune:FinetuneConfig",
+    )
     parser.add_argument("--model", required=True, metavar="RUN|DIR|scratch", help="pretraining run, model folder, or scratch")
-    parser.add_argument("--like", metavar="RUN|DIR", help="with --model scratch: take the architecture and windows of this model")
+    parser.add_argument(
+        "--like", metavar="RUN|DIR",
+        help="with --model scratch: take the architecture and windows of this model (default: none, the config's `model`)",
+    )
     parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
     parser.add_argument("--labels", required=True, help="labels CSV of DESIGN.md, or [cq500:|rsna:|generic:]FILE")
     parser.add_argument("--out", required=True, help="predictions folder (finished fits in it are reused)")
-    parser.add_argument("--head", choices=["linear", "attentive"], help="linear on CLS, or one learned query over patch tokens")
-    parser.add_argument("--trainable-blocks", type=int, help="train only the last k blocks (0: frozen backbone; -1: all)")
+    parser.add_argument(
+        "--head", choices=["linear", "attentive"], help="linear: on the CLS token; attentive: one learned query over the patch tokens",
+    )
+    parser.add_argument(
+        "--trainable-blocks", type=int, help="train only the last k blocks and the final norm (0: frozen backbone; -1: all blocks)",
+    )
     _add_budget_args(parser, "train")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="volumes per training step (at least 2)")
     parser.add_argument("--max-steps", type=int, help="training steps per fit (early stopping may end sooner)")
-    parser.add_argument("--lr", type=float, help="peak learning rate of the head and the top block")
+    parser.add_argument(
+        "--lr", type=float, help="peak learning rate of the head and the top block; lower blocks get lr x layer_decay per block below",
+    )
     parser.add_argument("--workers", type=int, help="threads reading volumes from the store")
     parser.add_argument("--name", help="model name in the predictions (default: from the model folder)")
     parser.add_argument("--arm", help="arm in the predictions (default: pretrained, or scratch)")
-    parser.add_argument("--rename", help="generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id")
+    parser.add_argument("--rename", help=_RENAME_HELP)
     _add_config_args(parser, "patience=5 layer_decay=0.75")
     parser.set_defaults(run=_finetune_run)
 
@@ -310,11 +453,18 @@ def _finetune_run(args) -> int:
 
 # --------------------------------------------------------------------------------------------- demo
 def _demo_parser(sub) -> None:
-    parser = sub.add_parser("demo", help="the whole data flow on a synthetic multi-site cohort: what pretraining buys")
+    parser = _add_verb(
+        sub, "demo", "the whole data flow on a synthetic multi-site cohort: what pretraining buys",
+        "fmct demo --out demo_out seeds=3",
+        about="The whole data flow on a synthetic multi-site cohort, each stage a public verb: what pretraining buys, "
+              "in- and out-of-distribution. A re-run resumes where it stopped.",
+    )
     parser.add_argument("--out", default="demo_out", help="demo folder (created or resumed)")
-    parser.add_argument("--scale", choices=sorted(DEMO_SCALES), default="small", help="small: 2-core laptop; large: a GPU")
-    parser.add_argument("--config", help="YAML config file (fmct.config.DemoConfig)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. n_scans=400 seeds=3")
+    parser.add_argument(
+        "--scale", choices=sorted(DEMO_SCALES), default="small",
+        help="small: a 2-core laptop, under 10 minutes; large: a GPU",
+    )
+    _add_config_args(parser, "n_scans=400 seeds=3 (the keys of fmct.config.DemoConfig)")
     parser.set_defaults(run=_demo_run)
 
 
@@ -442,11 +592,21 @@ PARSERS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fmct", description="Self-supervised 3D foundation model for head CT.")
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: ``fmct [--version]`` and one sub-parser per verb of :data:`PARSERS`."""
+    parser = argparse.ArgumentParser(
+        prog="fmct", description="Self-supervised 3D foundation model for head CT.", epilog=_EXIT_STATUS,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fmct {importlib.metadata.version('fmct')}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in PARSERS:
         add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     # Positionals may stand on both sides of options (`ingest A --out S B k=v`): argparse leaves the later
     # ones over, and they join the verb's positional list.
     args, extra = parser.parse_known_args(argv)
