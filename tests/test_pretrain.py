@@ -467,6 +467,12 @@ def test_online_metrics_appear_in_the_log_from_step_0(tmp_path):
         assert 1.0 <= line["online_rankme"] <= 64
         assert 0.0 <= line["online_knn_auroc_ich"] <= 1.0 and 0.0 <= line["online_linear_auroc_ich"] <= 1.0
     assert all("online_rankme" not in line for line in lines if line["step"] in (2, 6))
+    # The same figures in TensorBoard, when it is installed (the `tensorboard` extra).
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("online_knn_auroc_ich")] == [0, 4, 8]
+    assert "teacher_cosine" in events.Tags()["scalars"]
 
 
 @pytest.mark.slow

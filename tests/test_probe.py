@@ -125,3 +125,18 @@ def test_probe_cli(tmp_path, capsys):
     code = main(["probe", "--embeddings", str(tmp_path / "emb"), "--labels", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o2")])
     error = capsys.readouterr().err
     assert code == 2 and "bad.csv:2 column ich" in error and "Traceback" not in error
+
+
+def test_the_labels_split_column_can_be_set_aside_for_the_configured_fractions(tmp_path):
+    from fmct.eval.probe import ProbeConfig, load_cohort
+
+    labels = tmp_path / "labels.csv"
+    # Every scan marked train by the file; 100 patients of one scan each, half positive.
+    labels.write_text("scan_id,patient_id,split,ich\n" + "".join(f"s{i:03d},p{i:03d},train,{i % 2}\n" for i in range(100)))
+    scan_ids = [f"s{i:03d}" for i in range(100)]
+    kept = load_cohort(str(labels), scan_ids, "the test", ProbeConfig())
+    assert set(kept.split) == {"train"}
+    own = load_cohort(str(labels), scan_ids, "the test", ProbeConfig(use_split_column=False, test_fraction=0.4))
+    counts = own.split_counts()["scans_per_split"]
+    assert counts["test"] == 40 and counts["val"] == 15 and counts["train"] == 45
+    assert own.label_counts()["ich"]["test"] == {"pos": 20, "neg": 20}  # stratified per finding
