@@ -477,9 +477,14 @@ def test_online_metrics_appear_in_the_log_from_step_0(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_raises_the_online_knn_auroc_above_random_init(tmp_path):
-    """A learning check that can fail: 300 steps on 64 phantoms, half of them with a 70 HU bleed, must
-    lift the online k-NN AUROC of "bleed" on validation scans (fitted on one half, scored on the other,
-    by patient) above what the same backbone gives at step 0, its random initialisation."""
+    """A learning check that can fail: 600 steps on 64 phantoms must lift the online k-NN AUROC of a
+    scan-level property on validation scans (fitted on one half, scored on the other, by patient) clearly
+    above what the same backbone gives at step 0, its random initialisation.
+
+    The property is the grain of the brain's texture (smooth with sigma 3-4 voxels, or fine with 1-1.8):
+    visible in every crop of a scan, so self-distillation has every reason to encode it, while a fresh
+    ViT's CLS, nearly the same for every scan, does not tell the two apart.
+    """
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(11)
@@ -488,30 +493,28 @@ def test_pretraining_raises_the_online_knn_auroc_above_random_init(tmp_path):
     store, labels = tmp_path / "store", tmp_path / "labels.csv"
     rows = []
     for i in range(n):
+        coarse = i % 2
         radius = np.sqrt(sum((a / r) ** 2 for a, r in zip(axes, rng.uniform(0.7, 0.9, 3))))
-        texture = gaussian_filter(rng.normal(size=(size,) * 3), sigma=rng.uniform(1.5, 4.0))
+        texture = gaussian_filter(rng.normal(size=(size,) * 3), sigma=rng.uniform(3.0, 4.0) if coarse else rng.uniform(1.0, 1.8))
         hu = np.full((size,) * 3, -1000, np.int16)
         hu[radius < 0.95] = 1200
         brain = radius < 0.85
         hu[brain] = np.round(35 + 10 * texture[brain] / texture.std())
-        bleed = i % 2
-        if bleed:
-            centre = rng.uniform(-0.4, 0.4, 3)
-            hu[(sum((a - c) ** 2 for a, c in zip(axes, centre)) < rng.uniform(0.01, 0.04)) & brain] = 70
         write_scan(store, hu, {"scan_id": f"scan{i:03d}", "store_shape": [size] * 3})
-        rows.append(f"scan{i:03d},p{i:03d},{bleed}\n")
+        rows.append(f"scan{i:03d},p{i:03d},{coarse}\n")
     rebuild_tables(store)
-    labels.write_text("scan_id,patient_id,bleed\n" + "".join(rows))
+    labels.write_text("scan_id,patient_id,coarse\n" + "".join(rows))
     run = tmp_path / "run"
     pretrain(store, run, tiny_config(
-        "model.layerscale_init=null", "optim.batch_size=8", "optim.epoch_length=30", "optim.epochs=10",
-        "optim.warmup_epochs=1", "optim.base_lr=0.02", "dino.start_epochs=1", "dino.teacher_temp_warmup_epochs=3",
-        "engine.log_every=10", "engine.checkpoint_every=1000", "online_eval.every=100", f"online_eval.labels={labels}",
+        "model.layerscale_init=null", "optim.batch_size=8", "optim.epoch_length=30", "optim.epochs=20",
+        "optim.warmup_epochs=1", "optim.base_lr=0.004", "dino.start_epochs=1", "dino.teacher_temp_warmup_epochs=3",
+        "engine.log_every=10", "engine.checkpoint_every=1000", "online_eval.every=150", f"online_eval.labels={labels}",
         "online_eval.knn_k=10"))
-    online = [line for line in log_lines(run) if "online_knn_auroc_bleed" in line]
-    assert [line["step"] for line in online] == [0, 100, 200, 300]
-    at_init, trained = online[0]["online_knn_auroc_bleed"], online[-1]["online_knn_auroc_bleed"]
-    assert trained > at_init + 0.05, (at_init, trained)
+    online = [line for line in log_lines(run) if "online_knn_auroc_coarse" in line]
+    assert [line["step"] for line in online] == [0, 150, 300, 450, 600]
+    at_init, trained = online[0]["online_knn_auroc_coarse"], online[-1]["online_knn_auroc_coarse"]
+    # Measured on the 2-core dev VM: 0.453 at step 0, 0.621 at step 600 (RankMe 2.8 -> 13.4).
+    assert trained > at_init + 0.1, (at_init, trained)
     assert online[-1]["online_rankme"] > online[0]["online_rankme"]
 
 

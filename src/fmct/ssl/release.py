@@ -42,6 +42,18 @@ def online_curve_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def online_change(records: list[dict]) -> str:
+    """One sentence: each online figure at the last evaluation against its step-0 (random-init) value."""
+    rows = [r for r in records if "online_rankme" in r]
+    if len(rows) < 2:
+        return "No online evaluation was logged."
+    first, last = rows[0], rows[-1]
+    keys = sorted(k for k in last if k.startswith("online_knn_auroc_"))
+    changes = [f"{k.removeprefix('online_knn_auroc_')} {first.get(k, float('nan')):.3f} -> {last[k]:.3f}" for k in keys]
+    return (f"From step 0 to step {last['step']}: RankMe {first['online_rankme']:.1f} -> {last['online_rankme']:.1f}; "
+            f"k-NN AUROC {', '.join(changes)}.")
+
+
 def wall_seconds(records: list[dict], global_batch: int) -> float:
     """Training wall time from the log: volumes between logged steps over the logged volumes/s."""
     total, previous = 0.0, 0
@@ -52,7 +64,7 @@ def wall_seconds(records: list[dict], global_batch: int) -> float:
     return total
 
 
-def model_card(name: str, run_dir: Path, data: str, command: str, machine: str) -> str:
+def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, results: str = "") -> str:
     """The model card (Markdown) of run ``run_dir`` shipped as ``name``."""
     records = read_log(run_dir)
     config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
@@ -94,6 +106,11 @@ halves (about 78 scans each): differences under about 0.1 AUROC are noise.
 
 {online_curve_table(records)}
 
+{online_change(records)}
+
+## Results
+{results or "Not measured yet."}
+
 ## Intended use
 Demonstrating and testing fmct's pipeline (embed, probe, fine-tune, evaluate, report) on synthetic
 cohorts; a starting point to compare recipes against.
@@ -107,7 +124,7 @@ cohorts; a starting point to compare recipes against.
 """
 
 
-def package(run_dir: Path, out_dir: Path, name: str, data: str, command: str, machine: str) -> Path:
+def package(run_dir: Path, out_dir: Path, name: str, data: str, command: str, machine: str, results: str = "") -> Path:
     """Copy the run's backbone, log and config into ``out_dir`` and write its model card; return ``out_dir``."""
     backbone = hub.resolve_model_dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +132,7 @@ def package(run_dir: Path, out_dir: Path, name: str, data: str, command: str, ma
         shutil.copyfile(backbone / file, out_dir / file)
     shutil.copyfile(run_dir / LOG_FILE, out_dir / LOG_FILE)
     shutil.copyfile(run_dir / CONFIG_FILE, out_dir / RECIPE_FILE)
-    atomic_write_text(out_dir / "README.md", model_card(name, run_dir, data, command, machine))
+    atomic_write_text(out_dir / "README.md", model_card(name, run_dir, data, command, machine, results))
     return out_dir
 
 
@@ -127,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="what the model was pretrained on (Markdown)")
     parser.add_argument("--command", required=True, help="the command that reproduces the run")
     parser.add_argument("--machine", default="a 2-core CPU (fp32)", help="where it was trained")
+    parser.add_argument("--results", default="", help="what the checkpoint was measured to do downstream (Markdown)")
     args = parser.parse_args(argv)
     try:
-        print(package(args.run, args.out, args.name, args.data, args.command, args.machine))
+        print(package(args.run, args.out, args.name, args.data, args.command, args.machine, args.results))
     except (hub.CheckpointError, FileNotFoundError) as error:
         print(f"release: {error}", file=sys.stderr)
         return 2
