@@ -575,14 +575,39 @@ def _demo_summary(evaluation_dir: Path, config) -> str:
         f"  pretraining is significantly better at: {', '.join(better)}" if better
         else "  at no budget is the pretrained model significantly better than scratch on this run"
     )
+    # The claim, checked at the smallest label fraction: fine-tuned beats scratch, probe beats each floor.
+    low_budget = fractions[0] if fractions else None
+    checks = [(f"fine-tuned from the pretrained model beats scratch", effects)]
     for floor in FLOORS:
         lines.append(f"\n{finding}: pretrained linear probe - {floor} floor, AUROC difference [95% CI], paired bootstrap p")
-        effects = of(arm_effects(evaluation.comparisons, floor), "vit-linear-probe")
-        lines += [difference(e) for e in effects]
-        cleared = [f"{e['group']} {e['label_fraction']} [{e['low']:+.3f}, {e['high']:+.3f}]" for e in effects if e["low"] > 0]
+        floor_effects = of(arm_effects(evaluation.comparisons, floor), "vit-linear-probe")
+        lines += [difference(e) for e in floor_effects]
+        cleared = [f"{e['group']} {e['label_fraction']} [{e['low']:+.3f}, {e['high']:+.3f}]" for e in floor_effects if e["low"] > 0]
         lines.append(f"  pretrained linear probe vs {floor}: "
                      + (f"clears it (95% CI above 0) at {', '.join(cleared)}" if cleared else "clears it at no budget on this run"))
+        checks.append((f"the pretrained linear probe beats the {floor} floor", floor_effects))
+    lines += _claim_lines(finding, low_budget, checks, evaluation.metrics)
     return "\n".join(lines)
+
+
+def _claim_lines(finding: str, fraction: str | None, checks: list[tuple[str, list[dict]]], metrics: list[dict]) -> list[str]:
+    """The demo's claim at label fraction ``fraction``, ID and OOD, each part met (paired 95% CI above 0) or
+    not, with its figure; and the test splits it was judged on (scans, positives)."""
+    sizes = {row["group"]: row for row in metrics if row["finding"] == finding}
+    lines = [f"\nThe claim at {fraction} of the training labels ({finding}; test splits: "
+             + ", ".join(f"{g} {sizes[g]['n_scans']} scans, {sizes[g]['n_pos']} positive" for g in ("ID", "OOD") if g in sizes)
+             + "):"]
+    met_all = True
+    for what, effects in checks:
+        for group in ("ID", "OOD"):
+            effect = next((e for e in effects if e["group"] == group and e["label_fraction"] == fraction), None)
+            met = effect is not None and effect["low"] > 0
+            met_all &= met
+            figure = f"{effect['diff']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]" if effect else "not evaluated"
+            lines.append(f"  {'MET    ' if met else 'NOT MET'} {group:4} {what}: {figure}")
+    lines.append("  the claim holds on this run" if met_all
+                 else "  the claim does NOT hold on this run: pretraining does not pay here (see the figures above)")
+    return lines
 
 
 # In the order of the data flow, as `fmct --help` lists them.

@@ -81,7 +81,7 @@ class DemoConfig:
     # Share of the in-distribution scans in the test split (by patient; the cohort's own split column is
     # not used): 0.4 of 280 gives an ID test split of about 110 scans, about 40 of them with a bleed.
     test_fraction: float = 0.4
-    matrix: int = 256  # DICOM matrix of the synthetic series
+    matrix: int = 128  # DICOM matrix of the synthetic series (2 mm pixels, finer than the 3 mm store)
     workers: int = 2
     seed: int = 0
     store_shape: int = 64  # canonical cube, voxels per side
@@ -91,12 +91,12 @@ class DemoConfig:
     foundation_model: str = "fmct-synth-tiny"
     pretrain_config: str = "pretrain_demo"  # a config shipped in fmct/configs, or a YAML path
     pretrain: list[str] = field(default_factory=list)  # overrides on top of it, e.g. optim.epochs=20
-    pretrain_stop_at_step: int = 30  # the first pretrain call stops here; the second resumes it
+    pretrain_stop_at_step: int = 15  # the first pretrain call stops here; the second resumes it
     label_fractions: str = "0.1,0.3,1"
     seeds: int = 2
     # Findings common enough to have test positives at every site (the rest are rarer).
     findings: str = "ich,midline_shift"
-    finetune_steps: int = 40
+    finetune_steps: int = 30
     finetune_batch_size: int = 12
 
 
