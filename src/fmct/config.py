@@ -75,12 +75,12 @@ class DemoConfig:
     GPU-sized run. Every stage is a public verb and resumes, so a re-run continues where it stopped.
     """
 
-    n_scans: int = 420  # cases cycle through the sites: 280 in-distribution (A, B), 140 held out (C)
+    n_scans: int = 360  # cases cycle through the sites: 240 in-distribution (A, B), 120 held out (C)
     sites: str = "A,B,C"
     ood_sites: str = "C"  # held out: its scans are test-only, the out-of-distribution set
     # Share of the in-distribution scans in the test split (by patient; the cohort's own split column is
-    # not used): 0.4 of 280 gives an ID test split of about 110 scans, about 40 of them with a bleed.
-    test_fraction: float = 0.4
+    # not used): 0.45 of 240 gives an ID test split of about 108 scans, about 36 of them with a bleed.
+    test_fraction: float = 0.45
     matrix: int = 128  # DICOM matrix of the synthetic series (2 mm pixels, finer than the 3 mm store)
     workers: int = 2
     seed: int = 0
@@ -96,7 +96,7 @@ class DemoConfig:
     seeds: int = 2
     # Findings common enough to have test positives at every site (the rest are rarer).
     findings: str = "ich,midline_shift"
-    finetune_steps: int = 30
+    finetune_steps: int = 25
     finetune_batch_size: int = 12
 
 
