@@ -1,11 +1,11 @@
 """Label efficiency of the shipped foundation checkpoint against scratch and the two floors.
 
-Runs ``fmct demo`` on a larger synthetic cohort of its own seed (900 scans: 600 of sites A and B, 300 of
-the held-out site C), findings ich, sdh and fracture, label fractions 1%, 10% and 100%, 3 seeds, then
+Runs ``fmct demo`` on a larger synthetic cohort of its own seed (660 scans: 440 of sites A and B, 220 of
+the held-out site C), findings ich, sdh and fracture, label fractions 1%, 10% and 100%, 2 seeds, then
 prints one JSON line: AUROC [95% CI] per arm x finding x fraction x group (ID / OOD), the paired
 pretrained-minus-scratch and pretrained-probe-minus-floor differences, and the wall time. Arms:
 pretrained linear probe, pretrained fine-tune, scratch fine-tune (same architecture), random-init probe,
-HU-histogram probe. About 25 minutes on 2 CPU cores.
+HU-histogram probe. About 15 minutes on 2 CPU cores.
 
     python benchmarks/label_efficiency.py [--out bench_out/label_efficiency] [key=value ...]
 """
@@ -23,8 +23,8 @@ from fmct.cli import main as fmct
 from fmct.eval.evaluate import FLOORS, arm_effects, pretraining_effects, read_evaluation
 
 SETTINGS = [
-    "n_scans=900", "seed=7", "test_fraction=0.3", "findings=ich,sdh,fracture", "label_fractions=0.01,0.1,1",
-    "seeds=3",
+    "n_scans=660", "seed=7", "test_fraction=0.3", "findings=ich,sdh,fracture", "label_fractions=0.01,0.1,1",
+    "seeds=2",
 ]
 
 
