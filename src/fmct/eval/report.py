@@ -254,7 +254,8 @@ def learning_curve_figure(records: list[dict], title: str):
     """Three panels by step: the loss terms; the teacher's head-output cosine between scans (near 1 for a
     collapsed DINO head) and its entropy; the online validation k-NN and linear AUROC per finding (left
     axis) and RankMe (right axis)."""
-    figure, (losses, teacher, online) = plt.subplots(1, 3, figsize=(15, 4))
+    figure, (losses, teacher, online) = plt.subplots(1, 3, figsize=(17, 4.2))
+    figure.subplots_adjust(wspace=0.45)  # room for the twin axes' labels between the panels
 
     def series(key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
