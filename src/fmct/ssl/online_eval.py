@@ -67,18 +67,17 @@ class OnlineEvaluator:
                  batch_size: int = 16):
         self.windows, self.device, self.batch_size, self.knn_k = list(windows), device, batch_size, knn_k
         store = Store(store)
-        scan_ids = sorted(store.scan_ids)
-        self.findings: list[str] = []
-        self.labels = np.zeros((0, 0))
-        self.half = np.array([])
+        scan_ids, all_findings = sorted(store.scan_ids), []
+        labels_table, half = np.zeros((len(scan_ids), 0)), np.full(len(scan_ids), "")
         if labels:
-            scan_ids, self.labels, self.half, self.findings = _validation_labels(store, labels, findings, excluded_sites)
-        scan_ids = scan_ids[:max_scans]
-        self.labels, self.half = self.labels[: len(scan_ids)], self.half[: len(scan_ids)]
-        volumes = StoreVolumes(store, scan_ids)
-        self.scan_ids = volumes.scan_ids
+            scan_ids, labels_table, half, all_findings = _validation_labels(store, labels, findings, excluded_sites)
+        volumes = StoreVolumes(store, scan_ids[:max_scans])
+        # Scans of another grid are left out by StoreVolumes: keep the label rows of the scans it kept.
+        row_of = {scan_id: i for i, scan_id in enumerate(scan_ids)}
+        kept = [row_of[scan_id] for scan_id in volumes.scan_ids]
+        self.scan_ids, self.labels, self.half = volumes.scan_ids, labels_table[kept], half[kept]
         self.hu = torch.stack([volumes[i][0] for i in range(len(volumes))])  # (N, 1, X, Y, Z) int16
-        self.scored = [(column, f) for column, f in enumerate(self.findings) if self._scorable(column)]
+        self.scored = [(column, f) for column, f in enumerate(all_findings) if self._scorable(column)]
 
     def _scorable(self, column: int) -> bool:
         y = self.labels[:, column]
