@@ -170,7 +170,7 @@ def to_dict(config: Any) -> dict:
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    from fmct.store import atomic_write_text
+    from fmct.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 

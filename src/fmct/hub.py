@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from fmct.models.vit3d import ViT3D, ViT3DConfig
-from fmct.store import atomic_write_bytes, atomic_write_text
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

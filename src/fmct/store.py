@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import secrets
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from tqdm import tqdm
+
+from fmct.atomic import atomic_save_npy, atomic_write_text
 
 if TYPE_CHECKING:
     from fmct.config import IngestConfig
@@ -54,40 +55,6 @@ MANIFEST_COLUMNS = [
     "affine",  # 4x4 row-major: store voxel (i, j, k) -> source world RAS mm (DICOM LPS with x, y negated)
 ]
 _JSON_COLUMNS = {"original_shape", "original_spacing_mm", "store_shape", "store_spacing_mm", "affine"}
-
-
-# ------------------------------------------------------------------------------------ atomic writes
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    _atomic_write(Path(path), lambda handle: handle.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` as .npy (no pickle) through a temporary file and a rename."""
-    _atomic_write(Path(path), lambda handle: np.save(handle, array, allow_pickle=False))
 
 
 # ---------------------------------------------------------------------------------------- the store

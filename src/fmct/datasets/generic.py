@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmct.store import atomic_write_text
+from fmct.atomic import atomic_write_text
 
 KEY_COLUMNS = ("scan_id", "source")
 META_COLUMNS = ("patient_id", "site", "split")

@@ -49,7 +49,7 @@ from fmct.eval.embeddings import write_embeddings
 from fmct.eval.evaluate import rows_to_csv
 from fmct.eval.probe import file_sha256
 from fmct.models import ViT3D
-from fmct.store import atomic_write_bytes, atomic_write_text
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 
 
 @dataclass

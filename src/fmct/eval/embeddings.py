@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmct.store import atomic_write_bytes, atomic_write_text
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 
 FEATURE_NAMES = ("cls", "patch_mean")
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from fmct.eval import metrics as M
-from fmct.store import atomic_write_text
+from fmct.atomic import atomic_write_text
 
 PREDICTION_COLUMNS = [
     "scan_id", "patient_id", "site", "split", "finding", "label", "score",

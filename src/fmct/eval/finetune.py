@@ -56,7 +56,7 @@ from fmct.eval.probe import Cohort, file_sha256, load_cohort
 from fmct.eval.splits import training_subset
 from fmct.models import ViT3D, ViT3DConfig
 from fmct.models.vit3d import grouped_parameters
-from fmct.store import atomic_write_bytes, atomic_write_text
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 
 HEADS = ("linear", "attentive")
 

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from fmct import hub  # noqa: E402
 from fmct.eval.evaluate import FLOORS, Evaluation, arm_effects, evaluate, pretraining_effects, read_evaluation  # noqa: E402
-from fmct.store import atomic_write_bytes, atomic_write_text  # noqa: E402
+from fmct.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 SECTIONS = ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
 

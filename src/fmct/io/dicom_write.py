@@ -34,7 +34,7 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from fmct.io.dicom import gantry_tilt_deg
-from fmct.store import atomic_write_bytes
+from fmct.atomic import atomic_write_bytes
 
 TRANSFER_SYNTAXES = {
     "explicit": ExplicitVRLittleEndian,

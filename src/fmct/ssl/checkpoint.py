@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fmct.store import atomic_write_bytes
+from fmct.atomic import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "fmct-pretrain"

@@ -64,7 +64,8 @@ from fmct.ssl.koleo_loss import KoLeoLoss
 from fmct.ssl.mae import MAEDecoder, MaskSplit, mae_loss, patchify3d, random_masking
 from fmct.ssl.online_eval import OnlineEvaluator, build_online_evaluator
 from fmct.ssl.schedules import Schedules, StepValues
-from fmct.store import Store, atomic_write_text
+from fmct.store import Store
+from fmct.atomic import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"

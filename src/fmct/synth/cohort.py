@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from fmct.io.dicom_write import write_series
-from fmct.store import atomic_write_bytes, atomic_write_text
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.sites import SITES, SiteProfile
 from fmct.synth.subject import Subject, SyntheticScan

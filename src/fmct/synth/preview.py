@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmct.store import atomic_write_bytes
+from fmct.atomic import atomic_write_bytes
 from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.subject import SyntheticScan
 
