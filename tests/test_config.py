@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from fmct.config import ConfigError, IngestConfig, load_config, save_config
+from fmct.config import IngestConfig, load_config, save_config
+from fmct.errors import ConfigError
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from fmct.errors import ConfigError, InputError, ScanError
 import torch
 
-from fmct.config import ConfigError, load_config
+from fmct.config import load_config
 from fmct.data.augment import (
     AugmentConfig,
     CropBoxes,
@@ -17,7 +19,6 @@ from fmct.data.augment import (
 )
 from fmct.data.dataset import StepBatchSampler, StoreVolumes, make_loader, step_generator
 from fmct.data.masking import block_mask_3d, sample_ibot_masks
-from fmct.io.volume import ScanError
 from fmct.store import write_scan
 
 torch.set_num_threads(1)
@@ -264,7 +265,7 @@ def test_store_volumes_reads_int16_and_skips_other_shapes(tmp_path):
     assert np.array_equal(hu[0].numpy(), volumes[dataset.scan_ids[2]])
     subset = StoreVolumes(tmp_path, scan_ids=["scan004", "scan001"])
     assert subset.scan_ids == ["scan004", "scan001"] and int(subset[1][0][0, 0, 0, 0]) == 100
-    with pytest.raises(ValueError, match="not in the store"):
+    with pytest.raises(InputError, match="not in the store"):
         StoreVolumes(tmp_path, scan_ids=["nope"])
 
 

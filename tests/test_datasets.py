@@ -3,6 +3,8 @@
 import numpy as np
 import pydicom
 import pytest
+
+from fmct.errors import InputError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -23,12 +25,12 @@ def test_generic_csv_with_renaming_and_unknowns(tmp_path):
     assert again.rows == labels.rows
 
     path.write_text("scan_id,ich\nabc,2\n")
-    with pytest.raises(ValueError, match=r"labels.csv:2 column ich: label '2'"):
+    with pytest.raises(InputError, match=r"labels.csv:2 column ich: label '2'"):
         load_labels(str(path))
     path.write_text("name,ich\nabc,1\n")
-    with pytest.raises(ValueError, match="scan_id or source"):
+    with pytest.raises(InputError, match="scan_id or source"):
         load_labels(str(path))
-    with pytest.raises(ValueError, match="no column 'Bleed'"):
+    with pytest.raises(InputError, match="no column 'Bleed'"):
         load_labels("generic:" + str(tmp_path / "out.csv"), rename={"Bleed": "ich"})
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fmct import hub
+from fmct.errors import CheckpointError
 from fmct.models import ViT3DConfig, build_vit3d
 
 torch.set_num_threads(1)
@@ -45,13 +46,13 @@ def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
 
 
 def test_bad_folders_give_one_line_errors(tmp_path):
-    with pytest.raises(hub.CheckpointError, match=r"config\.json: missing") as error:
+    with pytest.raises(CheckpointError, match=r"config\.json: missing") as error:
         hub.load(tmp_path / "nowhere")
     assert "\n" not in str(error.value)
     folder = hub.save(small_model(), tmp_path / "model")
 
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(hub.CheckpointError, match="unreadable safetensors file") as error:
+    with pytest.raises(CheckpointError, match="unreadable safetensors file") as error:
         hub.load(folder)
     assert str(folder / "model.safetensors") in str(error.value) and "\n" not in str(error.value)
 
@@ -59,17 +60,17 @@ def test_bad_folders_give_one_line_errors(tmp_path):
     info = json.loads((folder / "config.json").read_text())
     info["config"]["depth"] = 2
     (folder / "config.json").write_text(json.dumps(info))
-    with pytest.raises(hub.CheckpointError, match="weights do not match") as error:
+    with pytest.raises(CheckpointError, match="weights do not match") as error:
         hub.load(folder)
     assert "\n" not in str(error.value)
 
     info["config"]["size"] = "gigantic"
     (folder / "config.json").write_text(json.dumps(info))
-    with pytest.raises(hub.CheckpointError, match="invalid model config"):
+    with pytest.raises(CheckpointError, match="invalid model config"):
         hub.load(folder)
 
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(hub.CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="unreadable"):
         hub.load(folder)
 
 

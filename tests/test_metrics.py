@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from fmct.errors import InputError
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from fmct.eval import metrics as M
@@ -141,7 +143,7 @@ def test_explicit_split_wins_and_ood_sites_are_test_only():
     assert split[1] == "ood" and split[6] == "ood"
     assert split[0] == "test"  # patient a is also at the OOD site: never trained on
     assert split[2] == "val"
-    with pytest.raises(ValueError, match="patient 'a'"):
+    with pytest.raises(InputError, match="patient 'a'"):
         assign_splits(patients, labels, sites, np.array(["train", "test", "", "", "", "", ""]))
 
 
@@ -156,5 +158,5 @@ def test_label_fractions_and_shots_take_the_right_counts():
     large = training_subset(labels, seed=2, finding="ich", fraction=0.1)
     assert set(small) <= set(large)  # nested budgets
     assert not np.array_equal(small, training_subset(labels, seed=3, finding="ich", fraction=0.01))
-    with pytest.raises(ValueError, match="one positive and one negative"):
+    with pytest.raises(InputError, match="one positive and one negative"):
         training_subset(np.zeros(10), seed=0, finding="edh", fraction=0.5)

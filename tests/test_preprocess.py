@@ -74,7 +74,7 @@ def test_nearest_interpolation_only_copies_source_values():
 
 
 def test_a_mask_is_not_taken_for_a_ct():
-    from fmct.io.volume import ScanError
+    from fmct.errors import ScanError
 
     mask = Volume(hu=np.zeros((64, 64, 40), np.float32), affine=np.diag([3.0, 3.0, 5.0, 1.0]))
     mask.hu[20:40, 20:40, 10:30] = 1

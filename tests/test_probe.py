@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+
+from fmct.errors import InputError
 from sklearn.metrics import roc_auc_score
 
 from fmct.cli import main
@@ -42,7 +44,7 @@ def test_embeddings_round_trip_without_pickle(tmp_path):
     assert embeddings.feature_matrix("concat").shape == (2, 5)
     with np.load(tmp_path / "e" / "embeddings.npz", allow_pickle=False) as data:
         assert data["scan_id"].dtype.kind == "U"
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(InputError, match="unique"):
         write_embeddings(tmp_path / "f", ["a", "a"], {"cls": np.eye(2)})
 
 
@@ -98,7 +100,7 @@ def test_probe_maps_source_labels_through_the_store(tmp_path):
         writer.writerow([str(tmp_path / "dicom" / "elsewhere"), 1])
 
     config = ProbeConfig(label_fractions=(1.0,), seeds=1)
-    with pytest.raises(ValueError, match="need --store"):
+    with pytest.raises(InputError, match="need --store"):
         run_probe(tmp_path / "emb", str(tmp_path / "by_source.csv"), tmp_path / "out", config)
     summary = run_probe(tmp_path / "emb", str(tmp_path / "by_source.csv"), tmp_path / "out", config, store_path=store)
     assert summary.notes == ["1 label rows match no scan of the store"]

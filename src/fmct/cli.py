@@ -12,7 +12,8 @@ import textwrap
 from functools import cached_property, partial
 from pathlib import Path
 
-from fmct.config import DEMO_SCALES, ConfigError
+from fmct.config import DEMO_SCALES
+from fmct.errors import FmctError, UsageError
 
 
 # A config override: a dotted key, "=", a value (a path never starts like this unless it has "=").
@@ -29,10 +30,6 @@ exit status:
 
 _CONFIG_HELP = "YAML config file, or the name of one shipped in fmct/configs (default: none, the built-in defaults)"
 _RENAME_HELP = "generic CSV column renaming, e.g. Hemorrhage=ich,PatientID=patient_id (default: none)"
-
-
-class UsageError(Exception):
-    """A bad command line or input path, reported in one line with exit status 2."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -217,10 +214,7 @@ def _probe_run(args) -> int:
     overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
     config = load_config(ProbeConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
-    try:
-        summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None)
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from None
+    summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None)
     print(summary.describe(Path(args.out)))
     return 0 if summary.n_predictions else 1
 
@@ -242,10 +236,7 @@ def _evaluate_parser(sub) -> None:
 def _evaluate_run(args) -> int:
     from fmct.eval.evaluate import evaluate, write_evaluation
 
-    try:
-        evaluation = evaluate(args.predictions, n_bootstrap=args.bootstrap, seed=args.seed)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    evaluation = evaluate(args.predictions, n_bootstrap=args.bootstrap, seed=args.seed)
     write_evaluation(evaluation, args.out)
     print(f"evaluate: {len(evaluation.metrics)} metric rows, {len(evaluation.comparisons)} comparisons -> {args.out}")
     return 0
@@ -269,10 +260,7 @@ def _report_parser(sub) -> None:
 def _report_run(args) -> int:
     from fmct.eval.report import write_report
 
-    try:
-        path = write_report(args.folders, args.out, n_bootstrap=args.bootstrap, seed=args.seed, pretraining=args.pretraining)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    path = write_report(args.folders, args.out, n_bootstrap=args.bootstrap, seed=args.seed, pretraining=args.pretraining)
     print(f"report: {path}")
     return 0
 
@@ -305,12 +293,8 @@ def _synth_parser(sub) -> None:
 def _synth_run(args) -> int:
     from fmct.synth import generate_cohort, parse_sites
 
-    try:
-        sites = parse_sites(args.sites)
-        summary = generate_cohort(args.out, n=args.n, sites=sites, fmt=args.format, layout=args.layout,
-                                  seed=args.seed, workers=args.workers, preview=args.preview, matrix=args.matrix)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    summary = generate_cohort(args.out, n=args.n, sites=parse_sites(args.sites), fmt=args.format, layout=args.layout,
+                              seed=args.seed, workers=args.workers, preview=args.preview, matrix=args.matrix)
     print(summary.describe())
     return 0
 
@@ -332,18 +316,11 @@ def _pretrain_parser(sub) -> None:
 
 def _pretrain_run(args) -> int:
     from fmct.config import load_config
-    from fmct.ssl.checkpoint import TrainStateError
     from fmct.ssl.config import PretrainConfig
-    from fmct.ssl.train import PretrainError, pretrain
+    from fmct.ssl.train import pretrain
 
     config = load_config(PretrainConfig, args.config, args.overrides)
-    try:
-        result = pretrain(args.store, args.out, config)
-    except FileNotFoundError as error:
-        raise UsageError(str(error)) from None
-    except (PretrainError, TrainStateError) as error:
-        print(f"fmct pretrain: {error}", file=sys.stderr)
-        return 1
+    result = pretrain(args.store, args.out, config)
     if result["rank"] == 0:
         print(f"pretrain: {result['step']} of {result['total_steps']} steps -> {args.out}")
     return 0
@@ -379,15 +356,11 @@ def _embed_parser(sub) -> None:
 def _embed_run(args) -> int:
     from fmct.config import load_config
     from fmct.eval.embed import EmbedConfig, embed_store
-    from fmct.hub import CheckpointError
 
     flags = {"batch_size": args.batch_size, "workers": args.workers, "arm": args.arm, "compile": args.compile or None}
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     config = load_config(EmbedConfig, args.config, args.overrides + overrides)
-    try:
-        summary = embed_store(args.model, args.store, args.out, config, like=args.like)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from None
+    summary = embed_store(args.model, args.store, args.out, config, like=args.like)
     print(summary.describe())
     return 0
 
@@ -432,7 +405,6 @@ def _finetune_run(args) -> int:
 
     from fmct.config import load_config
     from fmct.eval.finetune import FinetuneConfig, run_finetune
-    from fmct.hub import CheckpointError
 
     lists = {"label_fractions": args.label_fractions, "shots": args.shots, "ood_sites": args.ood_sites, "findings": args.findings}
     overrides = [f"{key}=[{value}]" for key, value in lists.items() if value is not None]
@@ -443,10 +415,7 @@ def _finetune_run(args) -> int:
     overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
     config = load_config(FinetuneConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
-    try:
-        summary = run_finetune(args.model, args.store, args.labels, args.out, config, like=args.like, rename=rename or None)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from None
+    summary = run_finetune(args.model, args.store, args.labels, args.out, config, like=args.like, rename=rename or None)
     print(summary.describe(Path(args.out)))
     return 0 if summary.n_predictions else 1
 
@@ -577,7 +546,7 @@ def _demo_summary(evaluation_dir: Path, config) -> str:
     )
     # The claim, checked at the smallest label fraction: fine-tuned beats scratch, probe beats each floor.
     low_budget = fractions[0] if fractions else None
-    checks = [(f"fine-tuned from the pretrained model beats scratch", effects)]
+    checks = [("fine-tuned from the pretrained model beats scratch", effects)]
     for floor in FLOORS:
         lines.append(f"\n{finding}: pretrained linear probe - {floor} floor, AUROC difference [95% CI], paired bootstrap p")
         floor_effects = of(arm_effects(evaluation.comparisons, floor), "vit-linear-probe")
@@ -643,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, positional, getattr(args, positional) + extra)
     try:
         return args.run(args)
-    except (ConfigError, UsageError) as error:
+    except FmctError as error:  # one line a user can act on; any other exception is a bug and keeps its traceback
         print(f"fmct {args.verb}: {error}", file=sys.stderr)
-        return 2
+        return error.exit_status
     except KeyboardInterrupt:
         print(f"fmct {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -16,11 +16,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from fmct.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config's fields (a usage error, exit 2)."""
 
 
 # --------------------------------------------------------------------------------------------- ingest
@@ -206,7 +204,7 @@ def _build(cls: type[T], values: dict, prefix: str) -> T:
         kwargs[name] = _coerce(hints[name], value, prefix + name)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:  # a config's own checks (__post_init__) speak for it
+    except (TypeError, ValueError, ConfigError) as error:  # a config's own checks (__post_init__) speak for it
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
 
 

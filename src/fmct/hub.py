@@ -22,14 +22,11 @@ from safetensors.torch import save as safetensors_bytes
 
 from fmct.models.vit3d import ViT3D, ViT3DConfig
 from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.errors import CheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "fmct-vit3d"
-
-
-class CheckpointError(Exception):
-    """A model folder that cannot be loaded; ``str(error)`` is one line naming the file and the reason."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from fmct.config import CanonicalConfig
-from fmct.io.volume import ScanError, Volume
+from fmct.errors import ScanError
+from fmct.io.volume import Volume
 
 # Spacing (mm) of the coarse copy used to find the head: fine enough for a 5 mm opening, cheap to label.
 _MASK_SPACING_MM = 3.0

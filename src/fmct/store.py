@@ -19,7 +19,6 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -34,6 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from fmct.atomic import atomic_save_npy, atomic_write_text
+from fmct.tables import rows_to_csv
+from fmct.errors import InputError
 
 if TYPE_CHECKING:
     from fmct.config import IngestConfig
@@ -68,7 +69,7 @@ class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not (self.path / "scans").is_dir():
-            raise FileNotFoundError(f"{self.path}: not an fmct store (no scans/ folder)")
+            raise InputError(f"{self.path}: not an fmct store (no scans/ folder)")
         manifest = self.path / "manifest.csv"
         rows = read_manifest(manifest) if manifest.exists() else None
         if rows is None or len(rows) != len(list((self.path / "scans").glob("*.json"))):
@@ -134,9 +135,9 @@ def rebuild_tables(store_path: Path) -> tuple[int, int]:
     rows = sorted(
         (json.loads(p.read_text()) for p in (store_path / "scans").glob("*.json")), key=lambda r: r["scan_id"]
     )
-    atomic_write_text(store_path / "manifest.csv", _to_csv(rows, MANIFEST_COLUMNS))
+    atomic_write_text(store_path / "manifest.csv", rows_to_csv(_table_rows(rows), MANIFEST_COLUMNS))
     errors = [json.loads(p.read_text()) for p in sorted((store_path / "errors").glob("*.json"))]
-    atomic_write_text(store_path / "errors.csv", _to_csv(errors, ["source", "reason"]))
+    atomic_write_text(store_path / "errors.csv", rows_to_csv(errors, ["source", "reason"]))
     return len(rows), len(errors)
 
 
@@ -157,15 +158,9 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def _to_csv(rows: list[dict], columns: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(
-            {k: json.dumps(row.get(k)) if k in _JSON_COLUMNS else ("" if row.get(k) is None else row.get(k)) for k in columns}
-        )
-    return buffer.getvalue()
+def _table_rows(rows: list[dict]) -> list[dict]:
+    # JSON columns hold lists (spacing, shape); read_manifest decodes them, "null" included.
+    return [{**row, **{key: json.dumps(row.get(key)) for key in _JSON_COLUMNS}} for row in rows]
 
 
 # ------------------------------------------------------------------------------------------- ingest
@@ -214,7 +209,8 @@ def ingest(
     never stops the batch: its one-line reason goes to ``errors.csv``. Identifiers are replaced by salted
     hashes (``scan_id``, ``patient_key``, ``study_key``) before anything is written.
     """
-    from fmct.config import ConfigError, save_config
+    from fmct.config import save_config
+    from fmct.errors import ConfigError
     from fmct.io import discover, select_series
     from fmct.io.dicom import walk_files
 
@@ -278,7 +274,8 @@ def pseudonym(salt: str, kind: str, value: str) -> str:
 
 def _settle_salt(store_path: Path, config: "IngestConfig") -> "IngestConfig":
     """Use the store's salt for an existing store; a new random one for a new store unless given."""
-    from fmct.config import ConfigError, IngestConfig, load_config
+    from fmct.config import IngestConfig, load_config
+    from fmct.errors import ConfigError
 
     existing = store_path / "config.yaml"
     if existing.exists():

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fmct.config import ConfigError
+from fmct.errors import ConfigError
 
 DEFAULT_WINDOWS = [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)]  # (level, width) HU: brain, subdural, bone
 

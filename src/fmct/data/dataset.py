@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fmct.io.volume import ScanError
 from fmct.store import Store
+from fmct.errors import InputError, ScanError
 
 
 class StoreVolumes(Dataset):
@@ -45,11 +45,11 @@ class StoreVolumes(Dataset):
             scan_ids = self.store.scan_ids
         unknown = [s for s in scan_ids if s not in self.store]
         if unknown:
-            raise ValueError(f"{self.store.path}: {len(unknown)} scan ids not in the store, e.g. {unknown[0]!r}")
+            raise InputError(f"{self.store.path}: {len(unknown)} scan ids not in the store, e.g. {unknown[0]!r}")
         rows = {row["scan_id"]: row for row in self.store.rows}
         shapes = {s: tuple(rows[s]["store_shape"]) for s in scan_ids}
         if not shapes:
-            raise ValueError(f"{self.store.path}: no scans to read")
+            raise InputError(f"{self.store.path}: no scans to read")
         values = list(shapes.values())
         self.shape: tuple[int, int, int] = max(set(values), key=values.count)
         self.scan_ids: list[str] = [s for s in scan_ids if shapes[s] == self.shape]

@@ -19,6 +19,7 @@ from pathlib import Path
 from fmct.datasets.cq500 import is_cq500, read_cq500
 from fmct.datasets.generic import Labels, read_generic, write_labels
 from fmct.datasets.rsna import is_rsna, read_rsna
+from fmct.errors import InputError
 
 ADAPTERS = {"cq500": read_cq500, "rsna": read_rsna, "generic": read_generic}
 
@@ -34,9 +35,9 @@ def load_labels(spec: str, rename: dict[str, str] | None = None) -> Labels:
         path = Path(spec)
         adapter = _detect(path)
     if not path.is_file():
-        raise ValueError(f"{path}: labels file not found")
+        raise InputError(f"{path}: labels file not found")
     if rename and adapter != "generic":
-        raise ValueError(f"{path}: column renaming applies to generic CSVs only, not {adapter}")
+        raise InputError(f"{path}: column renaming applies to generic CSVs only, not {adapter}")
     return read_generic(path, rename) if adapter == "generic" else ADAPTERS[adapter](path)
 
 
@@ -45,7 +46,7 @@ def _detect(path: Path) -> str:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             header = next(csv.reader(handle), [])
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"{path}: cannot read labels: {error}") from None
+        raise InputError(f"{path}: cannot read labels: {error}") from None
     if is_cq500(header):
         return "cq500"
     if is_rsna(header):
@@ -97,7 +98,7 @@ def match_to_store(labels: Labels, manifest_rows: list[dict]) -> tuple[list[dict
         for scan in scans:
             if owner.get(scan["scan_id"], index) != index:
                 other = labels.rows[owner[scan["scan_id"]]]["source"]
-                raise ValueError(f"scan {scan['scan_id']} (source {scan['source']}) matches two label rows: {row['source']} and {other}")
+                raise InputError(f"scan {scan['scan_id']} (source {scan['source']}) matches two label rows: {row['source']} and {other}")
             owner[scan["scan_id"]] = index
             matched.append({**row, "scan_id": scan["scan_id"]})
     return matched, unmatched

@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 
 from fmct.datasets.generic import Labels, parse_label
+from fmct.errors import InputError
 
 # CQ500 column -> fmct finding name. The other CQ500 columns (bleed side, chronic bleed, calvarial and
 # other fracture) have no fmct finding.
@@ -68,17 +69,17 @@ def read_cq500(path: str | os.PathLike) -> Labels:
             header = [c.strip() for c in reader.fieldnames or []]
             raw_rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"{path}: cannot read CQ500 reads: {error}") from None
+        raise InputError(f"{path}: cannot read CQ500 reads: {error}") from None
     name_column = next((c for c in header if c.lower() in ("name", "study", "study_name")), None)
     if name_column is None:
-        raise ValueError(f"{path}: no study name column (name)")
+        raise InputError(f"{path}: no study name column (name)")
     readers: dict[str, list[str]] = {}
     for column in header:
         match = READER_COLUMN.match(column)
         if match and match.group(2) in FINDING_COLUMNS:
             readers.setdefault(FINDING_COLUMNS[match.group(2)], []).append(column)
     if not readers:
-        raise ValueError(f"{path}: no reader columns such as R1:ICH")
+        raise InputError(f"{path}: no reader columns such as R1:ICH")
     findings = [f for f in FINDING_COLUMNS.values() if f in readers]
     names = [row[name_column] for row in raw_rows]
     folders = _study_folders(path.parent, names)
@@ -86,7 +87,7 @@ def read_cq500(path: str | os.PathLike) -> Labels:
     for line, raw in enumerate(raw_rows, start=2):
         name = raw[name_column]
         if not name:
-            raise ValueError(f"{path}:{line}: empty study name")
+            raise InputError(f"{path}:{line}: empty study name")
         row = {"scan_id": "", "source": str(folders.get(name, path.parent / name)), "patient_id": name, "site": "cq500", "split": ""}
         for finding in findings:
             votes = [parse_label(raw[c], f"{path}:{line} column {c}") for c in readers[finding]]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmct.atomic import atomic_write_text
+from fmct.tables import rows_to_csv
+from fmct.errors import InputError
 
 KEY_COLUMNS = ("scan_id", "source")
 META_COLUMNS = ("patient_id", "site", "split")
@@ -45,7 +47,7 @@ def parse_label(value: str, where: str) -> int | None:
         return 0
     if text in _UNKNOWN:
         return None
-    raise ValueError(f"{where}: label {value!r} is not 1, 0 or empty")
+    raise InputError(f"{where}: label {value!r} is not 1, 0 or empty")
 
 
 def read_generic(path: str | os.PathLike, rename: dict[str, str] | None = None) -> Labels:
@@ -58,26 +60,26 @@ def read_generic(path: str | os.PathLike, rename: dict[str, str] | None = None) 
             original = [c.strip() for c in reader.fieldnames or []]
             raw_rows = [list(row.values()) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"{path}: cannot read labels CSV: {error}") from None
+        raise InputError(f"{path}: cannot read labels CSV: {error}") from None
     missing = sorted(set(rename) - set(original))
     if missing:
-        raise ValueError(f"{path}: no column {missing[0]!r} to rename (columns: {', '.join(original)})")
+        raise InputError(f"{path}: no column {missing[0]!r} to rename (columns: {', '.join(original)})")
     header = [rename.get(c, c) for c in original]
     if len(set(header)) != len(header):
-        raise ValueError(f"{path}: duplicate column names after renaming: {header}")
+        raise InputError(f"{path}: duplicate column names after renaming: {header}")
     key = next((c for c in KEY_COLUMNS if c in header), None)
     if key is None:
-        raise ValueError(f"{path}: needs a scan_id or source column (columns: {', '.join(header)})")
+        raise InputError(f"{path}: needs a scan_id or source column (columns: {', '.join(header)})")
     findings = [c for c in header if c not in KEY_COLUMNS + META_COLUMNS]
     if not findings:
-        raise ValueError(f"{path}: no finding column")
+        raise InputError(f"{path}: no finding column")
     rows = []
     for line, values in enumerate(raw_rows, start=2):
         if len(values) != len(header) or any(v is None for v in values):
-            raise ValueError(f"{path}:{line}: {len(values)} cells for {len(header)} columns")
+            raise InputError(f"{path}:{line}: {len(values)} cells for {len(header)} columns")
         cells = dict(zip(header, (v.strip() for v in values)))
         if not cells[key]:
-            raise ValueError(f"{path}:{line}: empty {key}")
+            raise InputError(f"{path}:{line}: empty {key}")
         row = {c: cells.get(c, "") for c in KEY_COLUMNS + META_COLUMNS}
         for finding in findings:
             row[finding] = parse_label(cells[finding], f"{path}:{line} column {finding}")
@@ -88,12 +90,4 @@ def read_generic(path: str | os.PathLike, rename: dict[str, str] | None = None) 
 def write_labels(labels: Labels, path: str | os.PathLike) -> None:
     """Write ``labels`` as a labels CSV of DESIGN.md (unknown as empty), atomically."""
     columns = [c for c in KEY_COLUMNS if any(row.get(c) for row in labels.rows)] + list(META_COLUMNS) + labels.findings
-    lines = [",".join(columns)]
-    for row in labels.rows:
-        cells = ["" if row.get(c) is None else str(row.get(c)) for c in columns]
-        lines.append(",".join(_quote(c) for c in cells))
-    atomic_write_text(Path(path), "\n".join(lines) + "\n")
-
-
-def _quote(cell: str) -> str:
-    return '"' + cell.replace('"', '""') + '"' if any(ch in cell for ch in ',"\n') else cell
+    atomic_write_text(Path(path), rows_to_csv(labels.rows, columns))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fmct.datasets.generic import Labels, parse_label
 from fmct.io.dicom import discover
+from fmct.errors import InputError
 
 SUBTYPES = {
     "epidural": "edh", "intraparenchymal": "iph", "intraventricular": "ivh",
@@ -38,22 +39,22 @@ def read_slice_labels(path: Path) -> dict[str, dict[str, int]]:
             reader = csv.reader(handle)
             header = next(reader, [])
             if not is_rsna(header):
-                raise ValueError(f"{path}: header {header} is not ID,Label")
+                raise InputError(f"{path}: header {header} is not ID,Label")
             for line, cells in enumerate(reader, start=2):
                 if not cells:
                     continue
                 if len(cells) != 2:
-                    raise ValueError(f"{path}:{line}: expected ID,Label")
+                    raise InputError(f"{path}:{line}: expected ID,Label")
                 image, _, subtype = cells[0].strip().rpartition("_")
                 if subtype not in SUBTYPES or not image.startswith("ID_"):
-                    raise ValueError(f"{path}:{line}: {cells[0]!r} is not ID_<hex>_<type> with a known type")
+                    raise InputError(f"{path}:{line}: {cells[0]!r} is not ID_<hex>_<type> with a known type")
                 value = parse_label(cells[1], f"{path}:{line}")
                 if value is None:
                     continue
                 finding = SUBTYPES[subtype]
                 slices[image][finding] = max(value, slices[image].get(finding, 0))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"{path}: cannot read RSNA labels: {error}") from None
+        raise InputError(f"{path}: cannot read RSNA labels: {error}") from None
     return slices
 
 
@@ -68,7 +69,7 @@ def read_rsna(path: str | os.PathLike) -> Labels:
     series_list, unreadable = discover([path.parent])
     series_list = [info for info in series_list if any(_slice_name(f) in slices for f in info.files)]
     if not series_list:
-        raise ValueError(f"{path}: no labelled slice has a readable DICOM file under {path.parent}")
+        raise InputError(f"{path}: no labelled slice has a readable DICOM file under {path.parent}")
 
     findings = [f for f in SUBTYPES.values() if any(f in labels for labels in slices.values())]
     study_labels: dict[str, dict[str, int]] = defaultdict(dict)

@@ -46,10 +46,11 @@ from fmct.config import save_config, to_dict
 from fmct.data import DEFAULT_WINDOWS, StoreVolumes, embed_transform
 from fmct.eval import radiomics
 from fmct.eval.embeddings import write_embeddings
-from fmct.eval.evaluate import rows_to_csv
 from fmct.eval.probe import file_sha256
 from fmct.models import ViT3D
 from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.tables import rows_to_csv
+from fmct.errors import CheckpointError, ConfigError, InputError, UsageError
 
 
 @dataclass
@@ -94,7 +95,7 @@ def model_windows(model_dir: str | os.PathLike) -> list[tuple[float, float]]:
     except (TypeError, ValueError):
         windows = []
     if not windows or any(width <= 0 for _, width in windows):
-        raise hub.CheckpointError(f"{Path(model_dir) / hub.CONFIG_FILE}: extra.windows must be a list of [level, width] HU with width > 0")
+        raise CheckpointError(f"{Path(model_dir) / hub.CONFIG_FILE}: extra.windows must be a list of [level, width] HU with width > 0")
     return windows
 
 
@@ -153,16 +154,16 @@ class Encoder:
 def resolve_encoder(model: str, like: str | None, config: EmbedConfig, device: torch.device) -> Encoder:
     """The :class:`Encoder` of ``--model RUN|DIR|scratch|hu-histogram`` (``like``: the model whose
     architecture and windows ``scratch`` takes). Raises ValueError for a bad combination and
-    :class:`fmct.hub.CheckpointError` for a bad model folder."""
+    :class:`fmct.errors.CheckpointError` for a bad model folder."""
     if like is not None and model != RANDOM_INIT:
-        raise ValueError(f"--like only applies to --model {RANDOM_INIT}")
+        raise UsageError(f"--like only applies to --model {RANDOM_INIT}")
     if model == HU_HISTOGRAM:
         fingerprint = {"features": HU_HISTOGRAM, "feature_columns": radiomics.FEATURE_COLUMNS, "head_hu": radiomics.HEAD_HU}
         return Encoder(lambda hu: {radiomics.FEATURE_NAME: radiomics.first_order_features(hu)}, HU_HISTOGRAM, "hu-histogram",
                        fingerprint, default_feature=radiomics.FEATURE_NAME, not_finite_reason=radiomics.NOT_FINITE_REASON)
     if model == RANDOM_INIT:
         if like is None:
-            raise ValueError(f"--model {RANDOM_INIT} needs --like RUN|DIR: the model whose architecture and windows it takes")
+            raise UsageError(f"--model {RANDOM_INIT} needs --like RUN|DIR: the model whose architecture and windows it takes")
         like_dir = hub.resolve_model_dir(like)
         backbone = hub.random_init(hub.read_architecture(like_dir), config.init_seed, device)
         return _backbone_encoder(backbone, model_windows(like_dir), model_name(like_dir), "random-init",
@@ -314,13 +315,13 @@ def embed_store(
     finished chunks there. ``model_path``: a model folder or a pretraining run, ``scratch`` (a random-init
     backbone like the model at ``like``) or ``hu-histogram`` (see :func:`resolve_encoder`).
 
-    ``device`` defaults to CUDA when available, else the CPU. Raises :class:`fmct.hub.CheckpointError`
+    ``device`` defaults to CUDA when available, else the CPU. Raises :class:`fmct.errors.CheckpointError`
     for a bad model folder and ValueError / FileNotFoundError for a bad model choice or a bad or empty store.
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
     if config.batch_size < 1 or config.chunk_size < 1:
-        raise ValueError(f"batch_size ({config.batch_size}) and chunk_size ({config.chunk_size}) must be at least 1")
+        raise ConfigError(f"batch_size ({config.batch_size}) and chunk_size ({config.chunk_size}) must be at least 1")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     encoder = resolve_encoder(str(model_path), None if like is None else str(like), config, device)
@@ -375,7 +376,7 @@ def embed_store(
         (s, r) for arrays in ordered for s, r in zip(arrays["failed_scan_id"].tolist(), arrays["failed_reason"].tolist())
     ]
     if len(scan_ids) == 0:
-        raise ValueError(f"{volumes.store.path}: no scan could be embedded (first reason: {skipped[0][1]})")
+        raise InputError(f"{volumes.store.path}: no scan could be embedded (first reason: {skipped[0][1]})")
     meta = {
         "model": config.model_name or encoder.name,
         "arm": config.arm or encoder.arm,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.errors import InputError
 
 FEATURE_NAMES = ("cls", "patch_mean")
 
@@ -44,7 +45,7 @@ class Embeddings:
         if name == "concat":
             return np.concatenate([self.feature_matrix(n) for n in FEATURE_NAMES], axis=1)
         if name not in self.features:
-            raise ValueError(f"embeddings hold no feature {name!r} (they hold: {', '.join(sorted(self.features))})")
+            raise InputError(f"embeddings hold no feature {name!r} (they hold: {', '.join(sorted(self.features))})")
         return self.features[name].astype(np.float64)
 
 
@@ -54,14 +55,14 @@ def write_embeddings(
     """Write an embeddings folder at ``path``: ``embeddings.npz`` then ``embeddings.json``, each atomically."""
     scan_ids = np.asarray([str(s) for s in scan_ids])
     if len(set(scan_ids.tolist())) != len(scan_ids):
-        raise ValueError("scan ids of an embeddings table must be unique")
+        raise InputError("scan ids of an embeddings table must be unique")
     arrays = {"scan_id": scan_ids.astype(f"<U{max(1, max((len(s) for s in scan_ids), default=1))}")}
     for name, values in features.items():
         values = np.asarray(values, dtype=np.float32)
         if values.ndim != 2 or values.shape[0] != len(scan_ids):
-            raise ValueError(f"feature {name}: shape {values.shape} is not (n_scans={len(scan_ids)}, C)")
+            raise InputError(f"feature {name}: shape {values.shape} is not (n_scans={len(scan_ids)}, C)")
         if name == "scan_id":
-            raise ValueError("'scan_id' is reserved for the scan ids")
+            raise InputError("'scan_id' is reserved for the scan ids")
         arrays[name] = values
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -78,13 +79,13 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
         with np.load(npz_path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"{npz_path}: cannot read embeddings: {error}") from None
+        raise InputError(f"{npz_path}: cannot read embeddings: {error}") from None
     if "scan_id" not in arrays:
-        raise ValueError(f"{npz_path}: no scan_id array")
+        raise InputError(f"{npz_path}: no scan_id array")
     scan_ids = arrays.pop("scan_id").astype(str)
     for name, values in arrays.items():
         if values.ndim != 2 or values.shape[0] != len(scan_ids):
-            raise ValueError(f"{npz_path}: feature {name} has shape {values.shape}, expected ({len(scan_ids)}, C)")
+            raise InputError(f"{npz_path}: feature {name} has shape {values.shape}, expected ({len(scan_ids)}, C)")
     meta_path = npz_path.with_name("embeddings.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return Embeddings(scan_ids=scan_ids, features=arrays, meta=meta)

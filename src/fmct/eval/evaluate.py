@@ -39,7 +39,6 @@ scratch twin (:func:`pretraining_effects`: what pretraining buys) and against ea
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import json
 import math
@@ -51,6 +50,8 @@ import numpy as np
 
 from fmct.eval import metrics as M
 from fmct.atomic import atomic_write_text
+from fmct.tables import rows_to_csv
+from fmct.errors import InputError
 
 PREDICTION_COLUMNS = [
     "scan_id", "patient_id", "site", "split", "finding", "label", "score",
@@ -74,24 +75,6 @@ def write_predictions(folder: str | os.PathLike, rows: list[dict], run: dict) ->
     atomic_write_text(folder / "predictions.csv", rows_to_csv(rows, PREDICTION_COLUMNS))
 
 
-def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
-    """CSV text of ``rows`` (missing keys and None as empty cells; floats with full precision)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(row.get(k)) for k in columns})
-    return buffer.getvalue()
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))
-    return str(value)
-
-
 @dataclass
 class Predictions:
     """One predictions folder: its rows as columns of arrays, and its run.json."""
@@ -102,27 +85,27 @@ class Predictions:
 
 
 def read_predictions(folder: str | os.PathLike) -> Predictions:
-    """Read a predictions folder; a missing column or a bad value raises ValueError naming the file."""
+    """Read a predictions folder; a missing column or a bad value raises InputError naming the file."""
     folder = Path(folder)
     csv_path = folder / "predictions.csv"
     if not csv_path.exists():
-        raise ValueError(f"{folder}: no predictions.csv")
+        raise InputError(f"{folder}: no predictions.csv")
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in PREDICTION_COLUMNS if c != "shots" and c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+            raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}")
         raw = list(reader)
     columns = {c: np.array([row.get(c) or "" for row in raw], dtype=str) for c in PREDICTION_COLUMNS}
     try:
         columns["label"] = columns["label"].astype(float)
         columns["score"] = columns["score"].astype(float)
     except ValueError as error:
-        raise ValueError(f"{csv_path}: label and score must be numbers ({error})") from None
+        raise InputError(f"{csv_path}: label and score must be numbers ({error})") from None
     if not np.all(np.isin(columns["label"], (0.0, 1.0))):
-        raise ValueError(f"{csv_path}: label must be 0 or 1")
+        raise InputError(f"{csv_path}: label must be 0 or 1")
     if not np.all(np.isfinite(columns["score"])):
-        raise ValueError(f"{csv_path}: score must be finite")
+        raise InputError(f"{csv_path}: score must be finite")
     run_path = folder / "run.json"
     run = json.loads(run_path.read_text()) if run_path.exists() else {}
     return Predictions(path=folder, columns=columns, run=run)
@@ -156,7 +139,7 @@ def evaluate(
     keep = np.isin(table["split"], list(GROUPS))
     table = {c: v[keep] for c, v in table.items()}
     if not keep.any():
-        raise ValueError("no prediction has split test or ood: nothing to evaluate")
+        raise InputError("no prediction has split test or ood: nothing to evaluate")
     table["group"] = np.array([GROUPS[s] for s in table["split"]])
     table["patient"] = np.where(table["patient_id"] != "", table["patient_id"], table["scan_id"])
     settings = {"n_bootstrap": n_bootstrap, "seed": seed, "level": level}
@@ -187,7 +170,7 @@ class _Cell:
         labels = np.full(len(self.scan_ids), np.nan)
         for i, label in zip(scan_index, rows["label"]):
             if not np.isnan(labels[i]) and labels[i] != label:
-                raise ValueError(f"scan {self.scan_ids[i]}, finding {finding}: two predictions disagree on its label")
+                raise InputError(f"scan {self.scan_ids[i]}, finding {finding}: two predictions disagree on its label")
             labels[i] = label
         self.labels = labels
         patients = np.empty(len(self.scan_ids), dtype=object)
@@ -400,7 +383,7 @@ def read_evaluation(folder: str | os.PathLike) -> Evaluation:
                 {**row, "fpr": float(row["fpr"]), "tpr": float(row["tpr"])} for row in csv.DictReader(handle)
             ]
     except (OSError, ValueError) as error:
-        raise ValueError(f"{folder}: not an evaluation folder ({error})") from None
+        raise InputError(f"{folder}: not an evaluation folder ({error})") from None
     return Evaluation(document["metrics"], document["comparisons"], roc, document["runs"], document["settings"])
 
 

@@ -57,6 +57,7 @@ from fmct.eval.splits import training_subset
 from fmct.models import ViT3D, ViT3DConfig
 from fmct.models.vit3d import grouped_parameters
 from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.errors import InputError, UsageError
 
 HEADS = ("linear", "attentive")
 
@@ -203,7 +204,7 @@ class Backbone:
 
 def resolve_backbone(model: str, like: str | None, config: FinetuneConfig) -> Backbone:
     """The :class:`Backbone` for ``--model RUN|DIR|scratch`` (``--like RUN|DIR``: the architecture and
-    windows of a scratch model). Raises :class:`fmct.hub.CheckpointError` for a bad folder."""
+    windows of a scratch model). Raises :class:`fmct.errors.CheckpointError` for a bad folder."""
     if model == "scratch":
         if like is None:
             return Backbone(config.arm or "scratch", config.name or f"vit-{config.model.size}", config.model, list(DEFAULT_WINDOWS))
@@ -211,7 +212,7 @@ def resolve_backbone(model: str, like: str | None, config: FinetuneConfig) -> Ba
         architecture = hub.read_architecture(like_dir)
         return Backbone(config.arm or "scratch", config.name or model_name(like_dir), architecture, model_windows(like_dir))
     if like is not None:
-        raise ValueError("--like only applies to --model scratch")
+        raise UsageError("--like only applies to --model scratch")
     model_dir = hub.resolve_model_dir(model)
     architecture = hub.read_architecture(model_dir)
     return Backbone(config.arm or "pretrained", config.name or model_name(model_dir), architecture,
@@ -299,7 +300,7 @@ def _train_one(
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=config.lr)
     size = classifier.backbone.config.img_size
     if len(set(size)) != 1:
-        raise ValueError(f"finetune needs a cubic model input, the model's img_size is {list(size)}")
+        raise UsageError(f"finetune needs a cubic model input, the model's img_size is {list(size)}")
     augment = MultiCropAugment(AugmentConfig(n_global=1, n_local=0, global_size=size[0], global_scale=config.crop_scale,
                                              windows=list(scans.windows), blur_prob=0.0))
     targets_device = torch.as_tensor(targets, dtype=torch.float32, device=device)
@@ -415,7 +416,7 @@ def run_finetune(
         else:
             trainable_findings.append(f)
     if not trainable_findings:
-        raise ValueError(f"{cohort.origin}: no finding can be trained ({'; '.join(skipped)})")
+        raise InputError(f"{cohort.origin}: no finding can be trained ({'; '.join(skipped)})")
 
     val_rows = np.flatnonzero(split == "val")
     eval_rows = np.flatnonzero(np.isin(split, ("test", "ood")))
@@ -428,7 +429,7 @@ def run_finetune(
             if (folder / "fit.json").exists():
                 fit = json.loads((folder / "fit.json").read_text())
                 if fit.get("fingerprint") != fingerprint:
-                    raise ValueError(f"{folder / 'fit.json'}: made with another config, model, labels or store; use another --out")
+                    raise UsageError(f"{folder / 'fit.json'}: made with another config, model, labels or store; use another --out")
                 n_reused += 1
             else:
                 fit = _fit_budget(backbone, scans, cohort, trainable_findings, val_rows, eval_rows, fraction, shots, seed)

@@ -36,6 +36,7 @@ from fmct.eval.embeddings import read_embeddings
 from fmct.eval.evaluate import write_predictions
 from fmct.eval.metrics import auroc
 from fmct.eval.splits import assign_splits, training_subset
+from fmct.errors import ConfigError, InputError
 
 
 @dataclass
@@ -203,25 +204,25 @@ def load_cohort(
         if unmatched:
             notes.append(f"{unmatched} label rows match no scan of the store")
     elif any(not row.get("scan_id") for row in labels.rows):
-        raise ValueError(f"{labels.origin}: labels keyed by source need --store to find their scans")
+        raise InputError(f"{labels.origin}: labels keyed by source need --store to find their scans")
     else:
         rows = labels.rows
 
     findings = list(config.findings) or labels.findings
     unknown = sorted(set(findings) - set(labels.findings))
     if unknown:
-        raise ValueError(f"{labels.origin}: no finding {unknown[0]!r} (findings: {', '.join(labels.findings)})")
+        raise InputError(f"{labels.origin}: no finding {unknown[0]!r} (findings: {', '.join(labels.findings)})")
     row_of_scan = {}
     for row in rows:
         if row["scan_id"] in row_of_scan:
-            raise ValueError(f"{labels.origin}: scan {row['scan_id']} is labelled twice")
+            raise InputError(f"{labels.origin}: scan {row['scan_id']} is labelled twice")
         row_of_scan[row["scan_id"]] = row
     available = set(str(s) for s in available_scan_ids)
     scan_ids = [s for s in row_of_scan if s in available]
     if len(scan_ids) < len(row_of_scan):
         notes.append(f"{len(row_of_scan) - len(scan_ids)} labelled scans are not in {where}")
     if not scan_ids:
-        raise ValueError(f"{labels.origin}: no labelled scan is in {where}")
+        raise InputError(f"{labels.origin}: no labelled scan is in {where}")
 
     table = [row_of_scan[s] for s in scan_ids]
     y = np.array([[np.nan if r[f] is None else r[f] for f in findings] for r in table], dtype=np.float64)
@@ -250,7 +251,7 @@ def run_probe(
     patient_id (without either, each scan is its own patient).
     """
     if config.method not in ("logistic", "knn"):
-        raise ValueError(f"probe method {config.method!r}: choose logistic or knn")
+        raise ConfigError(f"probe method {config.method!r}: choose logistic or knn")
     out = Path(out)
     embeddings = read_embeddings(embeddings_path)
     feature = config.features or embeddings.default_feature

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from fmct import hub  # noqa: E402
 from fmct.eval.evaluate import FLOORS, Evaluation, arm_effects, evaluate, pretraining_effects, read_evaluation  # noqa: E402
 from fmct.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from fmct.errors import InputError
 
 SECTIONS = ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
 
@@ -42,7 +43,7 @@ def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, s
         elif (folder / "predictions.csv").exists():
             predictions.append(folder)
         else:
-            raise ValueError(f"{folder}: neither an evaluation folder (metrics.json) nor a predictions folder (predictions.csv)")
+            raise InputError(f"{folder}: neither an evaluation folder (metrics.json) nor a predictions folder (predictions.csv)")
     if predictions:
         evaluated.append(evaluate(predictions, n_bootstrap=n_bootstrap, seed=seed))
     return Evaluation(
@@ -67,10 +68,7 @@ def write_report(
     evaluation = load_evaluation(folders, n_bootstrap=n_bootstrap, seed=seed)
     figures = _figures(evaluation)
     for spec in pretraining:
-        try:
-            log = hub.training_log(spec)
-        except hub.CheckpointError as error:
-            raise ValueError(str(error)) from None
+        log = hub.training_log(spec)
         figures[f"learning_curve_{Path(str(spec)).name}"] = _png(learning_curve_figure(read_training_log(log), str(spec)))
     figure_dir = out.with_name(out.stem + "_figures")
     for name, png in figures.items():

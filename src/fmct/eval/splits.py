@@ -18,6 +18,8 @@ import zlib
 
 import numpy as np
 
+from fmct.errors import InputError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -48,10 +50,10 @@ def assign_splits(
     sites = np.full(n, "") if sites is None else np.asarray(sites).astype(str)
     explicit = np.full(n, "") if explicit is None else np.asarray(explicit).astype(str)
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave room for train")
+        raise InputError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave room for train")
     unknown = sorted(set(explicit) - set(SPLITS) - {""})
     if unknown:
-        raise ValueError(f"split column holds {unknown[0]!r}; allowed: train, val, test or empty")
+        raise InputError(f"split column holds {unknown[0]!r}; allowed: train, val, test or empty")
 
     split = np.where(explicit != "", explicit, "").astype("<U5")
     is_ood = np.isin(sites, list(ood_sites))
@@ -64,7 +66,7 @@ def assign_splits(
         if name == "ood":
             continue
         if placed.setdefault(patient, name) != name:
-            raise ValueError(f"patient {patient!r} has scans in both {placed[patient]} and {name} (split column); a patient must stay in one")
+            raise InputError(f"patient {patient!r} has scans in both {placed[patient]} and {name} (split column); a patient must stay in one")
     free = split == ""
     # Scans without a split follow their patient's other scans.
     for i in np.flatnonzero(free):
@@ -134,16 +136,16 @@ def training_subset(
         raise ValueError("give exactly one of fraction or shots")
     positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     if len(positives) == 0 or len(negatives) == 0:
-        raise ValueError(f"finding {finding}: the training split needs at least one positive and one negative")
+        raise InputError(f"finding {finding}: the training split needs at least one positive and one negative")
     rng = np.random.default_rng([seed, zlib.crc32(finding.encode())])
     positives, negatives = rng.permutation(positives), rng.permutation(negatives)
     if fraction is not None:
         if not 0 < fraction <= 1:
-            raise ValueError(f"label fraction {fraction} must be in (0, 1]")
+            raise InputError(f"label fraction {fraction} must be in (0, 1]")
         n_positive = max(1, int(np.floor(fraction * len(positives) + 0.5)))
         n_negative = max(1, int(np.floor(fraction * len(negatives) + 0.5)))
     else:
         if shots < 1:
-            raise ValueError(f"shots {shots} must be at least 1")
+            raise InputError(f"shots {shots} must be at least 1")
         n_positive, n_negative = min(shots, len(positives)), min(shots, len(negatives))
     return np.sort(np.concatenate([positives[:n_positive], negatives[:n_negative]]))

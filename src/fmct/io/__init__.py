@@ -7,7 +7,8 @@ from pathlib import Path
 from fmct.io.dicom import SeriesInfo, discover, read_series, select_series
 from fmct.io.dicom_write import write_series
 from fmct.io.nifti import read_nifti
-from fmct.io.volume import ScanError, Volume
+from fmct.errors import ScanError  # noqa: F401  (the error every reader raises)
+from fmct.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

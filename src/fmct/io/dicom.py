@@ -24,7 +24,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from fmct.config import SelectionConfig
-from fmct.io.volume import ScanError, Volume
+from fmct.errors import ScanError
+from fmct.io.volume import Volume
 
 AIR_HU = -1024.0  # padding voxels and anything below it (outside the reconstruction circle) become air
 CT_IMAGE_SOP_CLASSES = {

@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 
 from fmct.io.dicom import AIR_HU
-from fmct.io.volume import ScanError, Volume
+from fmct.errors import ScanError
+from fmct.io.volume import Volume
 
 
 def read_nifti(path: str | Path) -> Volume:

@@ -7,10 +7,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-class ScanError(Exception):
-    """A scan that cannot be used. ``str(error)`` is a one-line reason fit for the errors table."""
-
-
 @dataclass
 class Volume:
     """A CT volume in Hounsfield units with its geometry.

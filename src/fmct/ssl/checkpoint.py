@@ -23,13 +23,10 @@ import torch
 from torch import nn
 
 from fmct.atomic import atomic_write_bytes
+from fmct.errors import TrainStateError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "fmct-pretrain"
-
-
-class TrainStateError(Exception):
-    """A checkpoint that cannot be resumed from; ``str(error)`` is one line naming the file and the reason."""
 
 
 def save_checkpoint(path: str | os.PathLike, *, step: int, student: nn.Module, optimizer: torch.optim.Optimizer,

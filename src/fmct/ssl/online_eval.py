@@ -36,6 +36,7 @@ from fmct.eval.probe import fit_knn, fit_logistic
 from fmct.eval.splits import assign_splits
 from fmct.models import ViT3D
 from fmct.store import Store
+from fmct.errors import InputError
 
 # A finding is scored only when each half holds at least this many positives and negatives.
 MIN_PER_CLASS = 3
@@ -124,10 +125,10 @@ def _validation_labels(store: Store, labels_spec: str, findings: Sequence[str], 
     rows.sort(key=lambda row: row["scan_id"])
     unknown = sorted(set(findings) - set(labels.findings))
     if unknown:
-        raise ValueError(f"{labels.origin}: no finding {unknown[0]!r} (findings: {', '.join(labels.findings)})")
+        raise InputError(f"{labels.origin}: no finding {unknown[0]!r} (findings: {', '.join(labels.findings)})")
     findings = list(findings) or labels.findings
     if not rows:
-        raise ValueError(f"{labels.origin}: no labelled scan of {store.path} outside the test split")
+        raise InputError(f"{labels.origin}: no labelled scan of {store.path} outside the test split")
     y = np.array([[np.nan if row[f] is None else row[f] for f in findings] for row in rows], dtype=np.float64)
     patients = np.array([row.get("patient_id") or patient_keys.get(row["scan_id"]) or row["scan_id"] for row in rows])
     half = assign_splits(patients, y, val_fraction=0.5, test_fraction=0.0, seed=0)

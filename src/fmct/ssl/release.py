@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from fmct import hub
+from fmct.errors import CheckpointError
 from fmct.ssl.train import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
 from fmct.atomic import atomic_write_text
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(package(args.run, args.out, args.name, args.data, args.command, args.machine, args.results))
-    except (hub.CheckpointError, FileNotFoundError) as error:
+    except (CheckpointError, FileNotFoundError) as error:
         print(f"release: {error}", file=sys.stderr)
         return 2
     return 0

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fmct import hub
-from fmct.config import ConfigError, load_config, save_config, to_dict
+from fmct.config import load_config, save_config, to_dict
 from fmct.data import MultiCropAugment, StoreVolumes, make_loader, sample_ibot_masks, step_generator
 from fmct.models import DINOHead, ViT3D, build_vit3d
 from fmct.models.vit3d import grouped_parameters
@@ -66,6 +66,7 @@ from fmct.ssl.online_eval import OnlineEvaluator, build_online_evaluator
 from fmct.ssl.schedules import Schedules, StepValues
 from fmct.store import Store
 from fmct.atomic import atomic_write_text
+from fmct.errors import ConfigError, InputError, PretrainError
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -79,10 +80,6 @@ COLLAPSE_MIN_ROWS = 16
 UNIFORM_ENTROPY = 0.99
 # A DINO head whose outputs for different scans have a mean cosine above this maps every scan alike.
 COLLAPSE_COSINE = 0.95
-
-
-class PretrainError(RuntimeError):
-    """A run that had to stop (a non-finite loss); ``str(error)`` is one line saying why and what was kept."""
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -446,7 +443,7 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
 
     try:
         dataset = StoreVolumes(store, pretraining_scan_ids(store, config.data))
-    except ValueError as error:  # an empty store, or a labels file that does not fit it
+    except InputError as error:  # an empty store, or a labels file that does not fit it
         raise ConfigError(str(error)) from None
     if dataset.skipped and env.is_main:
         print(f"pretrain: {len(dataset.skipped)} scans of another grid left out, e.g. {dataset.skipped[0][0]}: "
@@ -517,7 +514,7 @@ def _online_evaluator(config: PretrainConfig, store: Path, env: DistEnv) -> Onli
         return None
     try:
         return build_online_evaluator(config, store, env.device)
-    except (ValueError, FileNotFoundError) as error:
+    except InputError as error:
         raise ConfigError(f"online_eval: {error}") from None
 
 

@@ -14,10 +14,8 @@ by ``.cases/<case>.json`` last, so an interrupted run resumes where it stopped; 
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -32,9 +30,11 @@ from tqdm import tqdm
 
 from fmct.io.dicom_write import write_series
 from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.tables import lists_to_csv
 from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.sites import SITES, SiteProfile
 from fmct.synth.subject import Subject, SyntheticScan
+from fmct.errors import UsageError
 
 FORMATS = ("dicom", "nifti")
 LAYOUTS = ("plain", "cq500", "rsna")
@@ -95,13 +95,13 @@ def generate_cohort(
         ``masks/bits.json`` (the bit of each finding in the mask volumes), and the layout's own tables.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+        raise UsageError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
+        raise UsageError(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
     if layout != "plain" and fmt != "dicom":
-        raise ValueError(f"the {layout} layout is DICOM only (drop --format nifti)")
+        raise UsageError(f"the {layout} layout is DICOM only (drop --format nifti)")
     if n < 1 or matrix < 16 or workers < 1:
-        raise ValueError("n and workers must be at least 1 and matrix at least 16")
+        raise UsageError("n and workers must be at least 1 and matrix at least 16")
     profiles = [SITES[s] if isinstance(s, str) else s for s in sites]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +307,7 @@ def _write_tables(out: Path, records: list[dict], layout: str) -> None:
         for series in record["series"]:
             labels = series["labels"]
             rows.append([series["source"], record["patient_id"], record["site"], record["split"], *(labels[f] for f in FINDINGS)])
-    atomic_write_text(out / "labels.csv", _csv(header, rows))
+    atomic_write_text(out / "labels.csv", lists_to_csv(header, rows))
     atomic_write_text(out / "cases.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     atomic_write_text(out / "masks" / "bits.json", json.dumps(BITS, indent=1))
     if layout == "cq500":
@@ -315,14 +315,6 @@ def _write_tables(out: Path, records: list[dict], layout: str) -> None:
         read_rows = [[f"CQ500-CT-{i}", "B1", *(r["reads"][f"{reader}:{name}"] for reader in ("R1", "R2", "R3") for name in CQ500_READS)]
                      for i, r in zip(index, records)]
         read_header = ["name", "Category", *(f"{reader}:{name}" for reader in ("R1", "R2", "R3") for name in CQ500_READS)]
-        atomic_write_text(out / "reads.csv", _csv(read_header, read_rows))
+        atomic_write_text(out / "reads.csv", lists_to_csv(read_header, read_rows))
     if layout == "rsna":
-        atomic_write_text(out / "stage_2_train.csv", _csv(["ID", "Label"], [row for r in records for row in r["rsna"]]))
-
-
-def _csv(header: list, rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
+        atomic_write_text(out / "stage_2_train.csv", lists_to_csv(["ID", "Label"], [row for r in records for row in r["rsna"]]))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fmct.errors import UsageError
+
 
 @dataclass(frozen=True)
 class SiteProfile:
@@ -126,5 +128,5 @@ def parse_sites(text: str) -> list[SiteProfile]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in SITES]
     if not names or unknown:
-        raise ValueError(f"unknown site {unknown[0] if unknown else text!r}; known sites: {', '.join(SITES)}")
+        raise UsageError(f"unknown site {unknown[0] if unknown else text!r}; known sites: {', '.join(SITES)}")
     return [SITES[name] for name in names]
