@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 from fmct import hub
 from fmct.cli import main
 from fmct.data import StoreVolumes, embed_transform
-from fmct.eval.embed import EmbedConfig, embed_store, read_hu_batches
+from fmct.data.batches import read_hu_batches
+from fmct.eval.embed import EmbedConfig, embed_store
 from fmct.eval.embeddings import read_embeddings
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.probe import ProbeConfig, run_probe

@@ -73,7 +73,12 @@ def test_probe_on_separable_embeddings_beats_chance_clearly(tmp_path, method):
     assert tenth[0]["n_train_pos"] == max(1, round(0.1 * train_pos)) and shots[0]["n_train_pos"] == 4 == shots[0]["n_train_neg"]
     # No patient in two splits: both scans of every evaluated patient are evaluated, none trained on.
     evaluated = set(columns["scan_id"])
-    assert {s for s, p in zip(scan_ids, patients) if p in set(columns["patient_id"])} == evaluated
+    evaluated_patients = {p for s, p in zip(scan_ids, patients) if s in evaluated}
+    assert {s for s, p in zip(scan_ids, patients) if p in evaluated_patients} == evaluated
+    # Patients are named by pseudonym, one per patient, never by the labels' own patient_id.
+    assert not set(columns["patient_id"]) & set(patients)
+    pseudonym = dict(zip(columns["scan_id"], columns["patient_id"]))
+    assert len({pseudonym[s] for s in evaluated}) == len(evaluated_patients)
     assert run["scans_per_split"]["train"] + run["scans_per_split"]["val"] + len(evaluated) == len(scan_ids)
 
     for fraction in ("1.0", "0.1"):
@@ -130,7 +135,8 @@ def test_probe_cli(tmp_path, capsys):
 
 
 def test_the_labels_split_column_can_be_set_aside_for_the_configured_fractions(tmp_path):
-    from fmct.eval.probe import ProbeConfig, load_cohort
+    from fmct.eval.cohort import load_cohort
+    from fmct.eval.probe import ProbeConfig
 
     labels = tmp_path / "labels.csv"
     # Every scan marked train by the file; 100 patients of one scan each, half positive.

@@ -6,7 +6,8 @@ import pytest
 
 from fmct.config import load_config
 from fmct.ssl.config import PretrainConfig
-from fmct.ssl.schedules import Schedules, cosine, linear_warmup, warmup_cosine
+from fmct.schedules import cosine, linear_warmup, warmup_cosine
+from fmct.ssl.schedules import Schedules
 
 
 def test_cosine_and_warmup_shapes():

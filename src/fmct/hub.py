@@ -1,5 +1,10 @@
-"""Model folders: the weights of a :class:`~fmct.models.ViT3D` as ``model.safetensors`` and its architecture
-plus free metadata as ``config.json``. Nothing is unpickled, so a folder from anyone is safe to load.
+"""Model folders, the one home of everything about them: find one (:func:`resolve_model_dir`, shipped
+names included), read its architecture, HU windows and name, fingerprint, load and save it, and build a
+backbone from a folder or as the random-init floor of one (:func:`resolve_model`).
+
+A folder holds the weights of a :class:`~fmct.models.ViT3D` as ``model.safetensors`` and its
+architecture plus free metadata as ``config.json``. Nothing is unpickled, so a folder from anyone is
+safe to load.
 
 ``config.json``::
 
@@ -13,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -20,6 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from fmct.data.augment import DEFAULT_WINDOWS
+from fmct.devices import unwrap
+from fmct.errors import UsageError
+from fmct.fingerprint import file_sha256
 from fmct.models.vit3d import ViT3D, ViT3DConfig
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.errors import CheckpointError
@@ -27,13 +38,6 @@ from fmct.errors import CheckpointError
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "fmct-vit3d"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP keeps the model in .module, torch.compile in ._orig_mod.
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
 
 
 # Checkpoints shipped inside the package, loadable by name (``--model fmct-synth-tiny``): each folder
@@ -89,7 +93,7 @@ def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> 
     call this on one rank. ``extra`` must be JSON-serialisable (e.g. the HU windows the model was trained
     on). Each file is written atomically; the weights go first so that ``config.json`` marks a complete folder.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, ViT3D):
         raise TypeError(f"hub.save expects a ViT3D, got {type(model).__name__}")
     folder = Path(folder)
@@ -164,3 +168,82 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ViT3D
         reason = str(error).strip().splitlines()
         raise CheckpointError(f"{weights_path}: weights do not match {config_path}: {' '.join(r.strip() for r in reason[:3])}") from None
     return model.to(device).eval()
+
+
+def model_windows(model_dir: str | os.PathLike) -> list[tuple[float, float]]:
+    """The (level, width) HU windows a model was trained with: ``extra["windows"]`` of its ``config.json``
+    (as ``fmct pretrain`` records them), or :data:`fmct.data.DEFAULT_WINDOWS` when none was recorded."""
+    recorded = read_extra(model_dir).get("windows")
+    if recorded is None:
+        return list(DEFAULT_WINDOWS)
+    try:
+        windows = [(float(level), float(width)) for level, width in recorded]
+    except (TypeError, ValueError):
+        windows = []
+    if not windows or any(width <= 0 for _, width in windows):
+        raise CheckpointError(f"{Path(model_dir) / CONFIG_FILE}: extra.windows must be a list of [level, width] HU with width > 0")
+    return windows
+
+
+def model_name(model_dir: Path) -> str:
+    """A readable name for a model folder: the run's name for ``RUN/backbone``, else the folder's."""
+    return model_dir.parent.name if model_dir.name == "backbone" else model_dir.name
+
+
+# ------------------------------------------------------------------------------------- backbones
+RANDOM_INIT = "scratch"  # --model scratch [--like RUN|DIR|NAME]: a random init, the floor of a pretrained model
+
+
+@dataclass
+class ModelSource:
+    """A backbone to build: the weights of a model folder, or a random init of an architecture.
+
+    ``windows`` are the (level, width) HU windows its input channels take; ``like_dir`` is the folder
+    whose architecture and windows a random init copies (None: the given architecture, default windows).
+    """
+
+    name: str
+    config: ViT3DConfig
+    windows: list[tuple[float, float]]
+    model_dir: Path | None = None
+    like_dir: Path | None = None
+
+    @property
+    def is_random_init(self) -> bool:
+        return self.model_dir is None
+
+    @cached_property
+    def sha256(self) -> str:
+        """sha256 of the weights file; empty for a random init (its weights follow from a seed)."""
+        return "" if self.model_dir is None else file_sha256(self.model_dir / WEIGHTS_FILE)
+
+    def build(self, device: str | torch.device, seed: int) -> ViT3D:
+        """The backbone on ``device``: the saved weights, or a random init drawn from ``seed``."""
+        return random_init(self.config, seed, device) if self.model_dir is None else load(self.model_dir, device)
+
+    def identity(self) -> dict:
+        """What decides the backbone's weights and input, as run records keep it."""
+        return {"name": self.name, "model_path": str(self.model_dir.resolve()) if self.model_dir else "",
+                "like": str(self.like_dir.resolve()) if self.like_dir else "", "checkpoint_sha256": self.sha256,
+                "model_config": dataclasses.asdict(self.config), "windows_hu": [list(w) for w in self.windows]}
+
+
+def resolve_model(model: str, like: str | None = None, architecture: ViT3DConfig | None = None) -> ModelSource:
+    """The backbone of ``--model RUN|DIR|NAME`` or ``--model scratch``.
+
+    ``scratch`` is a random init with the architecture and windows of ``like`` (a run, model folder or
+    shipped name), or of ``architecture`` with the default windows when no ``like`` is given; without
+    either it is a :class:`UsageError`, as is ``like`` beside a pretrained model. A bad folder raises
+    :class:`CheckpointError`.
+    """
+    if model != RANDOM_INIT:
+        if like is not None:
+            raise UsageError(f"--like only applies to --model {RANDOM_INIT}")
+        model_dir = resolve_model_dir(model)
+        return ModelSource(model_name(model_dir), read_architecture(model_dir), model_windows(model_dir), model_dir)
+    if like is not None:
+        like_dir = resolve_model_dir(like)
+        return ModelSource(model_name(like_dir), read_architecture(like_dir), model_windows(like_dir), like_dir=like_dir)
+    if architecture is None:
+        raise UsageError(f"--model {RANDOM_INIT} needs --like RUN|DIR|NAME: the model whose architecture and windows it takes")
+    return ModelSource(f"vit-{architecture.size}", architecture, list(DEFAULT_WINDOWS))

@@ -24,33 +24,32 @@ with the reason: unreadable, or features not finite) and ``config.yaml``.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import itertools
 import json
 import math
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from fmct import hub
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import save_config, to_dict
-from fmct.data import DEFAULT_WINDOWS, StoreVolumes, embed_transform
+from fmct.data import StoreVolumes
+from fmct.data.batches import read_hu_batches, to_device
+from fmct.devices import default_device
+from fmct.errors import ConfigError, InputError, UsageError
 from fmct.eval import radiomics
 from fmct.eval.embeddings import write_embeddings
-from fmct.eval.probe import file_sha256
+from fmct.fingerprint import weights_sha256
 from fmct.models import ViT3D
-from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.models.encode import encode
 from fmct.tables import rows_to_csv
-from fmct.errors import CheckpointError, ConfigError, InputError, UsageError
 
 
 @dataclass
@@ -83,51 +82,7 @@ class EmbedSummary:
         return line
 
 
-# ------------------------------------------------------------------------------------ model input
-def model_windows(model_dir: str | os.PathLike) -> list[tuple[float, float]]:
-    """The (level, width) HU windows a model was trained with: ``extra["windows"]`` of its ``config.json``
-    (as ``fmct pretrain`` records them), or :data:`fmct.data.DEFAULT_WINDOWS` when none was recorded."""
-    recorded = hub.read_extra(model_dir).get("windows")
-    if recorded is None:
-        return list(DEFAULT_WINDOWS)
-    try:
-        windows = [(float(level), float(width)) for level, width in recorded]
-    except (TypeError, ValueError):
-        windows = []
-    if not windows or any(width <= 0 for _, width in windows):
-        raise CheckpointError(f"{Path(model_dir) / hub.CONFIG_FILE}: extra.windows must be a list of [level, width] HU with width > 0")
-    return windows
-
-
-def model_name(model_dir: Path) -> str:
-    """A readable name for a model folder: the run's name for ``RUN/backbone``, else the folder's."""
-    return model_dir.parent.name if model_dir.name == "backbone" else model_dir.name
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; disabled (fp32) elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@torch.no_grad()
-def encode(
-    model: ViT3D, hu: torch.Tensor, windows: Sequence[tuple[float, float]],
-    forward_features: Callable[[torch.Tensor], dict] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS token and mean patch token, each float32 (B, embed_dim), of HU volumes (B, 1, X, Y, Z).
-
-    ``hu`` lies on the model's device; each volume is resized whole to the model's ``img_size`` and
-    windowed into channels (:func:`fmct.data.embed_transform`). ``forward_features`` replaces the
-    model's own (e.g. a compiled one).
-    """
-    x = embed_transform(hu, model.config.img_size, windows)
-    with autocast(x.device):
-        tokens = (forward_features or model.forward_features)(x)
-    return tokens["cls"].float(), tokens["patch"].float().mean(dim=1)
-
-
 # --------------------------------------------------------------------------------------- encoders
-RANDOM_INIT = "scratch"  # --model scratch --like RUN|DIR: the random-init floor
 HU_HISTOGRAM = "hu-histogram"  # --model hu-histogram: the radiomics floor
 
 
@@ -152,33 +107,30 @@ class Encoder:
 
 
 def resolve_encoder(model: str, like: str | None, config: EmbedConfig, device: torch.device) -> Encoder:
-    """The :class:`Encoder` of ``--model RUN|DIR|scratch|hu-histogram`` (``like``: the model whose
-    architecture and windows ``scratch`` takes). Raises ValueError for a bad combination and
-    :class:`fmct.errors.CheckpointError` for a bad model folder."""
-    if like is not None and model != RANDOM_INIT:
-        raise UsageError(f"--like only applies to --model {RANDOM_INIT}")
+    """The :class:`Encoder` of ``--model RUN|DIR|NAME|scratch|hu-histogram`` (``like``: the model whose
+    architecture and windows ``scratch`` takes). Raises :class:`UsageError` for a bad combination and
+    :class:`CheckpointError` for a bad model folder."""
     if model == HU_HISTOGRAM:
+        if like is not None:
+            raise UsageError(f"--like only applies to --model {hub.RANDOM_INIT}")
         fingerprint = {"features": HU_HISTOGRAM, "feature_columns": radiomics.FEATURE_COLUMNS, "head_hu": radiomics.HEAD_HU}
         return Encoder(lambda hu: {radiomics.FEATURE_NAME: radiomics.first_order_features(hu)}, HU_HISTOGRAM, "hu-histogram",
                        fingerprint, default_feature=radiomics.FEATURE_NAME, not_finite_reason=radiomics.NOT_FINITE_REASON)
-    if model == RANDOM_INIT:
-        if like is None:
-            raise UsageError(f"--model {RANDOM_INIT} needs --like RUN|DIR: the model whose architecture and windows it takes")
-        like_dir = hub.resolve_model_dir(like)
-        backbone = hub.random_init(hub.read_architecture(like_dir), config.init_seed, device)
-        return _backbone_encoder(backbone, model_windows(like_dir), model_name(like_dir), "random-init",
-                                 {"weights_sha256": _weights_sha256(backbone)},
-                                 {"model_path": "", "like": str(like_dir.resolve()), "init_seed": config.init_seed}, config)
-    model_dir = hub.resolve_model_dir(model)
-    return _backbone_encoder(hub.load(model_dir, device), model_windows(model_dir), model_name(model_dir), "pretrained",
-                             {"checkpoint_sha256": file_sha256(model_dir / hub.WEIGHTS_FILE)},
-                             {"model_path": str(model_dir.resolve())}, config)
+    source = hub.resolve_model(model, like)
+    backbone = source.build(device, config.init_seed)
+    if source.is_random_init:
+        return _backbone_encoder(backbone, source, "random-init", {"weights_sha256": weights_sha256(backbone)},
+                                 {"model_path": "", "like": str(source.like_dir.resolve()), "init_seed": config.init_seed}, config)
+    return _backbone_encoder(backbone, source, "pretrained", {"checkpoint_sha256": source.sha256},
+                             {"model_path": str(source.model_dir.resolve())}, config)
 
 
-def _backbone_encoder(model: ViT3D, windows: list[tuple[float, float]], name: str, arm: str, weights: dict, meta: dict,
+def _backbone_encoder(model: ViT3D, source: hub.ModelSource, arm: str, weights: dict, meta: dict,
                       config: EmbedConfig) -> Encoder:
     """The encoder of a ViT: CLS and mean patch token (:func:`encode`); ``weights`` identifies its weights."""
     forward_features = torch.compile(model.forward_features) if config.compile else model.forward_features
+
+    windows = source.windows
 
     def features(hu: torch.Tensor) -> dict[str, torch.Tensor]:
         cls, patch_mean = encode(model, hu, windows, forward_features)
@@ -187,83 +139,7 @@ def _backbone_encoder(model: ViT3D, windows: list[tuple[float, float]], name: st
     device = next(model.parameters()).device
     fingerprint = {**weights, "windows_hu": [list(w) for w in windows], "input_size": list(model.config.img_size),
                    "precision": "bf16" if device.type == "cuda" else "fp32"}
-    return Encoder(features, name, arm, fingerprint, {**meta, "model_config": to_dict(model.config)})
-
-
-def _weights_sha256(model: torch.nn.Module) -> str:
-    """Hex sha256 of a model's parameters and buffers (names and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- reading
-class HuBatch(NamedTuple):
-    """``hu`` int16 (B, 1, X, Y, Z) on the host; ``indices`` its dataset indices; ``failed`` maps a row
-    that could not be read to the reason (its values in ``hu`` are meaningless)."""
-
-    hu: torch.Tensor
-    indices: list[int]
-    failed: dict[int, str]
-
-
-def _read_into(volumes: StoreVolumes, index: int, out: np.ndarray) -> str | None:
-    scan_id = volumes.scan_ids[index]
-    path = volumes.store.path / "scans" / f"{scan_id}.npy"
-    try:
-        hu, _ = volumes.store[scan_id]
-        if hu.dtype != np.int16 or hu.shape != volumes.shape:
-            return f"{path}: expected int16 {list(volumes.shape)}, found {hu.dtype} {list(hu.shape)}"
-        np.copyto(out, hu)
-    except (OSError, ValueError) as error:
-        return f"{path}: cannot read: {error}"
-    return None
-
-
-def read_hu_batches(
-    volumes: StoreVolumes, batches: Iterable[Sequence[int]], workers: int = 4, pin_memory: bool = False, prefetch: int = 2,
-) -> Iterator[HuBatch]:
-    """The int16 HU volumes of each batch of dataset indices, read ``prefetch`` batches ahead.
-
-    Threads, not worker processes: numpy's copy releases the GIL, and a thread writes straight into
-    the batch's (pinned) buffer, where a worker process would add two copies of every volume (into
-    shared memory, then into pinned memory). A scan that cannot be read is reported in ``failed``,
-    not raised. Close the iterator (or exhaust it) to stop the threads.
-    """
-    executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fmct-read")
-
-    def submit(batch: Sequence[int]):
-        hu = torch.empty((len(batch), 1, *volumes.shape), dtype=torch.int16, pin_memory=pin_memory)
-        rows = hu.numpy()
-        return hu, list(batch), [executor.submit(_read_into, volumes, i, rows[row, 0]) for row, i in enumerate(batch)]
-
-    batches = iter(batches)
-    pending = deque(submit(batch) for batch in itertools.islice(batches, prefetch + 1))
-    try:
-        while pending:
-            hu, indices, futures = pending.popleft()
-            failed = {row: reason for row, future in enumerate(futures) if (reason := future.result()) is not None}
-            following = next(batches, None)
-            if following is not None:
-                pending.append(submit(following))
-            yield HuBatch(hu, indices, failed)
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-def to_device(hu: torch.Tensor, device: torch.device, copy_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
-    """``hu`` on ``device``; on CUDA with ``copy_stream`` the copy runs on that stream, so it overlaps
-    the kernels already queued, and the current stream waits for it before using the result."""
-    if copy_stream is None:
-        return hu.to(device)
-    with torch.cuda.stream(copy_stream):
-        on_device = hu.to(device, non_blocking=True)
-    current = torch.cuda.current_stream(device)
-    current.wait_stream(copy_stream)
-    on_device.record_stream(current)  # the allocator must not recycle it before the forward has read it
-    return on_device
+    return Encoder(features, source.name, arm, fingerprint, {**meta, "model_config": to_dict(model.config)})
 
 
 # ----------------------------------------------------------------------------------------- chunks
@@ -322,7 +198,7 @@ def embed_store(
     config = config or EmbedConfig()
     if config.batch_size < 1 or config.chunk_size < 1:
         raise ConfigError(f"batch_size ({config.batch_size}) and chunk_size ({config.chunk_size}) must be at least 1")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     out = Path(out)
     encoder = resolve_encoder(str(model_path), None if like is None else str(like), config, device)
     volumes = StoreVolumes(store_path)

@@ -30,11 +30,11 @@ import torch
 
 from fmct.data import StoreVolumes
 from fmct.datasets import load_labels, match_to_store
-from fmct.eval.embed import encode
 from fmct.eval.metrics import auroc
-from fmct.eval.probe import fit_knn, fit_logistic
+from fmct.eval.classifiers import fit_knn, fit_logistic
 from fmct.eval.splits import assign_splits
 from fmct.models import ViT3D
+from fmct.models.encode import encode
 from fmct.store import Store
 from fmct.errors import InputError
 

@@ -1,0 +1,74 @@
+"""The classifiers that probe frozen features: logistic regression and cosine k-NN, each with its
+hyperparameter chosen on a validation split by AUROC. Used by ``fmct probe`` and by pretraining's
+online evaluation alike.
+
+Features are (N, C) float arrays, labels (N,) 0/1 arrays.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from fmct.eval.metrics import auroc
+
+
+def fit_logistic(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, x_eval: np.ndarray,
+    c_grid: tuple[float, ...],
+) -> tuple[np.ndarray, dict]:
+    """Scores (log-odds) of ``x_eval`` from logistic regression with C chosen by validation AUROC.
+
+    Features are (N, C) arrays, labels (N,) 0/1. Returns the scores and ``{"C", "val_auroc", "chosen_on"}``.
+    """
+    choose = len(set(y_val.tolist())) == 2  # AUROC on validation needs both classes there
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_eval = scaler.transform(x_train), scaler.transform(x_eval)
+    x_val = scaler.transform(x_val) if choose else x_val
+    best = None
+    for c in (c_grid if choose else [1.0]):
+        with warnings.catch_warnings():
+            # Few samples at a large C may stop short of convergence; the validation AUROC judges the fit anyway.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = LogisticRegression(C=c, max_iter=2000).fit(x_train, y_train)
+        val_auc = float(auroc(y_val, model.decision_function(x_val))) if choose else float("nan")
+        if best is None or val_auc > best[0]:
+            best = (val_auc, c, model)
+    val_auc, c, model = best
+    return model.decision_function(x_eval), {"C": c, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"}
+
+
+def _knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    k = min(k, len(x_train))
+    similarity = x_query @ x_train.T
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    weight = np.exp(np.take_along_axis(similarity, nearest, axis=1) / temperature)
+    return (weight * y_train[nearest]).sum(axis=1) / weight.sum(axis=1)
+
+
+def fit_knn(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, x_eval: np.ndarray,
+    ks: tuple[int, ...], temperature: float,
+) -> tuple[np.ndarray, dict]:
+    """Scores in [0, 1] of ``x_eval`` from cosine k-NN over the training scans, k chosen by validation AUROC.
+
+    Features are (N, C) arrays, labels (N,) 0/1. Returns the scores and ``{"k", "val_auroc", "chosen_on"}``.
+    """
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    x_train, x_val, x_eval = unit(x_train), unit(x_val), unit(x_eval)
+    y_train = y_train.astype(np.float64)
+    choose = len(set(y_val.tolist())) == 2  # AUROC on validation needs both classes there
+    candidates = sorted({min(k, len(x_train)) for k in ks})
+    best = None
+    for k in (candidates if choose else candidates[:1]):
+        val_auc = float(auroc(y_val, _knn_scores(x_train, y_train, x_val, k, temperature))) if choose else float("nan")
+        if best is None or val_auc > best[0]:
+            best = (val_auc, k)
+    val_auc, k = best
+    return _knn_scores(x_train, y_train, x_eval, k, temperature), {"k": k, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"}

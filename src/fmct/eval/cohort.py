@@ -1,0 +1,220 @@
+"""The labelled cohort that ``fmct probe`` and ``fmct finetune`` train and test on: its labels, its
+splits by patient, the label budgets, and the prediction rows both verbs write.
+
+Labels come from a labels file (:func:`fmct.datasets.load_labels`); splits from
+:func:`fmct.eval.splits.assign_splits` (by patient, stratified, the ``split`` column wins, OOD sites
+test-only), fixed by ``split_seed``; each (budget, seed) draws its own training subset
+(:func:`fmct.eval.splits.training_subset`), nested across budgets.
+
+Patients are told apart for splitting by the labels' ``patient_id`` (else the store's patient key,
+else the scan itself); what the predictions call a patient is a pseudonym (:attr:`Cohort.patient_keys`),
+never the labels' own value, so an identifier in a labels file never reaches an output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fmct.datasets import load_labels, match_to_store
+from fmct.errors import InputError
+from fmct.eval.splits import assign_splits, training_subset
+from fmct.store import Store
+
+EVALUATED_SPLITS = ("test", "ood")
+
+
+@dataclass
+class CohortConfig:
+    """Which labelled scans a fit sees: findings, splits and label budgets (shared by probe and finetune)."""
+
+    label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    shots: tuple[int, ...] = ()  # N positives and N negatives per finding, in addition to the fractions
+    seeds: int = 5  # seeds 0 .. seeds-1, each its own training subset
+    split_seed: int = 0
+    use_split_column: bool = True  # false: ignore the labels' split column, split every scan by the fractions below
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    ood_sites: tuple[str, ...] = ()  # sites whose scans are test-only (out-of-distribution)
+    findings: tuple[str, ...] = ()  # empty: every finding of the labels
+
+    def __post_init__(self) -> None:
+        if any(not 0 < f <= 1 for f in self.label_fractions) or any(n < 1 for n in self.shots):
+            raise ValueError("label_fractions must lie in (0, 1] and shots be at least 1")
+        if self.seeds < 1:
+            raise ValueError("seeds must be at least 1")
+
+    def budgets(self) -> list[Budget]:
+        """Every label budget to fit: the fractions, then the shots."""
+        return [Budget(fraction=f) for f in self.label_fractions] + [Budget(shots=n) for n in self.shots]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A label budget: a fraction of the training labels, or N positives and N negatives."""
+
+    fraction: float | None = None
+    shots: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The budget in a folder name: ``fraction0.1`` or ``shots16``."""
+        return f"fraction{self.fraction:g}" if self.fraction is not None else f"shots{self.shots}"
+
+    def columns(self) -> dict:
+        """The budget as the ``label_fraction`` and ``shots`` columns of predictions and fit records."""
+        return {"label_fraction": "" if self.fraction is None else self.fraction, "shots": "" if self.shots is None else self.shots}
+
+
+@dataclass
+class Cohort:
+    """The labelled scans with their splits.
+
+    ``labels`` (n_scans, n_findings) float: 1, 0 or NaN (unknown), row i for ``scan_ids[i]``, column f
+    for ``findings[f]``. ``patients`` (what splits group by), ``patient_keys`` (its pseudonym, written to
+    outputs), ``sites`` and ``split`` (train | val | test | ood) are (n_scans,) string arrays. ``origin``
+    is the labels file; ``notes`` say which label rows could not be used.
+    """
+
+    scan_ids: list[str]
+    findings: list[str]
+    labels: np.ndarray
+    patients: np.ndarray
+    patient_keys: np.ndarray
+    sites: np.ndarray
+    split: np.ndarray
+    origin: str
+    notes: list[str]
+
+    def rows(self, finding: int, splits: tuple[str, ...]) -> np.ndarray:
+        """Indices of the scans in ``splits`` whose label of ``finding`` is known."""
+        return np.flatnonzero(~np.isnan(self.labels[:, finding]) & np.isin(self.split, splits))
+
+    def untrainable_reason(self, finding: int) -> str | None:
+        """Why ``finding`` cannot be fitted and evaluated (one line), or None when it can."""
+        if len(set(self.labels[self.rows(finding, ("train",)), finding].tolist())) < 2 or not len(self.rows(finding, EVALUATED_SPLITS)):
+            return f"{self.findings[finding]}: the training split needs a positive and a negative, and a test scan must exist"
+        return None
+
+    def training_rows(self, finding: int, budget: Budget, seed: int) -> np.ndarray:
+        """The training scans of ``finding`` that ``budget`` and ``seed`` choose (nested across budgets)."""
+        train = self.rows(finding, ("train",))
+        return train[training_subset(self.labels[train, finding], seed, self.findings[finding],
+                                     fraction=budget.fraction, shots=budget.shots)]
+
+    def prediction(self, row: int, finding: int, score: float, model: str, arm: str, budget: Budget, seed: int) -> dict:
+        """One row of ``predictions.csv`` (the format of :mod:`fmct.eval.evaluate`)."""
+        return {"scan_id": self.scan_ids[row], "patient_id": self.patient_keys[row], "site": self.sites[row],
+                "split": self.split[row], "finding": self.findings[finding], "label": int(self.labels[row, finding]),
+                "score": float(score), "model": model, "arm": arm, "seed": seed, **budget.columns()}
+
+    def split_counts(self) -> dict:
+        """Scans per split and positives/negatives per finding and split, as run.json records them."""
+        scans = {name: int(np.sum(self.split == name)) for name in ("train", "val", "test", "ood")}
+        return {"scans_per_split": scans, "labels_per_split": self.label_counts()}
+
+    def label_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Positives and negatives per finding and split: ``{finding: {split: {"pos", "neg"}}}``."""
+        counts = {}
+        for f, finding in enumerate(self.findings):
+            known = ~np.isnan(self.labels[:, f])
+            counts[finding] = {
+                name: {kind: int(np.sum(self.labels[known & (self.split == name), f] == value)) for kind, value in (("pos", 1), ("neg", 0))}
+                for name in ("train", "val", "test", "ood")
+            }
+        return counts
+
+
+def load_cohort(
+    labels_spec: str,
+    available_scan_ids,
+    where: str,
+    config: CohortConfig,
+    store_path: str | os.PathLike | None = None,
+    rename: dict[str, str] | None = None,
+) -> Cohort:
+    """The labelled scans among ``available_scan_ids`` (those with features: ``where`` names them in
+    messages), split by patient as :func:`fmct.eval.splits.assign_splits` does.
+
+    Rows keyed by ``source`` need ``store_path``, whose manifest also supplies patient keys for rows
+    without a patient_id (without either, each scan is its own patient). Bad labels raise
+    :class:`InputError` naming the file.
+    """
+    labels = load_labels(labels_spec, rename)
+    notes = list(labels.notes)
+    rows, store_patient_keys = _label_rows(labels, store_path, notes)
+    findings = list(config.findings) or labels.findings
+    unknown = sorted(set(findings) - set(labels.findings))
+    if unknown:
+        raise InputError(f"{labels.origin}: no finding {unknown[0]!r} (findings: {', '.join(labels.findings)})")
+    row_of_scan = {}
+    for row in rows:
+        if row["scan_id"] in row_of_scan:
+            raise InputError(f"{labels.origin}: scan {row['scan_id']} is labelled twice")
+        row_of_scan[row["scan_id"]] = row
+    pseudonyms = _patient_pseudonyms(row_of_scan, store_patient_keys)
+    available = set(str(s) for s in available_scan_ids)
+    scan_ids = [s for s in row_of_scan if s in available]
+    if len(scan_ids) < len(row_of_scan):
+        notes.append(f"{len(row_of_scan) - len(scan_ids)} labelled scans are not in {where}")
+    if not scan_ids:
+        raise InputError(f"{labels.origin}: no labelled scan is in {where}")
+
+    table = [row_of_scan[s] for s in scan_ids]
+    y = np.array([[np.nan if r[f] is None else r[f] for f in findings] for r in table], dtype=np.float64)
+    patients = np.array([r.get("patient_id") or store_patient_keys.get(s) or s for r, s in zip(table, scan_ids)])
+    sites = np.array([r.get("site", "") for r in table])
+    explicit = np.array([r.get("split", "") if config.use_split_column else "" for r in table])
+    split = assign_splits(patients, y, sites, explicit, tuple(config.ood_sites), config.val_fraction,
+                          config.test_fraction, config.split_seed)
+    return Cohort(scan_ids, findings, y, patients, np.array([pseudonyms[s] for s in scan_ids]), sites, split,
+                  labels.origin, notes)
+
+
+def _label_rows(labels, store_path: str | os.PathLike | None, notes: list[str]) -> tuple[list[dict], dict[str, str]]:
+    """The label rows keyed by scan id (rows keyed by source matched through the store) and the
+    store's patient key of every scan (empty without a store)."""
+    if store_path is None:
+        if any(not row.get("scan_id") for row in labels.rows):
+            raise InputError(f"{labels.origin}: labels keyed by source need --store to find their scans")
+        return labels.rows, {}
+    store = Store(store_path)
+    rows, unmatched = match_to_store(labels, store.rows)
+    if unmatched:
+        notes.append(f"{unmatched} label rows match no scan of the store")
+    return rows, {row["scan_id"]: row.get("patient_key", "") for row in store.rows}
+
+
+def _patient_pseudonyms(row_of_scan: dict[str, dict], store_patient_keys: dict[str, str]) -> dict[str, str]:
+    """What the outputs call each scan's patient: the store's keyed patient key when the labels name no
+    patient; for a patient the labels name, ``patient-`` + the first of its scan ids (scan ids are
+    pseudonyms already), the same whichever of its scans a run has features for."""
+    first_scan: dict[str, str] = {}
+    for scan_id, row in sorted(row_of_scan.items()):
+        if row.get("patient_id"):
+            first_scan.setdefault(row["patient_id"], scan_id)
+    return {scan_id: f"patient-{first_scan[row['patient_id']]}" if row.get("patient_id")
+            else store_patient_keys.get(scan_id) or scan_id for scan_id, row in row_of_scan.items()}
+
+
+@dataclass
+class FitSummary:
+    """What a probe or finetune run did, for its one-paragraph console summary."""
+
+    verb: str
+    n_predictions: int
+    findings: list[str]
+    n_fits: int
+    n_fits_reused: int | None = None  # None: the verb does not keep fits to reuse
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self, out: Path) -> str:
+        reused = "" if self.n_fits_reused is None else f" ({self.n_fits_reused} reused)"
+        lines = [f"{self.verb}: {self.n_fits} fits{reused}, {self.n_predictions} predictions for "
+                 f"{', '.join(self.findings) or 'no finding'} -> {out / 'predictions.csv'}"]
+        lines += [f"  skipped {s}" for s in self.skipped] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)

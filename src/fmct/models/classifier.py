@@ -1,0 +1,77 @@
+"""A backbone with a classification head, one logit per finding: what ``fmct finetune`` trains.
+
+``linear``: a linear layer on the CLS token (FM-CT's classifier); ``attentive``: one learned query
+cross-attending to the patch tokens, then a linear layer. Either way the features pass a BatchNorm
+without affine parameters first (as in MAE's linear probe), so a new head learns at the same pace
+whatever the scale of the backbone's features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fmct.models.vit3d import ViT3D
+
+HEADS = ("linear", "attentive")
+
+
+class AttentivePooling(nn.Module):
+    """One learned query cross-attending to tokens: (B, N, C) -> (B, C)."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.attention = nn.MultiheadAttention(dim, n_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        query = self.query.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        pooled, _ = self.attention(query, tokens, tokens, need_weights=False)
+        return self.norm(pooled[:, 0])
+
+
+class Classifier(nn.Module):
+    """Backbone + head: windowed volumes (B, C, D, H, W) in [0, 1] -> logits (B, n_findings)."""
+
+    def __init__(self, backbone: ViT3D, n_findings: int, head: str = "linear"):
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.embed_dim
+        self.pool = AttentivePooling(dim, backbone.config.n_heads) if head == "attentive" else None
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.linear = nn.Linear(dim, n_findings)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
+        features = self.pool(tokens["patch"]) if self.pool is not None else tokens["cls"]
+        return self.linear(self.norm(features))
+
+    def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The state that training changes: trainable parameters and the head's buffers (batch-norm statistics)."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {name: value for name, value in self.state_dict().items()
+                if name in trainable or not name.startswith("backbone.")}
+
+    def freeze(self, trainable_blocks: int) -> None:
+        """Train only the last ``trainable_blocks`` blocks and the final norm (-1: the whole backbone)."""
+        if trainable_blocks < 0:
+            return
+        depth = self.backbone.config.depth
+        for name, param in self.backbone.named_parameters():
+            layer = self.backbone.layer_id(name)  # 0 embeddings, i + 1 block i, depth + 1 final norm
+            param.requires_grad_(trainable_blocks > 0 and layer >= depth + 1 - trainable_blocks)
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        # Frozen blocks stay in eval mode: stochastic depth must not perturb features nobody trains.
+        for block in self.backbone.blocks:
+            if not any(p.requires_grad for p in block.parameters()):
+                block.eval()
+        return self
