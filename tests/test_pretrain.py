@@ -21,8 +21,12 @@ from fmct.config import load_config
 from fmct.data import sample_ibot_masks
 from fmct.ssl.checkpoint import read_checkpoint
 from fmct.ssl.config import PretrainConfig
+import fmct.ssl.meta_arch as meta_arch
 import fmct.ssl.train as train
-from fmct.ssl.train import DINOModel, DINOObjective, collapse_reason, pretrain, teacher_statistics, update_teacher
+from fmct.ssl.collapse import collapse_reason, teacher_statistics
+from fmct.ssl.meta_arch import DINOMethod, DINOModel, update_teacher
+from fmct.ssl.monitor import Monitor
+from fmct.ssl.train import pretrain
 from fmct.store import rebuild_tables, write_scan
 
 torch.set_num_threads(1)
@@ -86,23 +90,23 @@ def test_objective_wires_dino_ibot_koleo_and_the_ema_is_exact(separate_head):
     torch.manual_seed(0)
     student = DINOModel(config)
     teacher = DINOModel(config).eval()
-    objective = DINOObjective(config, torch.device("cpu"))
+    method = DINOMethod(config, torch.device("cpu"))
     global_crops, local_crops = torch.rand(4, 3, 32, 32, 32), torch.rand(4, 3, 16, 16, 16)
     masks = sample_ibot_masks(4, (4, 4, 4), (0.1, 0.5), 0.5, generator=torch.Generator().manual_seed(0))
     masked_index = masks.flatten().nonzero().squeeze(1)
-    metrics = objective(student, teacher, global_crops, local_crops, masks, masked_index, teacher_temp=0.04, dino_weight=1.0)
+    metrics = method.objective(student, teacher, global_crops, local_crops, masks, masked_index, teacher_temp=0.04, dino_weight=1.0)
     terms = {name: float(metrics[name].detach()) for name in ("loss", "dino_loss", "ibot_loss", "koleo_loss")}
     assert all(np.isfinite(v) for v in terms.values()), terms
     assert terms["loss"] == pytest.approx(terms["dino_loss"] + terms["ibot_loss"] + 0.1 * terms["koleo_loss"], rel=1e-6)
     # Cross-entropies against 256 prototypes: positive, at most about ln 256 + the logit spread.
     assert 0 < terms["dino_loss"] < 20 and 0 < terms["ibot_loss"] < 20
     # The EMA centres moved off zero towards the teacher's mean logits (momentum 0.9).
-    assert float(objective.centers["dino"].center.abs().max()) > 0
-    assert objective.centers["ibot"].center.shape == (1, 128 if separate_head else 256)
+    assert float(method.centers["dino"].center.abs().max()) > 0
+    assert method.centers["ibot"].center.shape == (1, 128 if separate_head else 256)
     assert (student.ibot_head is not None) == separate_head
     # Without masked crops the iBOT term is exactly 0.
     none = torch.zeros_like(masks)
-    metrics = objective(student, teacher, global_crops, None, none, none.flatten().nonzero().squeeze(1), teacher_temp=0.04,
+    metrics = method.objective(student, teacher, global_crops, None, none, none.flatten().nonzero().squeeze(1), teacher_temp=0.04,
                         dino_weight=1.0)
     assert float(metrics["ibot_loss"].detach()) == 0.0 and float(metrics["dino_loss"].detach()) > 0
 
@@ -132,7 +136,7 @@ def test_a_tiny_run_logs_every_term_and_exports_the_teacher(store, tmp_path, mon
         masks_seen.append(masks)
         return masks
 
-    monkeypatch.setattr(train, "sample_ibot_masks", recording_masks)
+    monkeypatch.setattr(meta_arch, "sample_ibot_masks", recording_masks)
     result = pretrain(store, run, tiny_config("ibot.mask_probability=0.5", "ibot.mask_ratio=[0.2,0.4]"))
     assert result["step"] == result["total_steps"] == 8  # 2 epochs of 4 steps
     lines = log_lines(run)
@@ -345,7 +349,7 @@ def test_the_monitor_warns_of_collapse_once_and_drops_torn_lines(tmp_path, capsy
 
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    monitor = train.Monitor(tmp_path, env, EngineConfig(progress=False), start_step=1, total_steps=10,
+    monitor = Monitor(tmp_path, env, EngineConfig(progress=False), start_step=1, total_steps=10,
                             global_batch=16, steps_per_epoch=5, n_prototypes=256, teacher_warm_step=5)
     assert [line["step"] for line in log_lines(tmp_path)] == [1]
     collapsed = torch.zeros(32, 256)
@@ -428,7 +432,7 @@ def test_a_held_out_site_is_left_out_of_pretraining(store, tmp_path):
 # ----------------------------------------------------------------------------------- online evaluation
 def test_rankme_and_output_cosine_hand_examples():
     from fmct.ssl.online_eval import rankme
-    from fmct.ssl.train import output_cosine
+    from fmct.ssl.collapse import output_cosine
 
     assert rankme(np.eye(4)) == pytest.approx(4.0, rel=1e-5)  # four equal singular values
     assert rankme(np.ones((4, 6))) == pytest.approx(1.0, abs=1e-4)  # one direction only

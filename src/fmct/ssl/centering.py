@@ -11,19 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Reduce ``tensor`` in place across ranks (``op`` "sum" or "max") when running distributed; return it."""
-    if _distributed():
-        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
-    return tensor
+from fmct.ssl.distributed import all_reduce_
 
 
 class EMACenter(nn.Module):
@@ -53,7 +43,7 @@ class EMACenter(nn.Module):
         """Move the centre towards the mean of ``teacher_logits`` (..., K) over all rows of all ranks."""
         rows = teacher_logits.detach().float().reshape(-1, self.center.shape[1])
         totals = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
-        _all_reduce(totals)
+        all_reduce_(totals)
         if totals[-1] == 0:
             return
         batch_mean = totals[:-1] / totals[-1]
@@ -70,8 +60,8 @@ def _global_logsumexp(log_values: torch.Tensor, dim: int | None) -> torch.Tensor
     """log of the sum of exp(log_values) over ``dim`` (None: all entries) and over all ranks."""
     local = torch.logsumexp(log_values.reshape(-1) if dim is None else log_values, dim=dim or 0, keepdim=True)
     # Combine the ranks' partial results as max + log sum exp(partial - max); an empty rank gives -inf.
-    peak = _all_reduce(local.clone(), op="max")
-    return peak + torch.log(_all_reduce(torch.exp(local - peak)))
+    peak = all_reduce_(local.clone(), op="max")
+    return peak + torch.log(all_reduce_(torch.exp(local - peak)))
 
 
 @torch.no_grad()
@@ -90,7 +80,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     """
     log_q = teacher_logits.float() / teacher_temp
     n_prototypes = log_q.shape[1]
-    n_rows = _all_reduce(log_q.new_tensor(float(log_q.shape[0])))
+    n_rows = all_reduce_(log_q.new_tensor(float(log_q.shape[0])))
     log_q = log_q - _global_logsumexp(log_q, dim=None)
     for _ in range(n_iterations):
         log_q = log_q - _global_logsumexp(log_q, dim=0) - math.log(n_prototypes)

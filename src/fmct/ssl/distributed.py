@@ -94,11 +94,6 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (FSDP2 shards in place, so its model is already the module)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     # A DTensor exists only once FSDP2 has imported torch.distributed.tensor; importing it here would
     # add a second to every start of the command.
@@ -116,18 +111,19 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over ranks (the tensor itself on one process)."""
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``tensor`` in place over ranks (``op`` "sum" or "max") when running distributed; return it."""
     if dist.is_available() and dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
     return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks, a new tensor (the tensor itself on one process)."""
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return all_reduce_(tensor.clone()) / world_size if world_size > 1 else tensor
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Maximum of ``tensor`` over ranks (the tensor itself on one process)."""
-    if dist.is_available() and dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    """Maximum of ``tensor`` over ranks, a new tensor (the tensor itself on one process)."""
+    return all_reduce_(tensor.clone(), op="max") if dist.is_available() and dist.is_initialized() else tensor

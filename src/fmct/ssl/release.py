@@ -18,7 +18,7 @@ import yaml
 
 from fmct import hub
 from fmct.errors import CheckpointError
-from fmct.ssl.train import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
+from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
 from fmct.atomic import atomic_write_text
 
 RECIPE_FILE = "recipe.yaml"
