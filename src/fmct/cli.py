@@ -171,7 +171,7 @@ def _probe_parser(sub) -> None:
     parser.add_argument("--embeddings", required=True, help="embeddings folder written by fmct embed")
     parser.add_argument(
         "--labels", required=True,
-        help="labels CSV of DESIGN.md, or [cq500:|rsna:|generic:]FILE (CQ500 reads.csv, RSNA stage_2_train.csv)",
+        help="labels CSV (README: The labels file), or [cq500:|rsna:|generic:]FILE (CQ500 reads.csv, RSNA stage_2_train.csv)",
     )
     parser.add_argument("--out", required=True, help="predictions folder")
     parser.add_argument(
@@ -378,7 +378,7 @@ def _finetune_parser(sub) -> None:
         help="with --model scratch: take the architecture and windows of this model (default: none, the config's `model`)",
     )
     parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
-    parser.add_argument("--labels", required=True, help="labels CSV of DESIGN.md, or [cq500:|rsna:|generic:]FILE")
+    parser.add_argument("--labels", required=True, help="labels CSV (README: The labels file), or [cq500:|rsna:|generic:]FILE")
     parser.add_argument("--out", required=True, help="predictions folder (finished fits in it are reused)")
     parser.add_argument(
         "--head", choices=["linear", "attentive"], help="linear: on the CLS token; attentive: one learned query over the patch tokens",

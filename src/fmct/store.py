@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from fmct.atomic import atomic_save_npy, atomic_write_text
 from fmct.tables import rows_to_csv
-from fmct.errors import InputError
+from fmct.errors import InputError, one_line
 
 if TYPE_CHECKING:
     from fmct.config import IngestConfig
@@ -211,7 +211,7 @@ def ingest(
     """
     from fmct.config import save_config
     from fmct.errors import ConfigError
-    from fmct.io import discover, select_series
+    from fmct.io import discover, is_nifti, select_series
     from fmct.io.dicom import walk_files
 
     started = time.perf_counter()
@@ -226,8 +226,8 @@ def ingest(
     # Absolute sources, so that labels can be matched to scans from any working directory.
     walked = {source: walk_files([source]) for source in map(os.path.abspath, sources)}
     all_files = [p for files in walked.values() for p in files]
-    nifti_files = [p for p in all_files if p.name.endswith((".nii", ".nii.gz"))]
-    series, unreadable = discover([p for p in all_files if not p.name.endswith((".nii", ".nii.gz"))])
+    nifti_files = [p for p in all_files if is_nifti(p)]
+    series, unreadable = discover([p for p in all_files if not is_nifti(p)])
     kept, rejected = select_series(series, config.selection)
 
     salt = config.salt
@@ -339,7 +339,8 @@ def _limit_threads() -> None:
 
 def _ingest_one(scan_id: str, job, store_path: Path, config) -> tuple[str, str | None, str]:
     """Read, canonicalise and store one scan; return (scan_id, None, source) or (scan_id, reason, source)."""
-    from fmct.io import ScanError, read_nifti, read_series
+    from fmct.errors import ScanError
+    from fmct.io import read_nifti, read_series
     from fmct.preprocess import canonical
 
     source = job.source if hasattr(job, "source") else str(job)
@@ -350,7 +351,7 @@ def _ingest_one(scan_id: str, job, store_path: Path, config) -> tuple[str, str |
     except ScanError as error:
         return scan_id, str(error), source
     except Exception as error:  # a bad scan must never stop the batch; keep its reason on one line
-        return scan_id, f"unexpected {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", source
+        return scan_id, f"unexpected {type(error).__name__}: {one_line(error)}", source
     salt = config.salt
     identity = volume.identity
     meta = result.metadata

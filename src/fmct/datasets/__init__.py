@@ -1,4 +1,4 @@
-"""Dataset adapters: a dataset's own label files -> the labels table of DESIGN.md.
+"""Dataset adapters: a dataset's own label files -> the labels table (README: The labels file).
 
 ``load_labels(spec)`` reads ``spec``, a path optionally prefixed by the adapter to use:
 ``cq500:reads.csv``, ``rsna:stage_2_train.csv`` or ``generic:labels.csv``. Without a prefix the adapter

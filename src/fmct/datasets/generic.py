@@ -1,4 +1,4 @@
-"""The labels table of DESIGN.md, read from a generic CSV (with optional column renaming) and written back.
+"""The labels table (README: The labels file), read from a generic CSV (with optional column renaming) and written back.
 
 Format: one row per scan, keyed by ``scan_id`` (a store scan) or ``source`` (the path given to ingest);
 optional ``patient_id``, ``site``, ``split`` (train, val, test); every other column is a finding with
@@ -88,6 +88,6 @@ def read_generic(path: str | os.PathLike, rename: dict[str, str] | None = None) 
 
 
 def write_labels(labels: Labels, path: str | os.PathLike) -> None:
-    """Write ``labels`` as a labels CSV of DESIGN.md (unknown as empty), atomically."""
+    """Write ``labels`` as a labels CSV (unknown as empty), atomically."""
     columns = [c for c in KEY_COLUMNS if any(row.get(c) for row in labels.rows)] + list(META_COLUMNS) + labels.findings
     atomic_write_text(Path(path), rows_to_csv(labels.rows, columns))

@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from fmct.config import SelectionConfig
-from fmct.errors import ScanError
+from fmct.errors import ScanError, one_line
 from fmct.io.volume import Volume
 
 AIR_HU = -1024.0  # padding voxels and anything below it (outside the reconstruction circle) become air
@@ -648,5 +648,4 @@ def _display_name(path: Path) -> str:
 
 def _one_line(error: BaseException) -> str:
     """The first line of an exception message, shortened, with anything that looks like a UID removed."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return _UID_PATTERN.sub("<uid>", text)[:200]
+    return _UID_PATTERN.sub("<uid>", one_line(error))

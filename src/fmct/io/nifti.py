@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from fmct.io.dicom import AIR_HU
-from fmct.errors import ScanError
+from fmct.errors import ScanError, one_line
 from fmct.io.volume import Volume
 
 
@@ -30,7 +30,7 @@ def read_nifti(path: str | Path) -> Volume:
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for a corrupt header
-        raise ScanError(f"{path.name}: unreadable NIfTI ({_first_line(error)})") from None
+        raise ScanError(f"{path.name}: unreadable NIfTI ({one_line(error)})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ScanError(f"{path.name}: not a NIfTI image ({type(image).__name__})")
     shape = image.shape
@@ -44,7 +44,7 @@ def read_nifti(path: str | Path) -> Volume:
     try:
         hu = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape[:3])
     except Exception as error:  # truncated data: EOFError, zlib / gzip errors, short reads
-        raise ScanError(f"{path.name}: unreadable NIfTI voxel data ({_first_line(error)})") from None
+        raise ScanError(f"{path.name}: unreadable NIfTI voxel data ({one_line(error)})") from None
     not_finite = int(np.count_nonzero(~np.isfinite(hu)))
     if not_finite:
         raise ScanError(f"{path.name}: {not_finite} NaN/inf voxels")
@@ -61,8 +61,3 @@ def read_nifti(path: str | Path) -> Volume:
     }
     identity = {"patient_id": resolved, "study_uid": resolved, "series_uid": resolved}
     return Volume(hu=hu, affine=np.asarray(affine, dtype=np.float64), metadata=metadata, identity=identity, source=str(path))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]

@@ -133,7 +133,7 @@ class EngineConfig:
 class DataConfig:
     """Which scans of the store to pretrain on. Of a labels file only the site column is read."""
 
-    labels: str = ""  # a labels CSV of DESIGN.md (or cq500:/rsna: spec) giving each scan's site
+    labels: str = ""  # a labels CSV (or cq500:/rsna: spec) giving each scan's site
     # Sites kept out of pretraining, so that a held-out site stays unseen for an out-of-distribution test.
     exclude_sites: tuple[str, ...] = ()
 
