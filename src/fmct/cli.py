@@ -420,6 +420,75 @@ def _finetune_run(args) -> int:
     return 0 if summary.n_predictions else 1
 
 
+# ------------------------------------------------------------------------------------------ predict
+_DETECTOR_HELP = ("a detector folder, or the output folder of fmct probe or finetune (its seed-0 fit trained on the most "
+                  "labels unless --fit names one)")
+
+
+def _predict_parser(sub) -> None:
+    parser = _add_verb(
+        sub, "predict", "a detector on new DICOM/NIfTI scans -> calibrated probabilities, decisions, saliency maps",
+        "fmct predict --model finetune --out predictions /data/new_scan_dicom scan2.nii.gz --saliency",
+        about="A detector on new scans: each PATH (a DICOM folder, DICOM files, NIfTI files) goes through ingest's "
+              "selection, geometry and canonical grid in memory, then the detector. OUT/predictions.csv: per scan "
+              "(named by pseudonym) and finding the calibrated probability, and the threshold and decision at each "
+              "operating point set on the validation split; OUT/errors.csv: why a scan could not be used. "
+              "A re-run resumes.",
+        config="fmct.predict:PredictConfig",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help=_DETECTOR_HELP)
+    parser.add_argument("--fit", help="the fit of a probe/finetune output to use, e.g. fraction1-seed0 (default: seed 0, most labels)")
+    parser.add_argument("--out", required=True, help="folder for predictions.csv, errors.csv and saliency/ (resumed)")
+    parser.add_argument("--saliency", action="store_true",
+                        help="per scan and finding a heatmap (Integrated Gradients) as NIfTI on the scan's own grid and a PNG")
+    parser.add_argument("--store", help="name scans with this store's salt, so ids match its scan ids (default: OUT's own salt)")
+    parser.add_argument("--batch-size", type=int, help="scans per forward pass")
+    parser.add_argument("--workers", type=int, help="threads reading scans ahead of the model")
+    parser.add_argument("--config", help=_CONFIG_HELP)
+    parser.add_argument("inputs", nargs="*", metavar="PATH|key=value",
+                        help="DICOM folders or files and NIfTI files, then config overrides, e.g. saliency_steps=32")
+    parser.set_defaults(run=_predict_run)
+
+
+def _predict_run(args) -> int:
+    from fmct.config import load_config
+    from fmct.predict import PredictConfig, predict
+
+    overrides = [item for item in args.inputs if _OVERRIDE.match(item)]
+    paths = [item for item in args.inputs if not _OVERRIDE.match(item)]
+    if not paths:
+        raise UsageError("no PATH given")
+    flags = {"batch_size": args.batch_size, "workers": args.workers, "saliency": args.saliency or None}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    config = load_config(PredictConfig, args.config, overrides)
+    summary = predict(args.model, paths, args.out, config, fit=args.fit, store=args.store)
+    print(summary.describe())
+    return 0 if summary.ok else 1
+
+
+def _export_parser(sub) -> None:
+    parser = _add_verb(
+        sub, "export", "a detector as ONNX (dynamic batch), checked against PyTorch with ONNX Runtime",
+        "fmct export --model finetune --out detector.onnx",
+        about="A detector as one ONNX file: input float32 HU (batch, 1, X, Y, Z) on the detector's canonical grid, output "
+              "calibrated probabilities (batch, findings); resize, HU windows and calibration are inside the graph, the "
+              "findings and operating points in its metadata. Needs the export extra: pip install \"fmct[export]\".",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help=_DETECTOR_HELP)
+    parser.add_argument("--fit", help="the fit of a probe/finetune output to export (default: seed 0, most labels)")
+    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.set_defaults(run=_export_run)
+
+
+def _export_run(args) -> int:
+    from fmct.export import export_onnx
+
+    result = export_onnx(args.model, args.out, fit=args.fit)
+    print(f"export: {', '.join(result['findings'])} -> {result['path']} (input {result['input_shape']}; "
+          f"onnxruntime vs torch max |difference| {result['max_abs_difference']:.1e})")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- demo
 def _demo_parser(sub) -> None:
     parser = _add_verb(
@@ -582,7 +651,7 @@ def _claim_lines(finding: str, fraction: str | None, checks: list[tuple[str, lis
 # In the order of the data flow, as `fmct --help` lists them.
 PARSERS = [
     _synth_parser, _ingest_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
-    _evaluate_parser, _report_parser, _demo_parser,
+    _evaluate_parser, _report_parser, _predict_parser, _export_parser, _demo_parser,
 ]
 
 

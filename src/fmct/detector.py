@@ -208,8 +208,8 @@ class ProbeScorer(nn.Module):
         for name, value in (("mean", mean), ("scale", scale), ("coef", coef), ("intercept", intercept)):
             self.register_buffer(name, value.float())
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.backbone.forward_features(x, masks=masks)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
         cls, patch_mean = tokens["cls"].float(), tokens["patch"].float().mean(dim=1)
         features = {"cls": cls, "patch_mean": patch_mean}.get(self.feature)
         if features is None:
@@ -223,7 +223,7 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
     """A detector: canonical HU volumes (B, 1, X, Y, Z), any dtype, on the detector's device ->
     calibrated probabilities (B, F) for :attr:`findings`.
 
-    ``scorer`` maps windowed volumes (B, C, *input_size) (and optional patch masks) to logits, one column
+    ``scorer`` maps windowed volumes (B, C, *input_size) to logits, one column
     per name of ``config["scorer_outputs"]``; ``config`` is the detector's ``config.json``.
     """
 
@@ -252,10 +252,6 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         return [(float(level), float(width)) for level, width in self.config["windows_hu"]]
 
     @property
-    def n_patches(self) -> int:
-        return self.backbone.config.n_patches
-
-    @property
     def backbone(self) -> ViT3D:
         return self.scorer.backbone
 
@@ -263,9 +259,9 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         """Windowed float32 volumes (B, C, *input_size) in [0, 1] of canonical HU volumes (B, 1, X, Y, Z)."""
         return embed_transform(hu, self.input_size, self.windows)
 
-    def scores_of_input(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits (B, F) of windowed volumes ``x`` (``masks`` (B, N): patches hidden by the mask token)."""
-        return self.scorer(x, masks=masks).float()[:, self.output_index]
+    def scores_of_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (B, F) of windowed volumes ``x`` (B, C, *input_size)."""
+        return self.scorer(x).float()[:, self.output_index]
 
     def scores(self, hu: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, F) of canonical HU volumes (B, 1, X, Y, Z)."""
