@@ -150,8 +150,11 @@ def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys)
     data = np.asarray(heat.dataobj)
     peak_world = source.world(np.array(np.unravel_index(np.argmax(data), data.shape)))
     peak_row = np.array([float(bleed[f"peak_{axis}_mm"]) for axis in "xyz"])
-    assert np.linalg.norm(peak_world - bleed_centre) < BLOB_RADIUS * SPACING + 4.0, (peak_world, bleed_centre)
-    assert np.linalg.norm(peak_row - bleed_centre) < BLOB_RADIUS * SPACING + 4.0
+    with capsys.disabled():
+        print(f"saliency peak on the unseen DICOM series: {np.linalg.norm(peak_row - bleed_centre):.1f} mm from the bleed's centre "
+              f"(canonical grid), {np.linalg.norm(peak_world - bleed_centre):.1f} mm (source grid); bleed radius {BLOB_RADIUS * SPACING:g} mm")
+    assert np.linalg.norm(peak_world - bleed_centre) < BLOB_RADIUS * SPACING, (peak_world, bleed_centre)  # inside the bleed
+    assert np.linalg.norm(peak_row - bleed_centre) < BLOB_RADIUS * SPACING
     png = (out / bleed["saliency_png"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
