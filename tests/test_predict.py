@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from fmct import hub
 from fmct.cli import main
 from fmct.config import CanonicalConfig, IngestConfig, save_config
 from fmct.detector import Detector, load_detector, resolve_detector
+from fmct.errors import UsageError
 from fmct.devices import autocast
 from fmct.eval.embed import embed_store
 from fmct.eval.evaluate import read_predictions
@@ -21,6 +24,7 @@ from fmct.eval.finetune import FinetuneConfig, run_finetune
 from fmct.eval.probe import ProbeConfig, run_probe
 from fmct.io import read_series, write_series
 from fmct.models import ViT3DConfig
+from fmct.predict import PredictConfig, predict
 from fmct.saliency import integrated_gradients, on_canonical_grid, peak_voxel
 from fmct.store import Store
 from test_embed import BLOB_HU, BLOB_RADIUS, TINY, save_tiny_run, write_blob_store
@@ -223,13 +227,16 @@ def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(t
     mine = (columns["label_fraction"] == "1.0") & (columns["seed"] == "0")
     np.testing.assert_allclose(_store_scores(detector, store, list(columns["scan_id"][mine])), columns["score"][mine], atol=1e-3)
 
-    (run / "backbone" / "model.safetensors").write_bytes(hub.safetensors_bytes(
-        {k: v + 1 for k, v in hub.load(run / "backbone").state_dict().items()}))
-    assert main(["predict", "--model", str(out), "--out", str(tmp_path / "p"), str(tmp_path)]) == 2  # the backbone changed
+    run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out, ProbeConfig(label_fractions=(0.5,), seeds=1))
+    assert sorted(p.name for p in (out / "fits").iterdir()) == ["fraction0.5-seed0"]  # the earlier run's fits are gone
 
     run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), tmp_path / "knn", ProbeConfig(method="knn", label_fractions=(1.0,), seeds=1))
     assert not (tmp_path / "knn" / "fits").exists()
     assert "k-NN probes are not saved" in json.dumps(json.loads((tmp_path / "knn" / "run.json").read_text())["labels"]["notes"])
+
+    (run / "backbone" / "model.safetensors").write_bytes(hub.safetensors_bytes(
+        {k: v + 1 for k, v in hub.load(run / "backbone").state_dict().items()}))
+    assert main(["predict", "--model", str(out), "--out", str(tmp_path / "p"), str(tmp_path)]) == 2  # the backbone changed
 
 
 def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):
@@ -268,3 +275,33 @@ def test_predict_refuses_what_is_not_a_detector_in_one_line(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "neither a detector folder nor a probe/finetune output" in error and error.count("\n") == 1
+
+
+def test_predict_names_scans_like_a_store_with_its_salt(finetuned, tmp_path):
+    _phantom_dicom(tmp_path / "dicom", np.array([0.0, 0.0, 0.0]), bleed=False, seed=5)
+    assert main(["ingest", str(tmp_path / "dicom"), "--out", str(tmp_path / "store")]) == 0
+    stored = Store(tmp_path / "store").scan_ids
+    summary = predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "out", store=tmp_path / "store", progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert summary.n_scans == 1 and [r["scan_id"] for r in rows] == stored
+    with pytest.raises(UsageError, match="another salt"):
+        predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "out", PredictConfig(salt="other"), progress=False)
+
+
+def _hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshots/<commit>/)."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_repo_ids_load_through_huggingface_hub_from_its_cache(finetuned, tmp_path):
+    Detector.from_pretrained(finetuned[2]).save_pretrained(tmp_path / "detector")
+    _hub_cache(tmp_path / "cache", "fmct/tiny-detector", tmp_path / "detector")
+    _hub_cache(tmp_path / "cache", "fmct/tiny-backbone", tmp_path / "detector" / "backbone")
+    detector = Detector.from_pretrained("fmct/tiny-detector", cache_dir=tmp_path / "cache", local_files_only=True)
+    backbone = hub.ViT3DModel.from_pretrained("fmct/tiny-backbone", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert detector.findings == ["ich"] and backbone.config == detector.backbone.config
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), detector.backbone.state_dict().values()))

@@ -21,6 +21,7 @@ k-NN fits and the floors' embeddings are not saved as detectors (see :mod:`fmct.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def run_probe(
     store = store_path or embeddings.meta.get("store")
     target, no_detector = _detector_target(embeddings, feature, config, store)
     notes = cohort.notes + ([f"no detector folders: {no_detector}"] if no_detector else [])
+    _remove_earlier_detectors(out)
     predictions, fits, n_detectors = [], [], 0
     with tqdm(total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False) as progress:
         for seed in range(config.seeds):
@@ -131,6 +133,14 @@ def _fit_one(x: np.ndarray, cohort: Cohort, finding: int, budget: Budget, seed: 
     fit = {"finding": cohort.findings[f], "seed": seed, "label_fraction": budget.fraction, "shots": budget.shots,
            "n_train_pos": int(np.sum(y[subset, f] == 1)), "n_train_neg": int(np.sum(y[subset, f] == 0)), **chosen}
     return fit, detector.FindingFit(subset, val, val_scores, evaluated, scores), model
+
+
+def _remove_earlier_detectors(out: Path) -> None:
+    """Remove the probe detectors an earlier run left in ``out/fits/``: this run replaces its predictions,
+    and a fit of other settings must not be picked for ``--model out``."""
+    for folder in sorted((out / detector.FITS_DIR).glob("*")):
+        if detector.is_detector(folder) and detector.read_detector_config(folder)["kind"] == "probe":
+            shutil.rmtree(folder)
 
 
 def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
