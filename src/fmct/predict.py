@@ -4,8 +4,8 @@ Each PATH (a DICOM folder, DICOM files, NIfTI files) is discovered and its serie
 ingest`` does (:func:`fmct.io.discover`, :func:`fmct.io.select_series` with the detector's recorded
 selection rules), read (:func:`fmct.io.read_series`, :func:`fmct.io.read_nifti`) and resampled to the
 canonical grid the detector was trained on (:func:`fmct.preprocess.canonical`); nothing is written to a
-store. Reader threads prepare scans ahead of the model; the detector scores them in batches on the
-device (CUDA with bf16 autocast when present, else the CPU in fp32).
+store. Reader processes prepare scans ahead of the model (one thread each, as ingest's); the detector
+scores them in batches on the device (CUDA with bf16 autocast when present, else the CPU in fp32).
 
 Scans are named by pseudonym, never by a path or a header value: ``scan_id`` is the salted SHA-256 of
 the series UID (of the resolved file path for NIfTI), keyed exactly like a store's scan ids. The salt is
@@ -36,12 +36,14 @@ import os
 import secrets
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from fmct import detector as detectors
@@ -55,6 +57,7 @@ from fmct.fingerprint import file_sha256, settings_sha256
 from fmct.io import discover, is_nifti, read_nifti, read_series, select_series
 from fmct.io.dicom import walk_files
 from fmct.io.nifti import write_nifti
+from fmct.io.volume import Volume
 from fmct.preprocess import canonical
 from fmct.store import pseudonym
 from fmct.tables import rows_to_csv
@@ -66,7 +69,7 @@ SALIENCY_COLUMNS = ["peak_x_mm", "peak_y_mm", "peak_z_mm", "saliency_nifti", "sa
 @dataclass
 class PredictConfig:
     batch_size: int = 4  # scans per forward pass
-    workers: int = 2  # threads reading and resampling scans ahead of the model
+    workers: int = 2  # processes reading and resampling scans ahead of the model
     saliency: bool = False  # write a heatmap per scan and finding (Integrated Gradients, fmct.saliency)
     saliency_steps: int = 16  # steps along the Integrated Gradients path (forward + backward passes per scan)
     saliency_sigma_mm: float = 8.0  # Gaussian smoothing (mm) of the heatmap on the canonical grid: a bleed is a region
@@ -134,10 +137,18 @@ def plan_scans(paths: list[str | os.PathLike], selection, salt: str) -> tuple[li
     return jobs, errors
 
 
-def read_canonical(job: ScanJob, config: IngestConfig):
-    """The scan of ``job`` on the canonical grid, and the source's affine and shape (for saliency maps)."""
+def read_canonical(job: ScanJob, config: IngestConfig) -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
+    """The scan of ``job`` on the canonical grid (int16 HU, its voxel -> world affine; no identifiers), and
+    the source's affine and shape (for saliency maps)."""
     volume = read_nifti(job.source) if isinstance(job.source, Path) else read_series(job.source, config.selection)
-    return canonical(volume, config.canonical), volume.affine, volume.shape
+    result = canonical(volume, config.canonical)
+    return Volume(hu=result.hu, affine=result.affine), volume.affine, volume.shape
+
+
+def _one_thread() -> None:
+    """Reader process initializer: one thread for torch and the BLAS pools; ``workers`` sets the parallelism."""
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
 
 
 def _read_job(job: ScanJob, config: IngestConfig):
@@ -192,6 +203,18 @@ def predict(
     out, device = Path(out), default_device(device)
     config = _settle_salt(out, config or PredictConfig(), store)
     folder = detectors.resolve_detector(model, fit)
+    # The readers fork before the model (and any CUDA context) exists in this process.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    executor = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method), initializer=_one_thread)
+    try:
+        executor.submit(int).result()  # start the workers now
+        return _predict(folder, executor, paths, out, config, device, started, progress)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, config: PredictConfig, device: torch.device,
+             started: float, progress: bool) -> PredictSummary:
     detector = detectors.load_detector(folder, device)
     ingest_config = IngestConfig(selection=detectors.selection_config(detector.config),
                                  canonical=detectors.canonical_config(detector.config))
@@ -211,8 +234,7 @@ def predict(
             records[job.scan_id] = record
             summary.n_reused += 1
     run = _Run(detector, folder, fingerprint, config, out, device)
-    with ThreadPoolExecutor(config.workers, thread_name_prefix="fmct-predict") as executor, \
-            tqdm(total=len(todo), unit="scan", desc="predict", disable=not progress or not todo, dynamic_ncols=True) as bar:
+    with tqdm(total=len(todo), unit="scan", desc="predict", disable=not progress or not todo, dynamic_ncols=True) as bar:
         pending = deque()
         batch = []
         queue = iter(todo)
