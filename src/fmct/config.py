@@ -97,6 +97,10 @@ class DemoConfig:
     finetune_steps: int = 25
     finetune_batch_size: int = 12
 
+    def __post_init__(self) -> None:
+        if self.n_scans < 20 or not 0 < self.test_fraction < 1 or min(self.seeds, self.workers, self.finetune_steps) < 1:
+            raise ConfigError("n_scans must be >= 20, test_fraction in (0, 1), seeds, workers and finetune_steps >= 1")
+
 
 # Presets for ``fmct demo --scale``: overrides applied before the user's own.
 DEMO_SCALES: dict[str, list[str]] = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fmct.datasets import load_labels, match_to_store
-from fmct.errors import InputError
+from fmct.errors import ConfigError, InputError
 from fmct.eval.splits import assign_splits, training_subset
 from fmct.store import Store
 
@@ -43,9 +43,9 @@ class CohortConfig:
 
     def __post_init__(self) -> None:
         if any(not 0 < f <= 1 for f in self.label_fractions) or any(n < 1 for n in self.shots):
-            raise ValueError("label_fractions must lie in (0, 1] and shots be at least 1")
-        if self.seeds < 1:
-            raise ValueError("seeds must be at least 1")
+            raise ConfigError("label_fractions must lie in (0, 1] and shots be at least 1")
+        if self.seeds < 1 or not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("seeds must be at least 1, val_fraction and test_fraction >= 0 with a sum below 1")
 
     def budgets(self) -> list[Budget]:
         """Every label budget to fit: the fractions, then the shots."""

@@ -64,6 +64,10 @@ class EmbedConfig:
     model_name: str = ""  # empty: the (like) model folder's name (the run's name for RUN/backbone), or hu-histogram
     init_seed: int = 0  # seed of the random-init weights of --model scratch
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.chunk_size < 1 or self.workers < 1:
+            raise ConfigError(f"batch_size ({self.batch_size}), chunk_size ({self.chunk_size}) and workers must be at least 1")
+
 
 @dataclass
 class EmbedSummary:
@@ -196,8 +200,6 @@ def embed_store(
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
-    if config.batch_size < 1 or config.chunk_size < 1:
-        raise ConfigError(f"batch_size ({config.batch_size}) and chunk_size ({config.chunk_size}) must be at least 1")
     device = default_device(device)
     out = Path(out)
     encoder = resolve_encoder(str(model_path), None if like is None else str(like), config, device)
