@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from fmct.config import save_config, to_dict
 from fmct.datasets import load_labels, match_to_store
+from fmct.pseudonym import patient_pseudonyms
 from fmct.eval.embeddings import read_embeddings
 from fmct.eval.evaluate import write_predictions
 from fmct.eval.metrics import auroc
@@ -225,7 +226,9 @@ def load_cohort(
 
     table = [row_of_scan[s] for s in scan_ids]
     y = np.array([[np.nan if r[f] is None else r[f] for f in findings] for r in table], dtype=np.float64)
-    patients = np.array([r.get("patient_id") or patient_keys.get(s) or s for r, s in zip(table, scan_ids)])
+    # A label's patient ID is an identifier: only its keyed pseudonym goes on, into splits and predictions.
+    label_patients = patient_pseudonyms([r.get("patient_id", "") for r in table])
+    patients = np.array([p or patient_keys.get(s) or s for p, s in zip(label_patients, scan_ids)])
     sites = np.array([r.get("site", "") for r in table])
     split = assign_splits(
         patients, y, sites, np.array([r.get("split", "") if config.use_split_column else "" for r in table]),

@@ -7,7 +7,7 @@ from pathlib import Path
 from fmct.io.dicom import SeriesInfo, discover, read_series, select_series
 from fmct.io.dicom_write import write_series
 from fmct.io.nifti import read_nifti
-from fmct.io.volume import ScanError, Volume
+from fmct.io.volume import FileScanError, ScanError, Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -29,6 +29,7 @@ def read_scan(path: str | Path) -> Volume:
 __all__ = [
     "Volume",
     "ScanError",
+    "FileScanError",
     "read_scan",
     "read_series",
     "read_nifti",
