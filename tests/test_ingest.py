@@ -18,7 +18,7 @@ from fmct.io.dicom_write import write_series
 from fmct.ingest import ingest
 from fmct.pseudonym import local_sources
 from fmct.store import Store
-from phantoms import BEADS, bead_positions, phantom, rotation
+from phantoms import BEADS, bead_positions, rotation, small_head, write_head
 from fmct.io.volume import Volume
 
 IDENTIFIERS = {
@@ -29,18 +29,6 @@ IDENTIFIERS = {
     "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.11111111111",
     "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.22222222222",
 }
-
-
-def small_head(axes=np.eye(3), shear=0.0, spacing=(4.0, 4.0, 6.0), shape=(56, 56, 32)) -> Volume:
-    """A coarse head phantom covering 224 x 224 x 192 mm, quick to write and read."""
-    volume = phantom(np.asarray(axes, float), np.asarray(spacing), shape, shear)
-    volume.hu = np.rint(volume.hu)
-    return volume
-
-
-def write_head(folder: Path, volume: Volume | None = None, **tags) -> list[Path]:
-    volume = volume or small_head()
-    return write_series(folder, volume.hu, volume.affine, tags=tags)
 
 
 def quiet_config(**overrides) -> IngestConfig:
