@@ -78,7 +78,8 @@ def ingest(
     started = time.perf_counter()
     store_path = Path(out)
     _check_paths(sources, store_path, workers)
-    key = load_key(key_file, outside=store_path)
+    # A new key only for a new store: an existing one was made with a key that must be found, not replaced.
+    key = load_key(key_file, create=not (store_path / "store.json").exists(), outside=store_path)
     claim_store(store_path, to_dict(config.canonical), key.fingerprint)
     save_config(config, store_path / "config.yaml")
     plan = plan_ingest(sources, config.selection, key)
