@@ -11,6 +11,7 @@ from fmct.cli import main
 from fmct.eval.embeddings import read_embeddings, write_embeddings
 from fmct.eval.evaluate import evaluate, read_predictions
 from fmct.eval.probe import ProbeConfig, run_probe
+from fmct.pseudonym import patient_pseudonyms
 from fmct.store import rebuild_tables, write_scan
 
 
@@ -71,7 +72,9 @@ def test_probe_on_separable_embeddings_beats_chance_clearly(tmp_path, method):
     assert tenth[0]["n_train_pos"] == max(1, round(0.1 * train_pos)) and shots[0]["n_train_pos"] == 4 == shots[0]["n_train_neg"]
     # No patient in two splits: both scans of every evaluated patient are evaluated, none trained on.
     evaluated = set(columns["scan_id"])
-    assert {s for s, p in zip(scan_ids, patients) if p in set(columns["patient_id"])} == evaluated
+    keyed = dict(zip(patients, patient_pseudonyms(list(patients))))  # the labels' IDs never reach predictions
+    assert not set(patients) & set(columns["patient_id"])
+    assert {s for s, p in zip(scan_ids, patients) if keyed[p] in set(columns["patient_id"])} == evaluated
     assert run["scans_per_split"]["train"] + run["scans_per_split"]["val"] + len(evaluated) == len(scan_ids)
 
     for fraction in ("1.0", "0.1"):
