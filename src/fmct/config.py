@@ -94,6 +94,12 @@ class CanonicalConfig:
 
 @dataclass
 class IngestConfig:
+    """``fmct ingest``: which series to keep, the grid to resample them to, and the local source map.
+
+    The pseudonym key is not part of it (``--key FILE`` or ``$FMCT_KEY_FILE``): the config is written
+    into the store, the key never is.
+    """
+
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     canonical: CanonicalConfig = field(default_factory=CanonicalConfig)
     # Keep the local map pseudonym -> real path beside the pseudonym key (never in the store): it lets
