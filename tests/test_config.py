@@ -18,7 +18,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    config = load_config(IngestConfig, None, ["salt=abc", "canonical.antialias=false"])
+    config = load_config(IngestConfig, None, ["source_map=false", "canonical.antialias=false"])
     save_config(config, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["canonical"]["antialias"] is False
     assert load_config(IngestConfig, tmp_path / "config.yaml") == config

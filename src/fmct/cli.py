@@ -105,6 +105,24 @@ def _add_bootstrap_args(parser: argparse.ArgumentParser, resamples_help: str) ->
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
 
 
+def _check_bootstrap(args) -> None:
+    if args.bootstrap < 1:
+        raise UsageError(f"--bootstrap must be a positive number of resamples, got {args.bootstrap}")
+
+
+def _check_out(out: str, kind: str = "folder") -> None:
+    """``--out`` names a ``kind`` ("folder" or "file") to write: refuse, before any work, the other kind
+    standing there, or a path under a file."""
+    path = Path(out)
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--out {out}: {blocking} is a file, not a folder")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: is a file; name a folder")
+    if kind == "file" and path.is_dir():
+        raise UsageError(f"--out {out}: is a folder; name the file to write")
+
+
 def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
     """The label budgets, seeds, held-out sites and findings shared by probe and finetune."""
     parser.add_argument("--label-fractions", help="comma-separated shares (0 to 1) of the training labels, one budget each")
@@ -139,6 +157,11 @@ def _ingest_parser(sub) -> None:
     parser.add_argument("--out", required=True, help="store folder (created or resumed)")
     parser.add_argument("--workers", type=int, default=1, help="processes reading scans")
     parser.add_argument("--retry-failed", action="store_true", help="retry inputs skipped by an earlier run")
+    parser.add_argument(
+        "--key", metavar="FILE",
+        help="pseudonym key file, kept outside the store and never shared (default: $FMCT_KEY_FILE, else "
+             "~/.config/fmct/pseudonym.key, made on first use); its source map lies beside it",
+    )
     parser.add_argument("--config", help=_CONFIG_HELP)
     parser.add_argument(
         "inputs", nargs="*", metavar="SRC|key=value",
@@ -149,14 +172,14 @@ def _ingest_parser(sub) -> None:
 
 def _ingest_run(args) -> int:
     from fmct.config import IngestConfig, load_config
-    from fmct.store import ingest
+    from fmct.ingest import ingest
 
     overrides = [item for item in args.inputs if _OVERRIDE.match(item)]
     sources = [item for item in args.inputs if not _OVERRIDE.match(item)]
     if not sources:
         raise UsageError("no SRC given")
     config = load_config(IngestConfig, args.config, overrides)
-    summary = ingest(sources, args.out, config, workers=args.workers, retry_failed=args.retry_failed)
+    summary = ingest(sources, args.out, config, workers=args.workers, retry_failed=args.retry_failed, key_file=args.key)
     print(summary.describe())
     return 0 if summary.ok else 1
 
@@ -236,6 +259,8 @@ def _evaluate_parser(sub) -> None:
 def _evaluate_run(args) -> int:
     from fmct.eval.evaluate import evaluate, write_evaluation
 
+    _check_out(args.out)
+    _check_bootstrap(args)
     evaluation = evaluate(args.predictions, n_bootstrap=args.bootstrap, seed=args.seed)
     write_evaluation(evaluation, args.out)
     print(f"evaluate: {len(evaluation.metrics)} metric rows, {len(evaluation.comparisons)} comparisons -> {args.out}")
@@ -260,6 +285,11 @@ def _report_parser(sub) -> None:
 def _report_run(args) -> int:
     from fmct.eval.report import write_report
 
+    _check_out(args.out, kind="file")
+    figures = Path(args.out).with_name(Path(args.out).stem + "_figures")
+    if figures.exists() and not figures.is_dir():
+        raise UsageError(f"--out {args.out}: its figures folder {figures} is a file")
+    _check_bootstrap(args)
     path = write_report(args.folders, args.out, n_bootstrap=args.bootstrap, seed=args.seed, pretraining=args.pretraining)
     print(f"report: {path}")
     return 0
@@ -293,6 +323,7 @@ def _synth_parser(sub) -> None:
 def _synth_run(args) -> int:
     from fmct.synth import generate_cohort, parse_sites
 
+    _check_out(args.out)
     summary = generate_cohort(args.out, n=args.n, sites=parse_sites(args.sites), fmt=args.format, layout=args.layout,
                               seed=args.seed, workers=args.workers, preview=args.preview, matrix=args.matrix)
     print(summary.describe())

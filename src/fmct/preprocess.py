@@ -21,6 +21,7 @@ from fmct.io.volume import Volume
 
 # Spacing (mm) of the coarse copy used to find the head: fine enough for a 5 mm opening, cheap to label.
 _MASK_SPACING_MM = 3.0
+_GRID_SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}  # grid_sample's "bilinear" is trilinear in 3D
 
 
 def canonical(volume: Volume, config: CanonicalConfig | None = None) -> Volume:
@@ -130,9 +131,7 @@ def resample(volume: Volume, target_affine: np.ndarray, shape: tuple[int, int, i
     grid = F.affine_grid(
         torch.from_numpy(theta[None]).float(), size=[1, 1, shape[2], shape[1], shape[0]], align_corners=True
     )
-    mode = {"linear": "bilinear", "nearest": "nearest"}.get(config.interpolation)
-    if mode is None:
-        raise ValueError(f"interpolation must be 'linear' or 'nearest', not {config.interpolation!r}")
+    mode = _GRID_SAMPLE_MODES[config.interpolation]  # CanonicalConfig admits only these
     sampled = F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0]
     # sampled is indexed (k, j, i) of the target: back to (i, j, k), stored C-contiguous.
     hu = sampled.numpy().T + np.float32(config.air_hu)
