@@ -10,7 +10,6 @@ import json
 import os
 import re
 import stat
-import time
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +99,6 @@ def test_a_store_without_its_key_cannot_reproduce_a_patient_key(tmp_path):
                     if p.is_file() and p.suffix != ".npy")
     tokens = sorted(set(re.findall(r"[\w.\-]+", text)))
     candidates = [str(n) for n in range(4470000, 4480000)] + MRNS  # 10,000 MRNs around one, and all three
-    started = time.perf_counter()
     recovered = set()
     for secret in [""] + tokens:
         for mrn in candidates:
@@ -109,9 +107,8 @@ def test_a_store_without_its_key_cannot_reproduce_a_patient_key(tmp_path):
                           hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:16]):
                 if guess in patient_keys:
                     recovered.add(mrn)
-    seconds = time.perf_counter() - started
     assert recovered == set(), recovered
-    assert len(tokens) > 50 and seconds < 120  # a real search: every store token against 10^4 MRNs
+    assert len(tokens) > 50  # a real search: every store token against 10^4 MRNs
 
     key = load_key()  # the key, kept outside the store, does reproduce them
     assert {key.pseudonym("patient", mrn) for mrn in MRNS} == patient_keys
