@@ -15,6 +15,7 @@ import pytest
 from fmct.cli import main
 from fmct.config import IngestConfig, load_config
 from fmct.io.dicom_write import write_series
+from fmct.codec import read_volume
 from fmct.store import Store, ingest
 from phantoms import BEADS, bead_positions, phantom, rotation
 from fmct.io.volume import Volume
@@ -142,8 +143,10 @@ def test_resume_after_kill_loses_nothing(tmp_path):
     process.wait()
     done_before = len(list((tmp_path / "store" / "scans").glob("*.json")))
     assert 2 <= done_before < 6, "the kill should land mid-batch"
-    for npy in (tmp_path / "store" / "scans").glob("*.npy"):  # every visible file is whole
-        assert np.load(npy, allow_pickle=False).shape == (128, 128, 128)
+    volume_files = list((tmp_path / "store" / "scans").glob("*.b2nd"))
+    assert len(volume_files) >= done_before
+    for path in volume_files:  # every visible file is whole
+        assert read_volume(path).shape == (128, 128, 128)
     summary = ingest([tmp_path / "in"], tmp_path / "store", IngestConfig(), progress=False)
     assert summary.already_stored == done_before and summary.stored == 6 - done_before
     store = Store(tmp_path / "store")

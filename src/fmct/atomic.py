@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -26,6 +27,12 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file and a rename: ``write(handle)`` writes the bytes in pieces,
+    so a file larger than memory (a shard) never has to be held whole."""
+    _atomic_write(Path(path), write)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

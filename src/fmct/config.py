@@ -58,9 +58,25 @@ class CanonicalConfig:
 
 
 @dataclass
+class StoreConfig:
+    """How the store's volume files are written (reading needs none of it: every file names its codec)."""
+
+    # "lz4hc" (blosc2 LZ4-HC + shuffle: about 2.7x smaller, the fastest to decode), "zstd" (about 3.0x,
+    # slower to decode), "lz4" (about 2.1x, the fastest to write) or "npy" (uncompressed); see fmct.codec
+    # and BENCHMARKS.md. Lossless, all of them.
+    codec: str = "lz4hc"
+
+    def __post_init__(self) -> None:
+        from fmct.codec import check_codec  # imported here: blosc2 loads only for a verb that writes volumes
+
+        check_codec(self.codec)
+
+
+@dataclass
 class IngestConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     canonical: CanonicalConfig = field(default_factory=CanonicalConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     # Salt of the pseudonymous keys. Empty: a new random salt on the first ingest into a store, then the
     # store's own salt, so patients keep one key across runs. Share it between stores to split by patient.
     salt: str = ""

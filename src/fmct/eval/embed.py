@@ -10,8 +10,9 @@ What turns a scan into features (``--model``, see :func:`resolve_encoder`), and 
 - ``hu-histogram``: first-order HU features of the canonical volume itself (arm ``hu-histogram``, the
   radiomics floor; :mod:`fmct.eval.radiomics`), one feature ``first_order``.
 
-Data path: reader threads copy int16 volumes out of the store's memory-mapped files straight into one
-host buffer per batch (pinned on CUDA); the CPU touches bytes only. On the device: to float, resize,
+Data path: reader threads decode int16 volumes from the store's files straight into one host buffer
+per batch (pinned on CUDA; blosc2 releases the GIL, so the threads decode in parallel); the CPU touches
+bytes only. On the device: to float, resize,
 windows, forward (bf16 autocast on CUDA, fp32 on CPU), or the histogram. On CUDA the host-to-device copy
 of the next batch runs on its own stream, under the forward of the current one.
 
@@ -48,6 +49,7 @@ from fmct.eval import radiomics
 from fmct.eval.embeddings import write_embeddings
 from fmct.eval.evaluate import rows_to_csv
 from fmct.eval.probe import file_sha256
+from fmct.io.volume import ScanError
 from fmct.models import ViT3D
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 
@@ -209,15 +211,11 @@ class HuBatch(NamedTuple):
 
 
 def _read_into(volumes: StoreVolumes, index: int, out: np.ndarray) -> str | None:
-    scan_id = volumes.scan_ids[index]
-    path = volumes.store.path / "scans" / f"{scan_id}.npy"
+    """Decode the volume of ``index`` into ``out``; the reason when it cannot be read, else None."""
     try:
-        hu, _ = volumes.store[scan_id]
-        if hu.dtype != np.int16 or hu.shape != volumes.shape:
-            return f"{path}: expected int16 {list(volumes.shape)}, found {hu.dtype} {list(hu.shape)}"
-        np.copyto(out, hu)
-    except (OSError, ValueError) as error:
-        return f"{path}: cannot read: {error}"
+        volumes.store.read(volumes.scan_ids[index], out=out)
+    except ScanError as error:
+        return str(error)
     return None
 
 
@@ -226,9 +224,9 @@ def read_hu_batches(
 ) -> Iterator[HuBatch]:
     """The int16 HU volumes of each batch of dataset indices, read ``prefetch`` batches ahead.
 
-    Threads, not worker processes: numpy's copy releases the GIL, and a thread writes straight into
-    the batch's (pinned) buffer, where a worker process would add two copies of every volume (into
-    shared memory, then into pinned memory). A scan that cannot be read is reported in ``failed``,
+    Threads, not worker processes: decoding (blosc2, numpy's copy) releases the GIL, and a thread
+    writes straight into the batch's (pinned) buffer, where a worker process would add two copies of
+    every volume (into shared memory, then into pinned memory). A scan that cannot be read is reported in ``failed``,
     not raised. Close the iterator (or exhaust it) to stop the threads.
     """
     executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fmct-read")
