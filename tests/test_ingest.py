@@ -63,7 +63,7 @@ def test_landmarks_through_dicom_and_store(tmp_path, name, volume_args):
     assert summary.stored == 1 and summary.skipped == 0
     store = Store(tmp_path / "store")
     hu, row = store[0]
-    assert isinstance(hu, np.memmap) and hu.dtype == np.int16 and hu.shape == (128, 128, 128)
+    assert isinstance(hu, np.ndarray) and hu.dtype == np.int16 and hu.shape == (128, 128, 128)
     stored = Volume(hu=np.asarray(hu), affine=store.affine(0))
     error_mm = np.linalg.norm(bead_positions(stored) - BEADS, axis=1)
     assert error_mm.max() < 0.5, error_mm

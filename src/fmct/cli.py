@@ -173,7 +173,7 @@ def _store_parser(sub) -> None:
               "place, one scan at a time, checking each new file bit for bit before the old one is removed; "
               "`pack` writes WebDataset shards that `fmct pretrain --store SHARDS` streams. Both resume.",
     )
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do to the store")
     migrate = actions.add_parser(
         "migrate", help="rewrite the volume files in another codec, in place; resumes",
         description="Rewrite every volume file of STORE in CODEC, in place (a store of .npy files written before "
@@ -386,6 +386,7 @@ def _pretrain_parser(sub) -> None:
 
 def _pretrain_run(args) -> int:
     from fmct.config import load_config
+    from fmct.io.volume import ScanError
     from fmct.ssl.checkpoint import TrainStateError
     from fmct.ssl.config import PretrainConfig
     from fmct.ssl.train import PretrainError, pretrain
@@ -395,7 +396,7 @@ def _pretrain_run(args) -> int:
         result = pretrain(args.store, args.out, config)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    except (PretrainError, TrainStateError) as error:
+    except (PretrainError, TrainStateError, ScanError) as error:  # ScanError: a shard that cannot be read
         print(f"fmct pretrain: {error}", file=sys.stderr)
         return 1
     if result["rank"] == 0:

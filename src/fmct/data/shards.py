@@ -344,7 +344,7 @@ class ShardVolumes:
             try:
                 found = [(s["__key__"], s.get("b2nd")) for s in tarfile_samples([{"url": url}])]
             except Exception as error:  # gopen, a pipe's command or tar: the one-line reason, whatever failed
-                raise ScanError(f"{url}: cannot read the shard: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                raise ScanError(f"{url}: cannot read the shard: {_reason(error)}") from None
             if [key for key, _ in found] != expected or any(frame is None for _, frame in found):
                 raise ScanError(f"{url}: does not hold the {len(expected)} scans {self.path / INDEX_FILE} lists for it "
                                 f"(found {len(found)}); pack the store again")
@@ -354,6 +354,15 @@ class ShardVolumes:
     def _where(self, index: int) -> str:
         shard = int(np.searchsorted(self._first_index, index, side="right")) - 1
         return f"{self.shard_url(self.shards[shard][0])}/{self.scan_ids[index]}.b2nd"
+
+
+def _reason(error: Exception) -> str:
+    """One line for an error of WebDataset's readers (which append the stream and URL to its args)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    first = str(error.args[0]) if error.args else type(error).__name__
+    status = re.search(r"\): exit (\d+) ", first)  # gopen's Pipe: the command (curl, aws, ...) failed
+    return f"its command exited with status {status[1]}" if status else first.splitlines()[0]
 
 
 def _decode_into(frame: bytes, out: np.ndarray, where: str) -> None:
