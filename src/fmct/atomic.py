@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-import numpy as np
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -42,8 +40,3 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` as .npy (no pickle) through a temporary file and a rename."""
-    _atomic_write(Path(path), lambda handle: np.save(handle, array, allow_pickle=False))
