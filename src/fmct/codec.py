@@ -7,10 +7,11 @@ in C order and decode straight into a caller's buffer. A leaf module: numpy, blo
 
 Codecs (figures: benchmarks/loader.py on synthetic 128^3 heads, one core; BENCHMARKS.md has the run):
 
-- ``lz4hc``: LZ4 high-compression, level 5, byte shuffle. The default: about 2.7x smaller and about
-  600 volumes/s decoded per core; compressing costs about 0.1 s per volume, once, at ingest.
+- ``lz4hc``: LZ4 high-compression, level 5, byte shuffle. The default: about 2.7x smaller, about 400
+  volumes/s decoded per core (twice zstd); compressing costs about 0.1 s per volume, once, at ingest.
 - ``zstd``: Zstandard, level 3, byte shuffle: the smallest (about 3.0x), about 170 volumes/s per core.
-- ``lz4``: LZ4, byte shuffle: the fastest to write (about 0.01 s per volume), about 2.1x smaller.
+- ``lz4``: LZ4, byte shuffle: the fastest to write (about 0.01 s per volume) and as fast to decode as
+  lz4hc, but only about 2.1x smaller.
 - ``npy``: no compression (the format of stores written before compression), memory-mapped reads.
 
 A store is read far more often than written (every epoch of every run), so the default is the codec

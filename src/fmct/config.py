@@ -61,8 +61,8 @@ class CanonicalConfig:
 class StoreConfig:
     """How the store's volume files are written (reading needs none of it: every file names its codec)."""
 
-    # "lz4hc" (blosc2 LZ4-HC + shuffle: about 2.7x smaller, the fastest to decode), "zstd" (about 3.0x,
-    # slower to decode), "lz4" (about 2.1x, the fastest to write) or "npy" (uncompressed); see fmct.codec
+    # "lz4hc" (blosc2 LZ4-HC + shuffle: about 2.7x smaller, fast to decode), "zstd" (about 3.0x, half as
+    # fast to decode), "lz4" (about 2.1x, the fastest to write) or "npy" (uncompressed); see fmct.codec
     # and BENCHMARKS.md. Lossless, all of them.
     codec: str = "lz4hc"
 

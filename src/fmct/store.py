@@ -126,8 +126,7 @@ class Store:
 
     def affine(self, key: int | str) -> np.ndarray:
         """4x4 matrix from store voxel indices to the source's world RAS coordinates (mm)."""
-        row = self.rows[self._index[key] if isinstance(key, str) else key]
-        return np.asarray(row["affine"], dtype=np.float64).reshape(4, 4)
+        return np.asarray(self.row(key)["affine"], dtype=np.float64).reshape(4, 4)
 
     def errors(self) -> list[dict]:
         """The skipped inputs: dicts with ``source`` and ``reason``."""
