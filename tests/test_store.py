@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +137,26 @@ def test_an_interrupted_migration_resumes_and_checks_both_files(tmp_path, capsys
     assert store.read("s0").tobytes() == volumes["s0"].tobytes() and store.read("s2").tobytes() == volumes["s2"].tobytes()
     assert main(["store", "migrate", str(tmp_path), "--codec", "zstd"]) == 1
     assert "s1 left as it was" in capsys.readouterr().out
+
+
+def test_a_migration_killed_with_sigkill_resumes_to_the_same_volumes(tmp_path):
+    volumes = make_store(tmp_path, "npy", n=60, shape=(64, 64, 48))
+    command = [sys.executable, "-m", "fmct.cli", "store", "migrate", str(tmp_path), "--codec", "zstd"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((tmp_path / "scans").glob("*.b2nd"))) < 5:
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    migrated = len(list((tmp_path / "scans").glob("*.b2nd")))
+    assert process.returncode == -signal.SIGKILL and 5 <= migrated < 60, "the kill should land mid-store"
+    store = Store(tmp_path)
+    for scan_id, hu in volumes.items():  # every scan whole, in its old file or its new one
+        assert store.read(scan_id).tobytes() == hu.tobytes(), scan_id
+    summary = migrate(tmp_path, "zstd", progress=False)
+    assert summary.ok and (summary.already, summary.rewritten) == (migrated, 60 - migrated)
+    assert not list((tmp_path / "scans").glob("*.npy"))
+    assert all(Store(tmp_path).read(s).tobytes() == hu.tobytes() for s, hu in volumes.items())
 
 
 def test_a_damaged_scan_is_left_as_it_was_and_the_others_migrate(tmp_path):
