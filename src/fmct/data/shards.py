@@ -27,6 +27,7 @@ step ``k`` on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -335,16 +336,11 @@ class ShardVolumes:
 
     def _read_group(self, wanted: tuple[Group, int, int]) -> tuple[dict[str, bytes], tuple[Group, int, int]]:
         """The volume file bytes of every scan of the group's shards, streamed from their URLs."""
-        from webdataset.tariterators import tarfile_samples
-
         frames = {}
         for name in wanted[0].shards:
             url = self.shard_url(name)
             expected = self.shards[self._shard_number[name]][1]
-            try:
-                found = [(s["__key__"], s.get("b2nd")) for s in tarfile_samples([{"url": url}])]
-            except Exception as error:  # gopen, a pipe's command or tar: the one-line reason, whatever failed
-                raise ScanError(f"{url}: cannot read the shard: {_reason(error)}") from None
+            found = _read_shard(url)
             if [key for key, _ in found] != expected or any(frame is None for _, frame in found):
                 raise ScanError(f"{url}: does not hold the {len(expected)} scans {self.path / INDEX_FILE} lists for it "
                                 f"(found {len(found)}); pack the store again")
@@ -356,13 +352,33 @@ class ShardVolumes:
         return f"{self.shard_url(self.shards[shard][0])}/{self.scan_ids[index]}.b2nd"
 
 
-def _reason(error: Exception) -> str:
-    """One line for an error of WebDataset's readers (which append the stream and URL to its args)."""
+def _read_shard(url: str) -> list[tuple[str, bytes | None]]:
+    """``(scan_id, volume file bytes)`` of each sample of the shard at ``url``, in order (WebDataset's reader)."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = None
+    try:
+        stream = gopen(url)
+        return [(s["__key__"], s.get("b2nd")) for s in group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))]
+    except Exception as error:  # gopen, a pipe's command or tar: the one-line reason, whatever failed
+        raise ScanError(f"{url}: cannot read the shard: {_reason(error, stream)}") from None
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):  # the reason, if any, is already in hand
+                stream.close()
+
+
+def _reason(error: Exception, stream) -> str:
+    """One line for why a shard could not be read: a pipe's failed command first (its output then looks
+    like an empty or cut tar file), else the error's own first line (WebDataset appends the stream and
+    URL to its args)."""
+    command = getattr(stream, "proc", None)  # gopen's Pipe, for pipe:, http(s): (curl) and gs: (gsutil)
+    if command is not None and command.wait() != 0:
+        return f"its command exited with status {command.returncode}"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    first = str(error.args[0]) if error.args else type(error).__name__
-    status = re.search(r"\): exit (\d+) ", first)  # gopen's Pipe: the command (curl, aws, ...) failed
-    return f"its command exited with status {status[1]}" if status else first.splitlines()[0]
+    return (str(error.args[0]) if error.args else type(error).__name__).splitlines()[0]
 
 
 def _decode_into(frame: bytes, out: np.ndarray, where: str) -> None:
