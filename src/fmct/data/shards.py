@@ -378,7 +378,8 @@ def _reason(error: Exception, stream) -> str:
         return f"its command exited with status {command.returncode}"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return (str(error.args[0]) if error.args else type(error).__name__).splitlines()[0]
+    first = str(error.args[0]) if error.args else type(error).__name__
+    return first.splitlines()[0].split(" @ <")[0]  # tar's reason, without the stream WebDataset appends
 
 
 def _decode_into(frame: bytes, out: np.ndarray, where: str) -> None:
