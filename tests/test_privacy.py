@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from fmct.cli import main
-from fmct.config import ConfigError, IngestConfig, load_config
+from fmct.config import IngestConfig, load_config
+from fmct.errors import ConfigError
 from fmct.ingest import ingest
 from fmct.pseudonym import load_key, local_sources
 from fmct.store import Store

@@ -184,6 +184,54 @@ def _ingest_run(args) -> int:
     return 0 if summary.ok else 1
 
 
+# -------------------------------------------------------------------------------------------- store
+def _store_parser(sub) -> None:
+    parser = _add_verb(
+        sub, "store", "store upkeep: migrate to another codec, pack into streaming shards",
+        "fmct store pack store --out shards --scans-per-shard 64",
+        about="Upkeep of a store written by fmct ingest. `migrate` rewrites its volume files in another codec, in "
+              "place, one scan at a time, checking each new file bit for bit before the old one is removed; "
+              "`pack` writes WebDataset shards that `fmct pretrain --store SHARDS` streams. Both resume.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do to the store")
+    migrate = actions.add_parser(
+        "migrate", help="rewrite the volume files in another codec, in place; resumes",
+        description="Rewrite every volume file of STORE in CODEC, in place (a store of .npy files written before "
+                    "compression, or another codec). Atomic per scan; a re-run continues.",
+        formatter_class=_HelpFormatter,
+    )
+    migrate.add_argument("store", metavar="STORE", help="store folder written by fmct ingest")
+    migrate.add_argument("--codec", help="lz4hc, zstd, lz4 or npy (default: the store's store.codec, else lz4hc)")
+    migrate.set_defaults(run=_store_migrate_run)
+    pack = actions.add_parser(
+        "pack", help="pack into WebDataset shards for streaming; resumes",
+        description="Pack the scans of STORE into WebDataset shards plus an index, shards.json, in SHARDS, for "
+                    "`fmct pretrain --store SHARDS` (the shards may then be moved to object storage: data.shards_url).",
+        formatter_class=_HelpFormatter,
+    )
+    pack.add_argument("store", metavar="STORE", help="store folder written by fmct ingest")
+    pack.add_argument("--out", required=True, help="shard folder (created or resumed)")
+    pack.add_argument("--scans-per-shard", type=int, default=64, help="scans per shard (about 100 MiB at 128^3 in lz4hc)")
+    pack.add_argument("--codec", default="lz4hc", help="codec of the packed volumes: lz4hc, zstd or lz4")
+    pack.set_defaults(run=_store_pack_run)
+
+
+def _store_migrate_run(args) -> int:
+    from fmct.store import migrate
+
+    summary = migrate(args.store, args.codec)
+    print(summary.describe())
+    return 0 if summary.ok else 1
+
+
+def _store_pack_run(args) -> int:
+    from fmct.data.shards import pack_store
+
+    summary = pack_store(args.store, args.out, scans_per_shard=args.scans_per_shard, codec=args.codec)
+    print(summary.describe())
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- probe
 def _probe_parser(sub) -> None:
     parser = _add_verb(
@@ -339,7 +387,7 @@ def _pretrain_parser(sub) -> None:
         about="Self-supervised pretraining (DINO + iBOT, or MAE) of a 3D ViT on the volumes of a store, no labels "
               "needed. The same command resumes from RUN's last checkpoint.",
     )
-    parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
+    parser.add_argument("--store", required=True, help="store folder written by fmct ingest, or shard folder written by fmct store pack")
     parser.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
     _add_config_args(parser, "optim.epochs=100 model.size=small")
     parser.set_defaults(run=_pretrain_run)
@@ -612,7 +660,7 @@ def _claim_lines(finding: str, fraction: str | None, checks: list[tuple[str, lis
 
 # In the order of the data flow, as `fmct --help` lists them.
 PARSERS = [
-    _synth_parser, _ingest_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
+    _synth_parser, _ingest_parser, _store_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
     _evaluate_parser, _report_parser, _demo_parser,
 ]
 

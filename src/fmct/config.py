@@ -91,6 +91,21 @@ class CanonicalConfig:
 
 
 @dataclass
+class StoreConfig:
+    """How the store's volume files are written (reading needs none of it: every file names its codec)."""
+
+    # "lz4hc" (blosc2 LZ4-HC + shuffle: about 2.7x smaller, fast to decode), "zstd" (about 3.0x, half as
+    # fast to decode), "lz4" (about 2.1x, the fastest to write) or "npy" (uncompressed); see fmct.codec
+    # and BENCHMARKS.md. Lossless, all of them.
+    codec: str = "lz4hc"
+
+    def __post_init__(self) -> None:
+        from fmct.codec import check_codec  # imported here: blosc2 loads only for a verb that writes volumes
+
+        check_codec(self.codec)
+
+
+@dataclass
 class IngestConfig:
     """``fmct ingest``: which series to keep, the grid to resample them to, and the local source map.
 
@@ -100,13 +115,15 @@ class IngestConfig:
 
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     canonical: CanonicalConfig = field(default_factory=CanonicalConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     # Keep the local map pseudonym -> real path beside the pseudonym key (never in the store): it lets
     # labels keyed by `source` find their scans, and a user find the file behind an errors.csv row.
     source_map: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.selection, SelectionConfig) or not isinstance(self.canonical, CanonicalConfig):
-            raise ValueError("selection and canonical must be SelectionConfig and CanonicalConfig")
+        if not all(isinstance(section, kind) for section, kind in
+                   ((self.selection, SelectionConfig), (self.canonical, CanonicalConfig), (self.store, StoreConfig))):
+            raise ValueError("selection, canonical and store must be SelectionConfig, CanonicalConfig and StoreConfig")
         _require_type(self, bool, "source_map")
 
 

@@ -37,7 +37,10 @@ class CheckpointError(FmctError):
 
 
 class ScanError(FmctError):
-    """A scan that cannot be used; the reason goes to the store's errors table and the batch goes on."""
+    """A scan that cannot be used. Ingest writes the reason to the store's errors table and goes on; a
+    job that meets one it cannot skip (a shard that cannot be read mid-run) fails with exit status 1."""
+
+    exit_status = 1
 
 
 class FileScanError(ScanError):

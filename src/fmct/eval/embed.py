@@ -10,8 +10,9 @@ What turns a scan into features (``--model``, see :func:`resolve_encoder`), and 
 - ``hu-histogram``: first-order HU features of the canonical volume itself (arm ``hu-histogram``, the
   radiomics floor; :mod:`fmct.eval.radiomics`), one feature ``first_order``.
 
-Data path: reader threads copy int16 volumes out of the store's memory-mapped files straight into one
-host buffer per batch (pinned on CUDA); the CPU touches bytes only. On the device: to float, resize,
+Data path: reader threads decode int16 volumes from the store's files straight into one host buffer
+per batch (pinned on CUDA; blosc2 releases the GIL, so the threads decode in parallel); the CPU touches
+bytes only. On the device: to float, resize,
 windows, forward (bf16 autocast on CUDA, fp32 on CPU), or the histogram. On CUDA the host-to-device copy
 of the next batch runs on its own stream, under the forward of the current one.
 

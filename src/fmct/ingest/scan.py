@@ -13,7 +13,7 @@ from pathlib import Path
 from fmct.config import IngestConfig
 from fmct.io import FileScanError, ScanError, SeriesInfo, Volume, read_nifti, read_series
 from fmct.preprocess import canonical
-from fmct.pseudonym import PseudonymKey, scrubbed
+from fmct.pseudonym import PseudonymKey, scrubbed_reason
 from fmct.store import write_scan
 
 
@@ -59,9 +59,8 @@ def ingest_scan(job: ScanJob, store_path: Path, config: IngestConfig, key: Pseud
         reason, named = failure_reason(error, job, key)
         return ScanResult(job.scan_id, source, reason, named)
     except Exception as error:  # a bad scan must never stop the batch; keep its reason on one line
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return ScanResult(job.scan_id, source, _without_names(f"unexpected {type(error).__name__}: {scrubbed(text)[:200]}", job))
-    write_scan(store_path, result.hu, manifest_row(job, volume, result, key))
+        return ScanResult(job.scan_id, source, _without_names(f"unexpected {type(error).__name__}: {scrubbed_reason(error)}", job))
+    write_scan(store_path, result.hu, manifest_row(job, volume, result, key), config.store.codec)
     return ScanResult(job.scan_id, source)
 
 

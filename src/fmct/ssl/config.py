@@ -32,6 +32,7 @@ RESUMABLE_KEYS = (
     "online_eval.findings",
     "online_eval.max_scans",
     "online_eval.knn_k",
+    "data.shards_url",  # where the shards are read from, not what they hold
     "engine.checkpoint_every",
     "engine.stop_at_step",
     "engine.log_every",
@@ -157,11 +158,19 @@ class EngineConfig:
 
 @dataclass
 class DataConfig:
-    """Which scans of the store to pretrain on. Of a labels file only the site column is read."""
+    """Which scans of the store to pretrain on. Of a labels file only the site column is read.
+
+    ``--store`` may also name a shard folder (``fmct store pack``, :mod:`fmct.data.shards`): every
+    packed scan is used, streamed in the order of (seed, epoch, rank).
+    """
 
     labels: str = ""  # a labels CSV (or cq500:/rsna: spec) giving each scan's site
     # Sites kept out of pretraining, so that a held-out site stays unseen for an out-of-distribution test.
     exclude_sites: tuple[str, ...] = ()
+    # Shards only. Where they are read from: a URL template with {shard}, e.g. "pipe:aws s3 cp
+    # s3://bucket/shards/{shard} -"; empty: the files beside the index.
+    shards_url: str = ""
+    shuffle_shards: int = 4  # shards whose scans are shuffled together (held in memory, compressed)
 
     def __post_init__(self) -> None:
         if self.exclude_sites and not self.labels:
