@@ -1,9 +1,10 @@
 """Embedding throughput: scans/s of `fmct embed` end to end (store -> embeddings table), next to the
 forward pass alone measured in the same process on the same device.
 
-The store holds canonical 128^3 int16 volumes (1.5 mm): ``--distinct`` different head phantoms written
-once, the other scan ids hard links to them. Every scan is still read and copied in full, but from a
-warm page cache (the store's bytes fit in memory): this measures fmct's pipeline, not the disk.
+The store holds canonical 128^3 int16 volumes (1.5 mm) in the default codec of fmct.codec: ``--distinct``
+different head phantoms written once, the other scan ids hard links to them. Every scan is still read
+and decoded in full, but from a warm page cache (the store's bytes fit in memory): this measures fmct's
+pipeline, not the disk.
 
 Figures:
 - ``end_to_end_scans_per_s``: scans / wall time of one ``embed_store`` call over ``--scans`` scans
@@ -33,9 +34,10 @@ import numpy as np
 import torch
 
 from fmct import hub
+from fmct.codec import DEFAULT_CODEC
 from fmct.eval.embed import EmbedConfig, autocast, embed_store
 from fmct.models import ViT3DConfig, build_vit3d
-from fmct.store import rebuild_tables, write_scan
+from fmct.store import rebuild_tables, scan_file, write_scan
 
 STORE_SHAPE = (128, 128, 128)
 
@@ -65,7 +67,8 @@ def build_store(path: Path, n_scans: int, n_distinct: int) -> None:
         if i < n_distinct:
             write_scan(path, head_volume(rng), row)
         else:  # a hard link: a separate scan file to read, without writing its bytes again
-            os.link(path / "scans" / f"b{i % n_distinct:06d}.npy", path / "scans" / f"{scan_id}.npy")
+            volume = scan_file(path, f"b{i % n_distinct:06d}")
+            os.link(volume, volume.with_name(f"{scan_id}{volume.suffix}"))
             (path / "scans" / f"{scan_id}.json").write_text(json.dumps(row))
     rebuild_tables(path)
 
@@ -74,8 +77,8 @@ def subset_store(source: Path, path: Path, n_scans: int) -> None:
     """A store of the first ``n_scans`` scans of ``source``, by hard links."""
     (path / "scans").mkdir(parents=True)
     for i in range(n_scans):
-        for suffix in (".npy", ".json"):
-            os.link(source / "scans" / f"b{i:06d}{suffix}", path / "scans" / f"b{i:06d}{suffix}")
+        for file in (scan_file(source, f"b{i:06d}"), source / "scans" / f"b{i:06d}.json"):
+            os.link(file, path / "scans" / file.name)
     rebuild_tables(path)
 
 
@@ -146,7 +149,7 @@ def main() -> None:
         "batch": args.batch_size,
         "workers": args.workers,
         "scans": args.scans,
-        "store_volume": "128^3 int16, warm page cache",
+        "store_volume": f"128^3 int16 in {DEFAULT_CODEC}, warm page cache",
         "end_to_end_s": round(t_full, 2),
         "end_to_end_scans_per_s": round(args.scans / t_full, 1),
         "steady_scans_per_s": round((args.scans - quarter) / max(t_full - t_quarter, 1e-9), 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,20 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pseudonym_key_file(tmp_path_factory) -> Path:
+    """One pseudonym key for the whole test session, in a temporary folder (never the user's own key in
+    ~/.config/fmct): ``FMCT_KEY_FILE`` points there, for subprocesses too. Made on first use."""
+    path = tmp_path_factory.mktemp("fmct-key") / "pseudonym.key"
+    previous = os.environ.get("FMCT_KEY_FILE")
+    os.environ["FMCT_KEY_FILE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("FMCT_KEY_FILE", None)
+    else:
+        os.environ["FMCT_KEY_FILE"] = previous
 
 
 def _head_phantom(shape: tuple[int, int, int] = (64, 64, 24)) -> np.ndarray:

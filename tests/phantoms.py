@@ -1,7 +1,10 @@
 """Phantoms with known world geometry, shared by the preprocessing, ingest and benchmark tests."""
 
+from pathlib import Path
+
 import numpy as np
 
+from fmct.io.dicom_write import write_series
 from fmct.io.volume import Volume
 
 HEAD_CENTRE = np.array([8.0, -15.0, 20.0])  # world RAS mm
@@ -54,3 +57,16 @@ def bead_positions(volume: Volume) -> np.ndarray:
         weight = hu[near] - 40.0
         found.append((world[near] * weight[:, None]).sum(0) / weight.sum())
     return np.array(found)
+
+
+def small_head(axes=np.eye(3), shear=0.0, spacing=(4.0, 4.0, 6.0), shape=(56, 56, 32)) -> Volume:
+    """A coarse head phantom covering 224 x 224 x 192 mm, quick to write and read (whole HU)."""
+    volume = phantom(np.asarray(axes, float), np.asarray(spacing), shape, shear)
+    volume.hu = np.rint(volume.hu)
+    return volume
+
+
+def write_head(folder: Path, volume: Volume | None = None, **tags) -> list[Path]:
+    """Write ``volume`` (default :func:`small_head`) as a DICOM series in ``folder`` with DICOM ``tags``."""
+    volume = volume or small_head()
+    return write_series(folder, volume.hu, volume.affine, tags=tags)

@@ -18,7 +18,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    config = load_config(IngestConfig, None, ["salt=abc", "canonical.antialias=false"])
+    config = load_config(IngestConfig, None, ["source_map=false", "canonical.antialias=false"])
     save_config(config, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["canonical"]["antialias"] is False
     assert load_config(IngestConfig, tmp_path / "config.yaml") == config
@@ -81,3 +81,27 @@ def test_derived_values_follow_an_override():
         model: ViT3DConfig = field(default_factory=ViT3DConfig)
 
     assert load_config(Outer, None, ["model.size=tiny"]).model.embed_dim == 192
+
+
+@pytest.mark.parametrize("config_class, override, message", [
+    ("fmct.ssl.config:PretrainConfig", "dino.centering=mean", "dino: centering must be one of"),
+    ("fmct.ssl.config:PretrainConfig", "ibot.mask_ratio=[0.6,0.2]", "ibot: mask_ratio"),
+    ("fmct.ssl.config:PretrainConfig", "engine.log_every=0", "engine: checkpoint_every and log_every"),
+    ("fmct.ssl.config:PretrainConfig", "online_eval.knn_k=0", "online_eval: every must be"),
+    ("fmct.ssl.config:PretrainConfig", "optim.epochs=0", "optim: batch_size and epoch_length"),
+    ("fmct.ssl.config:PretrainConfig", "data.exclude_sites=[C]", "data: exclude_sites needs labels"),
+    ("fmct.ssl.config:PretrainConfig", "model.size=huge", "model: unknown ViT size"),
+    ("fmct.ssl.config:PretrainConfig", "augment.blur_prob=2", "augment: probabilities"),
+    ("fmct.eval.probe:ProbeConfig", "method=svm", "probe method 'svm'"),
+    ("fmct.eval.probe:ProbeConfig", "label_fractions=[0,1]", "label_fractions must lie in"),
+    ("fmct.eval.finetune:FinetuneConfig", "head=mlp", "head 'mlp'"),
+    ("fmct.eval.embed:EmbedConfig", "chunk_size=0", "chunk_size"),
+    ("fmct.config:DemoConfig", "test_fraction=1.5", "test_fraction in"),
+])
+def test_every_config_checks_its_fields_where_they_are_declared(config_class, override, message):
+    """One style everywhere: a section's __post_init__ raises ConfigError; load_config names the section."""
+    import importlib
+
+    module, _, name = config_class.partition(":")
+    with pytest.raises(ConfigError, match=message):
+        load_config(getattr(importlib.import_module(module), name), None, [override])

@@ -271,9 +271,9 @@ def test_store_volumes_reads_int16_and_skips_other_shapes(tmp_path):
 
 def test_store_volumes_names_a_damaged_file(tmp_path):
     make_store(tmp_path, n=2)
-    (tmp_path / "scans" / "scan001.npy").write_bytes(b"not an npy file")
+    (tmp_path / "scans" / "scan001.b2nd").write_bytes(b"not a volume file")
     dataset = StoreVolumes(tmp_path)
-    with pytest.raises(ScanError, match=r"scan001\.npy: cannot read"):
+    with pytest.raises(ScanError, match=r"scan001\.b2nd: cannot read: not a volume file"):
         dataset[1]
 
 

@@ -21,7 +21,7 @@ from fmct.eval.embeddings import read_embeddings
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.probe import ProbeConfig, run_probe
 from fmct.models import ViT3DConfig, build_vit3d
-from fmct.store import rebuild_tables, write_scan
+from fmct.store import Store, rebuild_tables, write_scan
 
 torch.set_num_threads(1)
 
@@ -93,7 +93,7 @@ def test_embed_one_row_per_scan_equal_to_a_direct_forward_pass(blob_store, tmp_p
     assert meta["checkpoint_sha256"] == hashlib.sha256((run / "backbone" / "model.safetensors").read_bytes()).hexdigest()
 
     model = hub.load(run / "backbone")
-    hu = torch.stack([torch.from_numpy(np.load(store / "scans" / f"s{i:03d}.npy"))[None] for i in (0, 7, 23)])
+    hu = torch.stack([torch.from_numpy(Store(store).read(f"s{i:03d}"))[None] for i in (0, 7, 23)])
     with torch.no_grad():
         tokens = model.forward_features(embed_transform(hu, 32, WINDOWS))
     rows = [0, 7, 23]
@@ -115,7 +115,7 @@ def test_embed_uses_the_windows_recorded_with_the_model(blob_store, tmp_path):
     hub.save(tiny_model(), tmp_path / "model", extra={"windows": windows})
     embed_store(tmp_path / "model", store, tmp_path / "emb", EmbedConfig(batch_size=8), progress=False)
     cls = read_embeddings(tmp_path / "emb").features["cls"][:2]
-    hu = torch.stack([torch.from_numpy(np.load(store / "scans" / f"s{i:03d}.npy"))[None] for i in (0, 1)])
+    hu = torch.stack([torch.from_numpy(Store(store).read(f"s{i:03d}"))[None] for i in (0, 1)])
     model = hub.load(tmp_path / "model")
     with torch.no_grad():
         recorded, default = (model(embed_transform(hu, 32, w)).numpy() for w in (windows, WINDOWS))
@@ -153,10 +153,10 @@ def test_embed_resumes_from_finished_chunks_and_redoes_stale_ones(blob_store, tm
 
 def test_unreadable_scan_is_skipped_with_a_reason(tmp_path):
     store, _ = write_blob_store(tmp_path, n_scans=6, size=16)
-    (store / "scans" / "s002.npy").write_bytes(b"not a numpy file")
+    Store(store).scan_file("s002").write_bytes(b"not a volume file")
     run = save_tiny_run(tmp_path / "run")
     summary = embed_store(run, store, tmp_path / "emb", EmbedConfig(batch_size=4, workers=2), progress=False)
-    assert summary.n_embedded == 5 and summary.skipped[0][0] == "s002" and "s002.npy: cannot read" in summary.skipped[0][1]
+    assert summary.n_embedded == 5 and summary.skipped[0][0] == "s002" and "s002.b2nd: cannot read" in summary.skipped[0][1]
     assert "s002" not in read_embeddings(tmp_path / "emb").scan_ids.tolist()
     assert "s002" in (tmp_path / "emb" / "errors.csv").read_text()
 
@@ -168,7 +168,7 @@ def test_reader_yields_batches_in_order_with_exact_bytes(blob_store):
     for indices, batch in zip(batches, read_hu_batches(volumes, batches, workers=2)):
         assert batch.indices == indices and batch.hu.dtype == torch.int16 and not batch.failed
         for row, i in enumerate(indices):
-            assert np.array_equal(batch.hu[row, 0].numpy(), np.load(store / "scans" / f"s{i:03d}.npy"))
+            assert np.array_equal(batch.hu[row, 0].numpy(), Store(store).read(f"s{i:03d}"))
 
 
 def test_probe_on_embeddings_of_the_blob_store_beats_chance(tmp_path):

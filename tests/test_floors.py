@@ -14,6 +14,7 @@ from fmct.data import embed_transform
 from fmct.eval.embeddings import read_embeddings
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.radiomics import FEATURE_COLUMNS, first_order_features
+from fmct.store import Store
 from test_embed import WINDOWS, save_tiny_run, write_blob_store
 
 torch.set_num_threads(1)
@@ -40,7 +41,7 @@ def cohort(tmp_path_factory):
 
 
 def _hu(store, scan_ids) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.load(store / "scans" / f"{s}.npy"))[None] for s in scan_ids])
+    return torch.stack([torch.from_numpy(Store(store).read(s))[None] for s in scan_ids])
 
 
 def test_random_init_floor_is_the_like_architecture_with_seeded_random_weights(cohort, tmp_path, capsys):

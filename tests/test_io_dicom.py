@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -381,20 +380,81 @@ def test_single_slice(tmp_path, head_phantom):
     assert _reason(tmp_path).startswith("single slice")
 
 
-def test_mixed_orientations(good_series):
+def test_frames_in_another_orientation_are_set_aside_and_an_even_split_refused(good_series):
     folder, paths, tags = good_series
     ds = pydicom.dcmread(paths[4])
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9397, -0.3420]
-    ds.save_as(paths[4])
+    ds.SOPInstanceUID = generate_uid()
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal frame filed under the axial series
+    ds.save_as(folder / "sagittal.dcm")
+    volume = read_series(folder)
+    np.testing.assert_array_equal(volume.hu, read_series_without(folder, "sagittal.dcm"))
+    assert volume.metadata["notes"] == ["1 frames in another orientation set aside"]
+    for path in paths[::2]:  # now half the slices tilted by 20 degrees: no main stack
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9397, -0.3420]
+        ds.save_as(path)
     reason = _reason(folder)
-    assert reason.startswith("mixed orientations in one series (2 distinct")
+    assert reason.startswith("mixed orientations in one series (3 distinct ImageOrientationPatient, none held by most of its 9")
     _assert_private(reason, tags)
+
+
+def read_series_without(folder: Path, name: str) -> np.ndarray:
+    """HU of the series in ``folder`` read from a copy without the file ``name``."""
+    clean = folder.parent / f"{folder.name}_without_{name}"
+    shutil.copytree(folder, clean, ignore=shutil.ignore_patterns(name))
+    return read_series(clean).hu
+
+
+def test_a_localizer_filed_under_the_series_is_set_aside(good_series):
+    folder, paths, tags = good_series
+    ds = pydicom.dcmread(paths[0])
+    ds.SOPInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.Rows, ds.Columns, ds.PixelData = 12, 20, bytes(12 * 20 * 2)
+    ds.save_as(folder / "AAA_scout.dcm")  # first in name order, as a scout often is
+    (info,) = discover([folder])[0]
+    assert info.image_type == ("ORIGINAL", "PRIMARY", "AXIAL") and [p.name for p, _ in info.set_aside] == ["AAA_scout.dcm"]
+    volume = read_series(info)
+    np.testing.assert_array_equal(volume.hu, read_series_without(folder, "AAA_scout.dcm"))
+    assert volume.metadata["notes"] == ["1 localizer images set aside"]
+
+
+def test_an_unreadable_copy_of_a_slice_gives_way_to_a_readable_one(good_series, tmp_path):
+    folder, paths, tags = good_series
+    stray = tmp_path / "elsewhere" / "deeper"
+    stray.mkdir(parents=True)
+    (stray / "IM00004.dcm").write_bytes(paths[3].read_bytes()[:-200])  # same SOPInstanceUID, truncated
+    (info,) = discover([tmp_path])[0]
+    assert info.source.startswith(str(folder) + "#")  # named by its own folder, not the common parent
+    assert info.files[3] == paths[3] and info.duplicates == {paths[3]: [stray / "IM00004.dcm"]}
+    volume = read_series(info)
+    np.testing.assert_array_equal(volume.hu, read_series(folder).hu)
+    paths[3].write_bytes(paths[3].read_bytes()[:-100])  # now no copy of slice 4 is whole: the reason names it
+    reason = _reason(tmp_path)
+    assert reason.startswith("IM00004.dcm: pixel data is truncated")
+
+
+def test_a_decoder_bomb_is_refused_before_any_decoder_runs(good_series):
+    """An RLE file claiming 65535 x 65535 pixels would make a native decoder allocate 8 GiB."""
+    folder, paths, tags = good_series
+    ds = pydicom.dcmread(paths[0])
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
+    ds.Rows = ds.Columns = 65535
+    ds.PixelData = encapsulate([bytes(64)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(paths[0], enforce_file_format=True)
+    reason = _reason(folder)
+    assert reason.startswith("IM00001.dcm: implausible image size: 65535x65535 pixels x 1 frames would decode to 8.0 GiB")
 
 
 def test_duplicate_positions(good_series):
     folder, paths, tags = good_series
-    shutil.copy(paths[2], folder / "copy_of_slice3")  # an identical file: dropped silently
-    assert read_series(folder).hu.shape == (24, 24, 8)
+    shutil.copy(paths[2], folder / "copy_of_slice3")  # an identical file (same SOPInstanceUID): not used
+    volume = read_series(folder)
+    assert volume.hu.shape == (24, 24, 8)
+    assert volume.metadata["notes"] == ["1 duplicate files of slices (same SOPInstanceUID) not used"]
     ds = pydicom.dcmread(paths[5])
     ds.SOPInstanceUID = generate_uid()
     ds.ImagePositionPatient = pydicom.dcmread(paths[4]).ImagePositionPatient
@@ -457,14 +517,21 @@ def test_discover_groups_by_series_and_skips_non_dicom(tmp_path, head_phantom):
     assert soft.slice_thickness_mm == 1.0 and soft.image_type == ("ORIGINAL", "PRIMARY", "AXIAL")
 
 
-def test_discover_reads_headers_fast(tmp_path, head_phantom):
+def test_discover_reads_headers_only(tmp_path, head_phantom, monkeypatch):
+    # Speed is measured in benchmarks/ingest.py; here: discovery never reads pixel data.
     hu = head_phantom((16, 16, 200))
     write_series(tmp_path, hu, np.eye(4))
-    start = time.perf_counter()
+    calls = []
+    real_dcmread = pydicom.dcmread
+
+    def recording_dcmread(*args, **kwargs):
+        calls.append(kwargs)
+        return real_dcmread(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", recording_dcmread)
     series, _ = discover([tmp_path])
-    elapsed = time.perf_counter() - start
     assert series[0].n_slices == 200
-    assert 200 / elapsed > 300, f"{200 / elapsed:.0f} files/s"  # about 1,300 files/s unloaded
+    assert len(calls) >= 200 and all(call.get("stop_before_pixels") for call in calls)
 
 
 # -------------------------------------------------------------------------------------- selection

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+
+from fmct.errors import ConfigError
 import torch
 
 from fmct.config import load_config
@@ -37,7 +39,7 @@ def test_config_normalises_patch_and_overrides_size():
     assert (config.embed_dim, config.depth, config.n_heads) == (384, 4, 6)
     loaded = load_config(ViT3DConfig, None, ["size=tiny", "patch_size=[8,8,4]", "img_size=[32,32,16]"])
     assert loaded.patch_size == (8, 8, 4) and loaded.grid_size == (4, 4, 4) and loaded.embed_dim == 192
-    with pytest.raises(ValueError, match="unknown ViT size"):
+    with pytest.raises(ConfigError, match="unknown ViT size"):
         ViT3DConfig(size="huge")
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         ViT3DConfig(img_size=(96, 96, 90), patch_size=12)

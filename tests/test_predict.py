@@ -16,7 +16,6 @@ from fmct import hub
 from fmct.cli import main
 from fmct.config import CanonicalConfig, IngestConfig, save_config
 from fmct.detector import Detector, load_detector, resolve_detector
-from fmct.errors import UsageError
 from fmct.devices import autocast
 from fmct.eval.embed import embed_store
 from fmct.eval.evaluate import read_predictions
@@ -24,7 +23,7 @@ from fmct.eval.finetune import FinetuneConfig, run_finetune
 from fmct.eval.probe import ProbeConfig, run_probe
 from fmct.io import read_series, write_series
 from fmct.models import ViT3DConfig
-from fmct.predict import PredictConfig, predict
+from fmct.predict import predict
 from fmct.saliency import integrated_gradients, on_canonical_grid, peak_voxel
 from fmct.store import Store
 from test_embed import BLOB_HU, BLOB_RADIUS, TINY, save_tiny_run, write_blob_store
@@ -66,7 +65,7 @@ def test_a_finetune_fit_is_a_detector_that_reproduces_its_scores(finetuned):
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "backbone", "config.json", "fit.json", "head.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["format"] == "fmct-detector" and config["findings"] == ["ich"] and config["backbone"]["path"] == "backbone"
-    assert config["canonical"]["vertex_margin_mm"] == 4.2 and config["grid_source"] == "the training store's config.yaml"
+    assert config["canonical"]["vertex_margin_mm"] == 4.2 and config["grid_source"] == "the training store's ingest settings"
     detector = load_detector(folder)
     columns = read_predictions(out).columns
     scores = _store_scores(detector, store, list(columns["scan_id"]))
@@ -277,15 +276,15 @@ def test_predict_refuses_what_is_not_a_detector_in_one_line(tmp_path, capsys):
     assert "neither a detector folder nor a probe/finetune output" in error and error.count("\n") == 1
 
 
-def test_predict_names_scans_like_a_store_with_its_salt(finetuned, tmp_path):
+def test_predict_names_scans_like_ingest_under_the_same_key(finetuned, tmp_path, pseudonym_key_file):
     _phantom_dicom(tmp_path / "dicom", np.array([0.0, 0.0, 0.0]), bleed=False, seed=5)
     assert main(["ingest", str(tmp_path / "dicom"), "--out", str(tmp_path / "store")]) == 0
     stored = Store(tmp_path / "store").scan_ids
-    summary = predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "out", store=tmp_path / "store", progress=False)
+    summary = predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "out", progress=False)  # the session's key
     rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
     assert summary.n_scans == 1 and [r["scan_id"] for r in rows] == stored
-    with pytest.raises(UsageError, match="another salt"):
-        predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "out", PredictConfig(salt="other"), progress=False)
+    predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "other", key_file=tmp_path / "keys" / "other.key", progress=False)
+    assert list(csv.DictReader(open(tmp_path / "other" / "predictions.csv")))[0]["scan_id"] != stored[0]  # another key
 
 
 def _hub_cache(cache: Path, repo_id: str, folder: Path) -> None:

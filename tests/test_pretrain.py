@@ -395,7 +395,7 @@ def test_a_short_cpu_pretraining_lowers_the_loss_without_collapse(tmp_path):
 def test_pretraining_on_a_synth_cohort_lowers_the_loss_without_collapse(tmp_path):
     """The same on real pipeline data: 24 synthetic heads as NIfTI, ingested at 48^3 x 4 mm, 160 steps."""
     from fmct.config import IngestConfig
-    from fmct.store import ingest
+    from fmct.ingest import ingest
     from fmct.synth import generate_cohort
 
     generate_cohort(tmp_path / "cohort", n=24, sites=("A", "B"), fmt="nifti", matrix=128, workers=2)

@@ -13,6 +13,7 @@ from fmct.cli import main
 from fmct.eval.embeddings import read_embeddings, write_embeddings
 from fmct.eval.evaluate import evaluate, read_predictions
 from fmct.eval.probe import ProbeConfig, run_probe
+from fmct.pseudonym import patient_pseudonyms
 from fmct.store import rebuild_tables, write_scan
 
 
@@ -75,10 +76,10 @@ def test_probe_on_separable_embeddings_beats_chance_clearly(tmp_path, method):
     evaluated = set(columns["scan_id"])
     evaluated_patients = {p for s, p in zip(scan_ids, patients) if s in evaluated}
     assert {s for s, p in zip(scan_ids, patients) if p in evaluated_patients} == evaluated
-    # Patients are named by pseudonym, one per patient, never by the labels' own patient_id.
-    assert not set(columns["patient_id"]) & set(patients)
-    pseudonym = dict(zip(columns["scan_id"], columns["patient_id"]))
-    assert len({pseudonym[s] for s in evaluated}) == len(evaluated_patients)
+    # Patients are named by their keyed pseudonym (as ingest makes it), never by the labels' own patient_id.
+    keyed = dict(zip(patients, patient_pseudonyms(list(patients))))
+    assert not set(patients) & set(columns["patient_id"])
+    assert {keyed[p] for p in evaluated_patients} == set(columns["patient_id"])
     assert run["scans_per_split"]["train"] + run["scans_per_split"]["val"] + len(evaluated) == len(scan_ids)
 
     for fraction in ("1.0", "0.1"):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-
-import numpy as np
+from typing import BinaryIO, Callable
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -28,6 +27,12 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file and a rename: ``write(handle)`` writes the bytes in pieces,
+    so a file larger than memory (a shard) never has to be held whole."""
+    _atomic_write(Path(path), write)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     _atomic_write(Path(path), lambda handle: handle.write(data))
@@ -35,8 +40,3 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` as .npy (no pickle) through a temporary file and a rename."""
-    _atomic_write(Path(path), lambda handle: np.save(handle, array, allow_pickle=False))

@@ -105,6 +105,24 @@ def _add_bootstrap_args(parser: argparse.ArgumentParser, resamples_help: str) ->
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
 
 
+def _check_bootstrap(args) -> None:
+    if args.bootstrap < 1:
+        raise UsageError(f"--bootstrap must be a positive number of resamples, got {args.bootstrap}")
+
+
+def _check_out(out: str, kind: str = "folder") -> None:
+    """``--out`` names a ``kind`` ("folder" or "file") to write: refuse, before any work, the other kind
+    standing there, or a path under a file."""
+    path = Path(out)
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--out {out}: {blocking} is a file, not a folder")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: is a file; name a folder")
+    if kind == "file" and path.is_dir():
+        raise UsageError(f"--out {out}: is a folder; name the file to write")
+
+
 def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
     """The label budgets, seeds, held-out sites and findings shared by probe and finetune."""
     parser.add_argument("--label-fractions", help="comma-separated shares (0 to 1) of the training labels, one budget each")
@@ -139,6 +157,11 @@ def _ingest_parser(sub) -> None:
     parser.add_argument("--out", required=True, help="store folder (created or resumed)")
     parser.add_argument("--workers", type=int, default=1, help="processes reading scans")
     parser.add_argument("--retry-failed", action="store_true", help="retry inputs skipped by an earlier run")
+    parser.add_argument(
+        "--key", metavar="FILE",
+        help="pseudonym key file, kept outside the store and never shared (default: $FMCT_KEY_FILE, else "
+             "~/.config/fmct/pseudonym.key, made on first use); its source map lies beside it",
+    )
     parser.add_argument("--config", help=_CONFIG_HELP)
     parser.add_argument(
         "inputs", nargs="*", metavar="SRC|key=value",
@@ -149,16 +172,64 @@ def _ingest_parser(sub) -> None:
 
 def _ingest_run(args) -> int:
     from fmct.config import IngestConfig, load_config
-    from fmct.store import ingest
+    from fmct.ingest import ingest
 
     overrides = [item for item in args.inputs if _OVERRIDE.match(item)]
     sources = [item for item in args.inputs if not _OVERRIDE.match(item)]
     if not sources:
         raise UsageError("no SRC given")
     config = load_config(IngestConfig, args.config, overrides)
-    summary = ingest(sources, args.out, config, workers=args.workers, retry_failed=args.retry_failed)
+    summary = ingest(sources, args.out, config, workers=args.workers, retry_failed=args.retry_failed, key_file=args.key)
     print(summary.describe())
     return 0 if summary.ok else 1
+
+
+# -------------------------------------------------------------------------------------------- store
+def _store_parser(sub) -> None:
+    parser = _add_verb(
+        sub, "store", "store upkeep: migrate to another codec, pack into streaming shards",
+        "fmct store pack store --out shards --scans-per-shard 64",
+        about="Upkeep of a store written by fmct ingest. `migrate` rewrites its volume files in another codec, in "
+              "place, one scan at a time, checking each new file bit for bit before the old one is removed; "
+              "`pack` writes WebDataset shards that `fmct pretrain --store SHARDS` streams. Both resume.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do to the store")
+    migrate = actions.add_parser(
+        "migrate", help="rewrite the volume files in another codec, in place; resumes",
+        description="Rewrite every volume file of STORE in CODEC, in place (a store of .npy files written before "
+                    "compression, or another codec). Atomic per scan; a re-run continues.",
+        formatter_class=_HelpFormatter,
+    )
+    migrate.add_argument("store", metavar="STORE", help="store folder written by fmct ingest")
+    migrate.add_argument("--codec", help="lz4hc, zstd, lz4 or npy (default: the store's store.codec, else lz4hc)")
+    migrate.set_defaults(run=_store_migrate_run)
+    pack = actions.add_parser(
+        "pack", help="pack into WebDataset shards for streaming; resumes",
+        description="Pack the scans of STORE into WebDataset shards plus an index, shards.json, in SHARDS, for "
+                    "`fmct pretrain --store SHARDS` (the shards may then be moved to object storage: data.shards_url).",
+        formatter_class=_HelpFormatter,
+    )
+    pack.add_argument("store", metavar="STORE", help="store folder written by fmct ingest")
+    pack.add_argument("--out", required=True, help="shard folder (created or resumed)")
+    pack.add_argument("--scans-per-shard", type=int, default=64, help="scans per shard (about 100 MiB at 128^3 in lz4hc)")
+    pack.add_argument("--codec", default="lz4hc", help="codec of the packed volumes: lz4hc, zstd or lz4")
+    pack.set_defaults(run=_store_pack_run)
+
+
+def _store_migrate_run(args) -> int:
+    from fmct.store import migrate
+
+    summary = migrate(args.store, args.codec)
+    print(summary.describe())
+    return 0 if summary.ok else 1
+
+
+def _store_pack_run(args) -> int:
+    from fmct.data.shards import pack_store
+
+    summary = pack_store(args.store, args.out, scans_per_shard=args.scans_per_shard, codec=args.codec)
+    print(summary.describe())
+    return 0
 
 
 # -------------------------------------------------------------------------------------------- probe
@@ -236,6 +307,8 @@ def _evaluate_parser(sub) -> None:
 def _evaluate_run(args) -> int:
     from fmct.eval.evaluate import evaluate, write_evaluation
 
+    _check_out(args.out)
+    _check_bootstrap(args)
     evaluation = evaluate(args.predictions, n_bootstrap=args.bootstrap, seed=args.seed)
     write_evaluation(evaluation, args.out)
     print(f"evaluate: {len(evaluation.metrics)} metric rows, {len(evaluation.comparisons)} comparisons -> {args.out}")
@@ -260,6 +333,11 @@ def _report_parser(sub) -> None:
 def _report_run(args) -> int:
     from fmct.eval.report import write_report
 
+    _check_out(args.out, kind="file")
+    figures = Path(args.out).with_name(Path(args.out).stem + "_figures")
+    if figures.exists() and not figures.is_dir():
+        raise UsageError(f"--out {args.out}: its figures folder {figures} is a file")
+    _check_bootstrap(args)
     path = write_report(args.folders, args.out, n_bootstrap=args.bootstrap, seed=args.seed, pretraining=args.pretraining)
     print(f"report: {path}")
     return 0
@@ -293,6 +371,7 @@ def _synth_parser(sub) -> None:
 def _synth_run(args) -> int:
     from fmct.synth import generate_cohort, parse_sites
 
+    _check_out(args.out)
     summary = generate_cohort(args.out, n=args.n, sites=parse_sites(args.sites), fmt=args.format, layout=args.layout,
                               seed=args.seed, workers=args.workers, preview=args.preview, matrix=args.matrix)
     print(summary.describe())
@@ -308,7 +387,7 @@ def _pretrain_parser(sub) -> None:
         about="Self-supervised pretraining (DINO + iBOT, or MAE) of a 3D ViT on the volumes of a store, no labels "
               "needed. The same command resumes from RUN's last checkpoint.",
     )
-    parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
+    parser.add_argument("--store", required=True, help="store folder written by fmct ingest, or shard folder written by fmct store pack")
     parser.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
     _add_config_args(parser, "optim.epochs=100 model.size=small")
     parser.set_defaults(run=_pretrain_run)
@@ -441,7 +520,8 @@ def _predict_parser(sub) -> None:
     parser.add_argument("--out", required=True, help="folder for predictions.csv, errors.csv and saliency/ (resumed)")
     parser.add_argument("--saliency", action="store_true",
                         help="per scan and finding a heatmap (Integrated Gradients) as NIfTI on the scan's own grid and a PNG")
-    parser.add_argument("--store", help="name scans with this store's salt, so ids match its scan ids (default: OUT's own salt)")
+    parser.add_argument("--key", metavar="FILE", help="pseudonym key naming the scans, as fmct ingest's --key (default: "
+                                                      "$FMCT_KEY_FILE, else ~/.config/fmct/pseudonym.key)")
     parser.add_argument("--batch-size", type=int, help="scans per forward pass")
     parser.add_argument("--workers", type=int, help="threads reading scans ahead of the model")
     parser.add_argument("--config", help=_CONFIG_HELP)
@@ -461,7 +541,7 @@ def _predict_run(args) -> int:
     flags = {"batch_size": args.batch_size, "workers": args.workers, "saliency": args.saliency or None}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     config = load_config(PredictConfig, args.config, overrides)
-    summary = predict(args.model, paths, args.out, config, fit=args.fit, store=args.store)
+    summary = predict(args.model, paths, args.out, config, fit=args.fit, key_file=args.key)
     print(summary.describe())
     return 0 if summary.ok else 1
 
@@ -650,7 +730,7 @@ def _claim_lines(finding: str, fraction: str | None, checks: list[tuple[str, lis
 
 # In the order of the data flow, as `fmct --help` lists them.
 PARSERS = [
-    _synth_parser, _ingest_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
+    _synth_parser, _ingest_parser, _store_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
     _evaluate_parser, _report_parser, _predict_parser, _export_parser, _demo_parser,
 ]
 

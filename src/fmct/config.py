@@ -7,6 +7,7 @@ outputs with :func:`save_config`, so that a run can always be told apart and rep
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -38,6 +39,23 @@ class SelectionConfig:
     max_gap_ratio: float = 1.5
     reject_gaps: bool = True  # False: keep the series and interpolate across the gap
 
+    def __post_init__(self) -> None:
+        _require_type(self, str, "modality", "series", "prefer_kernel")
+        _require_type(self, bool, "axial_only", "reject_gaps")
+        _require_type(self, int, "min_slices")
+        _require_numbers(self, "thickness_range_mm", "max_gap_ratio")
+        if not self.modality.strip():
+            raise ValueError("modality must not be empty")
+        if self.min_slices < 2:
+            raise ValueError(f"min_slices must be at least 2 (a volume), got {self.min_slices}")
+        low, high = self.thickness_range_mm
+        if not 0 <= low <= high:
+            raise ValueError(f"thickness_range_mm must be [low, high] mm with 0 <= low <= high, got {list(self.thickness_range_mm)}")
+        _require_choice(self, "series", ("preferred", "all"))
+        _require_choice(self, "prefer_kernel", ("soft", "bone", "any"))
+        if not self.max_gap_ratio > 1:
+            raise ValueError(f"max_gap_ratio must be above 1 (a multiple of the median slice spacing), got {self.max_gap_ratio}")
+
 
 @dataclass
 class CanonicalConfig:
@@ -54,14 +72,80 @@ class CanonicalConfig:
     # The cube's top lies this far (mm) above the vertex, so the whole brain down to the skull base fits.
     vertex_margin_mm: float = 12.0
 
+    def __post_init__(self) -> None:
+        _require_type(self, str, "interpolation")
+        _require_type(self, bool, "antialias")
+        _require_type(self, int, "air_hu")
+        _require_numbers(self, "spacing_mm", "shape", "head_threshold_hu", "vertex_margin_mm")
+        if not 0 < self.spacing_mm <= 20:
+            raise ValueError(f"spacing_mm must be in (0, 20] mm, got {self.spacing_mm}")
+        if len(self.shape) != 3 or any(not isinstance(n, int) or isinstance(n, bool) or n < 8 for n in self.shape):
+            raise ValueError(f"shape must be 3 whole numbers of voxels, each at least 8, got {list(self.shape)}")
+        _require_choice(self, "interpolation", ("linear", "nearest"))
+        if not -32768 <= self.air_hu <= 0:
+            raise ValueError(f"air_hu must be an int16 HU value at or below 0, got {self.air_hu}")
+        if not self.air_hu < self.head_threshold_hu < 3000:
+            raise ValueError(f"head_threshold_hu must lie between air_hu ({self.air_hu}) and 3000 HU, got {self.head_threshold_hu}")
+        if not 0 <= self.vertex_margin_mm < self.spacing_mm * min(self.shape):
+            raise ValueError(f"vertex_margin_mm must be at least 0 and inside the cube, got {self.vertex_margin_mm}")
+
+
+@dataclass
+class StoreConfig:
+    """How the store's volume files are written (reading needs none of it: every file names its codec)."""
+
+    # "lz4hc" (blosc2 LZ4-HC + shuffle: about 2.7x smaller, fast to decode), "zstd" (about 3.0x, half as
+    # fast to decode), "lz4" (about 2.1x, the fastest to write) or "npy" (uncompressed); see fmct.codec
+    # and BENCHMARKS.md. Lossless, all of them.
+    codec: str = "lz4hc"
+
+    def __post_init__(self) -> None:
+        from fmct.codec import check_codec  # imported here: blosc2 loads only for a verb that writes volumes
+
+        check_codec(self.codec)
+
 
 @dataclass
 class IngestConfig:
+    """``fmct ingest``: which series to keep, the grid to resample them to, and the local source map.
+
+    The pseudonym key is not part of it (``--key FILE`` or ``$FMCT_KEY_FILE``): the config is written
+    into the store, the key never is.
+    """
+
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     canonical: CanonicalConfig = field(default_factory=CanonicalConfig)
-    # Salt of the pseudonymous keys. Empty: a new random salt on the first ingest into a store, then the
-    # store's own salt, so patients keep one key across runs. Share it between stores to split by patient.
-    salt: str = ""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    # Keep the local map pseudonym -> real path beside the pseudonym key (never in the store): it lets
+    # labels keyed by `source` find their scans, and a user find the file behind an errors.csv row.
+    source_map: bool = True
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(section, kind) for section, kind in
+                   ((self.selection, SelectionConfig), (self.canonical, CanonicalConfig), (self.store, StoreConfig))):
+            raise ValueError("selection, canonical and store must be SelectionConfig, CanonicalConfig and StoreConfig")
+        _require_type(self, bool, "source_map")
+
+
+def _require_type(config: Any, kind: type, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+
+
+def _require_numbers(config: Any, *names: str) -> None:
+    """Finite real numbers (a tuple field: each of its elements)."""
+    for name in names:
+        value = getattr(config, name)
+        for number in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+                raise ValueError(f"{name} must hold finite numbers, got {value!r}")
+
+
+def _require_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name} must be {' or '.join(repr(c) for c in choices)}, got {getattr(config, name)!r}")
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -96,6 +180,10 @@ class DemoConfig:
     findings: str = "ich,midline_shift"
     finetune_steps: int = 25
     finetune_batch_size: int = 12
+
+    def __post_init__(self) -> None:
+        if self.n_scans < 20 or not 0 < self.test_fraction < 1 or min(self.seeds, self.workers, self.finetune_steps) < 1:
+            raise ConfigError("n_scans must be >= 20, test_fraction in (0, 1), seeds, workers and finetune_steps >= 1")
 
 
 # Presets for ``fmct demo --scale``: overrides applied before the user's own.

@@ -156,15 +156,19 @@ def summarise_fit(cohort: Cohort, fits: dict[int, FindingFit], n_bootstrap: int 
 def store_grid(store_path: str | os.PathLike) -> dict:
     """The input a detector trained on this store expects: ``{"canonical", "selection", "grid_source"}``.
 
-    From the store's ``config.yaml`` (its ingest settings, the salt left out); a store written without
-    one (by hand) gives its manifest's shape and spacing with fmct's default centring and selection.
+    The grid from the store's ``store.json`` (the grid ingest claimed it for), else its ``config.yaml``;
+    the selection rules from ``config.yaml``. A store written without them (by hand) gives its manifest's
+    shape and spacing with fmct's default centring and selection.
     """
     store = Store(store_path)
-    config_path = store.path / "config.yaml"
+    identity, config_path = store.path / "store.json", store.path / "config.yaml"
     if config_path.exists():
         config = load_config(IngestConfig, config_path)
-        return {"canonical": to_dict(config.canonical), "selection": to_dict(config.selection),
-                "grid_source": "the training store's config.yaml"}
+        canonical = to_dict(config.canonical)
+        if identity.exists():
+            canonical = {**canonical, **json.loads(identity.read_text()).get("canonical", {})}
+        return {"canonical": canonical, "selection": to_dict(config.selection),
+                "grid_source": "the training store's ingest settings"}
     if not store.rows:
         raise InputError(f"{store.path}: an empty store has no grid")
     row = store.rows[0]

@@ -10,6 +10,9 @@ A leaf module: it imports nothing of fmct, so every layer may raise these.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class FmctError(Exception):
     """An error the user can act on; ``str(error)`` is one line. Exit status 2 (bad usage or input)."""
@@ -34,7 +37,24 @@ class CheckpointError(FmctError):
 
 
 class ScanError(FmctError):
-    """A scan that cannot be used; the reason goes to the store's errors table and the batch goes on."""
+    """A scan that cannot be used. Ingest writes the reason to the store's errors table and goes on; a
+    job that meets one it cannot skip (a shard that cannot be read mid-run) fails with exit status 1."""
+
+    exit_status = 1
+
+
+class FileScanError(ScanError):
+    """A scan that cannot be used because of one of its files.
+
+    ``reason`` says why without naming the file; ``path`` is the file, which ingest names by pseudonym
+    (file and folder names may hold patient names or MRNs). ``str(error)`` is ``"<file name>: <reason>"``
+    for a user reading their own files.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path.name}: {reason}")
 
 
 class TrainStateError(FmctError):

@@ -7,11 +7,11 @@ canonical grid the detector was trained on (:func:`fmct.preprocess.canonical`); 
 store. Reader processes prepare scans ahead of the model (one thread each, as ingest's); the detector
 scores them in batches on the device (CUDA with bf16 autocast when present, else the CPU in fp32).
 
-Scans are named by pseudonym, never by a path or a header value: ``scan_id`` is the salted SHA-256 of
-the series UID (of the resolved file path for NIfTI), keyed exactly like a store's scan ids. The salt is
-the OUT folder's (drawn at its first run and kept in ``OUT/config.yaml``), or a store's (``--store``), so
-that a scan also ingested there gets the same id. ``input`` is the position (1, 2, ...) of the PATH it
-came from.
+Scans are named by pseudonym, never by a path or a header value: ``scan_id`` is the keyed pseudonym of
+the series UID (of the resolved file path for NIfTI) under the pseudonym key (:mod:`fmct.pseudonym`:
+``--key FILE``, else ``$FMCT_KEY_FILE``, else ``~/.config/fmct/pseudonym.key``), exactly as ingest names
+a scan, so a scan also ingested under that key has the same id as in the store. ``input`` is the
+position (1, 2, ...) of the PATH it came from; a reason names a file by the pseudonym of its path.
 
 Outputs in ``OUT``:
 
@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from collections import deque
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +48,17 @@ from tqdm import tqdm
 from fmct import detector as detectors
 from fmct import saliency
 from fmct.atomic import atomic_write_bytes, atomic_write_text
-from fmct.config import IngestConfig, load_config, save_config
+from fmct.config import IngestConfig, save_config
 from fmct.data.batches import to_device
 from fmct.devices import autocast, default_device
-from fmct.errors import ScanError, UsageError, one_line
+from fmct.errors import FileScanError, ScanError, UsageError
 from fmct.fingerprint import file_sha256, settings_sha256
 from fmct.io import discover, is_nifti, read_nifti, read_series, select_series
 from fmct.io.dicom import walk_files
 from fmct.io.nifti import write_nifti
 from fmct.io.volume import Volume
 from fmct.preprocess import canonical
-from fmct.store import pseudonym
+from fmct.pseudonym import PseudonymKey, load_key, scrubbed_reason
 from fmct.tables import rows_to_csv
 
 ERROR_COLUMNS = ["input", "scan_id", "reason"]
@@ -73,9 +72,6 @@ class PredictConfig:
     saliency: bool = False  # write a heatmap per scan and finding (Integrated Gradients, fmct.saliency)
     saliency_steps: int = 16  # steps along the Integrated Gradients path (forward + backward passes per scan)
     saliency_sigma_mm: float = 8.0  # Gaussian smoothing (mm) of the heatmap on the canonical grid: a bleed is a region
-    # Salt of the scan pseudonyms. Empty: the OUT folder's (a new random one at its first run), or the
-    # store's with --store. Kept in OUT/config.yaml, so a re-run names scans alike.
-    salt: str = ""
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.workers, self.saliency_steps) < 1 or self.saliency_sigma_mm < 0:
@@ -114,7 +110,7 @@ class PredictSummary:
 
 
 # ------------------------------------------------------------------------------------- the inputs
-def plan_scans(paths: list[str | os.PathLike], selection, salt: str) -> tuple[list[ScanJob], list[dict]]:
+def plan_scans(paths: list[str | os.PathLike], selection, key: PseudonymKey) -> tuple[list[ScanJob], list[dict]]:
     """The scans under ``paths`` as ``fmct ingest`` finds them (series discovered from headers and
     selected by ``selection``, NIfTI files), each once, and an error row per input or series not used."""
     jobs, errors, seen = [], [], set()
@@ -125,8 +121,8 @@ def plan_scans(paths: list[str | os.PathLike], selection, salt: str) -> tuple[li
         files = walk_files([path])
         series, unreadable = discover([f for f in files if not is_nifti(f)])
         kept, rejected = select_series(series, selection)
-        found = [(pseudonym(salt, "series", info.series_uid), info) for info in kept]
-        found += [(pseudonym(salt, "series", str(Path(f).resolve())), Path(f)) for f in files if is_nifti(f)]
+        found = [(key.pseudonym("series", info.series_uid), info) for info in kept]
+        found += [(key.pseudonym("series", str(Path(f).resolve())), Path(f)) for f in files if is_nifti(f)]
         for scan_id, source in found:
             if scan_id not in seen:
                 seen.add(scan_id)
@@ -151,35 +147,20 @@ def _one_thread() -> None:
     threadpool_limits(limits=1)
 
 
-def _read_job(job: ScanJob, config: IngestConfig):
-    """(canonical Volume, source affine, source shape) of ``job``, or the one-line reason it cannot be used."""
+def _read_job(job: ScanJob, config: IngestConfig, key: PseudonymKey):
+    """(canonical Volume, source affine, source shape) of ``job``, or the one-line reason it cannot be used:
+    a file it names by the pseudonym of its path, as ingest's reasons do."""
     try:
         return read_canonical(job, config)
+    except FileScanError as error:
+        return error.reason if Path(error.path) == job.source else f"file {key.pseudonym('source', str(error.path))}: {error.reason}"
     except ScanError as error:
         return str(error)
     except Exception as error:  # a bad scan must never stop the batch, as in ingest
-        return f"unexpected {type(error).__name__}: {one_line(error)}"
+        return f"unexpected {type(error).__name__}: {scrubbed_reason(error)}"
 
 
 # ------------------------------------------------------------------------------------------- run
-def _settle_salt(out: Path, config: PredictConfig, store: str | os.PathLike | None) -> PredictConfig:
-    """The salt: a store's (``store``), else the given one, else OUT's earlier one, else a new one;
-    naming scans with another salt than OUT's earlier run is a :class:`UsageError`."""
-    salt = config.salt
-    if store is not None:
-        store_config = Path(store) / "config.yaml"
-        if not store_config.exists():
-            raise UsageError(f"{store}: no config.yaml, so no salt to name scans like the store's")
-        salt = load_config(IngestConfig, store_config).salt
-    earlier = out / "config.yaml"
-    if earlier.exists():
-        earlier_salt = load_config(PredictConfig, earlier).salt
-        if salt and salt != earlier_salt:
-            raise UsageError(f"{out}: made with another salt (scan ids would not match); use another --out")
-        salt = earlier_salt
-    return replace(config, salt=salt or secrets.token_hex(16))
-
-
 def _detector_fingerprint(folder: Path, config: dict) -> str:
     return settings_sha256({"config": config, "head": file_sha256(folder / detectors.HEAD_FILE)})
 
@@ -190,37 +171,37 @@ def predict(
     out: str | os.PathLike,
     config: PredictConfig | None = None,
     fit: str | None = None,
-    store: str | os.PathLike | None = None,
+    key_file: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     """Run the detector of ``model`` (a detector folder, or a probe/finetune output: :func:`fmct.detector.resolve_detector`,
     ``fit`` naming one of its fits) on the scans under ``paths``; write ``out`` as the module says.
 
-    ``store`` takes that store's salt for the pseudonyms. ``device`` defaults to CUDA when available.
+    ``key_file`` is the pseudonym key (:func:`fmct.pseudonym.load_key`). ``device`` defaults to CUDA when available.
     """
     started = time.perf_counter()
-    out, device = Path(out), default_device(device)
-    config = _settle_salt(out, config or PredictConfig(), store)
+    out, device, config = Path(out), default_device(device), config or PredictConfig()
+    key = load_key(key_file, outside=out)
     folder = detectors.resolve_detector(model, fit)
     # The readers fork before the model (and any CUDA context) exists in this process.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     executor = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method), initializer=_one_thread)
     try:
         executor.submit(int).result()  # start the workers now
-        return _predict(folder, executor, paths, out, config, device, started, progress)
+        return _predict(folder, executor, paths, out, config, key, device, started, progress)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, config: PredictConfig, device: torch.device,
-             started: float, progress: bool) -> PredictSummary:
+def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, config: PredictConfig, key: PseudonymKey,
+             device: torch.device, started: float, progress: bool) -> PredictSummary:
     detector = detectors.load_detector(folder, device)
     ingest_config = IngestConfig(selection=detectors.selection_config(detector.config),
                                  canonical=detectors.canonical_config(detector.config))
     fingerprint = _detector_fingerprint(folder, detector.config)
     save_config(config, out / "config.yaml")
-    jobs, errors = plan_scans(list(paths), ingest_config.selection, config.salt)
+    jobs, errors = plan_scans(list(paths), ingest_config.selection, key)
     scrub = _path_scrubber(paths)
 
     summary = PredictSummary(out, errors=errors)
@@ -239,15 +220,15 @@ def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, conf
         batch = []
         queue = iter(todo)
         for job in _take(queue, config.batch_size + config.workers):
-            pending.append((job, executor.submit(_read_job, job, ingest_config)))
+            pending.append((job, executor.submit(_read_job, job, ingest_config, key)))
         while pending:
             job, future = pending.popleft()
             following = next(queue, None)
             if following is not None:
-                pending.append((following, executor.submit(_read_job, following, ingest_config)))
+                pending.append((following, executor.submit(_read_job, following, ingest_config, key)))
             result = future.result()
             if isinstance(result, str):
-                errors.append({"input": job.input, "scan_id": job.scan_id, "reason": scrub(result)})
+                errors.append({"input": job.input, "scan_id": job.scan_id, "reason": result})
                 bar.update()
             else:
                 batch.append((job, *result))
@@ -268,7 +249,8 @@ def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, conf
     atomic_write_text(out / "errors.csv", rows_to_csv([{**e, "reason": scrub(e["reason"])} for e in errors], ERROR_COLUMNS))
     atomic_write_text(out / "predict.json", json.dumps({
         "detector": str(folder.resolve()), "detector_fingerprint": fingerprint, "findings": detector.findings,
-        "n_scans": summary.n_scans, "n_errors": len(errors), "device": str(device)}, indent=2))
+        "n_scans": summary.n_scans, "n_errors": len(errors), "device": str(device),
+        "pseudonym_key_fingerprint": key.fingerprint}, indent=2))
     summary.seconds = time.perf_counter() - started
     return summary
 

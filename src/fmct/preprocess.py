@@ -21,6 +21,7 @@ from fmct.io.volume import Volume
 
 # Spacing (mm) of the coarse copy used to find the head: fine enough for a 5 mm opening, cheap to label.
 _MASK_SPACING_MM = 3.0
+_GRID_SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}  # grid_sample's "bilinear" is trilinear in 3D
 
 
 def canonical(volume: Volume, config: CanonicalConfig | None = None) -> Volume:
@@ -146,9 +147,9 @@ def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine:
     grid = F.affine_grid(
         torch.from_numpy(theta[None]).float(), size=[1, 1, shape[2], shape[1], shape[0]], align_corners=True
     )
-    mode = {"linear": "bilinear", "nearest": "nearest"}.get(interpolation)
+    mode = _GRID_SAMPLE_MODES.get(interpolation)
     if mode is None:
-        raise ValueError(f"interpolation must be 'linear' or 'nearest', not {interpolation!r}")
+        raise ValueError(f"interpolation must be one of {', '.join(_GRID_SAMPLE_MODES)}, not {interpolation!r}")
     sampled = F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0]
     # sampled is indexed (k, j, i) of the target: back to (i, j, k), C-contiguous.
     return np.ascontiguousarray(sampled.numpy().T + np.float32(fill))

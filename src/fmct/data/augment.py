@@ -86,7 +86,7 @@ class AugmentConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ConfigError(f"augment: {message}")
+                raise ConfigError(message)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fmct.data.dataset import StoreVolumes
+from fmct.errors import ScanError
 
 
 class HuBatch(NamedTuple):
@@ -25,15 +26,11 @@ class HuBatch(NamedTuple):
 
 
 def _read_into(volumes: StoreVolumes, index: int, out: np.ndarray) -> str | None:
-    scan_id = volumes.scan_ids[index]
-    path = volumes.store.path / "scans" / f"{scan_id}.npy"
+    """Decode the volume of ``index`` into ``out``; the reason when it cannot be read, else None."""
     try:
-        hu, _ = volumes.store[scan_id]
-        if hu.dtype != np.int16 or hu.shape != volumes.shape:
-            return f"{path}: expected int16 {list(volumes.shape)}, found {hu.dtype} {list(hu.shape)}"
-        np.copyto(out, hu)
-    except (OSError, ValueError) as error:
-        return f"{path}: cannot read: {error}"
+        volumes.store.read(volumes.scan_ids[index], out=out)
+    except ScanError as error:
+        return str(error)
     return None
 
 
@@ -42,8 +39,8 @@ def read_hu_batches(
 ) -> Iterator[HuBatch]:
     """The int16 HU volumes of each batch of dataset indices, read ``prefetch`` batches ahead.
 
-    Threads, not worker processes: numpy's copy releases the GIL, and a thread writes straight into
-    the batch's (pinned) buffer, where a worker process would add two copies of every volume (into
+    Threads, not worker processes: decoding (blosc2, numpy's copy) releases the GIL, and a thread
+    writes straight into the batch's (pinned) buffer, where a worker process would add two copies of every volume (into
     shared memory, then into pinned memory). A scan that cannot be read is reported in ``failed``,
     not raised. Close the iterator (or exhaust it) to stop the threads.
     """

@@ -1,8 +1,8 @@
 """Reading the store for training: int16 volumes in, deterministic batches out.
 
-The CPU only reads bytes here. Loader workers copy each canonical int16 HU volume out of its
-memory-mapped file; windows, crops and augmentation happen later on the training device
-(:mod:`fmct.data.augment`).
+The CPU only reads and decodes bytes here. Loader workers decode each canonical int16 HU volume from
+its store file (:meth:`fmct.store.Store.read`); windows, crops and augmentation happen later on the
+training device (:mod:`fmct.data.augment`).
 
 Axis convention: a batch is an int16 tensor (B, 1, X, Y, Z) with X, Y, Z the store's RAS axes
 (x towards the patient's right, y anterior, z superior). Models read it as (B, C, D, H, W) with
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fmct.store import Store
-from fmct.errors import InputError, ScanError
+from fmct.errors import InputError
 
 
 class StoreVolumes(Dataset):
@@ -63,18 +63,8 @@ class StoreVolumes(Dataset):
         return len(self.scan_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        scan_id = self.scan_ids[index]
-        try:
-            hu, _ = self.store[scan_id]
-        except (OSError, ValueError) as error:
-            raise ScanError(f"{self.store.path / 'scans' / scan_id}.npy: cannot read: {error}") from None
-        if hu.dtype != np.int16 or hu.shape != self.shape:
-            raise ScanError(
-                f"{self.store.path / 'scans' / scan_id}.npy: expected int16 {list(self.shape)}, "
-                f"found {hu.dtype} {list(hu.shape)}"
-            )
-        # np.array copies the bytes out of the memory map into memory the tensor owns.
-        return torch.from_numpy(np.array(hu)[None]), index
+        """Raises :class:`~fmct.io.volume.ScanError` naming the file of a scan that cannot be read."""
+        return torch.from_numpy(self.store.read(self.scan_ids[index])[None]), index
 
 
 class StepBatchSampler(Sampler[list[int]]):

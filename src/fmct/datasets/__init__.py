@@ -20,6 +20,7 @@ from fmct.datasets.cq500 import is_cq500, read_cq500
 from fmct.datasets.generic import Labels, read_generic, write_labels
 from fmct.datasets.rsna import is_rsna, read_rsna
 from fmct.errors import InputError
+from fmct.pseudonym import local_sources
 
 ADAPTERS = {"cq500": read_cq500, "rsna": read_rsna, "generic": read_generic}
 
@@ -72,14 +73,17 @@ def _location(source: str, base: str = "") -> tuple[str, str]:
 def match_to_store(labels: Labels, manifest_rows: list[dict]) -> tuple[list[dict], int]:
     """Give every label row its store scan ids; return (rows with ``scan_id`` set, label rows without a scan).
 
-    A row with a ``scan_id`` keeps it. A row with a ``source`` matches each stored scan whose manifest
-    ``source`` is that path (a NIfTI file, or the series named exactly, ``folder#hash``), whose series
-    lies in that folder, or lies in a folder inside it. A row matching several scans (several series of a
-    study kept) gives each of them its labels; a scan matched by two rows is an error.
+    A row with a ``scan_id`` keeps it. A row with a ``source`` matches each stored scan whose source
+    is that path (a NIfTI file, or the series named exactly, ``folder#hash``), whose series lies in that
+    folder, or lies in a folder inside it. A row matching several scans (several series of a study kept)
+    gives each of them its labels; a scan matched by two rows is an error. A store names its sources by
+    pseudonym: their paths come from the local source map beside the pseudonym key
+    (:func:`fmct.pseudonym.local_sources`), so labels keyed by source match only where that map is.
     """
+    real_sources = local_sources()
     by_location: dict[str, list[tuple[str, dict]]] = {}
     for scan in manifest_rows:
-        location, tag = _location(scan["source"])
+        location, tag = _location(real_sources.get(scan["source"], scan["source"]))
         by_location.setdefault(location, []).append((tag, scan))
     locations = sorted(by_location)
     base = os.path.dirname(os.path.abspath(labels.origin)) if labels.origin else ""

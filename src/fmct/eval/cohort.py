@@ -6,9 +6,9 @@ Labels come from a labels file (:func:`fmct.datasets.load_labels`); splits from
 test-only), fixed by ``split_seed``; each (budget, seed) draws its own training subset
 (:func:`fmct.eval.splits.training_subset`), nested across budgets.
 
-Patients are told apart for splitting by the labels' ``patient_id`` (else the store's patient key,
-else the scan itself); what the predictions call a patient is a pseudonym (:attr:`Cohort.patient_keys`),
-never the labels' own value, so an identifier in a labels file never reaches an output.
+Patients are told apart by the labels' ``patient_id`` (else the store's patient key, else the scan
+itself), but only through its keyed pseudonym (:func:`fmct.pseudonym.patient_pseudonyms`, the same
+that ingest makes of a PatientID): an identifier in a labels file never reaches a split or an output.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from fmct.datasets import load_labels, match_to_store
-from fmct.errors import InputError
+from fmct.errors import ConfigError, InputError
 from fmct.eval import metrics as M
 from fmct.eval.evaluate import GROUPS
 from fmct.eval.splits import assign_splits, training_subset
+from fmct.pseudonym import patient_pseudonyms
 from fmct.store import Store
 
 EVALUATED_SPLITS = ("test", "ood")
@@ -45,9 +46,9 @@ class CohortConfig:
 
     def __post_init__(self) -> None:
         if any(not 0 < f <= 1 for f in self.label_fractions) or any(n < 1 for n in self.shots):
-            raise ValueError("label_fractions must lie in (0, 1] and shots be at least 1")
-        if self.seeds < 1:
-            raise ValueError("seeds must be at least 1")
+            raise ConfigError("label_fractions must lie in (0, 1] and shots be at least 1")
+        if self.seeds < 1 or not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("seeds must be at least 1, val_fraction and test_fraction >= 0 with a sum below 1")
 
     def budgets(self) -> list[Budget]:
         """Every label budget to fit: the fractions, then the shots."""
@@ -76,16 +77,15 @@ class Cohort:
     """The labelled scans with their splits.
 
     ``labels`` (n_scans, n_findings) float: 1, 0 or NaN (unknown), row i for ``scan_ids[i]``, column f
-    for ``findings[f]``. ``patients`` (what splits group by), ``patient_keys`` (its pseudonym, written to
-    outputs), ``sites`` and ``split`` (train | val | test | ood) are (n_scans,) string arrays. ``origin``
-    is the labels file; ``notes`` say which label rows could not be used.
+    for ``findings[f]``. ``patients`` (pseudonyms: what splits group by and predictions name), ``sites``
+    and ``split`` (train | val | test | ood) are (n_scans,) string arrays. ``origin`` is the labels file;
+    ``notes`` say which label rows could not be used.
     """
 
     scan_ids: list[str]
     findings: list[str]
     labels: np.ndarray
     patients: np.ndarray
-    patient_keys: np.ndarray
     sites: np.ndarray
     split: np.ndarray
     origin: str
@@ -109,7 +109,7 @@ class Cohort:
 
     def prediction(self, row: int, finding: int, score: float, model: str, arm: str, budget: Budget, seed: int) -> dict:
         """One row of ``predictions.csv`` (the format of :mod:`fmct.eval.evaluate`)."""
-        return {"scan_id": self.scan_ids[row], "patient_id": self.patient_keys[row], "site": self.sites[row],
+        return {"scan_id": self.scan_ids[row], "patient_id": self.patients[row], "site": self.sites[row],
                 "split": self.split[row], "finding": self.findings[finding], "label": int(self.labels[row, finding]),
                 "score": float(score), "model": model, "arm": arm, "seed": seed, **budget.columns()}
 
@@ -128,7 +128,7 @@ class Cohort:
             result = {"n_scans": int(len(part)), "n_pos": int(np.sum(labels == 1)), "n_neg": int(np.sum(labels == 0))}
             if result["n_pos"] and result["n_neg"]:
                 weights = np.vstack([np.ones((1, len(part))),
-                                     M.patient_bootstrap_weights(self.patient_keys[part], n_bootstrap, seed)])
+                                     M.patient_bootstrap_weights(self.patients[part], n_bootstrap, seed)])
                 auc = M.auroc(labels, values, weights)
                 result["auroc"], (result["auroc_lo"], result["auroc_hi"]) = float(auc[0]), M.percentile_interval(auc[1:])
                 for name, threshold in thresholds.items():
@@ -186,7 +186,6 @@ def load_cohort(
         if row["scan_id"] in row_of_scan:
             raise InputError(f"{labels.origin}: scan {row['scan_id']} is labelled twice")
         row_of_scan[row["scan_id"]] = row
-    pseudonyms = _patient_pseudonyms(row_of_scan, store_patient_keys)
     available = set(str(s) for s in available_scan_ids)
     scan_ids = [s for s in row_of_scan if s in available]
     if len(scan_ids) < len(row_of_scan):
@@ -196,13 +195,13 @@ def load_cohort(
 
     table = [row_of_scan[s] for s in scan_ids]
     y = np.array([[np.nan if r[f] is None else r[f] for f in findings] for r in table], dtype=np.float64)
-    patients = np.array([r.get("patient_id") or store_patient_keys.get(s) or s for r, s in zip(table, scan_ids)])
+    label_patients = patient_pseudonyms([r.get("patient_id", "") for r in table])
+    patients = np.array([p or store_patient_keys.get(s) or s for p, s in zip(label_patients, scan_ids)])
     sites = np.array([r.get("site", "") for r in table])
     explicit = np.array([r.get("split", "") if config.use_split_column else "" for r in table])
     split = assign_splits(patients, y, sites, explicit, tuple(config.ood_sites), config.val_fraction,
                           config.test_fraction, config.split_seed)
-    return Cohort(scan_ids, findings, y, patients, np.array([pseudonyms[s] for s in scan_ids]), sites, split,
-                  labels.origin, notes)
+    return Cohort(scan_ids, findings, y, patients, sites, split, labels.origin, notes)
 
 
 def _label_rows(labels, store_path: str | os.PathLike | None, notes: list[str]) -> tuple[list[dict], dict[str, str]]:
@@ -217,18 +216,6 @@ def _label_rows(labels, store_path: str | os.PathLike | None, notes: list[str]) 
     if unmatched:
         notes.append(f"{unmatched} label rows match no scan of the store")
     return rows, {row["scan_id"]: row.get("patient_key", "") for row in store.rows}
-
-
-def _patient_pseudonyms(row_of_scan: dict[str, dict], store_patient_keys: dict[str, str]) -> dict[str, str]:
-    """What the outputs call each scan's patient: the store's keyed patient key when the labels name no
-    patient; for a patient the labels name, ``patient-`` + the first of its scan ids (scan ids are
-    pseudonyms already), the same whichever of its scans a run has features for."""
-    first_scan: dict[str, str] = {}
-    for scan_id, row in sorted(row_of_scan.items()):
-        if row.get("patient_id"):
-            first_scan.setdefault(row["patient_id"], scan_id)
-    return {scan_id: f"patient-{first_scan[row['patient_id']]}" if row.get("patient_id")
-            else store_patient_keys.get(scan_id) or scan_id for scan_id, row in row_of_scan.items()}
 
 
 @dataclass

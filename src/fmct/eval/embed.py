@@ -10,8 +10,9 @@ What turns a scan into features (``--model``, see :func:`resolve_encoder`), and 
 - ``hu-histogram``: first-order HU features of the canonical volume itself (arm ``hu-histogram``, the
   radiomics floor; :mod:`fmct.eval.radiomics`), one feature ``first_order``.
 
-Data path: reader threads copy int16 volumes out of the store's memory-mapped files straight into one
-host buffer per batch (pinned on CUDA); the CPU touches bytes only. On the device: to float, resize,
+Data path: reader threads decode int16 volumes from the store's files straight into one host buffer
+per batch (pinned on CUDA; blosc2 releases the GIL, so the threads decode in parallel); the CPU touches
+bytes only. On the device: to float, resize,
 windows, forward (bf16 autocast on CUDA, fp32 on CPU), or the histogram. On CUDA the host-to-device copy
 of the next batch runs on its own stream, under the forward of the current one.
 
@@ -63,6 +64,10 @@ class EmbedConfig:
     arm: str = ""
     model_name: str = ""  # empty: the (like) model folder's name (the run's name for RUN/backbone), or hu-histogram
     init_seed: int = 0  # seed of the random-init weights of --model scratch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.chunk_size < 1 or self.workers < 1:
+            raise ConfigError(f"batch_size ({self.batch_size}), chunk_size ({self.chunk_size}) and workers must be at least 1")
 
 
 @dataclass
@@ -196,8 +201,6 @@ def embed_store(
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
-    if config.batch_size < 1 or config.chunk_size < 1:
-        raise ConfigError(f"batch_size ({config.batch_size}) and chunk_size ({config.chunk_size}) must be at least 1")
     device = default_device(device)
     out = Path(out)
     encoder = resolve_encoder(str(model_path), None if like is None else str(like), config, device)

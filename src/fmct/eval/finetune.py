@@ -50,7 +50,7 @@ from fmct.config import save_config, to_dict
 from fmct.data import AugmentConfig, MultiCropAugment, StoreVolumes, embed_transform, step_generator
 from fmct.data.batches import read_hu_batches, to_device
 from fmct.devices import autocast, default_device
-from fmct.errors import InputError, UsageError
+from fmct.errors import ConfigError, InputError, UsageError
 from fmct.eval.cohort import EVALUATED_SPLITS, Budget, Cohort, CohortConfig, FitSummary, load_cohort
 from fmct.eval.evaluate import write_predictions
 from fmct.eval.metrics import auroc
@@ -87,11 +87,11 @@ class FinetuneConfig(CohortConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.head not in HEADS:
-            raise ValueError(f"head {self.head!r}: choose {' or '.join(HEADS)}")
+            raise ConfigError(f"head {self.head!r}: choose {' or '.join(HEADS)}")
         if self.trainable_blocks < -1:
-            raise ValueError(f"trainable_blocks {self.trainable_blocks}: -1 (all) or k >= 0")
+            raise ConfigError(f"trainable_blocks {self.trainable_blocks}: -1 (all) or k >= 0")
         if min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1 or self.batch_size < 2:
-            raise ValueError("batch_size must be at least 2 (the head's batch norm); max_steps, eval_every, patience and seeds at least 1")
+            raise ConfigError("batch_size must be at least 2 (the head's batch norm); max_steps, eval_every, patience and seeds at least 1")
 
 
 def resolve_backbone(model: str, like: str | None, config: FinetuneConfig) -> tuple[hub.ModelSource, str]:

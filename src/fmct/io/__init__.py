@@ -7,7 +7,7 @@ from pathlib import Path
 from fmct.io.dicom import SeriesInfo, discover, read_series, select_series
 from fmct.io.dicom_write import write_series
 from fmct.io.nifti import read_nifti
-from fmct.errors import ScanError  # noqa: F401  (the error every reader raises)
+from fmct.errors import FileScanError, ScanError  # noqa: F401  (the errors every reader raises)
 from fmct.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -30,6 +30,7 @@ def read_scan(path: str | Path) -> Volume:
 __all__ = [
     "Volume",
     "ScanError",
+    "FileScanError",
     "read_scan",
     "read_series",
     "read_nifti",

@@ -6,6 +6,10 @@ ImagePositionPatient (IPP) is the centre of the first transmitted pixel, all in 
 Slices are ordered by their position along the slice normal (row x column cosine), never by
 InstanceNumber or file name. The stack direction comes from the IPPs themselves, so a gantry-tilted
 series gives a sheared affine that resampling later corrects.
+
+Archives are untidy, so a series keeps its main stack when parts of it are odd: a copy of a slice
+(same SOPInstanceUID) that cannot be read gives way to a readable copy, and localizer images or frames
+in another orientation filed under the series are set aside with a note in ``Volume.metadata["notes"]``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -24,8 +29,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from fmct.config import SelectionConfig
-from fmct.errors import ScanError, one_line
+from fmct.errors import FileScanError, ScanError
 from fmct.io.volume import Volume
+from fmct.pseudonym import scrubbed_reason
 
 AIR_HU = -1024.0  # padding voxels and anything below it (outside the reconstruction circle) become air
 CT_IMAGE_SOP_CLASSES = {
@@ -36,10 +42,14 @@ CT_IMAGE_SOP_CLASSES = {
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _NOT_A_SCAN_IMAGE_TYPES = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SCREEN SAVE"}
 _MAX_AXIAL_TILT_DEG = 30.0
+# A header whose image would decode to more than this is refused before any decoder runs: a corrupt or
+# hostile file claiming 65535 x 65535 pixels must not get a native decoder to allocate 8 GiB.
+_MAX_DECODED_BYTES = 4 * 2**30
 # Uncompressed little-endian syntaxes whose pixel bytes are read directly (pydicom inflates Deflated).
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
 _HEADER_TAGS = [
     "SOPClassUID",
+    "SOPInstanceUID",
     "Modality",
     "ImageType",
     "SeriesInstanceUID",
@@ -60,11 +70,15 @@ _UID_PATTERN = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 class SeriesInfo:
     """One discovered series, from headers only (no pixel data read).
 
-    ``series_uid``, ``study_uid`` and ``patient_id`` are identifiers: ingest hashes them, nothing stores
-    them. ``orientation`` is the IOP (6,) in LPS (row then column cosines). ``n_slices`` counts frames
-    (a multi-frame file counts all its frames); ``number_of_frames`` is the largest NumberOfFrames of a
-    file (1 for classic one-slice-per-file series). ``source`` is a display name without UIDs: the common
-    folder of the files, "#", and a short hash of the series UID.
+    ``series_uid``, ``study_uid`` and ``patient_id`` are identifiers: ingest turns them into keyed
+    pseudonyms, nothing stores them. ``files`` holds one file per SOP instance (the copy in the series'
+    main folder first); ``duplicates`` maps a file to the other copies of the same instance, tried in
+    order when it cannot be read. ``set_aside`` lists (file, reason) of localizer images filed under the
+    series, left out of it. ``orientation`` is the commonest IOP (6,) in LPS (row then column cosines).
+    ``n_slices`` counts frames (a multi-frame file counts all its frames); ``number_of_frames`` is the
+    largest NumberOfFrames of a file (1 for classic one-slice-per-file series). ``source`` names the
+    series for the user: the folder holding most of its files, "#", a short hash of the series UID. It
+    holds real folder names, so ingest stores only its pseudonym.
     """
 
     series_uid: str
@@ -81,44 +95,67 @@ class SeriesInfo:
     sop_class_uid: str
     number_of_frames: int
     source: str
+    duplicates: dict[Path, list[Path]] = field(default_factory=dict)
+    set_aside: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def all_files(self) -> list[Path]:
+        """Every file of the series: its instances, their other copies, and what was set aside."""
+        return self.files + [copy for copies in self.duplicates.values() for copy in copies] + [p for p, _ in self.set_aside]
 
 
 # ------------------------------------------------------------------------------------------ discovery
 def discover(paths: Iterable[str | Path]) -> tuple[list[SeriesInfo], list[tuple[str, str]]]:
     """Find the DICOM series under ``paths`` (folders walked recursively, and single files).
 
-    Files are grouped by SeriesInstanceUID from their headers only. Files with or without ``.dcm`` are
-    read; DICOMDIR files are ignored; files without the DICOM Part 10 preamble are skipped silently.
+    Files are grouped by SeriesInstanceUID from their headers only, and within a series by
+    SOPInstanceUID (copies of one instance are kept as alternatives). Files with or without ``.dcm``
+    are read; DICOMDIR files and files without the DICOM Part 10 preamble are not part of any series
+    (:func:`unused_file_reason` says why).
 
     Returns:
-        (series, errors): series sorted by source; errors as (path, one-line reason) for DICOM files
-        whose header cannot be read (truncated, corrupt, no SeriesInstanceUID).
+        (series, errors): series sorted by source; errors as (path or series source, one-line reason
+        without the path) for DICOM files whose header cannot be read (truncated, corrupt, no
+        SeriesInstanceUID) and series with a malformed header value.
     """
+    series, errors, _ = discover_files(walk_files(paths))
+    return series, errors
+
+
+def discover_files(files: list[Path]) -> tuple[list[SeriesInfo], list[tuple[str, str]], set[Path]]:
+    """:func:`discover` on a list of files, also returning the files it accounted for: those of every
+    series and of every error (a series with a malformed header value covers all its files)."""
     headers: dict[str, list[tuple[Path, Dataset]]] = {}
     errors: list[tuple[str, str]] = []
-    for path in walk_files(paths):
-        if path.name.upper() == "DICOMDIR" or not _has_dicom_preamble(path):
-            continue
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except Exception as error:  # any parse failure of a file that claims to be DICOM is reported
-            errors.append((str(path), f"unreadable DICOM header: {_one_line(error)}"))
-            continue
-        if str(header.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
-            continue
-        series_uid = str(header.get("SeriesInstanceUID", "")).strip()
-        if not series_uid:
-            errors.append((str(path), "unreadable DICOM header: no SeriesInstanceUID (incomplete or truncated file)"))
-            continue
-        headers.setdefault(series_uid, []).append((path, header))
+    covered: set[Path] = set()
+    for path in files:
+        header, reason = _read_header(path)
+        if reason:
+            errors.append((str(path), reason))
+            covered.add(path)
+        elif header is not None:
+            headers.setdefault(str(header.SeriesInstanceUID).strip(), []).append((path, header))
+            covered.add(path)
     series = []
     for uid, members in headers.items():
         try:
             series.append(_series_info(uid, members))
         except Exception as error:  # a malformed header value must not stop discovery of the rest
-            folder = os.path.commonpath([str(path.parent) for path, _ in members])
-            errors.append((f"{folder}#{hashlib.sha256(uid.encode()).hexdigest()[:10]}", f"unreadable DICOM header: {_one_line(error)}"))
-    return sorted(series, key=lambda info: info.source), errors
+            errors.append((_source_name([path for path, _ in members], uid), f"unreadable DICOM header: {scrubbed_reason(error)}"))
+    return sorted(series, key=lambda info: info.source), errors, covered
+
+
+def unused_file_reason(path: str | Path) -> str:
+    """Why a file that is in no series and no NIfTI is not a scan: empty, a DICOMDIR, or not DICOM."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError as error:
+        return f"cannot read the file ({error.strerror or type(error).__name__})"
+    if path.name.upper() == "DICOMDIR" or (_has_dicom_preamble(path) and _is_dicomdir(path)):
+        return "a DICOMDIR (the index of a DICOM medium), not an image"
+    return "neither DICOM (no 'DICM' marker at byte 128) nor NIfTI (.nii, .nii.gz)"
 
 
 def walk_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -144,6 +181,22 @@ def walk_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def _read_header(path: Path) -> tuple[Dataset | None, str]:
+    """(header, "") of an image file of a series; (None, reason) for a DICOM file whose header is
+    unreadable; (None, "") for a file that is not a DICOM image (left to :func:`unused_file_reason`)."""
+    if path.name.upper() == "DICOMDIR" or not _has_dicom_preamble(path):
+        return None, ""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except Exception as error:  # any parse failure of a file that claims to be DICOM is reported
+        return None, f"unreadable DICOM header: {scrubbed_reason(error)}"
+    if str(header.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
+        return None, ""
+    if not str(header.get("SeriesInstanceUID", "")).strip():
+        return None, "unreadable DICOM header: no SeriesInstanceUID (incomplete or truncated file)"
+    return header, ""
+
+
 def _has_dicom_preamble(path: Path) -> bool:
     """True when ``path`` holds 'DICM' after the 128-byte preamble (what dcmread(force=False) requires)."""
     try:
@@ -154,40 +207,90 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def _is_dicomdir(path: Path) -> bool:
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:
+        return False
+    return str(header.file_meta.get("MediaStorageSOPClassUID", header.get("SOPClassUID", ""))) == _DICOMDIR_SOP_CLASS
+
+
 def _series_info(series_uid: str, members: list[tuple[Path, Dataset]]) -> SeriesInfo:
-    members.sort(key=lambda member: str(member[0]))
-    files = [path for path, _ in members]
-    first = members[0][1]
-    frames = [int(header.get("NumberOfFrames", 1) or 1) for _, header in members]
+    """The series of ``members`` (path, header): one file per SOP instance, localizers set aside."""
+    main_folder = _main_folder([path for path, _ in members])
+    instances = _instances(members, main_folder)
+    localizers = [m for m in instances if _NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(m[0][1]))]
+    set_aside = []
+    if len(localizers) < len(instances):  # a localizer inside a series of slices: the slices are the scan
+        set_aside = [(copies[0][0], f"localizer image ({'/'.join(sorted(_NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(copies[0][1]))))})")
+                     for copies in localizers]
+        instances = [copies for copies in instances if copies not in localizers]
+    first = instances[0][0][1]
+    frames = [int(copies[0][1].get("NumberOfFrames", 1) or 1) for copies in instances]
     measures = _functional_item(first, "PixelMeasuresSequence")
-    orientation_item = _functional_item(first, "PlaneOrientationSequence")
     thickness = first.get("SliceThickness") or (measures.get("SliceThickness") if measures else None)
-    iop = first.get("ImageOrientationPatient") or (
-        orientation_item.get("ImageOrientationPatient") if orientation_item else None
-    )
     return SeriesInfo(
         series_uid=series_uid,
         study_uid=str(first.get("StudyInstanceUID", "")),
         patient_id=str(first.get("PatientID", "")),
-        files=files,
+        files=[copies[0][0] for copies in instances],
         modality=str(first.get("Modality", "")),
-        image_type=tuple(str(value).strip().upper() for value in _as_list(first.get("ImageType"))),
+        image_type=_image_type(first),
         n_slices=sum(frames),
         slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
         kernel=_kernel_name(first),
-        orientation=np.array([float(v) for v in iop]) if iop and len(iop) == 6 else None,
+        orientation=_commonest_orientation([copies[0][1] for copies in instances]),
         series_description=str(first.get("SeriesDescription", "")),
         sop_class_uid=str(first.get("SOPClassUID", "")),
         number_of_frames=max(frames),
-        source=_source_name(files, series_uid),
+        source=_source_name([path for path, _ in members], series_uid),
+        duplicates={copies[0][0]: [path for path, _ in copies[1:]] for copies in instances if len(copies) > 1},
+        set_aside=set_aside,
     )
 
 
+def _instances(members: list[tuple[Path, Dataset]], main_folder: str) -> list[list[tuple[Path, Dataset]]]:
+    """Members grouped by SOPInstanceUID, in path order; within a group the copy in ``main_folder``
+    first, then the largest file (a truncated copy is shorter)."""
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, header in sorted(members, key=lambda member: str(member[0])):
+        groups.setdefault(str(header.get("SOPInstanceUID", "")).strip() or str(path), []).append((path, header))
+    for copies in groups.values():
+        copies.sort(key=lambda member: (str(member[0].parent) != main_folder, -_size(member[0]), str(member[0])))
+    return sorted(groups.values(), key=lambda copies: str(copies[0][0]))
+
+
+def _main_folder(files: list[Path]) -> str:
+    """The folder holding most of ``files`` (the first in path order on a tie)."""
+    counts = Counter(str(path.parent) for path in files)
+    return min(counts, key=lambda folder: (-counts[folder], folder))
+
+
 def _source_name(files: list[Path], series_uid: str) -> str:
-    """The series' folder plus a short hash of its UID; folder names that are UIDs are hashed too."""
-    folder = os.path.commonpath([str(path.parent) for path in files])
-    folder = _UID_PATTERN.sub(lambda uid: "uid-" + hashlib.sha256(uid.group().encode()).hexdigest()[:10], folder)
-    return f"{folder}#{hashlib.sha256(series_uid.encode()).hexdigest()[:10]}"
+    """The series' main folder plus a short hash of its UID (several series may share a folder)."""
+    return f"{_main_folder(files)}#{hashlib.sha256(series_uid.encode()).hexdigest()[:10]}"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _image_type(header: Dataset) -> tuple[str, ...]:
+    return tuple(str(value).strip().upper() for value in _as_list(header.get("ImageType")))
+
+
+def _commonest_orientation(headers: list[Dataset]) -> np.ndarray | None:
+    """The IOP (6,) most files of the series share (classic IOP or the enhanced shared group), or None."""
+    found = []
+    for header in headers:
+        item = _functional_item(header, "PlaneOrientationSequence")
+        iop = header.get("ImageOrientationPatient") or (item.get("ImageOrientationPatient") if item else None)
+        if iop and len(iop) == 6:
+            found.append(tuple(round(float(v), 4) for v in iop))
+    return np.array(Counter(found).most_common(1)[0][0]) if found else None
 
 
 def _functional_item(ds: Dataset, keyword: str, frame_group: Dataset | None = None) -> Dataset | None:
@@ -260,10 +363,6 @@ def select_series(
         (kept, skipped): skipped holds (source, one-line reason) for every series not kept, except a
         repeat of a kept series (the same SeriesInstanceUID listed twice), which is dropped silently.
     """
-    if config.series not in ("preferred", "all"):
-        raise ValueError(f"selection.series must be 'preferred' or 'all', got {config.series!r}")
-    if config.prefer_kernel not in ("soft", "bone", "any"):
-        raise ValueError(f"selection.prefer_kernel must be 'soft', 'bone' or 'any', got {config.prefer_kernel!r}")
     skipped: list[tuple[str, str]] = []
     candidates: list[SeriesInfo] = []
     seen_uids: set[str] = set()
@@ -345,17 +444,28 @@ def read_series(info_or_path: SeriesInfo | str | Path, config: SelectionConfig |
     Slices at the same position are dropped when identical. Slightly uneven spacing is linearly
     interpolated onto a uniform grid at the median spacing along the slice normal; a gap above
     ``max_gap_ratio`` x the median spacing is rejected (or interpolated when ``reject_gaps`` is False).
+    A slice whose file cannot be read is replaced by a readable copy of it when there is one; frames in
+    an orientation other than that of most frames are set aside. ``metadata["notes"]`` says what was.
 
     Raises:
-        ScanError: with a one-line reason (never an identifier) for any input that cannot be used.
+        FileScanError: naming the file, for a slice that cannot be read (and has no readable copy).
+        ScanError: with a one-line reason (never an identifier) for any other input that cannot be used.
     """
     config = config or SelectionConfig()
     info = info_or_path if isinstance(info_or_path, SeriesInfo) else _info_for_path(Path(info_or_path))
-    datasets = [_read_file(path) for path in info.files]
-    _check_ct_images(datasets, info, config)
-    slices = _collect_slices(datasets, info.files)
-    hu_stack, affine, tilt_deg = _stack_slices(slices, config)
-    first = datasets[0]
+    notes = [f"{len(info.set_aside)} localizer images set aside"] if info.set_aside else []
+    instances = [_read_instance(path, info.duplicates.get(path, []), notes) for path in info.files]
+    if info.duplicates:
+        notes.append(f"{sum(map(len, info.duplicates.values()))} duplicate files of slices (same SOPInstanceUID) not used")
+    _check_ct_images(instances, config)
+    slices = _collect_slices(instances)
+    hu_stack, affine, tilt_deg = _stack_slices(slices, config, notes)
+    return _series_volume(info, instances[0].header, hu_stack, affine, tilt_deg, notes)
+
+
+def _series_volume(info: SeriesInfo, first: Dataset, hu_stack: np.ndarray, affine: np.ndarray, tilt_deg: float,
+                   notes: list[str]) -> Volume:
+    """The ``Volume`` of a stacked series: (K, rows, columns) HU viewed as (I, J, K), safe metadata only."""
     metadata = {
         "kernel": info.kernel,
         "kvp": _float_or_none(first.get("KVP")),
@@ -366,6 +476,7 @@ def read_series(info_or_path: SeriesInfo | str | Path, config: SelectionConfig |
         "original_spacing_mm": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
         "gantry_tilt_deg": tilt_deg,
         "transfer_syntax": UID(str(first.file_meta.get("TransferSyntaxUID", ""))).name,
+        "notes": notes,
     }
     identity = {"patient_id": info.patient_id, "study_uid": info.study_uid, "series_uid": info.series_uid}
     # (K, rows, columns) -> (I, J, K): a transposed view, no copy (Fortran-ordered in I, J, K)
@@ -378,7 +489,7 @@ def _info_for_path(path: Path) -> SeriesInfo:
     series, errors = discover([path])
     if errors:
         bad_path, reason = errors[0]
-        raise ScanError(f"{_display_name(Path(bad_path))}: {reason}")
+        raise FileScanError(bad_path, reason)
     if not series:
         what = "empty folder" if path.is_dir() and not any(path.iterdir()) else "no DICOM files"
         raise ScanError(f"{what}: {path}" if path.is_dir() else f"not a DICOM file: {path}")
@@ -387,30 +498,58 @@ def _info_for_path(path: Path) -> SeriesInfo:
     return series[0]
 
 
+@dataclass
+class _Instance:
+    """One SOP instance as read: its file, full header and stored pixel values (frames, rows, columns)."""
+
+    path: Path
+    header: Dataset
+    frames: np.ndarray
+
+
+def _read_instance(path: Path, copies: list[Path], notes: list[str]) -> _Instance:
+    """Read and decode ``path``; when it cannot be, the first readable of ``copies`` (noted in ``notes``)."""
+    try:
+        return _decoded(path)
+    except FileScanError as error:
+        for copy in copies:
+            try:
+                instance = _decoded(copy)
+            except FileScanError:
+                continue
+            notes.append(f"an unreadable copy of a slice was set aside ({error.reason}); a readable copy was used")
+            return instance
+        raise
+
+
+def _decoded(path: Path) -> _Instance:
+    ds = _read_file(path)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise FileScanError(path, f"not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})")
+    return _Instance(path=path, header=ds, frames=_stored_frames(ds, path))
+
+
 def _read_file(path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        raise ScanError(f"{_display_name(path)}: not a DICOM file") from None
+        raise FileScanError(path, "not a DICOM file") from None
     except Exception as error:
-        raise ScanError(f"{_display_name(path)}: unreadable DICOM file ({_one_line(error)})") from None
+        raise FileScanError(path, f"unreadable DICOM file ({scrubbed_reason(error)})") from None
     if "PixelData" not in ds:
-        raise ScanError(f"{_display_name(path)}: no pixel data (or the file is truncated before it)")
+        raise FileScanError(path, "no pixel data (or the file is truncated before it)")
     return ds
 
 
-def _check_ct_images(datasets: list[Dataset], info: SeriesInfo, config: SelectionConfig) -> None:
-    modalities = {str(ds.get("Modality", "")) for ds in datasets}
+def _check_ct_images(instances: list[_Instance], config: SelectionConfig) -> None:
+    modalities = {str(instance.header.get("Modality", "")) for instance in instances}
     if modalities != {config.modality}:
         raise ScanError(f"modality {'/'.join(sorted(m or 'missing' for m in modalities))} is not {config.modality}")
-    classes = {str(ds.get("SOPClassUID", "")) for ds in datasets}
+    classes = {str(instance.header.get("SOPClassUID", "")) for instance in instances}
     unknown = classes - set(CT_IMAGE_SOP_CLASSES)
     if unknown:
         names = ", ".join(sorted(UID(uid).name or "missing" for uid in unknown))
-        raise ScanError(f"not a CT image (SOP class {names})")
-    for ds, path in zip(datasets, info.files):
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise ScanError(f"{_display_name(path)}: not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})")
+        raise ScanError(f"not a CT image (SOP class {_UID_PATTERN.sub('<uid>', names)})")
 
 
 @dataclass
@@ -425,40 +564,54 @@ class _Slices:
     intercept: np.ndarray  # (n,)
     padding: list[tuple[float, float] | None]  # inclusive stored-value range of padding, per frame
 
+    def subset(self, keep: np.ndarray) -> "_Slices":
+        """The frames at indices ``keep``, in that order."""
+        return _Slices(
+            pixels=[self.pixels[k] for k in keep], orientation=self.orientation[keep], position=self.position[keep],
+            pixel_spacing=self.pixel_spacing[keep], slope=self.slope[keep], intercept=self.intercept[keep],
+            padding=[self.padding[k] for k in keep],
+        )
 
-def _collect_slices(datasets: list[Dataset], files: list[Path]) -> _Slices:
-    pixels, orientation, position, spacing, slope, intercept, padding = [], [], [], [], [], [], []
-    for ds, path in zip(datasets, files):
-        frames = _stored_frames(ds, path)
-        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-        for index, frame in enumerate(frames):
+
+def _collect_slices(instances: list[_Instance]) -> _Slices:
+    pixels, geometry, padding = [], [], []
+    for instance in instances:
+        per_frame = instance.header.get("PerFrameFunctionalGroupsSequence")
+        for index, frame in enumerate(instance.frames):
             group = per_frame[index] if per_frame and index < len(per_frame) else None
-            plane_orientation = _functional_item(ds, "PlaneOrientationSequence", group) or ds
-            plane_position = _functional_item(ds, "PlanePositionSequence", group) or ds
-            measures = _functional_item(ds, "PixelMeasuresSequence", group) or ds
-            transformation = _functional_item(ds, "PixelValueTransformationSequence", group) or ds
-            iop = plane_orientation.get("ImageOrientationPatient")
-            ipp = plane_position.get("ImagePositionPatient")
-            pixel_spacing = measures.get("PixelSpacing")
-            if not iop or len(iop) != 6 or not ipp or len(ipp) != 3:
-                raise ScanError(f"{_display_name(path)}: no image position/orientation (not a volume slice)")
-            if not pixel_spacing or len(pixel_spacing) != 2 or min(float(v) for v in pixel_spacing) <= 0:
-                raise ScanError(f"{_display_name(path)}: no valid PixelSpacing")
             pixels.append(frame)
-            orientation.append([float(v) for v in iop])
-            position.append([float(v) for v in ipp])
-            spacing.append([float(v) for v in pixel_spacing])
-            slope.append(_float_or_none(transformation.get("RescaleSlope")) or 1.0)
-            intercept.append(_float_or_none(transformation.get("RescaleIntercept")) or 0.0)
-            padding.append(_padding_range(ds))
+            geometry.append(_frame_geometry(instance, group))
+            padding.append(_padding_range(instance.header))
+    columns = list(zip(*geometry))
     return _Slices(
         pixels=pixels,
-        orientation=np.array(orientation),
-        position=np.array(position),
-        pixel_spacing=np.array(spacing),
-        slope=np.array(slope),
-        intercept=np.array(intercept),
+        orientation=np.array(columns[0]),
+        position=np.array(columns[1]),
+        pixel_spacing=np.array(columns[2]),
+        slope=np.array(columns[3]),
+        intercept=np.array(columns[4]),
         padding=padding,
+    )
+
+
+def _frame_geometry(instance: _Instance, group: Dataset | None) -> tuple[list, list, list, float, float]:
+    """(IOP (6,), IPP (3,) mm, PixelSpacing (2,) mm, slope, intercept) of one frame: per-frame functional
+    group first, then the shared group, then the classic top-level attributes."""
+    ds = instance.header
+    iop = (_functional_item(ds, "PlaneOrientationSequence", group) or ds).get("ImageOrientationPatient")
+    ipp = (_functional_item(ds, "PlanePositionSequence", group) or ds).get("ImagePositionPatient")
+    pixel_spacing = (_functional_item(ds, "PixelMeasuresSequence", group) or ds).get("PixelSpacing")
+    transformation = _functional_item(ds, "PixelValueTransformationSequence", group) or ds
+    if not iop or len(iop) != 6 or not ipp or len(ipp) != 3:
+        raise FileScanError(instance.path, "no image position/orientation (not a volume slice)")
+    if not pixel_spacing or len(pixel_spacing) != 2 or min(float(v) for v in pixel_spacing) <= 0:
+        raise FileScanError(instance.path, "no valid PixelSpacing")
+    return (
+        [float(v) for v in iop],
+        [float(v) for v in ipp],
+        [float(v) for v in pixel_spacing],
+        _float_or_none(transformation.get("RescaleSlope")) or 1.0,
+        _float_or_none(transformation.get("RescaleIntercept")) or 0.0,
     )
 
 
@@ -466,11 +619,17 @@ def _stored_frames(ds: Dataset, path: Path) -> np.ndarray:
     """The stored pixel values of ``ds`` as (frames, rows, columns) integers with the correct sign.
 
     Uncompressed little-endian data is viewed straight from the PixelData bytes; anything else goes
-    through pydicom's pixel handlers (pylibjpeg plugins for JPEG, JPEG-LS, JPEG 2000 and RLE).
+    through pydicom's pixel handlers (the default, permissively licensed plugins: pylibjpeg-openjpeg for
+    JPEG 2000, pylibjpeg-rle for RLE, pyjpegls for JPEG-LS, python-gdcm for the JPEG processes). An image
+    that would decode to more than 4 GiB is refused before any decoder allocates it.
     """
     rows, columns = int(ds.Rows), int(ds.Columns)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+    decoded_bytes = rows * columns * n_frames * max(1, bits_allocated // 8)
+    if decoded_bytes > _MAX_DECODED_BYTES:
+        raise FileScanError(path, f"implausible image size: {rows}x{columns} pixels x {n_frames} frames would decode to "
+                                  f"{decoded_bytes / 2**30:.1f} GiB (a corrupt or hostile header); not decoded")
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
     if str(syntax) in _NATIVE_SYNTAXES and bits_allocated in (8, 16, 32):
@@ -479,7 +638,7 @@ def _stored_frames(ds: Dataset, path: Path) -> np.ndarray:
         data = ds.PixelData
         expected_bytes = expected * dtype.itemsize
         if len(data) < expected_bytes:
-            raise ScanError(f"{_display_name(path)}: pixel data is truncated ({len(data)} of {expected_bytes} bytes)")
+            raise FileScanError(path, f"pixel data is truncated ({len(data)} of {expected_bytes} bytes)")
         values = np.frombuffer(data, dtype=dtype, count=expected)
         if bits_stored < bits_allocated:  # bits above HighBit may hold overlays: drop them, extend the sign
             shift = bits_allocated - bits_stored
@@ -489,7 +648,7 @@ def _stored_frames(ds: Dataset, path: Path) -> np.ndarray:
         array = ds.pixel_array
     except Exception as error:
         name = UID(str(syntax)).name or "missing"
-        raise ScanError(f"{_display_name(path)}: cannot decode transfer syntax {name}: {_one_line(error)}") from None
+        raise FileScanError(path, f"cannot decode transfer syntax {name}: {scrubbed_reason(error)}") from None
     return array.reshape(n_frames, rows, columns)
 
 
@@ -505,49 +664,21 @@ def _padding_range(ds: Dataset) -> tuple[float, float] | None:
     return (min(value, limit), max(value, limit))
 
 
-def _stack_slices(slices: _Slices, config: SelectionConfig) -> tuple[np.ndarray, np.ndarray, float]:
-    """Sort, deduplicate, check and space the slices; return HU (K, rows, columns), RAS affine, tilt (deg)."""
-    shapes = {frame.shape for frame in slices.pixels}
-    if len(shapes) > 1:
-        raise ScanError(f"slices of different sizes in one series: {' and '.join(f'{r}x{c}' for r, c in sorted(shapes))}")
-    orientations = slices.orientation
-    if np.abs(orientations - orientations[0]).max() > 1e-3:
-        distinct = len(np.unique(np.round(orientations, 3), axis=0))
-        raise ScanError(f"mixed orientations in one series ({distinct} distinct ImageOrientationPatient)")
-    if np.abs(slices.pixel_spacing - slices.pixel_spacing[0]).max() > 1e-4:
-        raise ScanError("mixed pixel spacings in one series")
-    row_cosine = orientations[0, :3] / np.linalg.norm(orientations[0, :3])
-    column_cosine = orientations[0, 3:] / np.linalg.norm(orientations[0, 3:])
+def _stack_slices(slices: _Slices, config: SelectionConfig, notes: list[str]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Keep the main orientation, sort, deduplicate, check and space the slices; return HU (K, rows,
+    columns), the RAS affine and the gantry tilt (degrees)."""
+    slices = _main_orientation(slices, notes)
+    _check_same_grid(slices)
+    row_cosine, column_cosine = (v / np.linalg.norm(v) for v in (slices.orientation[0, :3], slices.orientation[0, 3:]))
     normal = np.cross(row_cosine, column_cosine)
     along_normal = slices.position @ normal  # mm
     order = np.argsort(along_normal, kind="stable")
     hu = _to_hu(slices, order)
-    positions, along_normal = slices.position[order], along_normal[order]
-    hu, positions, along_normal = _drop_duplicates(hu, positions, along_normal)
-    n_slices = len(along_normal)
-    if n_slices < 2:
+    hu, positions, along_normal = _drop_duplicates(hu, slices.position[order], along_normal[order])
+    if len(along_normal) < 2:
         raise ScanError("single slice: a volume needs at least 2 slice positions")
-
-    extent = along_normal[-1] - along_normal[0]
-    stack_direction = (positions[-1] - positions[0]) / extent  # LPS mm per mm along the normal
-    off_line = positions - (positions[0] + np.outer(along_normal - along_normal[0], stack_direction))
-    tolerance_mm = 0.25 * slices.pixel_spacing[0].min()
-    if np.abs(off_line).max() > tolerance_mm:
-        raise ScanError(f"slice positions do not lie on one line (off by {np.abs(off_line).max():.2f} mm)")
-
-    gaps = np.diff(along_normal)
-    median_gap = float(np.median(gaps))
-    widest = int(np.argmax(gaps))
-    if gaps[widest] > config.max_gap_ratio * median_gap and config.reject_gaps:
-        raise ScanError(
-            f"gap of {gaps[widest]:.2f} mm at {along_normal[widest]:.1f} mm along the slice normal, "
-            f"after slice {widest + 1} of {n_slices} (median {median_gap:.2f} mm)"
-        )
-    if np.abs(gaps - median_gap).max() > 1e-3 * median_gap:
-        hu = _interpolate_uniform(hu, along_normal - along_normal[0], median_gap)
-        slice_step = stack_direction * median_gap
-    else:
-        slice_step = (positions[-1] - positions[0]) / (n_slices - 1)
+    stack_direction = _stack_direction(positions, along_normal, tolerance_mm=0.25 * slices.pixel_spacing[0].min())
+    hu, slice_step = _evenly_spaced(hu, positions, along_normal, stack_direction, config)
 
     spacing_between_rows, spacing_between_columns = slices.pixel_spacing[0]
     affine = np.eye(4)
@@ -557,6 +688,61 @@ def _stack_slices(slices: _Slices, config: SelectionConfig) -> tuple[np.ndarray,
     affine[:3, 3] = positions[0]
     affine[:2, :] *= -1  # LPS -> RAS
     return hu, affine, gantry_tilt_deg(slice_step, column_cosine, normal)
+
+
+def _main_orientation(slices: _Slices, notes: list[str]) -> _Slices:
+    """The frames in the orientation (IOP within 1e-3) that most frames share; the others are set aside
+    with a note. Without such a majority (two stacks of equal size) the series is refused."""
+    groups: list[list[int]] = []
+    for index, orientation in enumerate(slices.orientation):
+        group = next((g for g in groups if np.abs(slices.orientation[g[0]] - orientation).max() <= 1e-3), None)
+        if group is None:
+            groups.append([index])
+        else:
+            group.append(index)
+    if len(groups) == 1:
+        return slices
+    main = max(groups, key=len)
+    if 2 * len(main) <= len(slices.orientation):
+        raise ScanError(f"mixed orientations in one series ({len(groups)} distinct ImageOrientationPatient, "
+                        f"none held by most of its {len(slices.orientation)} frames)")
+    notes.append(f"{len(slices.orientation) - len(main)} frames in another orientation set aside")
+    return slices.subset(np.array(main))
+
+
+def _check_same_grid(slices: _Slices) -> None:
+    shapes = {frame.shape for frame in slices.pixels}
+    if len(shapes) > 1:
+        raise ScanError(f"slices of different sizes in one series: {' and '.join(f'{r}x{c}' for r, c in sorted(shapes))}")
+    if np.abs(slices.pixel_spacing - slices.pixel_spacing[0]).max() > 1e-4:
+        raise ScanError("mixed pixel spacings in one series")
+
+
+def _stack_direction(positions: np.ndarray, along_normal: np.ndarray, tolerance_mm: float) -> np.ndarray:
+    """The LPS direction (mm per mm along the normal) the slices advance in; they must lie on one line."""
+    stack_direction = (positions[-1] - positions[0]) / (along_normal[-1] - along_normal[0])
+    off_line = positions - (positions[0] + np.outer(along_normal - along_normal[0], stack_direction))
+    if np.abs(off_line).max() > tolerance_mm:
+        raise ScanError(f"slice positions do not lie on one line (off by {np.abs(off_line).max():.2f} mm)")
+    return stack_direction
+
+
+def _evenly_spaced(hu: np.ndarray, positions: np.ndarray, along_normal: np.ndarray, stack_direction: np.ndarray,
+                   config: SelectionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """HU on evenly spaced slices, and the LPS step (mm) between them: uneven spacing is interpolated onto
+    the median spacing; a gap above ``config.max_gap_ratio`` x the median is refused unless
+    ``config.reject_gaps`` is False."""
+    gaps = np.diff(along_normal)
+    median_gap = float(np.median(gaps))
+    widest = int(np.argmax(gaps))
+    if gaps[widest] > config.max_gap_ratio * median_gap and config.reject_gaps:
+        raise ScanError(
+            f"gap of {gaps[widest]:.2f} mm at {along_normal[widest]:.1f} mm along the slice normal, "
+            f"after slice {widest + 1} of {len(along_normal)} (median {median_gap:.2f} mm)"
+        )
+    if np.abs(gaps - median_gap).max() > 1e-3 * median_gap:
+        return _interpolate_uniform(hu, along_normal - along_normal[0], median_gap), stack_direction * median_gap
+    return hu, (positions[-1] - positions[0]) / (len(along_normal) - 1)
 
 
 def gantry_tilt_deg(slice_step: np.ndarray, column_cosine: np.ndarray, normal: np.ndarray) -> float:
@@ -641,11 +827,3 @@ def _float_or_none(value) -> float | None:
         return None
 
 
-def _display_name(path: Path) -> str:
-    """A file name fit for an error message: files named by their SOP Instance UID are not shown."""
-    return "a file named by its UID" if _UID_PATTERN.search(path.name) else path.name
-
-
-def _one_line(error: BaseException) -> str:
-    """The first line of an exception message, shortened, with anything that looks like a UID removed."""
-    return _UID_PATTERN.sub("<uid>", one_line(error))

@@ -86,8 +86,26 @@ def write_series(
     Returns:
         The written paths, in slice order (k = 0, 1, ...).
     """
-    hu = np.asarray(hu)
-    affine = np.asarray(affine, dtype=np.float64)
+    hu, affine = np.asarray(hu), np.asarray(affine, dtype=np.float64)
+    _check_arguments(hu, affine, transfer_syntax, file_names)
+    geometry = _lps_geometry(affine, slice_positions_mm, hu.shape[2])
+    stored, pixel_representation = _stored_values(hu, *rescale)
+    frames = np.ascontiguousarray(stored.transpose(2, 1, 0))  # (K, rows = J, columns = I)
+    tags = dict(tags or {})
+    study_uid = str(tags.get("StudyInstanceUID") or generate_uid())
+    series_uid = str(tags.get("SeriesInstanceUID") or generate_uid())
+    tags.setdefault("SliceThickness", format_number_as_ds(float(geometry["thickness_mm"])))
+    base = _base_dataset(study_uid, series_uid, frames.shape[1:], pixel_representation, geometry, rescale)
+    syntax_uid = TRANSFER_SYNTAXES[transfer_syntax]
+    encode = _frame_encoder(syntax_uid, frames.shape[1:], pixel_representation)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if multiframe:
+        return [_write_multiframe(folder, base, frames, geometry, rescale, tags, encode, syntax_uid, file_names)]
+    return _write_slices(folder, base, frames, geometry, rescale, tags, encode, syntax_uid, file_names)
+
+
+def _check_arguments(hu: np.ndarray, affine: np.ndarray, transfer_syntax: str, file_names: str) -> None:
     if hu.ndim != 3 or min(hu.shape) < 1:
         raise ValueError(f"hu must be a non-empty (I, J, K) array, got shape {hu.shape}")
     if not np.isfinite(hu).all():
@@ -98,35 +116,30 @@ def write_series(
         raise ValueError(f"transfer_syntax must be one of {sorted(TRANSFER_SYNTAXES)}, got {transfer_syntax!r}")
     if file_names not in FILE_NAMING:
         raise ValueError(f"file_names must be one of {FILE_NAMING}, got {file_names!r}")
-    n_slices = hu.shape[2]
 
-    geometry = _lps_geometry(affine, slice_positions_mm, n_slices)
-    stored, pixel_representation = _stored_values(hu, *rescale)
-    frames = np.ascontiguousarray(stored.transpose(2, 1, 0))  # (K, rows = J, columns = I)
 
-    tags = dict(tags or {})
-    study_uid = str(tags.get("StudyInstanceUID") or generate_uid())
-    series_uid = str(tags.get("SeriesInstanceUID") or generate_uid())
-    tags.setdefault("SliceThickness", format_number_as_ds(float(geometry["thickness_mm"])))
-    # derived from the position too, so a series written in several calls gets distinct instance UIDs
-    sop_uids = [generate_uid(entropy_srcs=[series_uid, str(k), str(geometry["ipp"][k])]) for k in range(n_slices)]
+def _instance_uids(series_uid: str, geometry: dict) -> list[str]:
+    """SOP Instance UIDs derived from the series UID and each slice's position, so the same tags give the
+    same files and a series written in several calls gets distinct instance UIDs."""
+    return [generate_uid(entropy_srcs=[series_uid, str(k), str(ipp)]) for k, ipp in enumerate(geometry["ipp"])]
 
-    base = _base_dataset(study_uid, series_uid, frames.shape[1:], pixel_representation, geometry, rescale)
-    syntax_uid = TRANSFER_SYNTAXES[transfer_syntax]
-    encode = _frame_encoder(syntax_uid, frames.shape[1:], pixel_representation)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if multiframe:
-        ds = _enhanced_dataset(base, geometry, rescale, tags, n_slices)
-        _apply_tags(ds, tags)
-        _set_instance(ds, sop_uids[0], 1)
-        _set_pixels(ds, frames, encode)
-        name = sop_uids[0] if file_names == "uid" else "IM00001.dcm"
-        path = folder / name
-        atomic_write_bytes(path, _encode_file(ds, syntax_uid))
-        return [path]
+def _write_multiframe(folder: Path, base: Dataset, frames: np.ndarray, geometry: dict, rescale, tags: dict, encode,
+                      syntax_uid, file_names: str) -> Path:
+    """One Enhanced CT Image Storage file holding every frame."""
+    ds = _enhanced_dataset(base, geometry, rescale, tags, len(frames))
+    _apply_tags(ds, tags)
+    sop_uid = _instance_uids(str(ds.SeriesInstanceUID), geometry)[0]
+    _set_instance(ds, sop_uid, 1)
+    _set_pixels(ds, frames, encode)
+    path = folder / (sop_uid if file_names == "uid" else "IM00001.dcm")
+    atomic_write_bytes(path, _encode_file(ds, syntax_uid))
+    return path
 
+
+def _write_slices(folder: Path, base: Dataset, frames: np.ndarray, geometry: dict, rescale, tags: dict, encode,
+                  syntax_uid, file_names: str) -> list[Path]:
+    """One CT Image Storage file per slice, in slice order; their names follow ``file_names``."""
     ds = base
     ds.SOPClassUID = CTImageStorage
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -136,18 +149,19 @@ def write_series(
     ds.RescaleIntercept = format_number_as_ds(float(rescale[1]))
     ds.RescaleType = "HU"
     _apply_tags(ds, tags)
-    numbers = np.arange(1, n_slices + 1)
+    series_uid = str(ds.SeriesInstanceUID)
+    sop_uids = _instance_uids(series_uid, geometry)
+    numbers = np.arange(1, len(frames) + 1)
     if file_names == "shuffled":
         seed = int.from_bytes(hashlib.sha256(series_uid.encode()).digest()[:8], "little")
         numbers = np.random.default_rng(seed).permutation(numbers)
     paths = []
-    for k in range(n_slices):
+    for k in range(len(frames)):
         _set_instance(ds, sop_uids[k], k + 1)
         ds.ImagePositionPatient = _ds_list(geometry["ipp"][k])
         ds.SliceLocation = format_number_as_ds(float(geometry["ipp"][k] @ geometry["normal"]))
         _set_pixels(ds, frames[k : k + 1], encode)
-        name = sop_uids[k] if file_names == "uid" else f"IM{numbers[k]:05d}.dcm"
-        path = folder / name
+        path = folder / (sop_uids[k] if file_names == "uid" else f"IM{numbers[k]:05d}.dcm")
         atomic_write_bytes(path, _encode_file(ds, syntax_uid))
         paths.append(path)
     return paths
@@ -295,10 +309,17 @@ def _enhanced_dataset(base: Dataset, geometry: dict, rescale, tags: dict, n_fram
     ds.AcquisitionDuration = 0.0
     ds.AcquisitionNumber = 1
     ds.PresentationLUTShape = "IDENTITY"
+    ds.SharedFunctionalGroupsSequence = Sequence([_shared_group(geometry, rescale, tags.pop("SliceThickness"))])
+    _set_dimensions(ds, generate_uid(entropy_srcs=[str(base.SeriesInstanceUID), "dimensions"]))
+    ds.PerFrameFunctionalGroupsSequence = Sequence([_frame_group(geometry["ipp"][k], k) for k in range(n_frames)])
+    return ds
 
+
+def _shared_group(geometry: dict, rescale, slice_thickness: str) -> Dataset:
+    """The functional groups every frame shares: pixel measures, orientation, rescale, frame type."""
     measures = Dataset()
     measures.PixelSpacing = _ds_list(geometry["pixel_spacing"])
-    measures.SliceThickness = tags.pop("SliceThickness")
+    measures.SliceThickness = slice_thickness
     orientation = Dataset()
     orientation.ImageOrientationPatient = _ds_list(geometry["iop"])
     transformation = Dataset()
@@ -315,9 +336,11 @@ def _enhanced_dataset(base: Dataset, geometry: dict, rescale, tags: dict, n_fram
     shared.PlaneOrientationSequence = Sequence([orientation])
     shared.PixelValueTransformationSequence = Sequence([transformation])
     shared.CTImageFrameTypeSequence = Sequence([frame_type])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    return shared
 
-    dimension_uid = generate_uid(entropy_srcs=[str(base.SeriesInstanceUID), "dimensions"])
+
+def _set_dimensions(ds: Dataset, dimension_uid: str) -> None:
+    """A 3D dimension organisation indexed by (StackID, InStackPositionNumber)."""
     organization = Dataset()
     organization.DimensionOrganizationUID = dimension_uid
     ds.DimensionOrganizationSequence = Sequence([organization])
@@ -331,20 +354,19 @@ def _enhanced_dataset(base: Dataset, geometry: dict, rescale, tags: dict, n_fram
         dimensions.append(dimension)
     ds.DimensionIndexSequence = Sequence(dimensions)
 
-    per_frame = []
-    for k in range(n_frames):
-        position = Dataset()
-        position.ImagePositionPatient = _ds_list(geometry["ipp"][k])
-        content = Dataset()
-        content.StackID = "1"
-        content.InStackPositionNumber = k + 1
-        content.DimensionIndexValues = [1, k + 1]
-        group = Dataset()
-        group.PlanePositionSequence = Sequence([position])
-        group.FrameContentSequence = Sequence([content])
-        per_frame.append(group)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    return ds
+
+def _frame_group(ipp: np.ndarray, k: int) -> Dataset:
+    """Frame ``k``'s own functional groups: its position (LPS mm) and its place in the stack."""
+    position = Dataset()
+    position.ImagePositionPatient = _ds_list(ipp)
+    content = Dataset()
+    content.StackID = "1"
+    content.InStackPositionNumber = k + 1
+    content.DimensionIndexValues = [1, k + 1]
+    group = Dataset()
+    group.PlanePositionSequence = Sequence([position])
+    group.FrameContentSequence = Sequence([content])
+    return group
 
 
 def _apply_tags(ds: Dataset, tags: dict) -> None:

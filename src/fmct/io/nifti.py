@@ -10,8 +10,11 @@ import numpy as np
 
 from fmct.atomic import atomic_write_bytes
 from fmct.io.dicom import AIR_HU
-from fmct.errors import ScanError, one_line
+from fmct.errors import FileScanError
 from fmct.io.volume import Volume
+from fmct.pseudonym import scrubbed_reason
+
+_MAX_DECODED_BYTES = 4 * 2**30  # as for DICOM: a header claiming more is corrupt or hostile
 
 
 def read_nifti(path: str | Path) -> Volume:
@@ -23,33 +26,35 @@ def read_nifti(path: str | Path) -> Volume:
     DICOM reader. NIfTI carries no identifiers, so ``identity`` holds the resolved file path only.
 
     Raises:
-        ScanError: one-line reason for a missing, unreadable or truncated file, a non-3D image, or
-            NaN/inf voxels.
+        FileScanError: one-line reason for a missing, unreadable or truncated file, a non-3D image, an
+            image that would take more than 4 GiB as float32, or NaN/inf voxels.
     """
     path = Path(path)
     if not path.is_file():
-        raise ScanError(f"{path}: no such file")
+        raise FileScanError(path, "no such file")
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for a corrupt header
-        raise ScanError(f"{path.name}: unreadable NIfTI ({one_line(error)})") from None
+        raise FileScanError(path, f"unreadable NIfTI ({scrubbed_reason(error)})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise ScanError(f"{path.name}: not a NIfTI image ({type(image).__name__})")
+        raise FileScanError(path, f"not a NIfTI image ({type(image).__name__})")
     shape = image.shape
     if len(shape) < 3:
-        raise ScanError(f"{path.name}: {len(shape)}D image (shape {shape}), a CT volume needs 3 dimensions")
+        raise FileScanError(path, f"{len(shape)}D image (shape {shape}), a CT volume needs 3 dimensions")
     if len(shape) > 3 and any(n != 1 for n in shape[3:]):
-        raise ScanError(f"{path.name}: 4D image (shape {shape}), only 3D volumes are supported")
+        raise FileScanError(path, f"4D image (shape {shape}), only 3D volumes are supported")
+    if 4 * int(np.prod(shape)) > _MAX_DECODED_BYTES:
+        raise FileScanError(path, f"implausible image size {shape}: {4 * int(np.prod(shape)) / 2**30:.1f} GiB as float32")
     header = image.header
     sform, sform_code = header.get_sform(coded=True)
     affine = sform if sform_code and sform_code > 0 else header.get_qform()
     try:
         hu = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape[:3])
     except Exception as error:  # truncated data: EOFError, zlib / gzip errors, short reads
-        raise ScanError(f"{path.name}: unreadable NIfTI voxel data ({one_line(error)})") from None
+        raise FileScanError(path, f"unreadable NIfTI voxel data ({scrubbed_reason(error)})") from None
     not_finite = int(np.count_nonzero(~np.isfinite(hu)))
     if not_finite:
-        raise ScanError(f"{path.name}: {not_finite} NaN/inf voxels")
+        raise FileScanError(path, f"{not_finite} NaN/inf voxels")
     np.maximum(hu, AIR_HU, out=hu)
     resolved = str(path.resolve())
     metadata = {

@@ -19,9 +19,11 @@ class Volume:
             (DICOM's patient frame is LPS+; the DICOM reader negates x and y.) Its columns need not be
             orthogonal: a gantry-tilted series has a sheared affine, corrected when resampled.
         metadata: safe acquisition facts only (kernel, kvp, manufacturer, model, slice_thickness_mm,
-            pixel_spacing_mm, original shape, ...). Never names, IDs, dates or UIDs.
-        identity: raw identifiers (patient_id, study_uid, series_uid) used by ingest to derive salted
-            pseudonymous keys. They never leave ingest: nothing writes this field anywhere.
+            pixel_spacing_mm, original shape, ...) and ``notes``: what the reader set aside to keep the
+            scan (a localizer, frames in another orientation, an unreadable copy of a slice). Never
+            names, IDs, dates, UIDs or paths.
+        identity: raw identifiers (patient_id, study_uid, series_uid) used by ingest to derive keyed
+            pseudonyms. They never leave ingest: nothing writes this field anywhere.
         source: the path the scan was read from (a file or a series folder).
 
     """

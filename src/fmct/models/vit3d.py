@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmct.errors import ConfigError
+
 # embed_dim, depth, n_heads for each named size; the MLP hidden width is mlp_ratio * embed_dim.
 SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (192, 12, 3),
@@ -57,7 +59,7 @@ class ViT3DConfig:
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
-            raise ValueError(f"unknown ViT size {self.size!r} (known: {', '.join(SIZES)})")
+            raise ConfigError(f"unknown ViT size {self.size!r} (known: {', '.join(SIZES)})")
         if isinstance(self.patch_size, int):
             self.patch_size = (self.patch_size,) * 3
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -67,9 +69,9 @@ class ViT3DConfig:
         self.depth = self.depth or depth
         self.n_heads = self.n_heads or n_heads
         if len(self.patch_size) != 3 or len(self.img_size) != 3:
-            raise ValueError(f"patch_size and img_size need 3 values (D, H, W), got {self.patch_size}, {self.img_size}")
+            raise ConfigError(f"patch_size and img_size need 3 values (D, H, W), got {self.patch_size}, {self.img_size}")
         if self.embed_dim % self.n_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of n_heads {self.n_heads}")
+            raise ConfigError(f"embed_dim {self.embed_dim} is not a multiple of n_heads {self.n_heads}")
         grid_of(self.img_size, self.patch_size)  # raises when img_size is not a multiple of the patch
 
     @property

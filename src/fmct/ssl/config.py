@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fmct.data.augment import AugmentConfig
+from fmct.errors import ConfigError
 from fmct.models.vit3d import ViT3DConfig
 
 METHODS = ("dino", "mae")
@@ -31,6 +32,7 @@ RESUMABLE_KEYS = (
     "online_eval.findings",
     "online_eval.max_scans",
     "online_eval.knn_k",
+    "data.shards_url",  # where the shards are read from, not what they hold
     "engine.checkpoint_every",
     "engine.stop_at_step",
     "engine.log_every",
@@ -61,6 +63,12 @@ class DINOConfig:
     sinkhorn_iterations: int = 3
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update for this long
 
+    def __post_init__(self) -> None:
+        if self.centering not in CENTERINGS:
+            raise ConfigError(f"centering must be one of {', '.join(CENTERINGS)}, got {self.centering!r}")
+        if self.n_prototypes < 1 or self.head_n_layers < 1 or min(self.student_temp, self.teacher_temp, self.teacher_temp_start) <= 0:
+            raise ConfigError("n_prototypes and head_n_layers must be >= 1 and the temperatures > 0")
+
 
 @dataclass
 class IBOTConfig:
@@ -71,6 +79,11 @@ class IBOTConfig:
     n_prototypes: int = 65536  # only for a separate head
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a crop's patches masked, drawn per crop
     mask_probability: float = 0.5  # share of global crops that are masked at all
+
+    def __post_init__(self) -> None:
+        low, high = self.mask_ratio
+        if not (0 <= low <= high <= 1 and 0 <= self.mask_probability <= 1):
+            raise ConfigError("mask_ratio must be (low, high) with 0 <= low <= high <= 1 and mask_probability in [0, 1]")
 
 
 @dataclass
@@ -87,6 +100,10 @@ class MAEConfig:
     decoder_depth: int = 4
     decoder_heads: int = 6
     norm_pix: bool = True  # each target patch standardised to mean 0, variance 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
 
 
 @dataclass
@@ -108,6 +125,10 @@ class OptimConfig:
     teacher_momentum: float = 0.992  # EMA momentum, cosine to teacher_momentum_end
     teacher_momentum_end: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs <= 0 or self.epoch_length < 1:
+            raise ConfigError("batch_size and epoch_length must be >= 1 and epochs > 0")
+
 
 @dataclass
 class EngineConfig:
@@ -128,14 +149,32 @@ class EngineConfig:
     log_every: int = 10  # steps between log.jsonl lines
     progress: bool = True  # tqdm bar on rank 0
 
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.stop_at_step < 0:
+            raise ConfigError("checkpoint_every and log_every must be >= 1 step and stop_at_step >= 0")
+
 
 @dataclass
 class DataConfig:
-    """Which scans of the store to pretrain on. Of a labels file only the site column is read."""
+    """Which scans of the store to pretrain on. Of a labels file only the site column is read.
+
+    ``--store`` may also name a shard folder (``fmct store pack``, :mod:`fmct.data.shards`): every
+    packed scan is used, streamed in the order of (seed, epoch, rank).
+    """
 
     labels: str = ""  # a labels CSV (or cq500:/rsna: spec) giving each scan's site
     # Sites kept out of pretraining, so that a held-out site stays unseen for an out-of-distribution test.
     exclude_sites: tuple[str, ...] = ()
+    # Shards only. Where they are read from: a URL template with {shard}, e.g. "pipe:aws s3 cp
+    # s3://bucket/shards/{shard} -"; empty: the files beside the index.
+    shards_url: str = ""
+    shuffle_shards: int = 4  # shards whose scans are shuffled together (held in memory, compressed)
+
+    def __post_init__(self) -> None:
+        if self.exclude_sites and not self.labels:
+            raise ConfigError("exclude_sites needs labels, the file that gives each scan's site")
 
 
 @dataclass
@@ -149,6 +188,10 @@ class OnlineEvalConfig:
     findings: tuple[str, ...] = ()  # empty: every finding with enough positives
     max_scans: int = 256  # held in memory as int16
     knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.max_scans < 1 or self.knn_k < 1:
+            raise ConfigError("every must be >= 0 (0: off), max_scans and knn_k >= 1")
 
 
 @dataclass
@@ -168,29 +211,19 @@ class PretrainConfig:
     online_eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
 
     def __post_init__(self) -> None:
-        choices = [("method", self.method, METHODS), ("dino.centering", self.dino.centering, CENTERINGS),
-                   ("engine.sharding", self.engine.sharding, SHARDINGS)]
-        for key, value, allowed in choices:
-            if value not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        """Checks across sections; each section checks its own fields."""
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         model, augment = self.model, self.augment
         if tuple(model.img_size) != (augment.global_size,) * 3:
-            raise ValueError(
+            raise ConfigError(
                 f"model.img_size {list(model.img_size)} must be the global crop size "
                 f"{[augment.global_size] * 3} (augment.global_size): the position embedding is learned for it"
             )
         for name, size in (("global_size", augment.global_size), ("local_size", augment.local_size)):
             if any(size % p for p in model.patch_size):
-                raise ValueError(f"augment.{name} {size} is not a multiple of model.patch_size {list(model.patch_size)}")
+                raise ConfigError(f"augment.{name} {size} is not a multiple of model.patch_size {list(model.patch_size)}")
         if model.in_chans != len(augment.windows):
-            raise ValueError(f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})")
-        if self.optim.batch_size < 1 or self.optim.epochs <= 0 or self.optim.epoch_length < 1:
-            raise ValueError("optim.batch_size and optim.epoch_length must be >= 1 and optim.epochs > 0")
-        if self.engine.checkpoint_every < 1 or self.engine.log_every < 1:
-            raise ValueError("engine.checkpoint_every and engine.log_every must be >= 1 step")
-        if self.data.exclude_sites and not self.data.labels:
-            raise ValueError("data.exclude_sites needs data.labels, the file that gives each scan's site")
-        if not 0 < self.mae.mask_ratio < 1:
-            raise ValueError(f"mae.mask_ratio must lie in (0, 1), got {self.mae.mask_ratio}")
+            raise ConfigError(f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})")
         if self.method == "dino" and self.koleo.loss_weight > 0 and self.optim.batch_size < 2:
-            raise ValueError("KoLeo needs optim.batch_size >= 2 (nearest neighbours within a batch); or set koleo.loss_weight=0")
+            raise ConfigError("KoLeo needs optim.batch_size >= 2 (nearest neighbours within a batch); or set koleo.loss_weight=0")

@@ -37,6 +37,7 @@ from fmct.data import MultiCropAugment, StoreVolumes, make_loader, step_generato
 from fmct.devices import autocast, unwrap
 from fmct.errors import ConfigError, InputError, PretrainError
 from fmct.models import ViT3D
+from fmct.data.shards import ShardVolumes, is_shard_folder
 from fmct.ssl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fmct.ssl.config import DataConfig, EngineConfig, PretrainConfig
 from fmct.ssl.distributed import DistEnv, all_reduce_max, close_distributed, full_tensor, init_distributed, wrap_student, wrap_teacher
@@ -143,6 +144,16 @@ def pretrain(store: str | os.PathLike, run_dir: str | os.PathLike, config: Pretr
         close_distributed()
 
 
+def pretraining_volumes(store: Path, data: DataConfig) -> StoreVolumes | ShardVolumes:
+    """The volumes to pretrain on: a store's (minus ``data.exclude_sites``) or a shard folder's."""
+    if not is_shard_folder(store):
+        return StoreVolumes(store, pretraining_scan_ids(store, data))
+    if data.exclude_sites:
+        raise ConfigError(f"{store}: a shard folder holds no sources to match labels to; pretrain from the store "
+                          f"to leave out data.exclude_sites")
+    return ShardVolumes(store, data.shards_url, data.shuffle_shards)
+
+
 def pretraining_scan_ids(store: Path, data: DataConfig) -> list[str] | None:
     """The store's scans minus those of ``data.exclude_sites`` (None: all of them)."""
     if not data.exclude_sites:
@@ -170,8 +181,8 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     configure_torch(engine, env.device)
 
     try:
-        dataset = StoreVolumes(store, pretraining_scan_ids(store, config.data))
-    except InputError as error:  # an empty store, or a labels file that does not fit it
+        dataset = pretraining_volumes(store, config.data)
+    except InputError as error:  # an empty store, a labels file that does not fit it, a bad shard index
         raise ConfigError(str(error)) from None
     if dataset.skipped and env.is_main:
         print(f"pretrain: {len(dataset.skipped)} scans of another grid left out, e.g. {dataset.skipped[0][0]}: "
@@ -197,8 +208,12 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     monitor = Monitor(run_dir, env, engine, start_step=step, total_steps=total_steps, global_batch=global_batch,
                       steps_per_epoch=schedules.steps_per_epoch, n_prototypes=config.dino.n_prototypes,
                       teacher_warm_step=schedules.steps(config.dino.teacher_temp_warmup_epochs))
-    loader = make_loader(dataset, optim.batch_size, workers=engine.workers, seed=engine.seed, rank=env.rank,
-                         world_size=env.world_size, start_step=step, total_steps=total_steps)
+    order = dict(workers=engine.workers, seed=engine.seed, rank=env.rank, world_size=env.world_size, start_step=step,
+                 total_steps=total_steps)
+    if isinstance(dataset, ShardVolumes):
+        loader = dataset.batches(optim.batch_size, **order)
+    else:
+        loader = make_loader(dataset, optim.batch_size, **order)
     if evaluator is not None and step == 0:
         monitor.write({"step": 0, **evaluator(trainer.evaluated_backbone())})  # the random-init reference
     nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
