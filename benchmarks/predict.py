@@ -35,7 +35,7 @@ from fmct.io import write_series
 from fmct.models import ViT3DConfig
 from fmct.models.classifier import Classifier
 from fmct.predict import PredictConfig, predict
-from fmct.store import ingest
+from fmct.ingest import ingest
 
 GRID = CanonicalConfig(spacing_mm=3.0, shape=(64, 64, 64))
 FINDINGS = ["ich", "fracture"]
@@ -100,17 +100,18 @@ def main() -> None:
     series = write_phantoms(args.out / "dicom", args.scans, args.matrix, args.slices)
     folder = write_detector(args.out / "detector")
     config = PredictConfig(batch_size=args.batch_size, workers=args.workers)
+    key = args.out / "pseudonym.key"  # the benchmark's own key, never the user's
     # Warm-up of both paths on one scan (lazy imports, first allocations), so neither pays them in the timing.
-    predict(folder, series[:1], args.out / "warm-predict", config, progress=False)
-    ingest(series[:1], args.out / "warm-store", IngestConfig(canonical=GRID), progress=False)
+    predict(folder, series[:1], args.out / "warm-predict", config, key_file=key, progress=False)
+    ingest(series[:1], args.out / "warm-store", IngestConfig(canonical=GRID), progress=False, key_file=key)
 
     started = time.perf_counter()
-    predict(folder, series, args.out / "predict", config, progress=False)
+    predict(folder, series, args.out / "predict", config, key_file=key, progress=False)
     predict_s = time.perf_counter() - started
 
     # The reference: ingest into a store, then the same detector over the stored volumes.
     started = time.perf_counter()
-    ingest(series, args.out / "store", IngestConfig(canonical=GRID), workers=args.workers, progress=False)
+    ingest(series, args.out / "store", IngestConfig(canonical=GRID), workers=args.workers, progress=False, key_file=key)
     ingest_s = time.perf_counter() - started
     detector = detectors.load_detector(folder)
     volumes = StoreVolumes(args.out / "store")
@@ -124,7 +125,7 @@ def main() -> None:
     n_saliency = min(2, args.scans)
     started = time.perf_counter()
     predict(folder, series[:n_saliency], args.out / "saliency", PredictConfig(batch_size=args.batch_size, workers=args.workers,
-                                                                             saliency=True), progress=False)
+                                                                             saliency=True), key_file=key, progress=False)
     saliency_s = (time.perf_counter() - started) / n_saliency  # per scan, model load included
 
     print(json.dumps({
