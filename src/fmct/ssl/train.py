@@ -5,8 +5,8 @@ One DINO step, in order:
 
 1. the schedules give the learning rate, weight decay, teacher momentum and temperature of the step;
 2. the loader's int16 HU batch goes to the device, where :class:`~fmct.data.MultiCropAugment` makes the
-   global and local crops and :func:`~fmct.data.sample_ibot_masks` masks some global crops, every draw
-   from ``step_generator(seed, step, rank)``;
+   global and local crops and :func:`~fmct.data.sample_ibot_masks` masks some global crops, drawn for
+   the global batch from ``batch_generator(seed, step)`` (each rank keeps its volumes' rows);
 3. the teacher (an EMA of the student, no gradient) sees the unmasked global crops; its CLS logits and
    the logits of the masked patches are balanced (Sinkhorn-Knopp) or centred (EMA) and sharpened;
 4. the student sees all crops, masked patches replaced by the mask token; loss = DINO (CLS, teacher
@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from fmct import hub
 from fmct.config import ConfigError, load_config, save_config, to_dict
-from fmct.data import MultiCropAugment, StoreVolumes, make_loader, sample_ibot_masks, step_generator
+from fmct.data import (MultiCropAugment, StoreVolumes, batch_generator, crop_major_rows, make_loader, sample_ibot_masks,
+                       step_generator)
 from fmct.models import DINOHead, ViT3D, build_vit3d
 from fmct.models.vit3d import grouped_parameters
 from fmct.ssl.centering import EMACenter, sinkhorn_knopp
@@ -351,23 +352,29 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = values.lr * group["lr_scale"]
             group["weight_decay"] = values.weight_decay * group["wd_scale"]
-        # Every random draw of this step (crops, masks, stochastic depth) depends on (seed, step, rank) only.
-        generator = step_generator(config.engine.seed, step, self.env.rank)
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        global_crops, local_crops = self.augment(hu.to(device, non_blocking=True), generator)
+        # Crops and masks are drawn for the global batch (from (seed, step)) and this rank keeps its
+        # volumes' rows, so they do not depend on how the global batch is split over ranks; stochastic
+        # depth draws from (seed, step, rank).
+        generator = batch_generator(config.engine.seed, step)
+        first, total = self.env.rank * hu.shape[0], self.env.world_size * hu.shape[0]
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=step_generator(config.engine.seed, step, self.env.rank))))
+        global_crops, local_crops = self.augment(hu.to(device, non_blocking=True), generator, first_volume=first,
+                                                 global_batch=total)
         grid = config.model.grid_size
 
         with self.autocast:
             if config.method == "dino":
-                masks = sample_ibot_masks(global_crops.shape[0], grid, config.ibot.mask_ratio, config.ibot.mask_probability,
-                                          generator=generator)
+                n_global = config.augment.n_global
+                masks = sample_ibot_masks(n_global * total, grid, config.ibot.mask_ratio, config.ibot.mask_probability,
+                                          generator=generator, rows=crop_major_rows(n_global, total, first, hu.shape[0]))
                 masked_index = masks.flatten().nonzero().squeeze(1)  # on the CPU: no device sync
                 metrics = self.objective(self.student, self.teacher, global_crops, local_crops if len(local_crops) else None,
                                          masks.to(device, non_blocking=True), masked_index.to(device, non_blocking=True),
                                          values.teacher_temp, values.dino_weight)
             else:
-                split = random_masking(global_crops.shape[0], math.prod(grid), config.mae.mask_ratio, generator=generator)
-                split = MaskSplit(*(t.to(device, non_blocking=True) for t in split))
+                rows = crop_major_rows(config.augment.n_global, total, first, hu.shape[0])
+                split = random_masking(config.augment.n_global * total, math.prod(grid), config.mae.mask_ratio, generator=generator)
+                split = MaskSplit(*(t[rows].to(device, non_blocking=True) for t in split))
                 metrics = mae_objective(self.student, global_crops, split, config)
         metrics["loss"].backward()
         max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
