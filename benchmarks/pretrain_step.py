@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fmct.config import load_config
 from fmct.ssl.config import PretrainConfig
-from fmct.ssl.distributed import DistEnv
+from fmct.distributed import DistEnv
 from fmct.ssl.schedules import Schedules
 from fmct.ssl.train import Trainer, compile_blocks, configure_torch
 

@@ -388,7 +388,8 @@ def _embed_run(args) -> int:
         summary = embed_store(args.model, args.store, args.out, config, like=args.like)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
-    print(summary.describe())
+    if summary.rank == 0:  # under torchrun, rank 0 wrote the table
+        print(summary.describe())
     return 0
 
 

@@ -48,18 +48,8 @@ from fmct.ssl.centering import EMACenter, sinkhorn_knopp
 from fmct.ssl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fmct.ssl.config import RESUMABLE_KEYS, DataConfig, EngineConfig, PretrainConfig
 from fmct.ssl.dino_loss import DINOLoss
-from fmct.ssl.distributed import (
-    DistEnv,
-    all_reduce_max,
-    all_reduce_mean,
-    close_distributed,
-    full_tensor,
-    init_distributed,
-    local_tensor,
-    unwrap,
-    wrap_student,
-    wrap_teacher,
-)
+from fmct.distributed import DistEnv, all_reduce_max, all_reduce_mean, close_distributed, init_distributed
+from fmct.ssl.distributed import full_tensor, local_tensor, unwrap, wrap_student, wrap_teacher
 from fmct.ssl.ibot_loss import iBOTPatchLoss
 from fmct.ssl.koleo_loss import KoLeoLoss
 from fmct.ssl.mae import MAEDecoder, MaskSplit, mae_loss, patchify3d, random_masking
