@@ -110,6 +110,50 @@ def test_two_nodes_reach_the_weights_of_one_process_with_the_same_global_batch(s
             assert two[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), (two["step"], key)
 
 
+# Stand-ins for Slurm's commands: scontrol names the nodes, srun runs its command once per node with
+# that node's SLURM_NODEID, as srun --ntasks-per-node=1 does on a two-node allocation.
+FAKE_SCONTROL = """#!/bin/bash
+echo localhost
+echo localhost
+"""
+FAKE_SRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for node in $(seq 0 $((SLURM_NNODES - 1))); do
+    SLURM_NODEID=$node "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+@pytest.mark.slow
+def test_the_slurm_recipe_trains_on_two_nodes_and_resumes(store, tmp_path):
+    """scripts/slurm/pretrain.sbatch under stand-in srun and scontrol: 2 nodes x 1 process, the run
+    stopped at step 2 by the first job (as a time limit would) and finished by the second."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "pretrain.sbatch"
+    env = {**subprocess_env(), "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "NPROC_PER_NODE": "1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    args = ["bash", str(script), str(store), str(run), *TINY, *RUN, "optim.batch_size=2"]
+    first = subprocess.run([*args, "engine.stop_at_step=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert read_checkpoint(run / "checkpoint.pt")["step"] == 2
+    env["MASTER_PORT"] = str(free_port())
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming" in second.stderr and read_checkpoint(run / "checkpoint.pt")["step"] == 4
+    assert [line["step"] for line in log_lines(run)] == [1, 2, 3, 4]
+
+
 def test_embed_sharded_over_two_ranks_writes_the_table_of_one_process(store, tmp_path):
     from fmct import hub
     from fmct.models import ViT3DConfig, build_vit3d
