@@ -36,6 +36,9 @@ RESUMABLE_KEYS = (
     "engine.log_every",
     "engine.workers",
     "engine.progress",
+    # How the DINO and iBOT losses are cut into chunks: the same values, only float additions reordered.
+    "dino.chunk_size",
+    "ibot.chunk_rows",
 )
 
 
@@ -60,6 +63,9 @@ class DINOConfig:
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update for this long
+    # Images per chunk of the DINO loss, each chunk recomputed in the backward pass (fmct.ssl.chunked):
+    # the same loss and gradients with less memory; 0: the whole batch at once.
+    chunk_size: int = 0
 
 
 @dataclass
@@ -71,6 +77,10 @@ class IBOTConfig:
     n_prototypes: int = 65536  # only for a separate head
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a crop's patches masked, drawn per crop
     mask_probability: float = 0.5  # share of global crops that are masked at all
+    # Masked tokens per chunk of the iBOT loss, each chunk recomputed in the backward pass: the same loss
+    # and gradients, with the (tokens, prototypes) fp32 intermediates of one chunk (at ViT-B batch 64,
+    # ~10,000 masked tokens x 65,536 prototypes: 2.6 GB per such tensor); 0: all at once.
+    chunk_rows: int = 2048
 
 
 @dataclass
@@ -184,6 +194,8 @@ class PretrainConfig:
                 raise ValueError(f"augment.{name} {size} is not a multiple of model.patch_size {list(model.patch_size)}")
         if model.in_chans != len(augment.windows):
             raise ValueError(f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})")
+        if self.dino.chunk_size < 0 or self.ibot.chunk_rows < 0:
+            raise ValueError("dino.chunk_size and ibot.chunk_rows must be >= 0 (0: no chunks)")
         if self.optim.batch_size < 1 or self.optim.epochs <= 0 or self.optim.epoch_length < 1:
             raise ValueError("optim.batch_size and optim.epoch_length must be >= 1 and optim.epochs > 0")
         if self.engine.checkpoint_every < 1 or self.engine.log_every < 1:

@@ -203,8 +203,9 @@ class DINOObjective:
     def __init__(self, config: PretrainConfig, device: torch.device):
         self.config = config
         dino, ibot = config.dino, config.ibot
-        self.dino_loss = DINOLoss(dino.n_prototypes, dino.student_temp)
-        self.ibot_loss = iBOTPatchLoss(ibot.n_prototypes if ibot.separate_head else dino.n_prototypes, dino.student_temp)
+        self.dino_loss = DINOLoss(dino.n_prototypes, dino.student_temp, chunk_size=dino.chunk_size)
+        self.ibot_loss = iBOTPatchLoss(ibot.n_prototypes if ibot.separate_head else dino.n_prototypes, dino.student_temp,
+                                       chunk_rows=ibot.chunk_rows)
         self.koleo_loss = KoLeoLoss()
         self.centers: dict[str, EMACenter] = {}
         if dino.centering == "ema":
