@@ -325,12 +325,12 @@ class MultiCropAugment:
             # is then the same whichever crops share its batch.
             hu[index] = _gaussian_blur(hu[index], sigma[blurred], radius=max(1, math.ceil(3 * config.blur_sigma[1])))
         if bool((noise_std > 0).any()):
-            noise = torch.empty_like(hu)
-            per_volume = noise.view(n_crops, batch, *hu.shape[1:])
+            # Volume-major, so that each volume's noise is one contiguous draw; added crop-major.
+            noise = torch.empty((batch, n_crops, *hu.shape[1:]), device=device, dtype=dtype)
             for j in range(batch):
-                noise_generator = torch.Generator(device).manual_seed(int(noise_seeds[first_volume + j]))
-                per_volume[:, j] = torch.randn((n_crops, *hu.shape[1:]), generator=noise_generator, device=device, dtype=dtype)
-            hu.addcmul_(noise, _to_device(noise_std, device, dtype).view(n, 1, 1, 1, 1))
+                noise[j].normal_(generator=torch.Generator(device).manual_seed(int(noise_seeds[first_volume + j])))
+            std = _to_device(noise_std, device, dtype).view(n_crops, batch, 1, 1, 1, 1)
+            hu.view(n_crops, batch, *hu.shape[1:]).addcmul_(noise.transpose(0, 1), std)
         channels = _apply_windows(hu, _to_device(level, device, dtype), _to_device(width, device, dtype))
         if bool((gamma != 1).any()):
             channels.pow_(_to_device(gamma, device, dtype).view(n, 1, 1, 1, 1))

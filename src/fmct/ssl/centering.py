@@ -90,7 +90,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     one (M, K) fp32 tensor in place, which becomes the result: with ~10,000 masked patches x 65,536
     prototypes each such tensor is 2.6 GB, and a new one per step would double the peak.
     """
-    log_q = teacher_logits.float() / teacher_temp  # a new tensor, never the caller's
+    log_q = teacher_logits.to(torch.float32, copy=True).div_(teacher_temp)  # one new tensor, never the caller's
     n_prototypes = log_q.shape[1]
     n_rows = _all_reduce(log_q.new_tensor(float(log_q.shape[0])))
     log_q.sub_(_global_logsumexp(log_q, dim=None))
