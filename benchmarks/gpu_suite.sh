@@ -73,17 +73,17 @@ EOF
 export PYTHON
 export -f cuda_tests  # so that timeout can run it in a shell of its own
 if [ "$gpu" -eq 1 ]; then
-    run cuda_tests 150 bash -c cuda_tests
-    run pretrain_step 170 "$PYTHON" benchmarks/pretrain_step.py --steps 10 --warmup 3
-    run head_loss_memory 45 "$PYTHON" benchmarks/head_loss_memory.py
-    run embed 80 "$PYTHON" benchmarks/embed.py --scans 4096 --out "${TMPDIR:-/tmp}/fmct-gpu-suite-embed"
-    [ -f benchmarks/loader.py ] && run loader 25 "$PYTHON" benchmarks/loader.py
+    run cuda_tests 140 bash -c cuda_tests
+    run pretrain_step 160 "$PYTHON" benchmarks/pretrain_step.py --steps 10 --warmup 3
+    run head_loss_memory 30 "$PYTHON" benchmarks/head_loss_memory.py
+    run embed 120 "$PYTHON" benchmarks/embed.py --scans 4096 --distinct 16 --out "${TMPDIR:-/tmp}/fmct-gpu-suite-embed"
+    [ -f benchmarks/loader.py ] && run loader 20 "$PYTHON" benchmarks/loader.py
 else
-    run cuda_tests 150 bash -c cuda_tests
-    run pretrain_step 170 "$PYTHON" benchmarks/pretrain_step.py --steps 1 --warmup 1
-    run head_loss_memory 45 "$PYTHON" benchmarks/head_loss_memory.py --batch 2 --prototypes 8192 --ibot-chunk-rows 64 --dino-chunk-size 1
-    run embed 80 "$PYTHON" benchmarks/embed.py --scans 16 --batch-size 4 --distinct 4 --out "${TMPDIR:-/tmp}/fmct-gpu-suite-embed"
-    [ -f benchmarks/loader.py ] && run loader 25 "$PYTHON" benchmarks/loader.py
+    run cuda_tests 140 bash -c cuda_tests
+    run pretrain_step 160 "$PYTHON" benchmarks/pretrain_step.py --steps 1 --warmup 1
+    run head_loss_memory 30 "$PYTHON" benchmarks/head_loss_memory.py --batch 2 --prototypes 8192 --ibot-chunk-rows 64 --dino-chunk-size 1
+    run embed 120 "$PYTHON" benchmarks/embed.py --scans 8 --batch-size 4 --distinct 2 --workers 1 --out "${TMPDIR:-/tmp}/fmct-gpu-suite-embed"
+    [ -f benchmarks/loader.py ] && run loader 20 "$PYTHON" benchmarks/loader.py
 fi
 
 "$PYTHON" - "$gpu" "$(($(date +%s) - started))" "$errors" "$OUT" <<'EOF' | tee -a "$OUT"
