@@ -22,7 +22,7 @@ glibc mmap every allocation of 64 KiB or more (``mallopt(M_MMAP_THRESHOLD)``), w
 when freed, so the resident size follows the live tensors. On the CPU the default batch is 16 (M
 about 2,450) and every figure is linear in the batch. Prints one JSON line.
 
-    python benchmarks/head_loss_memory.py [--batch 64] [--prototypes 65536] [--ibot-chunk-rows 2048] [--dino-chunk-size 16]
+    python benchmarks/head_loss_memory.py [--batch 64] [--prototypes 65536] [--ibot-chunk-rows 1024] [--dino-chunk-size 16]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64 if cuda else 16, help="volumes per step")
     parser.add_argument("--prototypes", type=int, default=65536)
-    parser.add_argument("--ibot-chunk-rows", type=int, default=2048, help="masked tokens per chunk (ibot.chunk_rows)")
+    parser.add_argument("--ibot-chunk-rows", type=int, default=1024, help="masked tokens per chunk (ibot.chunk_rows)")
     parser.add_argument("--dino-chunk-size", type=int, default=16, help="images per chunk (dino.chunk_size)")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--prototypes", type=int, help="DINO prototypes (default: 65536 on CUDA, 8192 on CPU)")
     parser.add_argument("--store-size", type=int, default=128, help="side of the canonical int16 volumes (voxels)")
     parser.add_argument("--no-compile", action="store_true", help="do not torch.compile the blocks (CUDA)")
-    parser.add_argument("--ibot-chunk-rows", type=int, help="ibot.chunk_rows (default: the config's, 2048)")
+    parser.add_argument("--ibot-chunk-rows", type=int, help="ibot.chunk_rows (default: the config's, 1024)")
     parser.add_argument("--dino-chunk-size", type=int, help="dino.chunk_size (default: the config's, 0)")
     args = parser.parse_args()
 

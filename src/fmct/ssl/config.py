@@ -80,7 +80,7 @@ class IBOTConfig:
     # Masked tokens per chunk of the iBOT loss, each chunk recomputed in the backward pass: the same loss
     # and gradients, with the (tokens, prototypes) fp32 intermediates of one chunk (at ViT-B batch 64,
     # ~10,000 masked tokens x 65,536 prototypes: 2.6 GB per such tensor); 0: all at once.
-    chunk_rows: int = 2048
+    chunk_rows: int = 1024
 
 
 @dataclass
