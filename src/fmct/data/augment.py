@@ -249,7 +249,7 @@ class MultiCropAugment:
     returns ``(global_crops, local_crops)``: float32 (n_global*B, C, g, g, g) and
     (n_local*B, C, l, l, l) in [0, 1], crop-major, C = number of windows. With ``return_boxes=True``
     it also returns the two :class:`CropBoxes`. ``generator`` is a CPU ``torch.Generator`` (None: torch's
-    global one); :func:`fmct.data.dataset.step_generator` gives one that makes resumed runs repeat
+    global one); :func:`fmct.data.dataset.batch_generator` gives one that makes resumed runs repeat
     their crops.
     Runs without autograd and outside autocast (HU need fp32: bf16 steps are 4 HU at 1000 HU).
     """

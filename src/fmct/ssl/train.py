@@ -42,13 +42,13 @@ from fmct import hub
 from fmct.config import ConfigError, load_config, save_config, to_dict
 from fmct.data import (MultiCropAugment, StoreVolumes, batch_generator, crop_major_rows, make_loader, sample_ibot_masks,
                        step_generator)
+from fmct.distributed import DistEnv, all_reduce_max, all_reduce_mean, close_distributed, init_distributed
 from fmct.models import DINOHead, ViT3D, build_vit3d
 from fmct.models.vit3d import grouped_parameters
 from fmct.ssl.centering import EMACenter, sinkhorn_knopp
 from fmct.ssl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fmct.ssl.config import RESUMABLE_KEYS, DataConfig, EngineConfig, PretrainConfig
 from fmct.ssl.dino_loss import DINOLoss
-from fmct.distributed import DistEnv, all_reduce_max, all_reduce_mean, close_distributed, init_distributed
 from fmct.ssl.distributed import full_tensor, local_tensor, unwrap, wrap_student, wrap_teacher
 from fmct.ssl.ibot_loss import iBOTPatchLoss
 from fmct.ssl.koleo_loss import KoLeoLoss
@@ -347,7 +347,8 @@ class Trainer:
         # volumes' rows, so they do not depend on how the global batch is split over ranks; stochastic
         # depth draws from (seed, step, rank).
         generator = batch_generator(config.engine.seed, step)
-        first, total = self.env.rank * hu.shape[0], self.env.world_size * hu.shape[0]
+        first, total, n_global = self.env.rank * hu.shape[0], self.env.world_size * hu.shape[0], config.augment.n_global
+        global_rows = crop_major_rows(n_global, total, first, hu.shape[0])  # this rank's among the global batch's crops
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=step_generator(config.engine.seed, step, self.env.rank))))
         global_crops, local_crops = self.augment(hu.to(device, non_blocking=True), generator, first_volume=first,
                                                  global_batch=total)
@@ -355,17 +356,15 @@ class Trainer:
 
         with self.autocast:
             if config.method == "dino":
-                n_global = config.augment.n_global
                 masks = sample_ibot_masks(n_global * total, grid, config.ibot.mask_ratio, config.ibot.mask_probability,
-                                          generator=generator, rows=crop_major_rows(n_global, total, first, hu.shape[0]))
+                                          generator=generator, rows=global_rows)
                 masked_index = masks.flatten().nonzero().squeeze(1)  # on the CPU: no device sync
                 metrics = self.objective(self.student, self.teacher, global_crops, local_crops if len(local_crops) else None,
                                          masks.to(device, non_blocking=True), masked_index.to(device, non_blocking=True),
                                          values.teacher_temp, values.dino_weight)
             else:
-                rows = crop_major_rows(config.augment.n_global, total, first, hu.shape[0])
-                split = random_masking(config.augment.n_global * total, math.prod(grid), config.mae.mask_ratio, generator=generator)
-                split = MaskSplit(*(t[rows].to(device, non_blocking=True) for t in split))
+                split = random_masking(n_global * total, math.prod(grid), config.mae.mask_ratio, generator=generator)
+                split = MaskSplit(*(t[global_rows].to(device, non_blocking=True) for t in split))
                 metrics = mae_objective(self.student, global_crops, split, config)
         metrics["loss"].backward()
         max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
