@@ -29,11 +29,10 @@ from safetensors.torch import save as safetensors_bytes
 
 from fmct.data.augment import DEFAULT_WINDOWS
 from fmct.devices import unwrap
-from fmct.errors import UsageError
+from fmct.errors import CheckpointError, ConfigError, UsageError
 from fmct.fingerprint import file_sha256
 from fmct.models.vit3d import ViT3D, ViT3DConfig
 from fmct.atomic import atomic_write_bytes, atomic_write_text
-from fmct.errors import CheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -133,7 +132,7 @@ def read_architecture(folder: str | os.PathLike) -> ViT3DConfig:
     """The :class:`ViT3DConfig` saved in a model folder's ``config.json``. Raises :class:`CheckpointError`."""
     try:
         return ViT3DConfig(**read_config_json(folder)["config"])
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ConfigError) as error:
         raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: invalid model config: {error}") from None
 
 
