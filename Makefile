@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,bench,tensorboard,export
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow demo bench foundation clean
+.PHONY: setup test test-slow demo bench gpu-suite foundation clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ foundation: setup
 
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+# CUDA tests and GPU benchmarks, one JSON line each into gpu_suite.jsonl (a CPU fallback without a GPU).
+gpu-suite: setup
+	PYTHON=$(BIN)/python benchmarks/gpu_suite.sh gpu_suite.jsonl
 
 clean:
 	rm -rf $(VENV) demo_out $(FOUNDATION)

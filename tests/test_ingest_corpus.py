@@ -306,20 +306,19 @@ def test_bad_input_corpus_in_one_run_beside_good_series(tmp_path, monkeypatch):
 
 
 def _assert_same_as_a_clean_ingest(tmp_path, corpus, clean, config, store, by_path) -> None:
-    """Good series: .npy and manifest row byte-identical to a clean ingest of them alone (same paths, same
-    key); recovered series: .npy byte-identical to a clean twin without the oddity."""
+    """Good series: volume file and manifest row byte-identical to a clean ingest of them alone (same
+    paths, same key); recovered series: volume file byte-identical to a clean twin without the oddity."""
     good_sources = [corpus / "good" / name for name in ("plain", "study", "formula_manufacturer", "jpeg2000", "rle", "nifti")]
     ingest(good_sources, tmp_path / "clean_store", config, progress=False)
     ingest([clean], tmp_path / "clean_twins", config, progress=False)
     good_store, twins = Store(tmp_path / "clean_store"), Store(tmp_path / "clean_twins")
     assert len(good_store) == 6 and len(twins) == 4
     for scan_id in good_store.scan_ids:
-        for suffix in (".npy", ".json"):
-            assert (tmp_path / "store" / "scans" / f"{scan_id}{suffix}").read_bytes() == \
-                (tmp_path / "clean_store" / "scans" / f"{scan_id}{suffix}").read_bytes(), scan_id
+        assert store.scan_file(scan_id).read_bytes() == good_store.scan_file(scan_id).read_bytes(), scan_id
+        assert (tmp_path / "store" / "scans" / f"{scan_id}.json").read_bytes() == \
+            (tmp_path / "clean_store" / "scans" / f"{scan_id}.json").read_bytes(), scan_id
     for scan_id in twins.scan_ids:
-        assert (tmp_path / "store" / "scans" / f"{scan_id}.npy").read_bytes() == \
-            (tmp_path / "clean_twins" / "scans" / f"{scan_id}.npy").read_bytes(), scan_id
+        assert store.scan_file(scan_id).read_bytes() == twins.scan_file(scan_id).read_bytes(), scan_id
     assert set(good_store.scan_ids) | set(twins.scan_ids) == set(store.scan_ids)
     formula_row = next(row for path, row in by_path.items() if "formula_manufacturer" in path)
     stored_row = json.loads((tmp_path / "store" / "scans" / f"{formula_row['scan_id']}.json").read_text())

@@ -344,7 +344,7 @@ def test_collapse_is_recognised_from_teacher_statistics():
 
 def test_the_monitor_warns_of_collapse_once_and_drops_torn_lines(tmp_path, capsys):
     from fmct.ssl.config import EngineConfig
-    from fmct.ssl.distributed import DistEnv
+    from fmct.distributed import DistEnv
     from fmct.ssl.schedules import StepValues
 
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')

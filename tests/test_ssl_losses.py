@@ -279,3 +279,73 @@ def test_mae_encoder_decoder_learns_to_reconstruct():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+# ------------------------------------------------------------------------------------ chunked losses
+# The losses compute in float32 whatever their inputs' dtype (bf16 logits are upcast), so chunked and
+# whole agree to float32 rounding of sums taken in another order: relative 1e-6. The head and the
+# inputs are float64, so nothing else adds rounding.
+RTOL = 1e-6
+
+
+def _head_and_inputs(rows: int, in_dim: int = 16, prototypes: int = 64):
+    from fmct.models import DINOHead
+
+    torch.manual_seed(0)
+    head = DINOHead(in_dim, prototypes, hidden=32, bottleneck=8).double()
+    features = torch.randn(rows, in_dim, dtype=torch.float64, requires_grad=True)
+    teacher = sinkhorn_knopp(torch.randn(rows, prototypes, dtype=torch.float64) * 3, 0.07)
+    return head, features, teacher
+
+
+def _loss_and_grads(compute_loss, head, features) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    for tensor in [features, *head.parameters()]:
+        tensor.grad = None
+    loss = compute_loss()
+    loss.backward()
+    return loss.detach(), [features.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+
+
+def _assert_same(loss, grads, whole, whole_grads, chunk):
+    assert torch.allclose(loss, whole, rtol=RTOL, atol=0), (chunk, float(loss - whole))
+    for got, expected in zip(grads, whole_grads, strict=True):
+        scale = float(expected.abs().max())
+        assert scale > 0 and torch.allclose(got, expected, rtol=RTOL, atol=RTOL * scale), chunk
+
+
+def test_chunked_ibot_loss_equals_the_whole_loss_and_gradients():
+    """Through a real head: 37 masked tokens of 6 crops (two unmasked), in chunks of 1, 5 and 36 tokens."""
+    masks = torch.zeros(6, 20, dtype=torch.bool)
+    for crop, count in enumerate([9, 0, 3, 14, 0, 11]):
+        masks[crop, torch.randperm(20, generator=torch.Generator().manual_seed(crop))[:count]] = True
+    head, features, teacher = _head_and_inputs(int(masks.sum()))
+    assert features.shape[0] == 37
+
+    def loss_with(chunk_rows: int):
+        return lambda: iBOTPatchLoss(64, 0.1, chunk_rows=chunk_rows)(head(features), teacher, masks)
+
+    whole, whole_grads = _loss_and_grads(loss_with(0), head, features)
+    assert whole.item() > 0
+    for chunk_rows in (1, 5, 36):
+        _assert_same(*_loss_and_grads(loss_with(chunk_rows), head, features), whole, whole_grads, chunk_rows)
+
+
+def test_chunked_dino_loss_equals_the_whole_loss_and_gradients():
+    """Through a real head: 2 global + 3 local crops of 7 images, in chunks of 1 and 3 images."""
+    n_global, n_crops, batch = 2, 5, 7
+    head, features, _ = _head_and_inputs(n_crops * batch)
+    teacher = sinkhorn_knopp(torch.randn(n_global * batch, 64, dtype=torch.float64) * 3, 0.07).view(n_global, batch, 64)
+
+    def loss_with(chunk_size: int):
+        return lambda: DINOLoss(64, 0.1, chunk_size=chunk_size)(head(features).view(n_crops, batch, 64), teacher)
+
+    whole, whole_grads = _loss_and_grads(loss_with(0), head, features)
+    for chunk_size in (1, 3):
+        _assert_same(*_loss_and_grads(loss_with(chunk_size), head, features), whole, whole_grads, chunk_size)
+
+
+def test_chunked_sum_rejects_pieces_of_different_lengths():
+    from fmct.ssl.chunked import chunked_sum
+
+    with pytest.raises(ValueError, match="lengths along dim 0 differ"):
+        chunked_sum(lambda a, b: a.sum() + b.sum(), (torch.zeros(4), torch.zeros(5)), 2)

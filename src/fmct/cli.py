@@ -440,7 +440,8 @@ def _embed_run(args) -> int:
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     config = load_config(EmbedConfig, args.config, args.overrides + overrides)
     summary = embed_store(args.model, args.store, args.out, config, like=args.like)
-    print(summary.describe())
+    if summary.rank == 0:  # under torchrun, rank 0 wrote the table
+        print(summary.describe())
     return 0
 
 

@@ -35,11 +35,10 @@ from huggingface_hub import ModelHubMixin, snapshot_download
 
 from fmct.data.augment import DEFAULT_WINDOWS
 from fmct.devices import unwrap
-from fmct.errors import ConfigError, UsageError
+from fmct.errors import CheckpointError, ConfigError, UsageError
 from fmct.fingerprint import file_sha256
 from fmct.models.vit3d import ViT3D, ViT3DConfig
 from fmct.atomic import atomic_write_bytes, atomic_write_text
-from fmct.errors import CheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -199,7 +198,7 @@ def read_architecture(folder: str | os.PathLike) -> ViT3DConfig:
     """The :class:`ViT3DConfig` saved in a model folder's ``config.json``. Raises :class:`CheckpointError`."""
     try:
         return ViT3DConfig(**read_config_json(folder)["config"])
-    except (TypeError, ValueError, ConfigError) as error:  # ViT3DConfig's own checks raise ConfigError
+    except (TypeError, ValueError, ConfigError) as error:
         raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: invalid model config: {error}") from None
 
 

@@ -4,9 +4,12 @@ device (:mod:`.augment`) and iBOT block masks (:mod:`.masking`).
 A pretraining step, in order::
 
     hu, indices = next(batches)                       # int16 (B, 1, X, Y, Z), X/Y/Z = model D/H/W
-    generator = step_generator(seed, step, rank)      # the step's random draws, the same on resume
-    global_crops, local_crops = augment(hu.to(device, non_blocking=True), generator)
-    masks = sample_ibot_masks(len(global_crops), grid, generator=generator, device=device)
+    generator = batch_generator(seed, step)           # the global batch's draws, the same on resume
+    first, total = rank * B, world_size * B           # this rank's volumes in the global batch
+    global_crops, local_crops = augment(hu.to(device, non_blocking=True), generator, first_volume=first,
+                                        global_batch=total)
+    masks = sample_ibot_masks(n_global * total, grid, generator=generator, device=device,
+                              rows=crop_major_rows(n_global, total, first, B))
 """
 
 from fmct.data.augment import (
@@ -14,12 +17,13 @@ from fmct.data.augment import (
     AugmentConfig,
     CropBoxes,
     MultiCropAugment,
+    crop_major_rows,
     embed_transform,
     sample_boxes,
     sample_crops,
     window_channels,
 )
-from fmct.data.dataset import StepBatchSampler, StoreVolumes, make_loader, step_generator
+from fmct.data.dataset import StepBatchSampler, StoreVolumes, batch_generator, make_loader, step_generator
 from fmct.data.masking import block_mask_3d, sample_ibot_masks
 
 __all__ = [
@@ -29,7 +33,9 @@ __all__ = [
     "MultiCropAugment",
     "StepBatchSampler",
     "StoreVolumes",
+    "batch_generator",
     "block_mask_3d",
+    "crop_major_rows",
     "embed_transform",
     "make_loader",
     "sample_boxes",

@@ -13,7 +13,13 @@ From a batch of canonical volumes (B, 1, X, Y, Z) int16 HU, :class:`MultiCropAug
 
 Crops are returned crop-major, as DINOv2 does: rows ``0..B-1`` are crop 0 of every volume, rows
 ``B..2B-1`` crop 1, and so on. Every random draw comes from one CPU ``torch.Generator`` (the device's
-noise generator is seeded from it), so a seed fixes the output on a given device.
+noise generators are seeded from it), so a seed fixes the output on a given device.
+
+Data-parallel training: each rank holds a slice of the global batch. The draws are made for the whole
+global batch (``global_batch`` volumes, from a generator that is the same on every rank) and each rank
+keeps the rows of its own volumes (``first_volume`` on): a volume gets the same crops whether the
+global batch is split over 1 or 64 ranks. The parameters are a few numbers per crop, so drawing them
+for the global batch costs microseconds; the crops themselves are computed for the rank's volumes only.
 
 Flips: only left-right (axis X) is on by default. Head CT is stored in a canonical RAS orientation, so
 up-down and front-back flips would show the model anatomy it never meets; the brain is close to
@@ -103,6 +109,23 @@ class CropBoxes:
     size: torch.Tensor
     flip: torch.Tensor
     rotation: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "CropBoxes":
+        """The boxes of ``rows`` (int64 indices), in that order."""
+        return CropBoxes(self.centre[rows], self.size[rows], self.flip[rows], self.rotation[rows])
+
+
+def crop_major_rows(n_crops: int, global_batch: int, first_volume: int, batch: int) -> torch.Tensor:
+    """Rows of the crops of volumes ``first_volume .. first_volume + batch - 1`` in the crop-major layout
+    of a global batch of ``global_batch`` volumes (row ``c * global_batch + v`` is crop c of volume v).
+
+    Returned in the rank's own crop-major order (crop 0 of its volumes first), int64 (n_crops * batch,).
+    E.g. 2 crops, global batch 4, volumes 2..3: rows [2, 3, 6, 7].
+    """
+    if not (0 <= first_volume and batch >= 0 and first_volume + batch <= global_batch):
+        raise ValueError(f"volumes {first_volume}..{first_volume + batch - 1} are not in a global batch of {global_batch}")
+    volumes = torch.arange(first_volume, first_volume + batch)
+    return (torch.arange(n_crops).unsqueeze(1) * global_batch + volumes).reshape(-1)
 
 
 def _random_rotations(n: int, max_deg: float, generator: torch.Generator) -> torch.Tensor:
@@ -203,11 +226,11 @@ def window_channels(hu: torch.Tensor, windows: Sequence[tuple[float, float]] = D
     return _apply_windows(hu, table[:, 0].expand(n, -1), table[:, 1].expand(n, -1))
 
 
-def _gaussian_blur(hu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    # Separable blur with a different sigma (voxels, a CPU tensor) per crop: crops become the channels
-    # of one grouped convolution per axis. Replicate padding keeps the edges from darkening.
+def _gaussian_blur(hu: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    # Separable blur with a different sigma (voxels, a CPU tensor) per crop, the kernel cut at ``radius``
+    # voxels: crops become the channels of one grouped convolution per axis. Replicate padding keeps the
+    # edges from darkening.
     n, _, d, h, w = hu.shape
-    radius = max(1, math.ceil(3 * float(sigma.max())))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma.view(n, 1)) ** 2)
     kernel = _to_device(kernel / kernel.sum(dim=1, keepdim=True), hu.device, hu.dtype)
@@ -226,7 +249,7 @@ class MultiCropAugment:
     returns ``(global_crops, local_crops)``: float32 (n_global*B, C, g, g, g) and
     (n_local*B, C, l, l, l) in [0, 1], crop-major, C = number of windows. With ``return_boxes=True``
     it also returns the two :class:`CropBoxes`. ``generator`` is a CPU ``torch.Generator`` (None: torch's
-    global one); :func:`fmct.data.dataset.step_generator` gives one that makes resumed runs repeat
+    global one); :func:`fmct.data.dataset.batch_generator` gives one that makes resumed runs repeat
     their crops.
     Runs without autograd and outside autocast (HU need fp32: bf16 steps are 4 HU at 1000 HU).
     """
@@ -236,11 +259,20 @@ class MultiCropAugment:
 
     @torch.no_grad()
     def __call__(
-        self, hu: torch.Tensor, generator: torch.Generator | None = None, return_boxes: bool = False
+        self, hu: torch.Tensor, generator: torch.Generator | None = None, return_boxes: bool = False,
+        first_volume: int = 0, global_batch: int | None = None,
     ) -> tuple[torch.Tensor, ...]:
+        """Crops of ``hu``, the volumes ``first_volume ..`` of a global batch of ``global_batch`` (None: B).
+
+        The random parameters are drawn for all ``global_batch`` volumes from ``generator`` and the rows
+        of this batch's volumes are kept (:func:`crop_major_rows`), so that a rank's crops are those its
+        volumes get in a single process holding the whole global batch.
+        """
         if hu.dim() != 5 or hu.shape[1] != 1:
             raise ValueError(f"expected an HU batch (B, 1, X, Y, Z), got shape {list(hu.shape)}")
         config = self.config
+        batch = hu.shape[0]
+        global_batch = batch if global_batch is None else global_batch
         with torch.autocast(hu.device.type, enabled=False):
             hu_float = hu.float()
             crop_sets = [
@@ -249,43 +281,56 @@ class MultiCropAugment:
             ]
             outputs, all_boxes = [], []
             for n_crops, size, scale_range in crop_sets:
-                boxes = sample_boxes(n_crops, hu.shape[0], hu.shape[2:], scale_range, config, generator)
+                rows = crop_major_rows(n_crops, global_batch, first_volume, batch)
+                boxes = sample_boxes(n_crops, global_batch, hu.shape[2:], scale_range, config, generator).select(rows)
                 crops = sample_crops(hu_float, boxes, size)
-                outputs.append(self._intensity(crops, generator))
+                outputs.append(self._intensity(crops, generator, n_crops, first_volume, global_batch))
                 all_boxes.append(boxes)
         return (*outputs, *all_boxes) if return_boxes else tuple(outputs)
 
-    def _intensity(self, hu: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        # hu (N, 1, S, S, S) float HU -> (N, C, S, S, S) in [0, 1]. All parameters are drawn on the CPU
-        # in a fixed order whatever the probabilities, so changing one setting leaves the other draws.
+    def _intensity(self, hu: torch.Tensor, generator: torch.Generator, n_crops: int, first_volume: int,
+                   global_batch: int) -> torch.Tensor:
+        # hu (N, 1, S, S, S) float HU: n_crops crops of each of this batch's volumes, crop-major ->
+        # (N, C, S, S, S) in [0, 1]. All parameters are drawn on the CPU for the global batch, in a
+        # fixed order whatever the probabilities (so changing one setting leaves the other draws), and
+        # this batch's rows are kept.
         config = self.config
         n = hu.shape[0]
+        batch = n // n_crops if n_crops else 0
+        rows = crop_major_rows(n_crops, global_batch, first_volume, batch)
+        n_drawn = n_crops * global_batch
         n_windows = len(config.windows)
 
         def uniform(*shape: int) -> torch.Tensor:
-            return torch.rand(*shape, generator=generator, dtype=torch.float64)
+            return torch.rand(n_drawn, *shape, generator=generator, dtype=torch.float64)[rows]
 
-        blurred = uniform(n) < config.blur_prob
-        sigma = config.blur_sigma[0] + (config.blur_sigma[1] - config.blur_sigma[0]) * uniform(n)
-        intensity = (uniform(n) < config.intensity_prob).double()
-        noise_std = config.noise_std_hu * uniform(n) * intensity
+        blurred = uniform() < config.blur_prob
+        sigma = config.blur_sigma[0] + (config.blur_sigma[1] - config.blur_sigma[0]) * uniform()
+        intensity = (uniform() < config.intensity_prob).double()
+        noise_std = config.noise_std_hu * uniform() * intensity
         table = torch.tensor(config.windows, dtype=torch.float64)
-        level = table[:, 0] + (2 * uniform(n, n_windows) - 1) * config.window_level_jitter_hu * intensity.view(n, 1)
-        width = table[:, 1] * (1 + (2 * uniform(n, n_windows) - 1) * config.window_width_jitter * intensity.view(n, 1))
+        level = table[:, 0] + (2 * uniform(n_windows) - 1) * config.window_level_jitter_hu * intensity.view(n, 1)
+        width = table[:, 1] * (1 + (2 * uniform(n_windows) - 1) * config.window_width_jitter * intensity.view(n, 1))
         log_gamma = math.log(config.gamma_range[0]) + (
             math.log(config.gamma_range[1]) - math.log(config.gamma_range[0])
-        ) * uniform(n)
+        ) * uniform()
         gamma = (log_gamma * intensity).exp()
-        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        # One noise seed per volume of the global batch: a volume's noise does not depend on its batch.
+        noise_seeds = torch.randint(0, 2**62, (global_batch,), generator=generator)
 
         device, dtype = hu.device, hu.dtype
         if blurred.any():
             index = _to_device(blurred.nonzero().view(-1), device)
-            hu[index] = _gaussian_blur(hu[index], sigma[blurred])
+            # The kernel radius of the largest sigma the config allows, not the batch's: a crop's blur
+            # is then the same whichever crops share its batch.
+            hu[index] = _gaussian_blur(hu[index], sigma[blurred], radius=max(1, math.ceil(3 * config.blur_sigma[1])))
         if bool((noise_std > 0).any()):
-            noise_generator = torch.Generator(device).manual_seed(noise_seed)
-            noise = torch.randn(hu.shape, generator=noise_generator, device=device, dtype=dtype)
-            hu.addcmul_(noise, _to_device(noise_std, device, dtype).view(n, 1, 1, 1, 1))
+            # Volume-major, so that each volume's noise is one contiguous draw; added crop-major.
+            noise = torch.empty((batch, n_crops, *hu.shape[1:]), device=device, dtype=dtype)
+            for j in range(batch):
+                noise[j].normal_(generator=torch.Generator(device).manual_seed(int(noise_seeds[first_volume + j])))
+            std = _to_device(noise_std, device, dtype).view(n_crops, batch, 1, 1, 1, 1)
+            hu.view(n_crops, batch, *hu.shape[1:]).addcmul_(noise.transpose(0, 1), std)
         channels = _apply_windows(hu, _to_device(level, device, dtype), _to_device(width, device, dtype))
         if bool((gamma != 1).any()):
             channels.pow_(_to_device(gamma, device, dtype).view(n, 1, 1, 1, 1))

@@ -9,9 +9,12 @@ Axis convention: a batch is an int16 tensor (B, 1, X, Y, Z) with X, Y, Z the sto
 D = X, H = Y, W = Z, unchanged: no transpose anywhere.
 
 Exact resume: :class:`StepBatchSampler` yields the batches of global step ``s`` as a pure function of
-(seed, s, rank, world size), and :func:`step_generator` gives the random generator that the step's
+(seed, s, rank, world size), and :func:`batch_generator` gives the random generator that the step's
 crops and masks are drawn from, so a run resumed at step k sees the same batches and crops as one
-that never stopped.
+that never stopped. Rank r of W holds volumes ``r * B ..`` of the global batch of ``W * B``, and the
+crops and masks are drawn for the global batch from a generator that is the same on every rank, so
+the ranks together see what one process with the whole global batch sees: the same run on 1 or 64
+processes (with the same global batch) takes the same steps.
 """
 
 from __future__ import annotations
@@ -158,12 +161,24 @@ def make_loader(
     )
 
 
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` for the random draws made for the whole global batch of one step.
+
+    Seeded from (seed, step) only, the same on every rank (and on resume). Pass it to
+    :class:`~fmct.data.augment.MultiCropAugment` and :func:`~fmct.data.masking.sample_ibot_masks` in
+    that order, with the rank's place in the global batch. A stream of its own: never equal to
+    :func:`step_generator`'s for any rank.
+    """
+    state = np.random.SeedSequence([seed, step], spawn_key=(1,)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """A CPU ``torch.Generator`` for the random draws of one training step on one rank.
 
-    Seeded from (seed, step, rank) only, so the crops and masks of step k are the same whether or not
-    the run was interrupted before it. Pass it to :class:`~fmct.data.augment.MultiCropAugment` and
-    :func:`~fmct.data.masking.sample_ibot_masks` in that order.
+    Seeded from (seed, step, rank) only, so the draws of step k are the same whether or not the run
+    was interrupted before it: the draws that are this rank's own (pretraining's stochastic depth,
+    fine-tuning's crops); those made for the global batch come from :func:`batch_generator`.
     """
     state = np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))

@@ -105,6 +105,7 @@ def sample_ibot_masks(
     device: torch.device | str = "cpu",
     min_block: int = 4,
     aspect_range: tuple[float, float] = (0.3, 1 / 0.3),
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """iBOT masks for a batch of crops: (batch, N) bool on ``device``, N = D*H*W tokens, row-major.
 
@@ -112,8 +113,15 @@ def sample_ibot_masks(
     ratios are spread over ``ratio_range``: the range is cut into as many equal bins as masked crops
     and crop i draws its ratio uniformly in bin i, so a batch always spans the whole range. Then the
     batch order is shuffled, so which crops are masked is random. Each mask is a
-    :func:`block_mask_3d` with exactly ``floor(ratio * N)`` tokens. For multi-crop batches in crop-major
-    order (crop 0 of every image, then crop 1, ...), pass ``batch = n_global * images``.
+    :func:`block_mask_3d` with exactly ``floor(ratio * N)`` tokens, placed by a generator of its own
+    crop (seeded from ``generator``). For multi-crop batches in crop-major order (crop 0 of every
+    image, then crop 1, ...), pass ``batch = n_global * images``.
+
+    ``rows`` (int64 indices into the batch): build only these crops' masks, (len(rows), N), in that
+    order. A rank of a data-parallel job passes the global batch as ``batch``, a generator that is the
+    same on every rank and its own crops' rows (:func:`fmct.data.augment.crop_major_rows`): the ranks'
+    masks together are then those of one process holding the global batch, and each rank only places
+    the blocks of its own crops.
     """
     low, high = ratio_range
     if not 0.0 <= low <= high <= 1.0:
@@ -125,9 +133,14 @@ def sample_ibot_masks(
     n_tokens = math.prod(grid)
     n_masked_crops = int(batch * mask_probability)
     bin_edges = np.linspace(low, high, n_masked_crops + 1)
-    masks = np.zeros((batch, n_tokens), dtype=bool)
-    for i in range(n_masked_crops):
-        ratio = rng.uniform(bin_edges[i], bin_edges[i + 1])
-        masks[i] = _block_mask(grid, int(ratio * n_tokens), rng, min_block, aspect_range).ravel()
-    masks = masks[rng.permutation(batch)]
+    ratios = np.zeros(batch)
+    ratios[:n_masked_crops] = rng.uniform(bin_edges[:-1], bin_edges[1:])
+    ratios = ratios[rng.permutation(batch)]
+    crop_seeds = rng.integers(0, 2**63, size=batch)
+    rows = np.arange(batch) if rows is None else np.asarray(rows, dtype=np.int64)
+    masks = np.zeros((len(rows), n_tokens), dtype=bool)
+    for i, row in enumerate(rows):
+        if ratios[row] > 0:
+            crop_rng = np.random.default_rng(crop_seeds[row])
+            masks[i] = _block_mask(grid, int(ratios[row] * n_tokens), crop_rng, min_block, aspect_range).ravel()
     return torch.from_numpy(masks).to(device)

@@ -21,6 +21,12 @@ finished chunk is written atomically to ``EMB/chunks/chunk-NNNNN.npz`` with the 
 and settings that made it; a re-run reuses every chunk whose scans and fingerprint match, then assembles
 ``embeddings.npz`` + ``embeddings.json`` (:mod:`fmct.eval.embeddings`), ``errors.csv`` (scans skipped,
 with the reason: unreadable, or features not finite) and ``config.yaml``.
+
+Sharded (large stores): under ``torchrun`` (one node or several, ``EMB`` on storage every rank sees),
+chunk k is embedded by rank ``k mod WORLD_SIZE`` on its own device; once every rank has written its
+chunks, rank 0 reads them all and writes the single table, the same as one process writes (chunks and
+batches are cut the same way whatever the number of ranks). Chunks finished by an earlier run, with any
+number of ranks, are reused.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import save_config, to_dict
 from fmct.data import StoreVolumes
 from fmct.data.batches import read_hu_batches, to_device
-from fmct.devices import default_device
 from fmct.errors import ConfigError, InputError, UsageError
+from fmct.distributed import DistEnv, all_reduce_sum, close_distributed, init_distributed
 from fmct.eval import radiomics
 from fmct.eval.embeddings import write_embeddings
 from fmct.fingerprint import weights_sha256
@@ -72,15 +78,21 @@ class EmbedConfig:
 
 @dataclass
 class EmbedSummary:
+    """What one ``embed_store`` call did. On rank 0 (or a single process): the whole table; on the other
+    ranks of a sharded job: their own chunks (``n_embedded`` scans in them, ``n_chunks`` of them)."""
+
     out: Path
     n_embedded: int
     n_chunks: int
     n_chunks_reused: int
     seconds: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
 
     def describe(self) -> str:
-        line = (f"embed: {self.n_embedded} scans in {self.seconds:.1f} s -> {self.out / 'embeddings.npz'}"
+        ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
+        line = (f"embed: {self.n_embedded} scans in {self.seconds:.1f} s{ranks} -> {self.out / 'embeddings.npz'}"
                 f" ({self.n_chunks_reused} of {self.n_chunks} chunks reused)")
         if self.skipped:
             line += f"\n  skipped {len(self.skipped)} scans, reasons in {self.out / 'errors.csv'}"
@@ -196,13 +208,24 @@ def embed_store(
     finished chunks there. ``model_path``: a model folder or a pretraining run, ``scratch`` (a random-init
     backbone like the model at ``like``) or ``hu-histogram`` (see :func:`resolve_encoder`).
 
-    ``device`` defaults to CUDA when available, else the CPU. Raises :class:`fmct.errors.CheckpointError`
-    for a bad model folder and ValueError / FileNotFoundError for a bad model choice or a bad or empty store.
+    Run by every process of a torchrun job (or alone): each rank embeds its share of the chunks and rank
+    0 writes the table (see the module docstring). ``device`` defaults to ``cuda:LOCAL_RANK`` when CUDA is
+    available, else the CPU. Raises :class:`fmct.errors.CheckpointError` for a bad model folder,
+    :class:`fmct.errors.UsageError` for a bad model choice and :class:`fmct.errors.InputError` for a bad
+    or empty store.
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
-    device = default_device(device)
-    out = Path(out)
+    env = init_distributed(str(device) if device is not None else "auto")
+    try:
+        return _embed(model_path, store_path, Path(out), config, env, progress, like, started)
+    finally:
+        close_distributed()
+
+
+def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Path, config: EmbedConfig, env: DistEnv,
+           progress: bool, like: str | os.PathLike | None, started: float) -> EmbedSummary:
+    device = env.device
     encoder = resolve_encoder(str(model_path), None if like is None else str(like), config, device)
     volumes = StoreVolumes(store_path)
     fingerprint = json.dumps({**encoder.fingerprint, "store_shape": list(volumes.shape)}, sort_keys=True)
@@ -210,25 +233,29 @@ def embed_store(
     chunk_scans = math.ceil(config.chunk_size / config.batch_size) * config.batch_size
     chunks = [range(start, min(start + chunk_scans, len(volumes))) for start in range(0, len(volumes), chunk_scans)]
     chunk_paths = [out / "chunks" / f"chunk-{k:05d}.npz" for k in range(len(chunks))]
+    # Chunk k is rank (k mod world size)'s: a fixed share, so that no rank needs to know what the
+    # others found finished.
+    mine = [k for k in range(len(chunks)) if k % env.world_size == env.rank]
     finished = {}
-    for k, chunk in enumerate(chunks):
-        arrays = _load_chunk(chunk_paths[k], [volumes.scan_ids[i] for i in chunk], fingerprint)
+    for k in mine:
+        arrays = _load_chunk(chunk_paths[k], [volumes.scan_ids[i] for i in chunks[k]], fingerprint)
         if arrays is not None:
             finished[k] = arrays
     n_reused = len(finished)
 
     # Batches never straddle two chunks; plan[b] = (chunk of batch b, whether it closes the chunk).
     batches, plan = [], []
-    for k, chunk in enumerate(chunks):
+    for k in mine:
         if k in finished:
             continue
-        starts = range(0, len(chunk), config.batch_size)
-        batches += [list(chunk[s : s + config.batch_size]) for s in starts]
+        starts = range(0, len(chunks[k]), config.batch_size)
+        batches += [list(chunks[k][s : s + config.batch_size]) for s in starts]
         plan += [(k, s == starts[-1]) for s in starts]
 
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    bar = tqdm(total=len(volumes), initial=sum(len(chunks[k]) for k in finished), unit="scan", desc="embed",
-               disable=not progress)
+    bar = tqdm(total=sum(len(chunks[k]) for k in mine), initial=sum(len(chunks[k]) for k in finished), unit="scan",
+               desc="embed" if env.world_size == 1 else f"embed (rank 0 of {env.world_size})",
+               disable=not progress or not env.is_main)
     reader = read_hu_batches(volumes, batches, config.workers, pin_memory=device.type == "cuda")
     try:
         parts, ids, failed = {}, [], []
@@ -249,6 +276,19 @@ def embed_store(
         reader.close()
         bar.close()
 
+    # A collective, so it also waits until every rank's chunks are on disk.
+    n_reused_everywhere = int(all_reduce_sum(torch.tensor(n_reused, device=device)))
+    if not env.is_main:
+        n_mine = sum(len(finished[k]["scan_id"]) for k in mine)
+        return EmbedSummary(out, n_mine, len(mine), n_reused, time.perf_counter() - started, rank=env.rank,
+                            world_size=env.world_size)
+    for k in range(len(chunks)):
+        if k not in finished:  # another rank's
+            arrays = _load_chunk(chunk_paths[k], [volumes.scan_ids[i] for i in chunks[k]], fingerprint)
+            if arrays is None:
+                raise ValueError(f"{chunk_paths[k]}: missing or not of this run after rank {k % env.world_size} finished; "
+                                 f"is {out} on storage that every rank sees?")
+            finished[k] = arrays
     ordered = [finished[k] for k in range(len(chunks))]
     scan_ids = np.concatenate([arrays["scan_id"] for arrays in ordered])
     skipped = list(volumes.skipped) + [
@@ -271,4 +311,5 @@ def embed_store(
     write_embeddings(out, scan_ids, features, meta)
     atomic_write_text(out / "errors.csv", rows_to_csv([{"scan_id": s, "reason": r} for s, r in skipped], ["scan_id", "reason"]))
     save_config(config, out / "config.yaml")
-    return EmbedSummary(out, len(scan_ids), len(chunks), n_reused, time.perf_counter() - started, skipped)
+    return EmbedSummary(out, len(scan_ids), len(chunks), n_reused_everywhere, time.perf_counter() - started, skipped,
+                        rank=env.rank, world_size=env.world_size)

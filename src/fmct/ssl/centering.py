@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from fmct.ssl.distributed import all_reduce_
+from fmct.distributed import all_reduce_
 
 
 class EMACenter(nn.Module):
@@ -76,13 +76,15 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
 
     Each rank passes its own rows; M may differ between ranks (masked patch tokens) and may be 0.
     The iterations run on log Q in fp32, so no entry underflows to 0 or overflows, whatever the
-    spread of the logits; the values equal those of the plain iterations (DINOv2, SwAV).
+    spread of the logits; the values equal those of the plain iterations (DINOv2, SwAV). They update
+    one (M, K) fp32 tensor in place, which becomes the result: with ~10,000 masked patches x 65,536
+    prototypes each such tensor is 2.6 GB, and a new one per step would double the peak.
     """
-    log_q = teacher_logits.float() / teacher_temp
+    log_q = teacher_logits.to(torch.float32, copy=True).div_(teacher_temp)  # one new tensor, never the caller's
     n_prototypes = log_q.shape[1]
     n_rows = all_reduce_(log_q.new_tensor(float(log_q.shape[0])))
-    log_q = log_q - _global_logsumexp(log_q, dim=None)
+    log_q.sub_(_global_logsumexp(log_q, dim=None))
     for _ in range(n_iterations):
-        log_q = log_q - _global_logsumexp(log_q, dim=0) - math.log(n_prototypes)
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - torch.log(n_rows)
-    return torch.exp(log_q + torch.log(n_rows))
+        log_q.sub_(_global_logsumexp(log_q, dim=0)).sub_(math.log(n_prototypes))
+        log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True)).sub_(torch.log(n_rows))
+    return log_q.add_(torch.log(n_rows)).exp_()

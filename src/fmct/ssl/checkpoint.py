@@ -3,7 +3,7 @@
 One file holds the student, the teacher (DINO), the AdamW state, the teacher centres (EMA centering)
 and the number of completed steps. That is all a run needs to continue exactly: the schedules are
 functions of the step, the loader's batches are addressed by step (:class:`fmct.data.StepBatchSampler`),
-and every random draw of step s comes from generators seeded by (seed, s, rank), so the step counter
+and every random draw of step s comes from generators seeded by (seed, s) and (seed, s, rank), so the step counter
 also stands for the random state.
 
 The file is written by the user's own run, so it is a ``torch.save`` archive; it is read back with

@@ -38,6 +38,9 @@ RESUMABLE_KEYS = (
     "engine.log_every",
     "engine.workers",
     "engine.progress",
+    # How the DINO and iBOT losses are cut into chunks: the same values, only float additions reordered.
+    "dino.chunk_size",
+    "ibot.chunk_rows",
 )
 
 
@@ -62,12 +65,17 @@ class DINOConfig:
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update for this long
+    # Images per chunk of the DINO loss, each chunk recomputed in the backward pass (fmct.ssl.chunked):
+    # the same loss and gradients with less memory; 0: the whole batch at once.
+    chunk_size: int = 0
 
     def __post_init__(self) -> None:
         if self.centering not in CENTERINGS:
             raise ConfigError(f"centering must be one of {', '.join(CENTERINGS)}, got {self.centering!r}")
         if self.n_prototypes < 1 or self.head_n_layers < 1 or min(self.student_temp, self.teacher_temp, self.teacher_temp_start) <= 0:
             raise ConfigError("n_prototypes and head_n_layers must be >= 1 and the temperatures > 0")
+        if self.chunk_size < 0:
+            raise ConfigError("chunk_size must be >= 0 (0: no chunks)")
 
 
 @dataclass
@@ -79,11 +87,17 @@ class IBOTConfig:
     n_prototypes: int = 65536  # only for a separate head
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a crop's patches masked, drawn per crop
     mask_probability: float = 0.5  # share of global crops that are masked at all
+    # Masked tokens per chunk of the iBOT loss, each chunk recomputed in the backward pass: the same loss
+    # and gradients, with the (tokens, prototypes) fp32 intermediates of one chunk (at ViT-B batch 64,
+    # ~10,000 masked tokens x 65,536 prototypes: 2.6 GB per such tensor); 0: all at once.
+    chunk_rows: int = 1024
 
     def __post_init__(self) -> None:
         low, high = self.mask_ratio
         if not (0 <= low <= high <= 1 and 0 <= self.mask_probability <= 1):
             raise ConfigError("mask_ratio must be (low, high) with 0 <= low <= high <= 1 and mask_probability in [0, 1]")
+        if self.chunk_rows < 0:
+            raise ConfigError("chunk_rows must be >= 0 (0: no chunks)")
 
 
 @dataclass

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmct.ssl.chunked import chunked_sum
+
 
 class DINOLoss(nn.Module):
     """Cross-entropy from teacher probabilities of the global crops to student predictions of all crops.
@@ -18,12 +20,17 @@ class DINOLoss(nn.Module):
     teacher P = [[1, 0], [0.5, 0.5]], student logits S = [[0, 0], [ln 3, 0]] so that the student's
     log-probabilities are [ln .5, ln .5] for crop 0 and [ln .75, ln .25] for crop 1. Pairs (t=0, s=1):
     -ln .75 = 0.2877; (t=1, s=0): -(.5 ln .5 + .5 ln .5) = 0.6931. Loss = (0.2877 + 0.6931) / 2 = 0.4904.
+
+    ``chunk_size`` > 0 computes the loss over that many images at a time (all their crops), recomputing
+    each chunk in the backward pass (:func:`fmct.ssl.chunked.chunked_sum`): the same value and
+    gradients, with the float32 intermediates of one chunk of images instead of the whole batch.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, chunk_size: int = 0):
         super().__init__()
         self.out_dim = out_dim
         self.student_temp = student_temp
+        self.chunk_size = chunk_size
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over (teacher crop, student crop) pairs of different views.
@@ -44,11 +51,16 @@ class DINOLoss(nn.Module):
                 f"DINO loss: student logits {tuple(student_logits.shape)} and teacher probabilities "
                 f"{tuple(teacher_probs.shape)} must be (crops, B, {self.out_dim}) with at least as many student crops"
             )
+        n_pairs = n_teacher * n_student - n_teacher
+        pair_sums = chunked_sum(self._pair_cross_entropy_sums, (student_logits, teacher_probs), self.chunk_size, dim=1)
+        return pair_sums / (batch * n_pairs)
+
+    def _pair_cross_entropy_sums(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        # Sum over the images b and the pairs (t, s != t) of -sum_k P[t, b, k] log Q[s, b, k].
         # fp32 even under autocast: einsum would otherwise sum the 65536 prototype terms in bf16.
         with torch.autocast(student_logits.device.type, enabled=False):
             student_log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-            # cross_entropy[t, s]: mean over images of -sum_k P[t] log Q[s], for every pair at once.
-            cross_entropy = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), student_log_probs) / batch
+            cross_entropy = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), student_log_probs)
+        n_teacher, n_student = cross_entropy.shape
         same_view = torch.eye(n_teacher, n_student, dtype=torch.bool, device=cross_entropy.device)
-        n_pairs = n_teacher * n_student - n_teacher
-        return cross_entropy.masked_fill(same_view, 0.0).sum() / n_pairs
+        return cross_entropy.masked_fill(same_view, 0.0).sum()

@@ -3,8 +3,9 @@ of crops into loss terms, apart from the training loop (:mod:`fmct.ssl.train`).
 
 A method (:data:`METHODS`, chosen by ``config.method``) has one interface: ``build_model()`` gives the
 student (the teacher, when ``has_teacher``, is its EMA copy); ``loss(student, teacher, global_crops,
-local_crops, generator, values)`` draws its masks from ``generator`` and returns the step's loss terms
-(``loss`` the weighted sum) and statistics as 0-d tensors; ``after_clipping(student, values)`` edits the
+local_crops, generator, values, global_rows, n_crops)`` draws its masks from ``generator`` for the
+global batch's ``n_crops`` global crops, keeps this rank's ``global_rows`` of them, and returns the
+step's loss terms (``loss`` the weighted sum) and statistics as 0-d tensors; ``after_clipping(student, values)`` edits the
 clipped gradients before the optimizer step; ``centers`` is its centring state, saved in checkpoints.
 """
 
@@ -23,8 +24,8 @@ from fmct.ssl.centering import EMACenter, sinkhorn_knopp
 from fmct.ssl.collapse import output_cosine, row_entropy, teacher_statistics
 from fmct.ssl.config import PretrainConfig
 from fmct.ssl.dino_loss import DINOLoss
-from fmct.ssl.distributed import local_tensor
 from fmct.devices import unwrap
+from fmct.ssl.distributed import local_tensor
 from fmct.ssl.ibot_loss import iBOTPatchLoss
 from fmct.ssl.koleo_loss import KoLeoLoss
 from fmct.ssl.mae import MAEDecoder, MaskSplit, mae_loss, patchify3d, random_masking
@@ -154,8 +155,9 @@ class DINOMethod:
     def __init__(self, config: PretrainConfig, device: torch.device):
         self.config, self.device = config, device
         dino, ibot = config.dino, config.ibot
-        self.dino_loss = DINOLoss(dino.n_prototypes, dino.student_temp)
-        self.ibot_loss = iBOTPatchLoss(ibot.n_prototypes if ibot.separate_head else dino.n_prototypes, dino.student_temp)
+        self.dino_loss = DINOLoss(dino.n_prototypes, dino.student_temp, chunk_size=dino.chunk_size)
+        self.ibot_loss = iBOTPatchLoss(ibot.n_prototypes if ibot.separate_head else dino.n_prototypes, dino.student_temp,
+                                       chunk_rows=ibot.chunk_rows)
         self.koleo_loss = KoLeoLoss()
         self.centers: dict[str, EMACenter] = {}
         if dino.centering == "ema":
@@ -168,11 +170,12 @@ class DINOMethod:
         return DINOModel(self.config)
 
     def loss(self, student: nn.Module, teacher: nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor,
-             generator: torch.Generator, values: StepValues) -> dict[str, torch.Tensor]:
-        """The step's loss terms and teacher statistics; the iBOT masks are drawn from ``generator``."""
+             generator: torch.Generator, values: StepValues, global_rows: torch.Tensor, n_crops: int) -> dict[str, torch.Tensor]:
+        """The step's loss terms and teacher statistics; the iBOT masks are drawn from ``generator`` for
+        all ``n_crops`` global crops of the global batch, this rank's rows ``global_rows`` kept."""
         config = self.config
-        masks = sample_ibot_masks(global_crops.shape[0], config.model.grid_size, config.ibot.mask_ratio,
-                                  config.ibot.mask_probability, generator=generator)
+        masks = sample_ibot_masks(n_crops, config.model.grid_size, config.ibot.mask_ratio,
+                                  config.ibot.mask_probability, generator=generator, rows=global_rows)
         masked_index = masks.flatten().nonzero().squeeze(1)  # on the CPU: no device sync
         return self.objective(student, teacher, global_crops, local_crops if len(local_crops) else None,
                               masks.to(self.device, non_blocking=True), masked_index.to(self.device, non_blocking=True),
@@ -227,12 +230,12 @@ class MAEMethod:
         return MAEModel(self.config)
 
     def loss(self, student: nn.Module, teacher: None, global_crops: torch.Tensor, local_crops: torch.Tensor,
-             generator: torch.Generator, values: StepValues) -> dict[str, torch.Tensor]:
-        """The MAE loss of the global crops, the hidden patches drawn from ``generator``."""
+             generator: torch.Generator, values: StepValues, global_rows: torch.Tensor, n_crops: int) -> dict[str, torch.Tensor]:
+        """The MAE loss of the global crops, the hidden patches drawn from ``generator`` for all
+        ``n_crops`` global crops of the global batch, this rank's rows ``global_rows`` kept."""
         config = self.config
-        split = random_masking(global_crops.shape[0], math.prod(config.model.grid_size), config.mae.mask_ratio,
-                               generator=generator)
-        split = MaskSplit(*(t.to(self.device, non_blocking=True) for t in split))
+        split = random_masking(n_crops, math.prod(config.model.grid_size), config.mae.mask_ratio, generator=generator)
+        split = MaskSplit(*(t[global_rows].to(self.device, non_blocking=True) for t in split))
         pred = student(global_crops, split.keep_idx, split.restore_idx)
         loss = mae_loss(pred, patchify3d(global_crops, config.model.patch_size), split.mask, config.mae.norm_pix)
         return {"loss": loss, "mae_loss": loss}

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from fmct.atomic import atomic_write_text
 from fmct.ssl.collapse import collapse_reason
 from fmct.ssl.config import EngineConfig
-from fmct.ssl.distributed import DistEnv, all_reduce_mean
+from fmct.distributed import DistEnv, all_reduce_mean
 from fmct.ssl.run_folder import LOG_FILE
 from fmct.ssl.schedules import StepValues
 

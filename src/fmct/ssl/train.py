@@ -5,8 +5,8 @@ One DINO step, in order:
 
 1. the schedules give the learning rate, weight decay, teacher momentum and temperature of the step;
 2. the loader's int16 HU batch goes to the device, where :class:`~fmct.data.MultiCropAugment` makes the
-   global and local crops and :func:`~fmct.data.sample_ibot_masks` masks some global crops, every draw
-   from ``step_generator(seed, step, rank)``;
+   global and local crops and :func:`~fmct.data.sample_ibot_masks` masks some global crops, drawn for
+   the global batch from ``batch_generator(seed, step)`` (each rank keeps its volumes' rows);
 3. the teacher (an EMA of the student, no gradient) sees the unmasked global crops; its CLS logits and
    the logits of the masked patches are balanced (Sinkhorn-Knopp) or centred (EMA) and sharpened;
 4. the student sees all crops, masked patches replaced by the mask token; loss = DINO (CLS, teacher
@@ -33,14 +33,15 @@ import torch
 from torch import nn
 
 from fmct.config import save_config
-from fmct.data import MultiCropAugment, StoreVolumes, make_loader, step_generator
+from fmct.data import MultiCropAugment, StoreVolumes, batch_generator, crop_major_rows, make_loader, step_generator
 from fmct.devices import autocast, unwrap
 from fmct.errors import ConfigError, InputError, PretrainError
 from fmct.models import ViT3D
 from fmct.data.shards import ShardVolumes, is_shard_folder
 from fmct.ssl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fmct.ssl.config import DataConfig, EngineConfig, PretrainConfig
-from fmct.ssl.distributed import DistEnv, all_reduce_max, close_distributed, full_tensor, init_distributed, wrap_student, wrap_teacher
+from fmct.distributed import DistEnv, all_reduce_max, close_distributed, init_distributed
+from fmct.ssl.distributed import full_tensor, wrap_student, wrap_teacher
 from fmct.ssl.meta_arch import build_method, update_teacher
 from fmct.ssl.monitor import Monitor
 from fmct.ssl.online_eval import OnlineEvaluator, build_online_evaluator
@@ -92,12 +93,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = values.lr * group["lr_scale"]
             group["weight_decay"] = values.weight_decay * group["wd_scale"]
-        # Every random draw of this step (crops, masks, stochastic depth) depends on (seed, step, rank) only.
-        generator = step_generator(config.engine.seed, step, self.env.rank)
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        global_crops, local_crops = self.augment(hu.to(device, non_blocking=True), generator)
+        # Crops and masks are drawn for the global batch (from (seed, step)) and this rank keeps its
+        # volumes' rows, so they do not depend on how the global batch is split over ranks; stochastic
+        # depth draws from (seed, step, rank).
+        generator = batch_generator(config.engine.seed, step)
+        first, total = self.env.rank * hu.shape[0], self.env.world_size * hu.shape[0]
+        n_crops = config.augment.n_global * total  # global crops of the whole global batch
+        global_rows = crop_major_rows(config.augment.n_global, total, first, hu.shape[0])  # this rank's among them
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=step_generator(config.engine.seed, step, self.env.rank))))
+        global_crops, local_crops = self.augment(hu.to(device, non_blocking=True), generator, first_volume=first,
+                                                 global_batch=total)
         with self.autocast:
-            metrics = self.method.loss(self.student, self.teacher, global_crops, local_crops, generator, values)
+            metrics = self.method.loss(self.student, self.teacher, global_crops, local_crops, generator, values,
+                                       global_rows, n_crops)
         metrics["loss"].backward()
         max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
         for name, module in unwrap(self.student).clipped_modules().items():
