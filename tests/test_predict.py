@@ -225,6 +225,10 @@ def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(t
     columns = read_predictions(out).columns
     mine = (columns["label_fraction"] == "1.0") & (columns["seed"] == "0")
     np.testing.assert_allclose(_store_scores(detector, store, list(columns["scan_id"][mine])), columns["score"][mine], atol=1e-3)
+    detector.save_pretrained(tmp_path / "shared")  # self-contained: the referenced backbone is copied in
+    copy = Detector.from_pretrained(tmp_path / "shared")
+    assert json.loads((tmp_path / "shared" / "config.json").read_text())["backbone"]["path"] == "backbone"
+    np.testing.assert_allclose(_store_scores(copy, store, ["s000", "s001"]), _store_scores(detector, store, ["s000", "s001"]), atol=1e-6)
 
     run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out, ProbeConfig(label_fractions=(0.5,), seeds=1))
     assert sorted(p.name for p in (out / "fits").iterdir()) == ["fraction0.5-seed0"]  # the earlier run's fits are gone
