@@ -287,6 +287,9 @@ def test_predict_names_scans_like_ingest_under_the_same_key(finetuned, tmp_path,
     summary = predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "out", progress=False)  # the session's key
     rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
     assert summary.n_scans == 1 and [r["scan_id"] for r in rows] == stored
+    files = sorted((tmp_path / "dicom").iterdir())  # the series given file by file is still one scan
+    assert predict(finetuned[2], files, tmp_path / "by_file", progress=False).n_scans == 1
+    assert [r["scan_id"] for r in csv.DictReader(open(tmp_path / "by_file" / "predictions.csv"))] == stored
     predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "other", key_file=tmp_path / "keys" / "other.key", progress=False)
     assert list(csv.DictReader(open(tmp_path / "other" / "predictions.csv")))[0]["scan_id"] != stored[0]  # another key
 

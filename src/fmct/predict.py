@@ -111,26 +111,47 @@ class PredictSummary:
 
 # ------------------------------------------------------------------------------------- the inputs
 def plan_scans(paths: list[str | os.PathLike], selection, key: PseudonymKey) -> tuple[list[ScanJob], list[dict]]:
-    """The scans under ``paths`` as ``fmct ingest`` finds them (series discovered from headers and
-    selected by ``selection``, NIfTI files), each once, and an error row per input or series not used."""
-    jobs, errors, seen = [], [], set()
+    """The scans under ``paths`` as ``fmct ingest`` finds them (the DICOM files of all PATHs discovered
+    together, so a series given file by file is one scan; series selected by ``selection``; NIfTI files),
+    each once and attributed to the first PATH holding one of its files, and an error row per input or
+    series not used."""
+    errors, input_of = [], {}
     for ordinal, path in enumerate(paths, start=1):
         if not Path(path).exists():
             errors.append({"input": ordinal, "scan_id": "", "reason": "no such file or folder"})
             continue
-        files = walk_files([path])
-        series, unreadable = discover([f for f in files if not is_nifti(f)])
-        kept, rejected = select_series(series, selection)
-        found = [(key.pseudonym("series", info.series_uid), info) for info in kept]
-        found += [(key.pseudonym("series", str(Path(f).resolve())), Path(f)) for f in files if is_nifti(f)]
-        for scan_id, source in found:
-            if scan_id not in seen:
-                seen.add(scan_id)
-                jobs.append(ScanJob(scan_id, ordinal, source))
-        errors += [{"input": ordinal, "scan_id": "", "reason": reason} for _, reason in unreadable + rejected]
-        if not found and not unreadable and not rejected:
+        found = walk_files([path])
+        if not found:
             errors.append({"input": ordinal, "scan_id": "", "reason": "no DICOM series or NIfTI file found here"})
-    return jobs, errors
+        for file in found:  # a file under two PATHs belongs to the first
+            input_of.setdefault(str(file), ordinal)
+    files = [Path(f) for f in input_of]
+    series, unreadable = discover([f for f in files if not is_nifti(f)])
+    kept, rejected = select_series(series, selection)
+    why_rejected, kept_ids = dict(rejected), {id(info) for info in kept}
+    jobs, used = [], set()
+    for info in series:
+        ordinal = min(input_of.get(str(f), len(paths)) for f in info.files)
+        if id(info) in kept_ids:
+            jobs.append(ScanJob(key.pseudonym("series", info.series_uid), ordinal, info))
+        elif info.source in why_rejected:  # (a repeat of a kept series is dropped silently, as in ingest)
+            errors.append({"input": ordinal, "scan_id": "", "reason": why_rejected[info.source]})
+        used.add(ordinal)
+    for file in files:
+        if is_nifti(file):
+            jobs.append(ScanJob(key.pseudonym("series", str(file.resolve())), input_of[str(file)], file))
+            used.add(input_of[str(file)])
+    for path, reason in unreadable:
+        errors.append({"input": input_of.get(path, 0), "scan_id": "", "reason": reason})
+        used.add(input_of.get(path, 0))
+    errors += [{"input": ordinal, "scan_id": "", "reason": "no DICOM series or NIfTI file found here"}
+               for ordinal in sorted(set(input_of.values()) - used)]
+    seen, unique = set(), []
+    for job in jobs:  # the same scan twice (a NIfTI named by two PATHs): kept once
+        if job.scan_id not in seen:
+            seen.add(job.scan_id)
+            unique.append(job)
+    return sorted(unique, key=lambda job: job.input), sorted(errors, key=lambda error: error["input"])
 
 
 def read_canonical(job: ScanJob, config: IngestConfig) -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
