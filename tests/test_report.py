@@ -3,6 +3,7 @@
 import base64
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fmct.cli import main
+from fmct.eval import metrics as M
 from fmct.eval.evaluate import evaluate, read_evaluation, write_evaluation, write_predictions
 from fmct.eval.report import SECTIONS, render_html
 
@@ -32,7 +34,7 @@ def _peer_rows():
                         "scan_id": f"{site}/{record[id_column]}", "patient_id": "", "site": site, "split": split,
                         "finding": "abnormal", "label": record["label"], "score": float(value), "model": model,
                         "arm": "scratch" if model == "baseline" else "pretrained",
-                        "label_fraction": int(percent.removesuffix("pct")) / 100, "seed": 0,
+                        "label_fraction": int(percent.removesuffix("pct")) / 100, "seed": 0, "probability": float(value),
                     })
     return rows
 
@@ -65,9 +67,15 @@ def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
     assert comparison["n_scans"] == 978
     assert comparison["auroc_diff"] == pytest.approx(roc_auc_score(labels, ct_fm) - roc_auc_score(labels, baseline), abs=1e-12)
     assert comparison["auroc_diff_lo"] < comparison["auroc_diff"] < comparison["auroc_diff_hi"]
-    assert 0 <= comparison["p_delong"] <= 1 and 0 <= comparison["p_bootstrap"] <= 1
-    # The two tests agree on whether the difference excludes zero at the 5% level.
-    assert (comparison["p_delong"] < 0.05) == (comparison["auroc_diff_lo"] > 0 or comparison["auroc_diff_hi"] < 0)
+    # One method for CI and p-value: every comparison's CI excludes 0 exactly when its p is below 0.05.
+    for c in evaluation.comparisons:
+        assert (c["p_bootstrap"] < 0.05) == (c["auroc_diff_lo"] > 0 or c["auroc_diff_hi"] < 0)
+        assert c["p_bootstrap"] <= c["p_holm"] <= 1
+    # CT-FM's scores are probabilities: the calibration uses them as such.
+    row = next(m for m in evaluation.metrics if (m["model"], m["label_fraction"], m["group"]) == ("ct_fm", "1.0", "ID"))
+    assert row["probability_source"] == "probability column"
+    assert row["ece"] == pytest.approx(float(M.expected_calibration_error(labels, ct_fm)), abs=1e-12)
+    assert row["ece_lo"] < row["ece"] < row["ece_hi"]
 
     write_evaluation(evaluation, tmp_path / "eval")
     again = read_evaluation(tmp_path / "eval")
@@ -76,11 +84,18 @@ def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
     assert main(["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
     for section in SECTIONS:
-        assert f"<h2 id='{section}'>" in page
+        assert f"<h2 id='{section}'>" in page and f"<a href='#{section}'>" in page  # and in the table of contents
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)  # ROC + label efficiency
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)  # ROC, label efficiency, calibration
     assert "f58c89a" in page and "cq500" in page and "sinoct" in page
-    assert sorted(p.name for p in (tmp_path / "report_figures").iterdir()) == ["label_efficiency_abnormal.png", "roc_abnormal.png"]
+    assert sorted(p.name for p in (tmp_path / "report_figures").iterdir()) == [
+        "calibration_abnormal.png", "label_efficiency_abnormal.png", "roc_abnormal.png"]
+    # No run.json records the cohort: it is told from the predictions, scanners not recorded.
+    cohort = page[page.index("<h2 id='cohort'>"):page.index("<h2 id='metrics'>")]
+    assert "predictions.csv (evaluated splits only)" in cohort and "not recorded" in cohort
+    assert "<td>test (ID)</td><td>sinoct</td><td class=num>978</td>" in cohort
+    # Nor the training-set sizes: label efficiency stands on the label fraction.
+    assert all(math.isnan(m["n_train"]) for m in evaluation.metrics)
 
 
 def test_evaluate_cli_with_seeds_shots_and_a_missing_column(tmp_path, capsys):
@@ -186,6 +201,6 @@ def test_report_draws_the_learning_curves_of_a_pretraining_log(tmp_path):
     out = tmp_path / "report.html"
     assert main(["report", str(tmp_path / "pred"), "--out", str(out), "--bootstrap", "20", "--pretraining", str(run)]) == 0
     html = out.read_text()
-    section = html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='roc'>")]
+    section = html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]
     assert "<img" in section and (tmp_path / "report_figures" / "learning_curve_run.png").stat().st_size > 10_000
     assert main(["report", str(tmp_path / "pred"), "--out", str(out), "--pretraining", str(tmp_path / "nothing")]) == 2
