@@ -100,25 +100,23 @@ def test_holm_adjusted_p_values_by_hand():
     assert M.holm([]).shape == (0,)
 
 
-def test_bootstrap_ci_excludes_zero_exactly_when_p_is_below_alpha():
-    # 1000 replicates, 24 at or below 0: p = 2 x 24 / 1000 = 0.048, and the 25th smallest (the CI's lower end) is > 0.
-    replicates = np.r_[np.full(24, -0.01), np.linspace(0.001, 0.1, 976)]
-    assert M.bootstrap_p_value(replicates) == pytest.approx(0.048)
-    low, high = M.percentile_interval(replicates, 0.95)
-    assert low == pytest.approx(0.001) and high == pytest.approx(0.1 - 24 * 0.099 / 975)
-    replicates[24] = 0.0  # 25 at or below 0: p = 0.05, not below, and the lower end is 0
-    assert M.bootstrap_p_value(replicates) == pytest.approx(0.05) and M.percentile_interval(replicates)[0] == 0.0
-    assert M.bootstrap_p_value(np.linspace(0.1, 0.2, 50)) == 0.0  # every replicate above 0: p below 1 / R
-    assert np.isnan(M.bootstrap_p_value(np.full(5, np.nan)))
+def test_bootstrap_difference_test_by_hand_and_ci_excludes_zero_exactly_when_p_is_below_alpha():
+    replicates = 0.1 + 0.05 * np.r_[-np.ones(50), np.ones(50)] * np.sqrt(99 / 100)  # sample sd exactly 0.05
+    test = M.bootstrap_difference_test(0.1, replicates, 0.95)
+    assert test["se"] == pytest.approx(0.05)
+    assert test["p_value"] == pytest.approx(0.0455003, abs=1e-6)  # z = 2: 2 (1 - Phi(2))
+    assert (test["low"], test["high"]) == pytest.approx((0.1 - 1.959964 * 0.05, 0.1 + 1.959964 * 0.05), abs=1e-6)
+    assert M.bootstrap_difference_test(0.0, np.zeros(10))["p_value"] == 1.0  # identical systems
+    assert M.bootstrap_difference_test(0.2, np.full(10, 0.2))["p_value"] == 0.0  # a difference in every replicate
+    assert np.isnan(M.bootstrap_difference_test(0.1, np.array([0.1, np.nan]))["p_value"])  # one finite replicate
 
     rng = np.random.default_rng(5)
-    for trial in range(400):
-        n = int(rng.integers(1, 3000))
-        replicates = np.round(rng.normal(rng.normal(0, 0.05), 0.03, n), int(rng.integers(1, 4)))  # ties, exact zeros
-        replicates[rng.random(n) < 0.02] = np.nan
+    for trial in range(300):
+        replicates = rng.normal(rng.normal(0, 0.05), 0.03, int(rng.integers(2, 2000)))
+        replicates[rng.random(replicates.size) < 0.02] = np.nan
         level = (0.95, 0.90, 0.99)[trial % 3]
-        low, high = M.percentile_interval(replicates, level)
-        assert (M.bootstrap_p_value(replicates) < 1 - level) == (low > 0 or high < 0)
+        test = M.bootstrap_difference_test(float(np.nanmean(replicates)), replicates, level)
+        assert (test["p_value"] < 1 - level) == (test["low"] > 0 or test["high"] < 0)
 
 
 def test_operating_points_by_hand_and_with_bootstrap_weights():

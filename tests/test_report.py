@@ -96,7 +96,7 @@ def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
     # No run.json records the cohort: it is told from the predictions, scanners not recorded.
     cohort = page[page.index("<h2 id='cohort'>"):page.index("<h2 id='metrics'>")]
     assert "predictions.csv (evaluated splits only)" in cohort and "not recorded" in cohort
-    assert "<td>test (ID)</td><td>sinoct</td><td class=num>978</td>" in cohort
+    assert "<td>test (ID)</td><td>sinoct</td><td class='num'>978</td>" in cohort
     # Nor the training-set sizes: label efficiency stands on the label fraction.
     assert all(math.isnan(m["n_train"]) for m in evaluation.metrics)
 
@@ -170,24 +170,30 @@ def test_report_says_what_pretraining_buys(tmp_path):
     write_predictions(tmp_path / "pred", signal_predictions({("vit", "pretrained"): 2.5, ("vit", "scratch"): 0.3}), {})
     assert main(["report", str(tmp_path / "pred"), "--out", str(tmp_path / "report.html"), "--bootstrap", "200"]) == 0
     html = (tmp_path / "report.html").read_text()
-    assert "<h2 id='summary'>" in html and "Pretraining is significantly better at: vit, ich, ID, labels 0.1" in html
+    summary = _section(html, "summary")
+    assert "<b>Pretraining is significantly better than scratch at 1 of 1 comparisons</b>" in summary
+    assert "1 of them with Holm-adjusted p < 0.05" in summary
+    # The effects table: vit vs its scratch twin, green (CI above 0) and bold (Holm p < 0.05).
+    assert "<td>vit vs vit (scratch)</td><td>ich</td><td>ID</td><td class='num'><span class='up'><b>+" in summary
 
 
 def test_report_summary_says_whether_the_pretrained_arms_clear_each_floor(tmp_path):
     def summary(systems: dict) -> str:
         write_predictions(tmp_path / "pred", signal_predictions(systems), {})
         html = render_html(evaluate([tmp_path / "pred"], n_bootstrap=200), {})
-        return html[html.index("<h2 id='summary'>") : html.index("<h2 id='roc'>")]
+        return _section(html, "summary")
 
     text = summary({("vit", "pretrained"): 2.5, ("vit", "random-init"): 0.0, ("hu-histogram", "hu-histogram"): 4.0})
     assert "<b>The pretrained arms clear the random-init floor everywhere</b>" in text
     assert "CI above 0 at 1 of 1 comparisons" in text
     assert "<b>The pretrained arms do not clear the hu-histogram floor anywhere</b>" in text
-    assert "The floor is significantly better at: vit, ich, ID, labels 0.1 (-" in text
+    assert "The floor is significantly better at 1: vit ich ID 0.1." in text
+    assert "<td>vit vs hu-histogram (hu-histogram)</td><td>ich</td><td>ID</td><td class='num'><span class='down'>" in text
 
     text = summary({("vit", "pretrained"): 2.5, ("weak", "pretrained"): 0.0, ("vit", "random-init"): 0.0})
     assert "<b>The pretrained arms clear the random-init floor only in part</b>" in text
-    assert "CI above 0 at 1 of 2 comparisons" in text and "not at: weak, ich, ID, labels 0.1" in text
+    assert "CI above 0 at 1 of 2 comparisons" in text
+    assert "<td>weak vs vit (random-init)</td><td>ich</td><td>ID</td><td class='num'><span class='flat'>" in text
     assert "<b>No pretrained arm is checked against the hu-histogram floor</b>" in text and "not in this evaluation" in text
 
 
@@ -243,8 +249,8 @@ def test_cohort_table_per_site_and_split_with_scanners_from_the_store(tmp_path):
                       "s6,P6,B,test,0\ns7,P7,B,test,1\ns8,P8,B,test,0\ns9,P8,B,test,0\n")
     cohort = load_cohort(str(labels), list(scanners), "the store", CohortConfig(), store)
     table = cohort.split_counts()["cohort"]
-    assert [(r["site"], r["split"], r["n_scans"], r["n_patients"]) for r in table] == [
-        ("A", "train", 4, 3), ("A", "test", 2, 2), ("B", "test", 4, 3)]
+    assert [(r["site"], r["split"], r["all_sites"], r["n_scans"], r["n_patients"]) for r in table] == [
+        ("A", "train", False, 4, 3), ("A", "test", False, 2, 2), ("B", "test", False, 4, 3), ("", "test", True, 6, 5)]
     assert table[0]["scanners"] == {"GE LightSpeed16": 3, "not recorded": 1}
     assert table[0]["labels"] == {"ich": {"pos": 2, "neg": 2}} and table[1]["labels"] == {"ich": {"pos": 1, "neg": 0}}
     assert "P1" not in json.dumps(table)  # patients are counted, never named
@@ -254,15 +260,15 @@ def test_cohort_table_per_site_and_split_with_scanners_from_the_store(tmp_path):
     write_predictions(tmp_path / "pred", rows, {**cohort.split_counts(), "store": str(store)})
     page = render_html(evaluate([tmp_path / "pred"], n_bootstrap=20), {})
     section = _section(page, "cohort")
-    assert ("<tr><td>train</td><td>A</td><td class=num>4</td><td class=num>3</td><td>GE LightSpeed16 (3); not recorded (1)</td>"
-            "<td class=num>2 / 4 (50%)</td></tr>") in section
-    assert "<tr class=total><td>test (ID)</td><td>all sites</td><td class=num>6</td><td class=num>5</td>" in section
+    assert ("<tr><td>train</td><td>A</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE LightSpeed16 (3); not recorded (1)</td>"
+            "<td class='num'>2 / 4 (50%)</td></tr>") in section
+    assert "<tr class=total><td>test (ID)</td><td>all sites</td><td class='num'>6</td><td class='num'>5</td>" in section
     assert "from run.json" in section
 
     # Without the cohort record, the evaluated splits are told from the predictions, scanners from the store run.json names.
     write_predictions(tmp_path / "bare", rows, {"store": str(store)})
     section = _section(render_html(evaluate([tmp_path / "bare"], n_bootstrap=20), {}), "cohort")
-    assert "<td>B</td><td class=num>4</td><td class=num>3</td><td>GE Revolution (4)</td><td class=num>1 / 4 (25%)</td>" in section
+    assert "<td>B</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE Revolution (4)</td><td class='num'>1 / 4 (25%)</td>" in section
     assert "<td>train</td>" not in section and "predictions.csv (evaluated splits only)" in section
 
 
@@ -287,7 +293,9 @@ def test_rows_with_fewer_than_five_of_a_class_are_not_estimable(tmp_path):
     assert main(["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
     metrics = _section(page, "metrics")
-    assert metrics.count("<span class='ne'>not estimable: 4 positives (fewer than 5)</span>") == 2
+    # One line for the site group where no system is estimable, and each row in the table of all metrics.
+    assert "<p><b>ich, OOD</b>: <span class='ne'>not estimable: 4 positives (fewer than 5)</span> for every system.</p>" in metrics
+    assert metrics.count("<span class='ne'>not estimable: 4 positives (fewer than 5)</span>") == 3
     assert "2 of 4 metric rows are <b>not estimable</b>" in _section(page, "summary")
     assert "not estimable" in _section(page, "id-vs-ood") and "not estimable" in _section(page, "comparisons")
 
@@ -328,7 +336,7 @@ def test_comparisons_share_one_bootstrap_for_ci_and_p_and_holm_adjusts_the_table
     p = [c["p_bootstrap"] for c in merged.comparisons]
     assert [c["p_holm"] for c in merged.comparisons] == pytest.approx(M.holm(p).tolist())
     page = render_html(merged, {})
-    assert "Holm: adjusted over the 6 comparisons of this table" in _section(page, "comparisons")
+    assert "<b>Holm</b>: adjusted over the 6 comparisons of this table" in _section(page, "comparisons")
     assert "<th>p</th><th>p (Holm)</th>" in page
 
 
@@ -351,7 +359,7 @@ def test_operating_points_on_the_test_set_or_at_thresholds_chosen_on_validation(
     assert metric["probability_source"] == "logistic of the score (uncalibrated)" and metric["ece"] == pytest.approx(expected_ece)
     page = render_html(evaluation, {})
     assert "threshold set on the test set (optimistic)</b>: the predictions carry no threshold" in _section(page, "operating-points")
-    assert "<b>uncalibrated</b>" in _section(page, "calibration")
+    assert "marked <i>uncalibrated</i>" in _section(page, "calibration")
 
     thresholds = {0: (0.8, 1.4), 1: (1.0, 1.6)}  # per seed: (spec90, spec95) thresholds chosen on validation
     for row in rows:
@@ -393,7 +401,7 @@ def test_label_efficiency_stands_on_the_number_of_labelled_scans(tmp_path):
     figures = draw_figures(evaluation)
     assert {"roc_ich", "label_efficiency_ich", "calibration_ich"} == set(figures)
     page = render_html(evaluation, figures)
-    assert "<td>0.1</td><td class=num>13</td>" in _section(page, "metrics")
+    assert "<th>0.1 (13 scans)</th><th>1.0 (121 scans)</th>" in _section(page, "metrics")
 
 
 def _png_file(path: Path, value: float) -> None:

@@ -142,21 +142,30 @@ def scanner_name(manifest_row: dict) -> str:
 
 def site_split_table(patients: np.ndarray, sites: np.ndarray, split: np.ndarray, scanners: np.ndarray,
                      findings: list[str], labels: np.ndarray) -> list[dict]:
-    """The cohort per site and split, one dict per (site, split) that has scans, in split order then site:
-    ``site, split, n_scans, n_patients, scanners`` ({scanner name: scans}) and ``labels`` ({finding:
-    {"pos", "neg"}}; unknown labels are in neither). Arrays are (n_scans,) per scan, ``labels``
+    """The cohort per site and split, one dict per (site, split) that has scans, in split order then site,
+    each split of several sites followed by its total (``all_sites`` true, patients counted once):
+    ``site, split, all_sites, n_scans, n_patients, scanners`` ({scanner name: scans}) and ``labels``
+    ({finding: {"pos", "neg"}}; unknown labels are in neither). Arrays are (n_scans,) per scan, ``labels``
     (n_scans, n_findings) 1/0/NaN. Patients are counted, never named."""
-    order = {name: i for i, name in enumerate(SPLITS)}
-    table = []
-    for site, name in sorted(set(zip(sites.tolist(), split.tolist())), key=lambda k: (order.get(k[1], len(order)), k[1], k[0])):
-        mine = (sites == site) & (split == name)
+
+    def row(site: str, name: str, mine: np.ndarray, all_sites: bool) -> dict:
         names, counts = np.unique(scanners[mine], return_counts=True)
-        table.append({
-            "site": site, "split": name, "n_scans": int(mine.sum()), "n_patients": len(set(patients[mine].tolist())),
+        return {
+            "site": site, "split": name, "all_sites": all_sites, "n_scans": int(mine.sum()),
+            "n_patients": len(set(patients[mine].tolist())),
             "scanners": {str(n): int(c) for n, c in sorted(zip(names, counts), key=lambda nc: (-nc[1], nc[0]))},
             "labels": {finding: {"pos": int(np.sum(labels[mine, f] == 1)), "neg": int(np.sum(labels[mine, f] == 0))}
                        for f, finding in enumerate(findings)},
-        })
+        }
+
+    order = {name: i for i, name in enumerate(SPLITS)}
+    table = []
+    for name in sorted(set(split.tolist()), key=lambda s: (order.get(s, len(order)), s)):
+        in_split = split == name
+        split_sites = sorted(set(sites[in_split].tolist()))
+        table += [row(site, name, in_split & (sites == site), False) for site in split_sites]
+        if len(split_sites) > 1:
+            table.append(row("", name, in_split, True))
     return table
 
 

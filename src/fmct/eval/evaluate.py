@@ -36,10 +36,11 @@ Paired comparisons: one method for CI and p-value
 -------------------------------------------------
 For every finding, budget and site group, each pair of (model, arm) systems is compared on the scans
 both scored: the difference (a - b) of their seed-averaged AUROCs, the very numbers of the metrics
-table. Its 95% CI and its two-sided p-value come from the same paired patient-level bootstrap replicates
-by the same order statistics (``metrics.percentile_interval``, ``metrics.bootstrap_p_value``), so the CI
-excludes 0 exactly when p < 0.05. ``p_holm`` is Holm's adjustment over every estimable comparison of
-the evaluation (the family the report shows). :func:`arm_effects` reads them as pretrained - baseline:
+table. Its 95% CI and its two-sided p-value both come from its standard error over the paired
+patient-level bootstrap replicates (``metrics.bootstrap_difference_test``), so the CI excludes 0 exactly
+when p < 0.05. ``primary`` marks the comparisons the verdicts rest on (a pretrained system against a
+floor, or against its scratch twin); ``p_holm`` is Holm's adjustment over them (over every comparison
+when none is primary). :func:`arm_effects` reads them as pretrained - baseline:
 against the scratch twin (:func:`pretraining_effects`: what pretraining buys) and against each floor of
 ``FLOORS`` (a pretrained arm clears a floor where the difference's CI lies above 0).
 
@@ -85,8 +86,9 @@ PROBABILITY_COLUMN = "probability column"
 UNCALIBRATED = "logistic of the score (uncalibrated)"
 P_VALUE_METHOD = (
     "paired patient-level bootstrap of the difference of seed-averaged AUROCs (the same resampled patients "
-    "for both systems and every seed); CI and two-sided p-value from the same replicates, so the CI excludes 0 "
-    "exactly when p < 1 - level; Holm's adjustment across the comparisons shown"
+    "for both systems and every seed); CI = difference +- z x its bootstrap standard error and two-sided "
+    "p = 2 (1 - Phi(|difference| / SE)), so the CI excludes 0 exactly when p < 1 - level; Holm's adjustment "
+    "across the primary comparisons (pretrained vs each floor and vs its scratch twin)"
 )
 METRIC_NAMES = ("auroc", "auprc", "sens_at_spec90", "sens_at_spec95")
 GROUPS = {"test": "ID", "ood": "OOD"}  # split -> site group
@@ -286,10 +288,23 @@ def evaluate(
 
 
 def with_holm(comparisons: list[dict]) -> list[dict]:
-    """The comparisons with ``p_holm``: Holm's adjustment of ``p_bootstrap`` over all of them (the not
-    estimable ones, without a p-value, are not in the family)."""
-    adjusted = M.holm([_float(c.get("p_bootstrap")) for c in comparisons])
+    """The comparisons with ``p_holm``: Holm's adjustment of ``p_bootstrap`` over the family, the primary
+    comparisons (a pretrained system against a floor or its scratch twin, the ones the report's verdicts
+    rest on) when there is one, else every comparison. Not estimable ones have no p-value and are not in
+    the family; outside it ``p_holm`` is NaN (exploratory, unadjusted)."""
+    family = [bool(c.get("primary")) for c in comparisons]
+    if not any(family):
+        family = [True] * len(comparisons)
+    adjusted = M.holm([_float(c.get("p_bootstrap")) if member else float("nan") for c, member in zip(comparisons, family)])
     return [{**c, "p_holm": float(p)} for c, p in zip(comparisons, adjusted)]
+
+
+def _is_primary(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether systems ``a`` and ``b`` (model, arm) are a pretrained system and a floor, or a pretrained
+    model and its scratch twin (same model name): the pairs of :func:`arm_effects`."""
+    (model_a, arm_a), (model_b, arm_b) = a, b
+    arms = {arm_a, arm_b}
+    return "pretrained" in arms and (bool(arms & set(FLOORS)) or (arms == {"pretrained", "scratch"} and model_a == model_b))
 
 
 class _Cell:
@@ -425,7 +440,9 @@ class _Cell:
                     "budget": budget_name(*budget), "model_a": a[0], "arm_a": a[1], "model_b": b[0], "arm_b": b[1],
                     "n_scans": int(on.sum()), "n_pos": int(np.sum(self.labels[on] == 1)),
                     "n_neg": int(np.sum(self.labels[on] == 0)), "note": self._not_estimable(on) or "",
-                    **dict.fromkeys(("auroc_a", "auroc_b", "auroc_diff", "auroc_diff_lo", "auroc_diff_hi", "p_bootstrap"), float("nan")),
+                    "primary": _is_primary(a, b),
+                    **dict.fromkeys(("auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo", "auroc_diff_hi",
+                                     "p_bootstrap"), float("nan")),
                 }
                 if not row["note"]:
                     auc_a, auc_b = (
@@ -433,10 +450,10 @@ class _Cell:
                         for key in (key_a, key_b)
                     )
                     difference = auc_a - auc_b
-                    low, high = M.percentile_interval(difference[1:], level)
+                    test = M.bootstrap_difference_test(float(difference[0]), difference[1:], level)
                     row.update({"auroc_a": float(auc_a[0]), "auroc_b": float(auc_b[0]), "auroc_diff": float(difference[0]),
-                                "auroc_diff_lo": low, "auroc_diff_hi": high,
-                                "p_bootstrap": M.bootstrap_p_value(difference[1:])})
+                                "auroc_diff_se": test["se"], "auroc_diff_lo": test["low"], "auroc_diff_hi": test["high"],
+                                "p_bootstrap": test["p_value"]})
                 rows.append(row)
         return rows
 
@@ -562,7 +579,8 @@ METRIC_VALUE_COLUMNS = [
 METRIC_COLUMNS = [*_ROW_KEYS, "n_train", "note", *METRIC_VALUE_COLUMNS, "probability_source"]
 COMPARISON_COLUMNS = [
     "finding", "group", "label_fraction", "shots", "budget", "model_a", "arm_a", "model_b", "arm_b", "n_scans",
-    "n_pos", "n_neg", "note", "auroc_a", "auroc_b", "auroc_diff", "auroc_diff_lo", "auroc_diff_hi", "p_bootstrap", "p_holm",
+    "n_pos", "n_neg", "note", "primary", "auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo",
+    "auroc_diff_hi", "p_bootstrap", "p_holm",
 ]
 OPERATING_POINT_VALUE_COLUMNS = [
     "threshold", *[f"{name}{suffix}" for name in M.OPERATING_POINT_NAMES for suffix in ("", "_lo", "_hi")],

@@ -15,8 +15,9 @@ Conventions, used everywhere in fmct:
 - A replicate without a positive or without a negative has no metric: NaN, and is left out of CIs.
 - A set with fewer than :data:`MIN_PER_CLASS` positives or negatives is *not estimable*: its metrics are
   not reported at all (:func:`not_estimable_reason`), since one scan more or less would swing them.
-- CIs and p-values come from the same bootstrap replicates by the same order statistics
-  (:func:`percentile_interval`, :func:`bootstrap_p_value`), so a 95% CI excludes 0 exactly when p < 0.05.
+- A metric's CI is the percentile interval of its bootstrap replicates. A paired difference gets its CI
+  and p-value from one statistic, its bootstrap standard error (:func:`bootstrap_difference_test`), so
+  a 95% CI excludes 0 exactly when p < 0.05.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 
 MIN_PER_CLASS = 5  # fewer positives or negatives than this: a metric is not estimable
 
@@ -159,35 +161,35 @@ def patient_bootstrap_weights(patient_ids: np.ndarray, n_resamples: int, seed: i
 
 
 def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of bootstrap replicates: the j-th smallest and j-th largest, j = ceil(R (1 - level) / 2).
-
-    NaN replicates are left out (R counts the finite ones); NaN, NaN if none is left. These order
-    statistics make the interval the inversion of :func:`bootstrap_p_value`: it excludes 0 exactly
-    when that p-value is below ``1 - level``.
-    """
-    finite = np.sort(replicates[np.isfinite(replicates)])
-    if finite.size == 0:
-        return float("nan"), float("nan")
-    j = _tail_rank(finite.size, level)
-    return float(finite[j - 1]), float(finite[finite.size - j])
-
-
-def _tail_rank(n_replicates: int, level: float) -> int:
-    # The small epsilon keeps R (1 - level) / 2 = 25.000000000000004 for R = 1000 at 25.
-    return max(1, min(n_replicates, math.ceil(n_replicates * (1.0 - level) / 2.0 - 1e-9)))
-
-
-def bootstrap_p_value(replicates: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of "the statistic is 0": 2 x the share of replicates on the far side of 0.
-
-    ``2 min(#(replicate <= 0), #(replicate >= 0)) / R``, at most 1 (NaN replicates left out; NaN if none
-    is left). It is 0 when every replicate lies on one side: report it as below 1 / R. Its inversion is
-    :func:`percentile_interval`, so the two never disagree.
-    """
+    """Percentile CI of bootstrap replicates (NaN replicates left out; NaN, NaN if none is left)."""
     finite = replicates[np.isfinite(replicates)]
     if finite.size == 0:
-        return float("nan")
-    return float(min(1.0, 2.0 * min(np.sum(finite <= 0), np.sum(finite >= 0)) / finite.size))
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(finite, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_difference_test(difference: float, replicates: np.ndarray, level: float = 0.95) -> dict:
+    """CI and two-sided p-value of a paired difference from one bootstrap: its standard error.
+
+    ``se`` is the standard deviation of the finite ``replicates`` of the difference; the CI is
+    ``difference +- z se`` with z the normal quantile of ``level``, and ``p = 2 (1 - Phi(|difference| / se))``
+    (the bootstrap test of pROC's ``roc.test``). Both come from the same (difference, se), so the CI
+    excludes 0 exactly when p < 1 - level; and p, unlike a count of replicates beyond 0, is not limited to
+    multiples of 1 / R, so Holm's adjustment over many comparisons stays meaningful. Returns ``se, low,
+    high, p_value`` (NaN with fewer than two finite replicates; p is 1 for a zero difference of zero se).
+    """
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size < 2 or not math.isfinite(difference):
+        return {"se": float("nan"), "low": float("nan"), "high": float("nan"), "p_value": float("nan")}
+    se = float(np.std(finite, ddof=1))
+    z = stats.norm.ppf(0.5 + level / 2.0)
+    if se > 0:
+        p_value = 2.0 * stats.norm.sf(abs(difference) / se)
+    else:
+        p_value = 1.0 if difference == 0 else 0.0
+    return {"se": se, "low": float(difference - z * se), "high": float(difference + z * se), "p_value": float(p_value)}
 
 
 def holm(p_values: list[float] | np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ from fmct.eval import metrics as M
 from fmct.eval.cohort import NOT_RECORDED
 from fmct.eval.evaluate import (
     FLOORS, GROUPS, OPERATING_POINTS, PROBABILITY_COLUMN, THRESHOLD_ON_TEST, THRESHOLD_ON_VALIDATION, Evaluation,
-    arm_effects, evaluate, pretraining_effects, read_evaluation, read_predictions, with_holm,
+    arm_effects, budget_name, evaluate, pretraining_effects, read_evaluation, read_predictions, with_holm,
 )
 from fmct.eval.report_figures import (
     as_float, figures as draw_figures, largest_budget, learning_curve_figure, number, png, read_training_log, system_name,
@@ -74,10 +74,13 @@ nav.toc ol{margin:.2em 0;padding-left:1.3em;columns:2;column-gap:3em}
 table{border-collapse:collapse;font-size:13px}
 th{background:#eef1f5;position:sticky;top:0}
 td,th{border:1px solid #ccd;padding:3px 7px;text-align:left;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td{white-space:nowrap}td.w{white-space:normal;min-width:14em}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
 tbody tr:nth-child(even) td{background:#fafbfc}
 tr.total td{font-weight:600;background:#f1f3f6}
-.ne{color:#9a2b2b;font-style:italic;white-space:nowrap}
+.ne{color:#9a2b2b;font-style:italic}
+.up{color:#11652a}.down{color:#a11d1d}.flat{color:#555}
+details>summary{font-weight:600;margin:.4em 0}
 .note{background:#fff8e1;border-left:4px solid #e8a900;padding:.35em .8em;margin:.6em 0}
 .muted{color:#666;font-size:13px}
 figure{display:inline-block;margin:6px 10px 6px 0;vertical-align:top}figure img{max-width:100%;height:auto}
@@ -207,24 +210,30 @@ def _esc(value) -> str:
     return html.escape(str(value))
 
 
-def _with_ci(row: dict, name: str, digits: int = 3) -> str:
-    return f"{number(row.get(name), digits)} [{number(row.get(name + '_lo'), digits)}, {number(row.get(name + '_hi'), digits)}]"
+def _with_ci(row: dict, name: str, digits: int = 3, signed: bool = False) -> str:
+    def text(value) -> str:
+        value = as_float(value)
+        return "n/a" if value != value else (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}")
+
+    return f"{text(row.get(name))} [{text(row.get(name + '_lo'))}, {text(row.get(name + '_hi'))}]"
 
 
 def _not_estimable(note: str) -> _Html:
     return _Html(f"<span class='ne'>{_esc(note)}</span>")
 
 
-def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), totals: set[int] = frozenset()) -> str:
-    """An HTML table; cells are escaped unless they are :class:`_Html`; ``numeric`` columns align right,
-    ``totals`` rows are bold."""
+def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), wrap: set[int] = frozenset(),
+           totals: set[int] = frozenset()) -> str:
+    """An HTML table; cells are escaped unless they are :class:`_Html`. Cells do not wrap, except in the
+    ``wrap`` columns; ``numeric`` columns align right; ``totals`` rows are bold."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = []
     for r, row in enumerate(rows):
-        cells = "".join(
-            f"<td{' class=num' if i in numeric else ''}>{c if isinstance(c, _Html) else _esc(c)}</td>" for i, c in enumerate(row)
-        )
-        body.append(f"<tr{' class=total' if r in totals else ''}>{cells}</tr>")
+        cells = []
+        for i, c in enumerate(row):
+            classes = " ".join(name for name, on in (("num", i in numeric), ("w", i in wrap)) if on)
+            cells.append(f"<td{f' class={classes!r}' if classes else ''}>{c if isinstance(c, _Html) else _esc(c)}</td>")
+        body.append(f"<tr{' class=total' if r in totals else ''}>{''.join(cells)}</tr>")
     return f"<div class='wrap'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
@@ -234,57 +243,64 @@ def _image(name: str, data: bytes, caption: str = "") -> str:
     return f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{encoded}">{text}</figure>'
 
 
-def _p_text(value, n_bootstrap: int) -> str:
-    """A bootstrap p-value: 0 means every replicate fell on one side, i.e. p below 1 / R."""
+def _p_text(value) -> str:
     p = as_float(value)
     if p != p:
         return "n/a"
-    return f"< {1 / max(1, n_bootstrap):.2g}" if p == 0 else f"{p:.3f}"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _heading(section: str) -> str:
     return f"<h2 id='{section}'>{_esc(SECTIONS[section])}</h2>"
 
 
-def _where(e: dict) -> str:
-    """Where an effect of :func:`fmct.eval.evaluate.arm_effects` was measured, and its AUROC difference [CI], as HTML."""
-    return _esc(f"{e['model']}, {e['finding']}, {e['group']}, labels {e['budget']} "
-                f"({e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}])")
+def _budget_label(fraction: str, shots: str, n_train) -> str:
+    """A label budget as a column header: ``0.1 (23 scans)``."""
+    n = as_float(n_train)
+    return budget_name(fraction, shots) + (f" ({n:.0f} scans)" if n == n else "")
+
+
+def _budgets(rows: list[dict]) -> list[tuple[str, str]]:
+    """The (label_fraction, shots) budgets of ``rows``, fractions by size, then shots by size."""
+    return sorted({(r["label_fraction"], r["shots"]) for r in rows},
+                  key=lambda b: (1, float(b[1])) if b[1] else (0, float(b[0] or 0)))
+
+
+# --------------------------------------------------------------------------------------- summary
+def _summary(evaluation: Evaluation, level: int) -> list[str]:
+    """The report's first section: the test sets, whether the pretrained arms clear each floor and what
+    pretraining buys (one sentence each), then every such difference in one table."""
+    lines = [_heading("summary"), *_test_sets(evaluation)]
+    arms = {row["arm"] for row in evaluation.metrics}
+    for floor, what in FLOORS.items():
+        lines.append(_floor_verdict(evaluation.comparisons, floor, what, arms, level))
+    lines += _pretraining_summary(evaluation.comparisons, level)
+    return lines + _effects_table(evaluation, level)
+
+
+def _test_sets(evaluation: Evaluation) -> list[str]:
+    systems = sorted({system_name(r) for r in evaluation.metrics})
+    rows = []
+    for finding in sorted({r["finding"] for r in evaluation.metrics}):
+        for group in ("ID", "OOD"):
+            mine = [r for r in evaluation.metrics if (r["finding"], r["group"]) == (finding, group)]
+            if mine:
+                r = max(mine, key=lambda r: r["n_scans"])
+                rows.append([finding, group, r["sites"] or "not named", r["n_scans"], r["n_patients"],
+                             f"{r['n_pos']} ({100 * r['n_pos'] / max(1, r['n_scans']):.0f}%)"])
+    lines = [f"<p><b>{len(systems)} systems</b> evaluated: {_esc(', '.join(systems))}. Test sets (ID: the "
+             "in-distribution test split; OOD: scans of sites held out of training):</p>",
+             _table(["finding", "group", "sites", "test scans", "patients", "positive"], rows, numeric={3, 4, 5})]
+    not_estimable = sum(1 for r in evaluation.metrics if r.get("note"))
+    if not_estimable:
+        lines.append(f"<p class='note'>{not_estimable} of {len(evaluation.metrics)} metric rows are <b>not estimable</b> "
+                     f"(fewer than {M.MIN_PER_CLASS} positive or negative test scans) and show no AUROC.</p>")
+    return lines
 
 
 def _holm_count(effects: list[dict]) -> str:
     surviving = sum(1 for e in effects if as_float(e.get("p_holm")) < 0.05)
-    return f"{surviving} of them with a Holm-adjusted p < 0.05"
-
-
-def _summary(evaluation: Evaluation, level: int) -> list[str]:
-    """The report's first section: what was evaluated, whether the pretrained arms clear each floor, then
-    what pretraining buys."""
-    lines = [_heading("summary"), _evaluated(evaluation)]
-    arms = {row["arm"] for row in evaluation.metrics}
-    for floor, what in FLOORS.items():
-        lines.append(_floor_verdict(evaluation.comparisons, floor, what, arms, level))
-    return lines + _pretraining_summary(evaluation.comparisons, level)
-
-
-def _evaluated(evaluation: Evaluation) -> str:
-    """One paragraph: findings, systems, and the test scans of each site group."""
-    systems = sorted({system_name(r) for r in evaluation.metrics})
-    sizes = []
-    for finding in sorted({r["finding"] for r in evaluation.metrics}):
-        for group in ("ID", "OOD"):
-            rows = [r for r in evaluation.metrics if (r["finding"], r["group"]) == (finding, group)]
-            if rows:
-                widest = max(rows, key=lambda r: r["n_scans"])
-                sizes.append(f"{finding} {group}: {widest['n_scans']} scans of {widest['n_patients']} patients, "
-                             f"{widest['n_pos']} positive (sites {widest['sites'] or 'not named'})")
-    not_estimable = sum(1 for r in evaluation.metrics if r.get("note"))
-    text = (f"<p><b>{len(systems)} systems</b> ({_esc(', '.join(systems))}) on these test sets: {_esc('; '.join(sizes))}. "
-            "ID: the in-distribution test split; OOD: test scans of sites held out of training.</p>")
-    if not_estimable:
-        text += (f"<p class='note'>{not_estimable} of {len(evaluation.metrics)} metric rows are <b>not estimable</b> "
-                 f"(fewer than {M.MIN_PER_CLASS} positive or negative test scans) and show no AUROC.</p>")
-    return text
+    return f"{surviving} of them with Holm-adjusted p < 0.05"
 
 
 def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str], level: int) -> str:
@@ -299,43 +315,76 @@ def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str
         return (f"<p><b>No pretrained arm is checked against {floor_name}</b> ({what}): they never scored the same "
                 "scans at the same label budget with enough positives and negatives.</p>")
     cleared = [e for e in effects if e["low"] > 0]
-    below = [_where(e) for e in effects if e["high"] < 0]
+    below = [e for e in effects if e["high"] < 0]
     counted = (f"AUROC difference pretrained - {_esc(floor)} with its {level}% paired-bootstrap CI above 0 at "
-               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget; "
-               f"{_holm_count(cleared)})")
+               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget; {_holm_count(cleared)})")
     if len(cleared) == len(effects):
         verdict = f"<b>The pretrained arms clear {floor_name} everywhere</b> ({what}): {counted}."
     elif not cleared:
         verdict = f"<b>The pretrained arms do not clear {floor_name} anywhere</b> ({what}): {counted}."
     else:
-        verdict = (f"<b>The pretrained arms clear {floor_name} only in part</b> ({what}): {counted}; not at: "
-                   + "; ".join(_where(e) for e in effects if e["low"] <= 0) + ".")
+        verdict = f"<b>The pretrained arms clear {floor_name} only in part</b> ({what}): {counted}."
     if below:
-        verdict += f" The floor is significantly better at: {'; '.join(below)}."
+        verdict += f" The floor is significantly better at {len(below)}: {_esc(_places(below))}."
     return f"<p>{verdict}</p>"
 
 
+def _places(effects: list[dict]) -> str:
+    """Where effects were measured, briefly: ``vit ich ID 0.1; ...``."""
+    return "; ".join(f"{e['model']} {e['finding']} {e['group']} {e['budget']}" for e in effects)
+
+
 def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
-    """The answer to "what does pretraining buy?": every budget where a pretrained model and its scratch
-    twin differ with the paired CI clear of 0, or a plain statement that none does."""
+    """The answer to "what does pretraining buy?": how often a pretrained model beats its scratch twin
+    with the paired CI above 0, or a plain statement that it never does."""
     effects = pretraining_effects(comparisons)
     if not effects:
         return []
     better = [e for e in effects if e["low"] > 0]
-    worse = [_where(e) for e in effects if e["high"] < 0]
-    lines = ["<h3>Pretrained vs scratch</h3>",
-             f"<p>{len(effects)} paired comparisons of a pretrained model with the same architecture trained from scratch "
-             f"(AUROC difference pretrained - scratch, {level}% paired-bootstrap CI).</p>"]
-    lines.append(
-        "<p>Pretraining is significantly better at: " + "; ".join(map(_where, better)) + f" ({_holm_count(better)}).</p>" if better
-        else "<p><b>At no finding, label budget or site group is the pretrained model significantly better than "
-             "scratch in this evaluation.</b></p>"
-    )
+    worse = [e for e in effects if e["high"] < 0]
+    text = (f"<b>Pretraining is significantly better than scratch at {len(better)} of {len(effects)} comparisons</b> "
+            f"(same architecture trained from random init; AUROC difference pretrained - scratch with its {level}% "
+            f"paired-bootstrap CI above 0; {_holm_count(better)})" if better
+            else "<b>At no finding, label budget or site group is the pretrained model significantly better than "
+                 f"scratch in this evaluation</b> ({len(effects)} paired comparisons)")
     if worse:
-        lines.append("<p>Scratch is significantly better at: " + "; ".join(worse) + ".</p>")
-    return lines
+        text += f"; scratch is significantly better at {len(worse)}: {_esc(_places(worse))}"
+    return [f"<p>{text}.</p>"]
 
 
+def _effects_table(evaluation: Evaluation, level: int) -> list[str]:
+    """Every pretrained - baseline difference as one table: a row per (pretrained system, baseline,
+    finding, group), a column per label budget; green where the CI lies above 0, red below."""
+    effects = [dict(e, baseline=baseline) for baseline in FLOORS for e in arm_effects(evaluation.comparisons, baseline)]
+    effects += [dict(e, baseline="scratch") for e in pretraining_effects(evaluation.comparisons)]
+    if not effects:
+        return []
+    budgets = sorted({e["budget"] for e in effects}, key=lambda b: (b.endswith("shots"), float(b.split()[0])))
+    cells: dict[tuple, dict] = {}
+    for e in effects:
+        cells.setdefault((e["model"], e["baseline_model"], e["baseline"], e["finding"], e["group"]), {})[e["budget"]] = e
+    rows = []
+    for (model, baseline_model, baseline, finding, group), by_budget in cells.items():
+        row = [f"{model} vs {baseline_model} ({baseline})", finding, group]
+        for budget in budgets:
+            e = by_budget.get(budget)
+            if e is None:
+                row.append("—")
+                continue
+            kind = "up" if e["low"] > 0 else "down" if e["high"] < 0 else "flat"
+            text = _esc(f"{e['diff']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]")
+            strong = as_float(e.get("p_holm")) < 0.05
+            row.append(_Html(f"<span class='{kind}'>{'<b>' + text + '</b>' if strong else text}</span>"))
+        rows.append(row)
+    return [f"<h3>AUROC difference, pretrained - baseline [{level}% CI], by label budget</h3>",
+            "<p class='muted'><span class='up'>green</span>: CI above 0 (pretrained better); <span class='down'>red</span>: "
+            "CI below 0 (baseline better); <b>bold</b>: Holm-adjusted p &lt; 0.05. Details in "
+            "<a href='#comparisons'>paired comparisons</a>.</p>",
+            _table(["pretrained vs baseline", "finding", "group", *[f"labels {b}" for b in budgets]], rows,
+                   numeric=set(range(3, 3 + len(budgets))))]
+
+
+# ---------------------------------------------------------------------------------------- cohort
 def _cohort(evaluation: Evaluation) -> list[str]:
     lines = [_heading("cohort")]
     if not evaluation.cohorts:
@@ -345,47 +394,71 @@ def _cohort(evaluation: Evaluation) -> list[str]:
                  "records them). Prevalence: positive scans / scans with a known label. Scanner: manufacturer and "
                  "model from the store's manifest (number of scans).</p>")
     for table in evaluation.cohorts:
-        rows, totals = [], set()
         findings = sorted({f for row in table["rows"] for f in row["labels"]})
-        splits = []
-        for row in table["rows"]:
-            if row["split"] not in splits:
-                splits.append(row["split"])
-        for split in splits:
-            mine = [row for row in table["rows"] if row["split"] == split]
-            rows += [_cohort_cells(row["split"], row["site"] or "(no site)", [row], findings) for row in mine]
-            if len(mine) > 1:
-                totals.add(len(rows))
-                rows.append(_cohort_cells(split, "all sites", mine, findings))
+        rows = [_cohort_cells(row, findings) for row in table["rows"]]
+        totals = {i for i, row in enumerate(table["rows"]) if row.get("all_sites")}
         folders = ", ".join(Path(f).name or f for f in table["folders"])
-        lines.append(f"<h3>{_esc(folders)}</h3><p class='muted'>from {_esc(table['source'])}</p>")
+        lines.append(f"<p class='muted'>Predictions folders {_esc(folders)}; from {_esc(table['source'])}.</p>")
         lines.append(_table(["split", "site", "scans", "patients", "scanner (scans)", *[f"{f}: positive / labelled" for f in findings]],
-                            rows, numeric={2, 3, *range(5, 5 + len(findings))}, totals=totals))
+                            rows, numeric={2, 3, *range(5, 5 + len(findings))}, wrap={4}, totals=totals))
     return lines
 
 
-def _cohort_cells(split: str, site: str, rows: list[dict], findings: list[str]) -> list:
-    scanners: dict[str, int] = {}
-    for row in rows:
-        for name, n in row["scanners"].items():
-            scanners[name] = scanners.get(name, 0) + n
+def _cohort_cells(row: dict, findings: list[str]) -> list:
     prevalence = []
     for finding in findings:
-        pos = sum(row["labels"].get(finding, {}).get("pos", 0) for row in rows)
-        known = pos + sum(row["labels"].get(finding, {}).get("neg", 0) for row in rows)
+        counts = row["labels"].get(finding, {})
+        pos, known = counts.get("pos", 0), counts.get("pos", 0) + counts.get("neg", 0)
         prevalence.append(f"{pos} / {known} ({100 * pos / known:.0f}%)" if known else "no labels")
-    scanner_text = "; ".join(f"{name} ({n})" for name, n in sorted(scanners.items(), key=lambda kv: (kv[0] == NOT_RECORDED, -kv[1])))
+    scanners = sorted(row["scanners"].items(), key=lambda kv: (kv[0] == NOT_RECORDED, -kv[1], kv[0]))
     named = {"test": "test (ID)", "ood": "ood (OOD)"}
-    return [named.get(split, split), site, sum(r["n_scans"] for r in rows), sum(r["n_patients"] for r in rows),
-            scanner_text or NOT_RECORDED, *prevalence]
+    site = "all sites" if row.get("all_sites") else row["site"] or "(no site)"
+    return [named.get(row["split"], row["split"]), site, row["n_scans"], row["n_patients"],
+            "; ".join(f"{name} ({n})" for name, n in scanners) or NOT_RECORDED, *prevalence]
+
+
+# --------------------------------------------------------------------------------------- metrics
+def _group_heading(rows: list[dict], finding: str, group: str) -> str:
+    r = max(rows, key=lambda r: r["n_scans"])
+    return (f"<h3>{_esc(finding)}, {group}: {r['n_scans']} test scans, {r['n_pos']} positive "
+            f"({100 * r['n_pos'] / max(1, r['n_scans']):.0f}%), sites {_esc(r['sites'] or 'not named')}</h3>")
+
+
+def _by_finding_and_group(rows: list[dict], lines: list[str]):
+    """The rows per (finding, site group) that has any; a group whose rows are all not estimable is told in
+    one line appended to ``lines`` instead (its heading and reason) and not yielded."""
+    for finding in sorted({r["finding"] for r in rows}):
+        for group in ("ID", "OOD"):
+            mine = [r for r in rows if (r["finding"], r["group"]) == (finding, group)]
+            notes = sorted({r.get("note") or "" for r in mine})
+            if mine and notes[0]:
+                lines.append(f"<p><b>{_esc(finding)}, {group}</b>: {_not_estimable(' / '.join(notes))} for every system.</p>")
+            elif mine:
+                yield finding, group, mine
 
 
 def _metrics(evaluation: Evaluation, level: int) -> list[str]:
     lines = [_heading("metrics"),
-             f"<p>Per finding, site group, system and label budget, each with its {level}% CI. Sensitivities at the "
-             "threshold that reaches 90% / 95% specificity on these scans. ECE: expected calibration error of the "
-             f"probabilities (see <a href='#calibration'>calibration</a>). A row with fewer than {M.MIN_PER_CLASS} positive "
-             "or negative scans is <span class='ne'>not estimable</span>.</p>"]
+             f"<p>AUROC (mean over training seeds) with its {level}% CI, per system and label budget (in brackets: the "
+             f"labelled training scans). Fewer than {M.MIN_PER_CLASS} positive or negative test scans: "
+             "<span class='ne'>not estimable</span>. AUPRC, sensitivity at 90% / 95% specificity and calibration error "
+             "below, under <i>all metrics</i>.</p>"]
+    for finding, group, rows in _by_finding_and_group(evaluation.metrics, lines):
+        budgets = _budgets(rows)
+        n_train = {(r["label_fraction"], r["shots"]): r.get("n_train") for r in rows}
+        by_system: dict[str, dict] = {}
+        for r in rows:
+            by_system.setdefault(system_name(r), {})[(r["label_fraction"], r["shots"])] = r
+        table = []
+        for system, cells in by_system.items():
+            row = [system]
+            for budget in budgets:
+                r = cells.get(budget)
+                row.append("—" if r is None else _not_estimable(r["note"]) if r.get("note") else _with_ci(r, "auroc"))
+            table.append(row)
+        lines += [_group_heading(rows, finding, group),
+                  _table(["model (arm)", *[_budget_label(*b, n_train[b]) for b in budgets]], table,
+                         numeric=set(range(1, 1 + len(budgets))))]
     rows = []
     for r in evaluation.metrics:
         cells = [r["finding"], r["group"], system_name(r), r["budget"], number(r.get("n_train"), 0),
@@ -396,9 +469,11 @@ def _metrics(evaluation: Evaluation, level: int) -> list[str]:
             cells += [_with_ci(r, "auroc"), _with_ci(r, "auprc"), _with_ci(r, "sens_at_spec90"), _with_ci(r, "sens_at_spec95"),
                       _with_ci(r, "ece"), number(r["auroc_seed_sd"])]
         rows.append(cells)
-    lines.append(_table(["finding", "group", "model (arm)", "label budget", "labelled training scans", "test scans (pos / neg)",
-                         "seeds", "AUROC", "AUPRC", "sens @ 90% spec", "sens @ 95% spec", "ECE", "AUROC sd over seeds"],
-                        rows, numeric={4, 5, 6, 7, 8, 9, 10, 11, 12}))
+    lines.append("<details><summary>All metrics: AUROC, AUPRC, sensitivity at 90% / 95% specificity (threshold set on "
+                 "these scans), expected calibration error, spread over seeds</summary>"
+                 + _table(["finding", "group", "model (arm)", "label budget", "labelled training scans",
+                           "test scans (pos / neg)", "seeds", "AUROC", "AUPRC", "sens @ 90% spec", "sens @ 95% spec", "ECE",
+                           "AUROC sd over seeds"], rows, numeric=set(range(4, 13))) + "</details>")
     return lines
 
 
@@ -411,33 +486,32 @@ def _operating_points(evaluation: Evaluation, level: int) -> list[str]:
     lines = [_heading("operating-points")]
     if not evaluation.operating_points:
         return lines + ["<p>This evaluation has no operating points (written by an older fmct evaluate).</p>"]
-    on_test = any(r["threshold_source"] == THRESHOLD_ON_TEST for r in evaluation.operating_points)
-    lines.append(f"<p>What a reader of the detector's calls would see at each threshold, at the largest label budget of "
-                 f"each finding, mean over seeds with {level}% CIs. PPV and NPV hold at the prevalence of these test scans "
-                 "only. Every budget: operating_points.csv of <code>fmct evaluate</code>.</p>")
-    if on_test:
-        lines.append(f"<p class='note'>Rows marked <b>{_esc(THRESHOLD_ON_TEST)}</b>: the predictions carry no threshold chosen "
-                     "on validation (columns threshold_spec90 / threshold_spec95), so each threshold was set on the very "
-                     "scans it is judged on, and chosen again in every bootstrap replicate. Expect sensitivity and PPV "
-                     "to be lower on new scans.</p>")
-    rows = []
-    for finding in sorted({r["finding"] for r in evaluation.operating_points}):
-        mine = [r for r in evaluation.operating_points if r["finding"] == finding]
-        fraction, shots = largest_budget(mine)
-        for r in mine:
+    lines.append(f"<p>What a reader of the detector's calls would see, at the largest label budget, mean over seeds with "
+                 f"{level}% CIs. PPV and NPV hold at the prevalence of these test scans only. Every budget: "
+                 "operating_points.csv of <code>fmct evaluate</code>.</p>")
+    if any(r["threshold_source"] == THRESHOLD_ON_TEST for r in evaluation.operating_points):
+        lines.append(f"<p class='note'>Thresholds marked <b>{_esc(THRESHOLD_ON_TEST)}</b>: the predictions carry no threshold "
+                     "chosen on validation (columns threshold_spec90 / threshold_spec95), so each threshold was set on the "
+                     "very scans it is judged on, and set again in every bootstrap replicate. Expect sensitivity and PPV "
+                     f"to be lower on new scans. Thresholds marked <b>{_esc(THRESHOLD_ON_VALIDATION)}</b> were fixed before "
+                     "these scans were seen.</p>")
+    short = {THRESHOLD_ON_TEST: "test set (optimistic)", THRESHOLD_ON_VALIDATION: "validation"}
+    for finding, group, rows in _by_finding_and_group(evaluation.operating_points, lines):
+        fraction, shots = largest_budget(rows)
+        table = []
+        for r in rows:
             if (r["label_fraction"], r["shots"]) != (fraction, shots):
                 continue
-            cells = [finding, r["group"], system_name(r), r["budget"], f"{100 * as_float(r['target_specificity']):.0f}%",
-                     f"{r['n_pos']} / {r['n_scans']} ({100 * r['n_pos'] / max(1, r['n_scans']):.0f}%)"]
+            cells = [system_name(r), f"{100 * as_float(r['target_specificity']):.0f}%"]
             if r.get("note"):
                 cells += [_not_estimable(r["note"])] + ["—"] * 5
             else:
-                cells += [f"{number(r['threshold'])} ({r['threshold_source']})",
+                cells += [number(r["threshold"]), short.get(r["threshold_source"], r["threshold_source"]),
                           *[_with_ci(r, name) for name in M.OPERATING_POINT_NAMES]]
-            rows.append(cells)
-    lines.append(_table(["finding", "group", "model (arm)", "label budget", "target specificity", "prevalence",
-                         "threshold on score (where chosen)", "sensitivity", "specificity", "PPV", "NPV"],
-                        rows, numeric={4, 5, 7, 8, 9, 10}))
+            table.append(cells)
+        lines += [_group_heading(rows, finding, group).replace("</h3>", f", label budget {_esc(budget_name(fraction, shots))}</h3>"),
+                  _table(["model (arm)", "target specificity", "threshold on score", "threshold chosen on", "sensitivity",
+                          "specificity", "PPV", "NPV"], table, numeric={1, 2, 4, 5, 6, 7})]
     return lines
 
 
@@ -447,8 +521,8 @@ def _calibration(evaluation: Evaluation, figures: dict[str, bytes]) -> list[str]
              "the observed share of positive scans; on the dotted diagonal a probability means what it says. Marker area: "
              "the bin's share of the scans. ECE: the scan-weighted mean distance from the diagonal, with its 95% CI.</p>")
     if sources - {PROBABILITY_COLUMN}:
-        intro += ("<p class='note'>Dashed lines: the predictions have no probability column, so the probability drawn is "
-                  "the logistic of the score, <b>uncalibrated</b>: a logit of a probe or head trained on a re-balanced "
+        intro += ("<p class='note'>Dashed lines, marked <i>uncalibrated</i>: the predictions have no probability column, so "
+                  "the probability drawn is the logistic of the score: a logit of a probe or head trained on a re-balanced "
                   "subset is not the chance that a scan is positive.</p>")
     return _figure_section("calibration", figures, "calibration_", intro, "No estimable row to draw.")
 
@@ -456,9 +530,9 @@ def _calibration(evaluation: Evaluation, figures: dict[str, bytes]) -> list[str]
 def _id_vs_ood(evaluation: Evaluation) -> list[str]:
     paired: dict[tuple, dict] = {}
     for row in evaluation.metrics:
-        paired.setdefault((system_name(row), row["finding"], row["budget"]), {})[row["group"]] = row
+        paired.setdefault((row["finding"], system_name(row), row["budget"]), {})[row["group"]] = row
     rows = []
-    for (system, finding, budget), by_group in paired.items():
+    for (finding, system, budget), by_group in sorted(paired.items(), key=lambda kv: kv[0][0]):
         in_d, out_d = by_group.get("ID"), by_group.get("OOD")
 
         def cell(row):
@@ -467,38 +541,52 @@ def _id_vs_ood(evaluation: Evaluation) -> list[str]:
             return _not_estimable(row["note"]) if row.get("note") else _with_ci(row, "auroc")
 
         both = in_d and out_d and not in_d.get("note") and not out_d.get("note")
-        drop = number(as_float(out_d["auroc"]) - as_float(in_d["auroc"])) if both else "n/a"
-        rows.append([system, finding, budget, cell(in_d), in_d["sites"] if in_d else "", cell(out_d),
-                     out_d["sites"] if out_d else "", drop])
+        drop = f"{as_float(out_d['auroc']) - as_float(in_d['auroc']):+.3f}" if both else "n/a"
+        rows.append([finding, system, budget, cell(in_d), cell(out_d), drop])
     return [_heading("id-vs-ood"),
-            "<p>AUROC on the in-distribution test split and on the held-out sites, and the change (OOD - ID).</p>",
-            _table(["model (arm)", "finding", "label budget", "AUROC ID", "ID sites", "AUROC OOD", "OOD sites", "OOD - ID"],
-                   rows, numeric={3, 5, 7})]
+            "<p>AUROC on the in-distribution test split and on the held-out sites, and the change (OOD - ID); the sites "
+            "of each group are in the <a href='#summary'>summary</a>.</p>",
+            _table(["finding", "model (arm)", "label budget", "AUROC ID", "AUROC OOD", "OOD - ID"], rows, numeric={3, 4, 5})]
 
 
 def _comparisons(evaluation: Evaluation, level: int) -> list[str]:
-    n_bootstrap = int(evaluation.settings.get("n_bootstrap") or 0)
-    family = sum(1 for c in evaluation.comparisons if math.isfinite(as_float(c.get("p_holm"))))
+    # Holm's family (fmct.eval.evaluate.with_holm): the primary comparisons, or all of them when none is primary.
+    everything = not any(c.get("primary") for c in evaluation.comparisons)
+    primary = [c for c in evaluation.comparisons if everything or c.get("primary")]
+    others = [c for c in evaluation.comparisons if not (everything or c.get("primary"))]
+    family = sum(1 for c in primary if math.isfinite(as_float(c.get("p_holm"))))
+    n_bootstrap = evaluation.settings.get("n_bootstrap")
     lines = [_heading("comparisons"),
-             f"<p>Every two systems on the scans both scored, at the same label budget: the difference of their "
-             f"seed-averaged AUROCs (a - b) with its {level}% CI and two-sided p-value from the <b>same</b> paired "
-             f"patient-level bootstrap ({n_bootstrap} resamples), so the CI excludes 0 exactly when p &lt; "
-             f"{1 - level / 100:.2f}. Holm: adjusted over the {family} comparisons of this table (family-wise error "
-             f"rate); a difference to rely on has Holm p &lt; {1 - level / 100:.2f}.</p>"]
-    rows = []
-    for c in evaluation.comparisons:
-        cells = [c["finding"], c["group"], c["budget"], f"{c['model_a']} ({c['arm_a']})", f"{c['model_b']} ({c['arm_b']})",
-                 f"{c['n_scans']} ({c.get('n_pos', '?')} / {c.get('n_neg', '?')})"]
-        if c.get("note"):
-            cells += [_not_estimable(c["note"])] + ["—"] * 4
-        else:
-            holm_p = as_float(c.get("p_holm"))
-            holm_text = _p_text(holm_p, n_bootstrap)
-            cells += [number(c["auroc_a"]), number(c["auroc_b"]), _with_ci(c, "auroc_diff"),
-                      _p_text(c["p_bootstrap"], n_bootstrap), _Html(f"<b>{_esc(holm_text)}</b>") if holm_p < 0.05 else holm_text]
-        rows.append(cells)
-    lines.append(_table(["finding", "group", "label budget", "a", "b", "scans (pos / neg)", "AUROC a", "AUROC b",
-                         f"a - b [{level}% CI]", "p", "p (Holm)"], rows, numeric={5, 6, 7, 8, 9, 10}))
+             f"<p>Two systems on the scans both scored, at the same label budget: the difference of their seed-averaged "
+             f"AUROCs (a - b). Its {level}% CI and its two-sided p-value both come from the difference's standard error over "
+             f"the same {_esc(n_bootstrap)} paired patient-level bootstrap resamples, so the CI excludes 0 exactly when "
+             f"p &lt; {1 - level / 100:.2f}. <b>Holm</b>: adjusted over the {family} comparisons of this table "
+             "(family-wise error rate); rely on a difference whose Holm p is below 0.05 (bold).</p>"]
+    lines += _comparison_tables(primary, level, holm=True)
+    if others:
+        lines.append(f"<details><summary>{len(others)} other pairs (exploratory: p not adjusted, not in Holm's family)"
+                     "</summary>" + "".join(_comparison_tables(others, level, holm=False)) + "</details>")
+    return lines
+
+
+def _comparison_tables(comparisons: list[dict], level: int, holm: bool) -> list[str]:
+    lines = []
+    for finding, group, rows in _by_finding_and_group(comparisons, lines):
+        table = []
+        for c in rows:
+            cells = [c["budget"], f"{c['model_a']} ({c['arm_a']})", f"{c['model_b']} ({c['arm_b']})",
+                     f"{c['n_scans']} ({c.get('n_pos', '?')} / {c.get('n_neg', '?')})"]
+            if c.get("note"):
+                cells += [_not_estimable(c["note"])] + ["—"] * (4 if holm else 3)
+            else:
+                cells += [number(c["auroc_a"]), number(c["auroc_b"]), _with_ci(c, "auroc_diff", signed=True), _p_text(c["p_bootstrap"])]
+                if holm:
+                    holm_p = as_float(c.get("p_holm"))
+                    cells.append(_Html(f"<b>{_esc(_p_text(holm_p))}</b>") if holm_p < 0.05 else _p_text(holm_p))
+            table.append(cells)
+        lines += [f"<h3>{_esc(finding)}, {group}</h3>",
+                  _table(["label budget", "a", "b", "scans (pos / neg)", "AUROC a", "AUROC b", f"a - b [{level}% CI]", "p",
+                          *(["p (Holm)"] if holm else [])], table, numeric=set(range(3, 9)))]
     return lines
 
 
@@ -517,7 +605,7 @@ def _examples(examples: list[dict]) -> list[str]:
                 continue
             lines.append(f"<h3>{_esc(finding)}: {kind}s</h3>")
             lines += [_image(f"{e['scan_id']} {finding}", e["png"],
-                             f"{e['scan_id']} ({e['group']}), {e['system']}: score {e['score']:.3f} >= threshold "
+                             f"{e['scan_id']} ({e['group']}), {e['system']}: score {e['score']:.3f} ≥ threshold "
                              f"{e['threshold']:.3f} ({e['threshold_source']})") for e in shown]
     return lines
 
@@ -526,12 +614,11 @@ def _methods(evaluation: Evaluation, level: int) -> list[str]:
     settings = evaluation.settings
     return [_heading("methods"), "<ul>",
             f"<li><b>Confidence intervals</b> ({level}%): patient-level bootstrap, {_esc(settings.get('n_bootstrap'))} resamples "
-            f"(seed {_esc(settings.get('seed'))}): each resample draws patients with replacement and keeps all their scans. "
-            "Percentile intervals from the order statistics of the replicates.</li>",
+            f"(seed {_esc(settings.get('seed'))}): each resample draws patients with replacement and keeps all their scans; "
+            "percentile intervals of the replicates.</li>",
             "<li><b>Seeds</b>: each seed is one training subset and fit. Every metric is computed per seed and averaged; "
             "each bootstrap replicate averages the seeds on the same resampled patients.</li>",
-            f"<li><b>p-values</b>: {_esc(settings.get('p_value_method', 'paired patient-level bootstrap'))}. The p-value is "
-            "twice the share of replicates on the far side of 0; shown as &lt; 1/R when none is.</li>",
+            f"<li><b>Comparisons</b>: {_esc(settings.get('p_value_method', 'paired patient-level bootstrap'))}.</li>",
             f"<li><b>Not estimable</b>: fewer than {M.MIN_PER_CLASS} positive or negative scans; no metric is reported.</li>",
             f"<li><b>Operating points</b>: at 90% and 95% target specificity; {_esc(THRESHOLD_ON_VALIDATION)} when the predictions "
             f"carry threshold_spec90 / threshold_spec95, else {_esc(THRESHOLD_ON_TEST)}.</li>",
@@ -569,8 +656,9 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes], examples: lis
         *_figure_section("roc", figures, "roc_", "<p>ROC curves at the largest label budget, averaged over seeds (mean "
                          "sensitivity at each false-positive rate).</p>", "No estimable row to draw."),
         *_figure_section("label-efficiency", figures, "label_efficiency_",
-                         "<p>AUROC against the number of labelled scans the detector was trained on (log scale; the band "
-                         f"is the {level}% CI, the dotted line chance).</p>",
+                         "<p>AUROC against the number of labelled scans the detector was trained on (log scale), one panel "
+                         f"per system: its line with the {level}% CI band, the other systems in grey behind it; the dotted "
+                         "line is chance.</p>",
                          "Only one label budget was evaluated: no curve to draw."),
         *_operating_points(evaluation, level),
         *_calibration(evaluation, figures),

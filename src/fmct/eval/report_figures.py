@@ -67,8 +67,8 @@ def _groups(rows: list[dict]) -> list[str]:
 
 
 def _colours(rows: list[dict]) -> dict[str, tuple]:
-    """One colour per system, the same in every figure of a finding."""
-    return {system: COLOURS[i % len(COLOURS)] for i, system in enumerate(sorted({system_name(r) for r in rows}))}
+    """One colour per system, in the order of the rows (the evaluation's: pretrained first, floors last)."""
+    return {system: COLOURS[i % len(COLOURS)] for i, system in enumerate(dict.fromkeys(system_name(r) for r in rows))}
 
 
 def _budget_text(fraction: str, shots: str) -> str:
@@ -102,7 +102,7 @@ def roc_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
             if (point["finding"], point["group"], point["label_fraction"], point["shots"]) == (finding, group, fraction, shots):
                 curves.setdefault(system_name(point), []).append((point["fpr"], point["tpr"]))
         cells = {system_name(r): r for r in rows if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)}
-        for system, points in sorted(curves.items()):
+        for system, points in sorted(curves.items(), key=lambda kv: list(colours).index(kv[0])):
             fpr, tpr = zip(*sorted(points))
             ax.step(fpr, tpr, where="post", color=colours[system], label=f"{system}: {number(cells[system]['auroc'])}")
         ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
@@ -117,45 +117,64 @@ def roc_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
 
 
 def label_efficiency_figure(finding: str, rows: list[dict]):
-    """AUROC against the number of labelled training scans (log scale), a band for each 95% CI.
+    """AUROC against the number of labelled training scans (log scale): a row of panels per site group, a
+    panel per system with its line and 95% CI band, the other systems' lines in grey behind it (one band per
+    panel, so no band hides another).
 
     Label fractions are solid lines, N-shot budgets (balanced: N positives and N negatives) dashed. Where
     run.json does not record the training-set sizes, the x axis is the label fraction instead.
     """
     by_count = all(math.isfinite(as_float(r.get("n_train"))) for r in rows)
     groups, colours = _groups(rows), _colours(rows)
-    figure, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1] + 0.6), squeeze=False, sharey=True)
-    for ax, group in zip(axes[0], groups):
-        for system in sorted(colours):
-            for kind, style in (("fraction", "-"), ("shots", "--")):
-                mine = [r for r in rows if r["group"] == group and system_name(r) == system and bool(r["shots"]) == (kind == "shots")]
-                if by_count:
-                    points = sorted((as_float(r["n_train"]), r) for r in mine)
-                elif kind == "fraction":
-                    points = sorted((float(r["label_fraction"]), r) for r in mine)
-                else:
-                    continue  # shots have no label fraction to stand on
-                if not points:
-                    continue
+    systems = list(colours)
+    columns = min(len(systems), 5)
+    lines_per_group = math.ceil(len(systems) / columns)
+    figure, axes = plt.subplots(len(groups) * lines_per_group, columns, squeeze=False, sharex=True, sharey=True,
+                                figsize=(2.5 * columns + 0.4, 2.4 * len(groups) * lines_per_group + 0.4))
+    lowest = min([as_float(r["auroc_lo"]) for r in rows if math.isfinite(as_float(r["auroc_lo"]))] or [0.5])
+
+    def curves(group: str, system: str) -> list[tuple[str, list[tuple[float, dict]]]]:
+        found = []
+        for kind, style in (("fraction", "-"), ("shots", "--")):
+            mine = [r for r in rows if r["group"] == group and system_name(r) == system and bool(r["shots"]) == (kind == "shots")]
+            if by_count:
+                points = sorted(((as_float(r["n_train"]), r) for r in mine), key=lambda p: p[0])
+            elif kind == "fraction":
+                points = sorted(((float(r["label_fraction"]), r) for r in mine), key=lambda p: p[0])
+            else:
+                points = []  # shots have no label fraction to stand on
+            if points:
+                found.append((style, points))
+        return found
+
+    for g, group in enumerate(groups):
+        for s_index, system in enumerate(systems):
+            ax = axes[g * lines_per_group + s_index // columns][s_index % columns]
+            for other in systems:
+                if other != system:
+                    for style, points in curves(group, other):
+                        ax.plot([p[0] for p in points], [as_float(p[1]["auroc"]) for p in points], style, color="0.78",
+                                linewidth=1, zorder=1)
+            for style, points in curves(group, system):
                 x = [p[0] for p in points]
-                y = [as_float(p[1]["auroc"]) for p in points]
-                low = [as_float(p[1]["auroc_lo"]) for p in points]
-                high = [as_float(p[1]["auroc_hi"]) for p in points]
-                label = system + (" (N shots)" if kind == "shots" else "")
-                ax.plot(x, y, style, marker="o", markersize=4, color=colours[system], label=label, zorder=3)
-                ax.fill_between(x, low, high, color=colours[system], alpha=0.12, linewidth=0, zorder=1)
-                for edge in (low, high):  # thin band edges keep overlapping bands apart
-                    ax.plot(x, edge, style, color=colours[system], linewidth=0.6, alpha=0.6, zorder=2)
-        ax.set_xscale("log")
-        ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1)
-        ax.grid(alpha=0.3, which="both")
-        xlabel = "labelled training scans (log scale)" if by_count else "share of the training labels (log scale)"
-        ax.set(title=f"{finding}, {group}", xlabel=xlabel, ylabel="AUROC, mean over seeds (band: 95% CI)")
-        ax.yaxis.set_tick_params(labelleft=True)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False,
-                  bbox_to_anchor=(0.5, -0.02))
-    figure.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 3), 1, 1))
+                ax.fill_between(x, [as_float(p[1]["auroc_lo"]) for p in points], [as_float(p[1]["auroc_hi"]) for p in points],
+                                color=colours[system], alpha=0.2, linewidth=0, zorder=2)
+                ax.plot(x, [as_float(p[1]["auroc"]) for p in points], style, marker="o", markersize=3.5,
+                        color=colours[system], linewidth=1.8, zorder=3)
+            ax.set_xscale("log")
+            ax.set_ylim(min(0.45, lowest - 0.02), 1.0)
+            ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1)
+            ax.grid(alpha=0.3, which="major")
+            ax.xaxis.set_tick_params(labelbottom=True)  # every panel keeps its scale, also above an empty place
+            ax.set_title(f"{system}\n{finding}, {group}", fontsize=8.5)
+            ax.tick_params(labelsize=7.5)
+            if s_index % columns == 0:
+                ax.set_ylabel("AUROC (band: 95% CI)", fontsize=8)
+        for s_index in range(len(systems), lines_per_group * columns):  # empty places of the last line
+            axes[g * lines_per_group + s_index // columns][s_index % columns].set_visible(False)
+    xlabel = "labelled training scans (log scale)" if by_count else "share of the training labels (log scale)"
+    figure.supxlabel(xlabel, fontsize=9)
+    figure.tight_layout()
     return figure
 
 
@@ -167,7 +186,7 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
     figure, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False)
     for ax, group in zip(axes[0], groups):
         cells = {system_name(r): r for r in rows if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)}
-        for system in sorted(cells):
+        for system in [s for s in colours if s in cells]:
             bins = [b for b in evaluation.calibration if system_name(b) == system and
                     (b["finding"], b["group"], b["label_fraction"], b["shots"]) == (finding, group, fraction, shots)]
             if not bins:
@@ -176,8 +195,7 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
             calibrated = row.get("probability_source") == PROBABILITY_COLUMN
             x = [b["mean_probability"] for b in bins]
             y = [b["observed_rate"] for b in bins]
-            label = (f"{system}: ECE {number(row.get('ece'))} [{number(row.get('ece_lo'))}, {number(row.get('ece_hi'))}]"
-                     + ("" if calibrated else ", logistic of score (uncalibrated)"))
+            label = f"{system}: ECE {number(row.get('ece'))}" + ("" if calibrated else " (uncalibrated)")
             ax.plot(x, y, "-" if calibrated else "--", color=colours[system], linewidth=1, label=label)
             # Marker area grows with the bin's share of the scans: a bin of 2 scans is not read like one of 200.
             ax.scatter(x, y, s=[10 + 250 * b["n_scans"] / max(1.0, row["n_scans"]) for b in bins], color=colours[system],
@@ -187,7 +205,8 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
                ylabel="observed share of positives", xlim=(0, 1), ylim=(-0.02, 1.02))
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper left")
+        # Below the panel: inside, the legend would hide the bins near the diagonal's ends.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     return figure
 
 
