@@ -381,6 +381,10 @@ def test_operating_points_on_the_test_set_or_at_thresholds_chosen_on_validation(
     write_predictions(tmp_path / "bad", rows, {})
     with pytest.raises(InputError, match="threshold_spec90 of vit \\(pretrained\\), ich, seed 0"):
         evaluate([tmp_path / "bad"], n_bootstrap=10)
+    rows[0]["threshold_spec90"], rows[0]["probability"] = 0.8, 1.5
+    write_predictions(tmp_path / "bad", rows, {})
+    with pytest.raises(InputError, match="predictions.csv: probability must lie in"):
+        evaluate([tmp_path / "bad"], n_bootstrap=10)
 
 
 def test_label_efficiency_stands_on_the_number_of_labelled_scans(tmp_path):

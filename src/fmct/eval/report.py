@@ -279,7 +279,7 @@ def _summary(evaluation: Evaluation, level: int) -> list[str]:
 
 
 def _test_sets(evaluation: Evaluation) -> list[str]:
-    systems = sorted({system_name(r) for r in evaluation.metrics})
+    systems = list(dict.fromkeys(system_name(r) for r in evaluation.metrics))
     rows = []
     for finding in sorted({r["finding"] for r in evaluation.metrics}):
         for group in ("ID", "OOD"):
@@ -299,8 +299,9 @@ def _test_sets(evaluation: Evaluation) -> list[str]:
 
 
 def _holm_count(effects: list[dict]) -> str:
+    """``; k of them with Holm-adjusted p < 0.05`` (empty for no effect)."""
     surviving = sum(1 for e in effects if as_float(e.get("p_holm")) < 0.05)
-    return f"{surviving} of them with Holm-adjusted p < 0.05"
+    return f"; {surviving} of them with Holm-adjusted p < 0.05" if effects else ""
 
 
 def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str], level: int) -> str:
@@ -317,7 +318,7 @@ def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str
     cleared = [e for e in effects if e["low"] > 0]
     below = [e for e in effects if e["high"] < 0]
     counted = (f"AUROC difference pretrained - {_esc(floor)} with its {level}% paired-bootstrap CI above 0 at "
-               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget; {_holm_count(cleared)})")
+               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget{_holm_count(cleared)})")
     if len(cleared) == len(effects):
         verdict = f"<b>The pretrained arms clear {floor_name} everywhere</b> ({what}): {counted}."
     elif not cleared:
@@ -344,7 +345,7 @@ def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
     worse = [e for e in effects if e["high"] < 0]
     text = (f"<b>Pretraining is significantly better than scratch at {len(better)} of {len(effects)} comparisons</b> "
             f"(same architecture trained from random init; AUROC difference pretrained - scratch with its {level}% "
-            f"paired-bootstrap CI above 0; {_holm_count(better)})" if better
+            f"paired-bootstrap CI above 0{_holm_count(better)})" if better
             else "<b>At no finding, label budget or site group is the pretrained model significantly better than "
                  f"scratch in this evaluation</b> ({len(effects)} paired comparisons)")
     if worse:
@@ -519,7 +520,8 @@ def _calibration(evaluation: Evaluation, figures: dict[str, bytes]) -> list[str]
     sources = {r.get("probability_source") for r in evaluation.metrics if not r.get("note")}
     intro = ("<p>Reliability diagrams at the largest label budget: per bin of predicted probability (10 equal-width bins), "
              "the observed share of positive scans; on the dotted diagonal a probability means what it says. Marker area: "
-             "the bin's share of the scans. ECE: the scan-weighted mean distance from the diagonal, with its 95% CI.</p>")
+             "the bin's share of the scans; hollow: fewer than 5 scans, not joined by the line. ECE: the scan-weighted mean "
+             "distance from the diagonal (its 95% CI under <a href='#metrics'>all metrics</a>).</p>")
     if sources - {PROBABILITY_COLUMN}:
         intro += ("<p class='note'>Dashed lines, marked <i>uncalibrated</i>: the predictions have no probability column, so "
                   "the probability drawn is the logistic of the score: a logit of a probe or head trained on a re-balanced "

@@ -17,12 +17,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib import ticker  # noqa: E402
 
 from fmct.eval.evaluate import PROBABILITY_COLUMN, Evaluation  # noqa: E402
 
 DPI = 110
 PANEL = (5.0, 4.4)  # inches per ID/OOD panel
 COLOURS = plt.get_cmap("tab10").colors
+MIN_BIN_SCANS = 5  # a reliability bin with fewer scans (per seed) is drawn hollow and not joined
 
 
 def png(figure) -> bytes:
@@ -112,7 +114,9 @@ def roc_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
                ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5, loc="lower right", title="AUROC (mean over seeds)", title_fontsize=7.5)
+        # Below the panel: near chance the curves run through the lower right, where a legend inside would sit.
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False,
+                  title="AUROC (mean over seeds)", title_fontsize=7.5)
     return figure
 
 
@@ -132,6 +136,8 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
     figure, axes = plt.subplots(len(groups) * lines_per_group, columns, squeeze=False, sharex=True, sharey=True,
                                 figsize=(2.5 * columns + 0.4, 2.4 * len(groups) * lines_per_group + 0.4))
     lowest = min([as_float(r["auroc_lo"]) for r in rows if math.isfinite(as_float(r["auroc_lo"]))] or [0.5])
+    budgets = sorted({as_float(r["n_train"]) if by_count else float(r["label_fraction"])
+                      for r in rows if by_count or not r["shots"]})
 
     def curves(group: str, system: str) -> list[tuple[str, list[tuple[float, dict]]]]:
         found = []
@@ -162,6 +168,10 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
                 ax.plot(x, [as_float(p[1]["auroc"]) for p in points], style, marker="o", markersize=3.5,
                         color=colours[system], linewidth=1.8, zorder=3)
             ax.set_xscale("log")
+            # Ticks at the budgets themselves, as plain numbers: 5, 14, 48 labelled scans, not 6 x 10^0.
+            ax.xaxis.set_major_locator(ticker.FixedLocator(budgets))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
             ax.set_ylim(min(0.45, lowest - 0.02), 1.0)
             ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1)
             ax.grid(alpha=0.3, which="major")
@@ -193,13 +203,17 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
                 continue
             row = cells[system]
             calibrated = row.get("probability_source") == PROBABILITY_COLUMN
-            x = [b["mean_probability"] for b in bins]
-            y = [b["observed_rate"] for b in bins]
             label = f"{system}: ECE {number(row.get('ece'))}" + ("" if calibrated else " (uncalibrated)")
-            ax.plot(x, y, "-" if calibrated else "--", color=colours[system], linewidth=1, label=label)
-            # Marker area grows with the bin's share of the scans: a bin of 2 scans is not read like one of 200.
-            ax.scatter(x, y, s=[10 + 250 * b["n_scans"] / max(1.0, row["n_scans"]) for b in bins], color=colours[system],
-                       alpha=0.7, edgecolors="none")
+            # Bins of fewer than MIN_BIN_SCANS scans are drawn hollow and left off the line: one scan more or
+            # less moves them from 0 to 1, and a line through them would draw that noise as a shape.
+            solid = [b for b in bins if b["n_scans"] >= MIN_BIN_SCANS]
+            ax.plot([b["mean_probability"] for b in solid], [b["observed_rate"] for b in solid], "-" if calibrated else "--",
+                    color=colours[system], linewidth=1, label=label)
+            for members, face in ((solid, colours[system]), ([b for b in bins if b not in solid], "none")):
+                # Marker area grows with the bin's share of the scans: a bin of 2 scans is not read like one of 200.
+                ax.scatter([b["mean_probability"] for b in members], [b["observed_rate"] for b in members],
+                           s=[10 + 250 * b["n_scans"] / max(1.0, row["n_scans"]) for b in members], facecolors=face,
+                           edgecolors=colours[system], alpha=0.75, linewidths=0.8)
         ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfect calibration")
         ax.set(title=f"{finding}, {group} ({_budget_text(fraction, shots)})", xlabel="predicted probability (bin mean)",
                ylabel="observed share of positives", xlim=(0, 1), ylim=(-0.02, 1.02))
