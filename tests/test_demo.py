@@ -44,7 +44,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     # The demo's own pretraining stops at step 4, then the same command resumes it to the end (10 steps).
     assert "resuming" in captured.err and (out / "pretrain" / "backbone").is_dir()
     assert "The pretrained arm is the shipped checkpoint fmct-synth-tiny" in printed
-    assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='roc'>")]
+    assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]
     for section in ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
         assert f"<h2 id='{section}'>" in html
     for arm in ARMS:

@@ -19,17 +19,17 @@ from test_embed import WINDOWS, save_tiny_run, write_blob_store
 
 torch.set_num_threads(1)
 
-# Explicit splits: 24 train, 8 val, 8 test.
-SPLITS = ["train"] * 24 + ["val"] * 8 + ["test"] * 8
+# Explicit splits: 24 train, 8 val, 12 test (6 positive, 6 negative: enough for an estimable AUROC).
+SPLITS = ["train"] * 24 + ["val"] * 8 + ["test"] * 12
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """A blob store of 40 scans and a "pretrained" tiny run (seeded 5, so unlike the random init of seed 0), each
+    """A blob store of 44 scans and a "pretrained" tiny run (seeded 5, so unlike the random init of seed 0), each
     arm embedded and probed alike through the CLI: the run (emb, probe), the random-init floor like it
     (emb_random, probe_random), the HU histogram floor (emb_hu, probe_hu). Returns (root, store, run)."""
     root = tmp_path_factory.mktemp("floors")
-    store, _ = write_blob_store(root, n_scans=40, seed=3, splits=SPLITS)
+    store, _ = write_blob_store(root, n_scans=44, seed=3, splits=SPLITS)
     run = save_tiny_run(root / "run", seed=5)
     arms = {"": ["--model", str(run)], "_random": ["--model", "scratch", "--like", str(run)], "_hu": ["--model", "hu-histogram"]}
     for suffix, model in arms.items():
@@ -75,7 +75,7 @@ def test_random_init_floor_is_the_like_architecture_with_seeded_random_weights(c
 def test_hu_histogram_floor_is_probed_like_any_embeddings(cohort):
     root, store, _ = cohort
     embeddings = read_embeddings(root / "emb_hu")
-    assert list(embeddings.features) == ["first_order"] and embeddings.features["first_order"].shape == (40, len(FEATURE_COLUMNS))
+    assert list(embeddings.features) == ["first_order"] and embeddings.features["first_order"].shape == (44, len(FEATURE_COLUMNS))
     meta = embeddings.meta
     assert meta["arm"] == "hu-histogram" and meta["model"] == "hu-histogram" and meta["default_feature"] == "first_order"
     assert meta["feature_columns"] == FEATURE_COLUMNS

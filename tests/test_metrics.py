@@ -1,4 +1,4 @@
-"""Metrics, bootstrap, DeLong, splits and label budgets against known answers."""
+"""Metrics, bootstrap CIs and p-values, Holm, operating points, calibration, splits and label budgets against known answers."""
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ def _hanley_mcneil():
     return labels, scores.astype(float)
 
 
-def test_hanley_mcneil_auc_by_hand_and_delong_by_brute_force():
+def test_hanley_mcneil_auc_by_hand_and_bootstrap_standard_error():
     labels, scores = _hanley_mcneil()
     # By hand: P(abnormal rated higher) + 1/2 P(tie), over the 58 x 51 pairs.
     higher = sum(a * sum(HM_NORMAL_COUNTS[:i]) for i, a in enumerate(HM_ABNORMAL_COUNTS))
@@ -28,16 +28,9 @@ def test_hanley_mcneil_auc_by_hand_and_delong_by_brute_force():
     expected = (higher + 0.5 * ties) / (58 * 51)
     assert round(expected, 3) == 0.893  # the paper's value
     assert float(M.auroc(labels, scores)) == pytest.approx(expected, abs=1e-12)
-
-    # DeLong's variance from the pairwise kernel psi, computed the slow way.
-    positive, negative = scores[labels == 1], scores[labels == 0]
-    psi = (positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])
-    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
-    variance = v10.var(ddof=1) / len(positive) + v01.var(ddof=1) / len(negative)
-    aucs, cov = M.delong(labels, scores[None, :])
-    assert aucs[0] == pytest.approx(expected, abs=1e-12)
-    assert cov[0, 0] == pytest.approx(variance, rel=1e-10)
-    assert np.sqrt(cov[0, 0]) == pytest.approx(0.0315, abs=0.002)  # Hanley & McNeil's SE is 0.0333
+    # The bootstrap's standard error against the paper's (0.0333, from its exponential approximation; DeLong's is 0.0315).
+    replicates = M.auroc(labels, scores, M.patient_bootstrap_weights(np.arange(len(labels)), 2000, seed=0))
+    assert np.std(replicates) == pytest.approx(0.032, abs=0.003)
 
 
 def test_metrics_match_sklearn_with_ties_and_weights():
@@ -97,17 +90,84 @@ def test_patient_bootstrap_keeps_a_patients_scans_together():
     assert np.array_equal(weights, M.patient_bootstrap_weights(patients, 300, seed=3))
 
 
-def test_delong_paired_test():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 300)
-    signal = labels + rng.normal(0, 1.0, 300)
-    same = M.delong_test(labels, signal, signal)
-    assert same["difference"] == 0 and same["p_value"] == 1.0
-    better = labels + rng.normal(0, 0.3, 300)
-    test = M.delong_test(labels, better, signal)
-    assert test["auroc_a"] > test["auroc_b"] and test["p_value"] < 1e-6
-    noisy = signal + rng.normal(0, 0.05, 300)  # nearly the same ranking: no evidence of a difference
-    assert M.delong_test(labels, noisy, signal)["p_value"] > 0.05
+def test_holm_adjusted_p_values_by_hand():
+    # Sorted: 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005 = 0.02, 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, max(0.06, 1 x 0.04) = 0.06.
+    adjusted = M.holm([0.01, 0.04, float("nan"), 0.03, 0.005])
+    assert adjusted[[0, 1, 3, 4]] == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-15)
+    assert np.isnan(adjusted[2])  # not in the family: m is 4
+    assert M.holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])  # 2 x 0.3, then max(0.6, 0.6)
+    assert M.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert M.holm([]).shape == (0,)
+
+
+def test_bootstrap_difference_test_by_hand_and_ci_excludes_zero_exactly_when_p_is_below_alpha():
+    replicates = 0.1 + 0.05 * np.r_[-np.ones(50), np.ones(50)] * np.sqrt(99 / 100)  # sample sd exactly 0.05
+    test = M.bootstrap_difference_test(0.1, replicates, 0.95)
+    assert test["se"] == pytest.approx(0.05)
+    assert test["p_value"] == pytest.approx(0.0455003, abs=1e-6)  # z = 2: 2 (1 - Phi(2))
+    assert (test["low"], test["high"]) == pytest.approx((0.1 - 1.959964 * 0.05, 0.1 + 1.959964 * 0.05), abs=1e-6)
+    assert M.bootstrap_difference_test(0.0, np.zeros(10))["p_value"] == 1.0  # identical systems
+    assert M.bootstrap_difference_test(0.2, np.full(10, 0.2))["p_value"] == 0.0  # a difference in every replicate
+    assert np.isnan(M.bootstrap_difference_test(0.1, np.array([0.1, np.nan]))["p_value"])  # one finite replicate
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        replicates = rng.normal(rng.normal(0, 0.05), 0.03, int(rng.integers(2, 2000)))
+        replicates[rng.random(replicates.size) < 0.02] = np.nan
+        level = (0.95, 0.90, 0.99)[trial % 3]
+        test = M.bootstrap_difference_test(float(np.nanmean(replicates)), replicates, level)
+        assert (test["p_value"] < 1 - level) == (test["low"] > 0 or test["high"] < 0)
+
+
+def test_operating_points_by_hand_and_with_bootstrap_weights():
+    labels = np.array([1, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    scores = np.array([9, 8, 7, 6, 5, 4, 3, 3, 3, 2, 2, 1, 1, 1, 0], dtype=float)
+    # Threshold 7: called 9, 8, 7 = two true positives, one false positive, of 5 positives and 10 negatives.
+    point = M.operating_point(labels, scores, 7.0)
+    assert {k: float(v) for k, v in point.items()} == pytest.approx({"sensitivity": 2 / 5, "specificity": 9 / 10, "ppv": 2 / 3, "npv": 9 / 12})
+    # 90% specificity allows one false positive: the lowest such threshold is 5 (tp 4, fp 1).
+    chosen = M.operating_point_at_specificity(labels, scores, 0.90)
+    assert {k: float(v) for k, v in chosen.items()} == pytest.approx(
+        {"sensitivity": 4 / 5, "specificity": 9 / 10, "ppv": 4 / 5, "npv": 9 / 10, "threshold": 5.0})
+    assert float(chosen["sensitivity"]) == float(M.sensitivity_at_specificity(labels, scores, 0.90))
+    strict = M.operating_point_at_specificity(labels, scores, 0.95)  # no false positive allowed: threshold 8
+    assert float(strict["threshold"]) == 8.0 and float(strict["ppv"]) == 1.0 and float(strict["npv"]) == pytest.approx(10 / 13)
+    nothing = M.operating_point(labels, scores, 10.0)  # no positive call: PPV undefined, NPV the share of negatives
+    assert np.isnan(nothing["ppv"]) and float(nothing["npv"]) == pytest.approx(10 / 15)
+
+    # Weights of many replicates at once give what each replicate alone gives.
+    weights = M.patient_bootstrap_weights(np.arange(15) // 3, 50, seed=1)
+    batched = M.operating_point_at_specificity(labels, scores, 0.90, weights)
+    fixed = M.operating_point(labels, scores, 6.0, weights)
+    for r in range(50):
+        one = M.operating_point_at_specificity(labels, scores, 0.90, weights[r])
+        assert float(one["threshold"]) == batched["threshold"][r]
+        np.testing.assert_allclose(float(one["sensitivity"]), batched["sensitivity"][r], equal_nan=True)
+        np.testing.assert_allclose(float(M.operating_point(labels, scores, 6.0, weights[r])["npv"]), fixed["npv"][r], equal_nan=True)
+        assert batched["specificity"][r] >= 0.9 - 1e-12 or np.isnan(batched["specificity"][r])
+
+
+def test_expected_calibration_error_by_hand_and_for_calibrated_probabilities():
+    # Bins [0, 0.1): 0.05 vs 0; [0.1, 0.2): 0.15 + 0.15 vs 0 + 1; [0.9, 1]: 0.95 vs 1 -> (0.05 + 0.7 + 0.05) / 4.
+    labels, probabilities = np.array([0, 0, 1, 1]), np.array([0.05, 0.15, 0.15, 0.95])
+    assert float(M.expected_calibration_error(labels, probabilities)) == pytest.approx(0.2)
+    counts, probability_sums, label_sums = M.calibration_bins(labels, probabilities)
+    assert counts.tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1] and label_sums[1] == 1 and probability_sums[9] == 0.95
+    assert float(M.calibration_bins(np.array([1]), np.array([1.0]))[0][9]) == 1  # 1 lies in the last bin
+
+    rng = np.random.default_rng(3)
+    p = rng.random(20000)
+    calibrated = (rng.random(20000) < p).astype(float)
+    assert float(M.expected_calibration_error(calibrated, p)) < 0.02
+    assert float(M.expected_calibration_error(calibrated, p ** 3)) > 0.15  # overconfident negatives
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        M.expected_calibration_error(calibrated, p + 1)
+
+
+def test_not_estimable_below_five_of_a_class():
+    assert M.not_estimable_reason(5, 5) is None
+    assert M.not_estimable_reason(4, 100) == "not estimable: 4 positives (fewer than 5)"
+    assert M.not_estimable_reason(0, 3) == "not estimable: 0 positives and 3 negatives (fewer than 5)"
 
 
 # ------------------------------------------------------------------------------------------ splits

@@ -299,7 +299,8 @@ def _evaluate_parser(sub) -> None:
     parser.add_argument(
         "--predictions", nargs="+", required=True, metavar="DIR", help="predictions folders written by fmct probe or finetune",
     )
-    parser.add_argument("--out", required=True, help="folder for metrics.csv, comparisons.csv, roc.csv, metrics.json")
+    parser.add_argument("--out", required=True, help="folder for metrics.csv, comparisons.csv, operating_points.csv, "
+                        "calibration.csv, roc.csv, metrics.json")
     _add_bootstrap_args(parser, "patient-level bootstrap resamples (of the scans' patients)")
     parser.set_defaults(run=_evaluate_run)
 

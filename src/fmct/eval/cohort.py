@@ -28,6 +28,8 @@ from fmct.pseudonym import patient_pseudonyms
 from fmct.store import Store
 
 EVALUATED_SPLITS = ("test", "ood")
+SPLITS = ("train", "val", "test", "ood")
+NOT_RECORDED = "not recorded"  # a scanner the store's manifest does not name, or no store at all
 
 
 @dataclass
@@ -79,7 +81,8 @@ class Cohort:
     ``labels`` (n_scans, n_findings) float: 1, 0 or NaN (unknown), row i for ``scan_ids[i]``, column f
     for ``findings[f]``. ``patients`` (pseudonyms: what splits group by and predictions name), ``sites``
     and ``split`` (train | val | test | ood) are (n_scans,) string arrays. ``origin`` is the labels file;
-    ``notes`` say which label rows could not be used.
+    ``notes`` say which label rows could not be used. ``scanners`` (n_scans,): each scan's manufacturer
+    and model from the store's manifest (:func:`scanner_name`), None without a store.
     """
 
     scan_ids: list[str]
@@ -90,6 +93,7 @@ class Cohort:
     split: np.ndarray
     origin: str
     notes: list[str]
+    scanners: np.ndarray | None = None
 
     def rows(self, finding: int, splits: tuple[str, ...]) -> np.ndarray:
         """Indices of the scans in ``splits`` whose label of ``finding`` is known."""
@@ -143,9 +147,12 @@ class Cohort:
         return results
 
     def split_counts(self) -> dict:
-        """Scans per split and positives/negatives per finding and split, as run.json records them."""
-        scans = {name: int(np.sum(self.split == name)) for name in ("train", "val", "test", "ood")}
-        return {"scans_per_split": scans, "labels_per_split": self.label_counts()}
+        """Scans per split, positives/negatives per finding and split, and the cohort table per site and
+        split (:func:`site_split_table`), as run.json records them."""
+        scans = {name: int(np.sum(self.split == name)) for name in SPLITS}
+        scanners = self.scanners if self.scanners is not None else np.full(len(self.scan_ids), NOT_RECORDED)
+        return {"scans_per_split": scans, "labels_per_split": self.label_counts(),
+                "cohort": site_split_table(self.patients, self.sites, self.split, scanners, self.findings, self.labels)}
 
     def label_counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """Positives and negatives per finding and split: ``{finding: {split: {"pos", "neg"}}}``."""
@@ -154,9 +161,43 @@ class Cohort:
             known = ~np.isnan(self.labels[:, f])
             counts[finding] = {
                 name: {kind: int(np.sum(self.labels[known & (self.split == name), f] == value)) for kind, value in (("pos", 1), ("neg", 0))}
-                for name in ("train", "val", "test", "ood")
+                for name in SPLITS
             }
         return counts
+
+
+def scanner_name(manifest_row: dict) -> str:
+    """A scan's scanner as the store's manifest records it: ``manufacturer model``, or :data:`NOT_RECORDED`."""
+    return " ".join(str(manifest_row.get(k) or "").strip() for k in ("manufacturer", "model")).strip() or NOT_RECORDED
+
+
+def site_split_table(patients: np.ndarray, sites: np.ndarray, split: np.ndarray, scanners: np.ndarray,
+                     findings: list[str], labels: np.ndarray) -> list[dict]:
+    """The cohort per site and split, one dict per (site, split) that has scans, in split order then site,
+    each split of several sites followed by its total (``all_sites`` true, patients counted once):
+    ``site, split, all_sites, n_scans, n_patients, scanners`` ({scanner name: scans}) and ``labels``
+    ({finding: {"pos", "neg"}}; unknown labels are in neither). Arrays are (n_scans,) per scan, ``labels``
+    (n_scans, n_findings) 1/0/NaN. Patients are counted, never named."""
+
+    def row(site: str, name: str, mine: np.ndarray, all_sites: bool) -> dict:
+        names, counts = np.unique(scanners[mine], return_counts=True)
+        return {
+            "site": site, "split": name, "all_sites": all_sites, "n_scans": int(mine.sum()),
+            "n_patients": len(set(patients[mine].tolist())),
+            "scanners": {str(n): int(c) for n, c in sorted(zip(names, counts), key=lambda nc: (-nc[1], nc[0]))},
+            "labels": {finding: {"pos": int(np.sum(labels[mine, f] == 1)), "neg": int(np.sum(labels[mine, f] == 0))}
+                       for f, finding in enumerate(findings)},
+        }
+
+    order = {name: i for i, name in enumerate(SPLITS)}
+    table = []
+    for name in sorted(set(split.tolist()), key=lambda s: (order.get(s, len(order)), s)):
+        in_split = split == name
+        split_sites = sorted(set(sites[in_split].tolist()))
+        table += [row(site, name, in_split & (sites == site), False) for site in split_sites]
+        if len(split_sites) > 1:
+            table.append(row("", name, in_split, True))
+    return table
 
 
 def load_cohort(
@@ -176,7 +217,8 @@ def load_cohort(
     """
     labels = load_labels(labels_spec, rename)
     notes = list(labels.notes)
-    rows, store_patient_keys = _label_rows(labels, store_path, notes)
+    rows, store_rows = _label_rows(labels, store_path, notes)
+    store_patient_keys = {row["scan_id"]: row.get("patient_key", "") for row in store_rows}
     findings = list(config.findings) or labels.findings
     unknown = sorted(set(findings) - set(labels.findings))
     if unknown:
@@ -201,21 +243,25 @@ def load_cohort(
     explicit = np.array([r.get("split", "") if config.use_split_column else "" for r in table])
     split = assign_splits(patients, y, sites, explicit, tuple(config.ood_sites), config.val_fraction,
                           config.test_fraction, config.split_seed)
-    return Cohort(scan_ids, findings, y, patients, sites, split, labels.origin, notes)
+    scanners = None
+    if store_rows:
+        scanner_of = {row["scan_id"]: scanner_name(row) for row in store_rows}
+        scanners = np.array([scanner_of.get(s, NOT_RECORDED) for s in scan_ids])
+    return Cohort(scan_ids, findings, y, patients, sites, split, labels.origin, notes, scanners)
 
 
-def _label_rows(labels, store_path: str | os.PathLike | None, notes: list[str]) -> tuple[list[dict], dict[str, str]]:
-    """The label rows keyed by scan id (rows keyed by source matched through the store) and the
-    store's patient key of every scan (empty without a store)."""
+def _label_rows(labels, store_path: str | os.PathLike | None, notes: list[str]) -> tuple[list[dict], list[dict]]:
+    """The label rows keyed by scan id (rows keyed by source matched through the store) and the store's
+    manifest rows (empty without a store)."""
     if store_path is None:
         if any(not row.get("scan_id") for row in labels.rows):
             raise InputError(f"{labels.origin}: labels keyed by source need --store to find their scans")
-        return labels.rows, {}
+        return labels.rows, []
     store = Store(store_path)
     rows, unmatched = match_to_store(labels, store.rows)
     if unmatched:
         notes.append(f"{unmatched} label rows match no scan of the store")
-    return rows, {row["scan_id"]: row.get("patient_key", "") for row in store.rows}
+    return rows, store.rows
 
 
 @dataclass

@@ -12,8 +12,14 @@ A predictions folder holds:
   from a random init; the floors ``random-init`` and ``hu-histogram`` of ``FLOORS``); ``label_fraction`` (share
   of the training labels used, e.g. 0.01); ``seed`` (of the training subset and fit); and the optional
   ``shots`` (N positives and N negatives trained on; ``label_fraction`` is then empty).
+  Optional columns (``OPTIONAL_COLUMNS``): ``probability`` (a calibrated probability in [0, 1]: the
+  calibration plot uses it; without it, the logistic of the score, labelled uncalibrated) and
+  ``threshold_spec90`` / ``threshold_spec95`` (decision thresholds on ``score`` chosen on the validation
+  split to reach 90% / 95% specificity: the operating points use them; without them, the thresholds are
+  set on the test set itself, labelled optimistic).
 - ``run.json``: the config and model identity behind the scores (embeddings or checkpoint path and its
-  sha256, method, splits...). ``evaluate`` and ``report`` copy it next to every number.
+  sha256, method, splits, the cohort table per site and split, the fits with their training-set sizes...).
+  ``evaluate`` and ``report`` copy it next to every number.
 
 Averaging over seeds
 --------------------
@@ -23,17 +29,28 @@ per seed and then averaged over seeds, and its 95% CI comes from a patient-level
 seed-averaged metric: each replicate resamples patients (all their scans together), recomputes the
 metric of every seed on that resample, and averages. The spread over seeds alone is reported as
 ``auroc_seed_sd``. The same resampled patients serve every model and arm of a finding and site group,
-which makes the paired comparisons paired.
+which makes the paired comparisons paired. A set with fewer than ``metrics.MIN_PER_CLASS`` positives or
+negatives is not estimable: its row carries the reason in ``note`` and no metric.
 
-Paired comparisons
-------------------
+Paired comparisons: one method for CI and p-value
+-------------------------------------------------
 For every finding, budget and site group, each pair of (model, arm) systems is compared on the scans
-both scored: the AUROC difference (a - b) with its paired-bootstrap 95% CI and two-sided bootstrap
-p-value (2 x (replicates on the far side of 0, plus 1) / (resamples + 1)), and DeLong's paired test on
-the scores averaged over seeds (exact for one seed; scans treated as independent, unlike the bootstrap,
-which keeps patients together). :func:`arm_effects` reads them as pretrained - baseline: against the
-scratch twin (:func:`pretraining_effects`: what pretraining buys) and against each floor of ``FLOORS``
-(a pretrained arm clears a floor where the difference's CI lies above 0).
+both scored: the difference (a - b) of their seed-averaged AUROCs, the very numbers of the metrics
+table. Its 95% CI and its two-sided p-value both come from its standard error over the paired
+patient-level bootstrap replicates (``metrics.bootstrap_difference_test``), so the CI excludes 0 exactly
+when p < 0.05. ``primary`` marks the comparisons the verdicts rest on (a pretrained system against a
+floor, or against its scratch twin); ``p_holm`` is Holm's adjustment over them (over every comparison
+when none is primary). :func:`arm_effects` reads them as pretrained - baseline:
+against the scratch twin (:func:`pretraining_effects`: what pretraining buys) and against each floor of
+``FLOORS`` (a pretrained arm clears a floor where the difference's CI lies above 0).
+
+Operating points and calibration
+--------------------------------
+At 90% and 95% target specificity: sensitivity, specificity, PPV and NPV (at the test set's prevalence)
+with bootstrap CIs, per seed then averaged. With the threshold columns the thresholds stay fixed; without
+them each replicate chooses its threshold again on the resampled test scans (so the sensitivity is the
+``sens_at_spec90`` of the metrics). Calibration: the expected calibration error over 10 equal-width bins
+(``ece``, with CI) and the reliability diagram's bins, pooled over seeds.
 """
 
 from __future__ import annotations
@@ -47,16 +64,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 
-from fmct.eval import metrics as M
 from fmct.atomic import atomic_write_text
-from fmct.tables import rows_to_csv
 from fmct.errors import InputError
+from fmct.eval import metrics as M
+from fmct.eval.cohort import NOT_RECORDED, scanner_name, site_split_table
+from fmct.store import Store
+from fmct.tables import rows_to_csv
 
 PREDICTION_COLUMNS = [
     "scan_id", "patient_id", "site", "split", "finding", "label", "score",
     "model", "arm", "label_fraction", "seed", "shots",
 ]
+# Target specificity -> the column holding the threshold chosen on validation to reach it.
+OPERATING_POINTS = {0.90: "threshold_spec90", 0.95: "threshold_spec95"}
+OPTIONAL_COLUMNS = ["probability", *OPERATING_POINTS.values()]
+THRESHOLD_ON_VALIDATION = "threshold chosen on validation"
+THRESHOLD_ON_TEST = "threshold set on the test set (optimistic)"
+PROBABILITY_COLUMN = "probability column"
+UNCALIBRATED = "logistic of the score (uncalibrated)"
+P_VALUE_METHOD = (
+    "paired patient-level bootstrap of the difference of seed-averaged AUROCs (the same resampled patients "
+    "for both systems and every seed); CI = difference +- z x its bootstrap standard error and two-sided "
+    "p = 2 (1 - Phi(|difference| / SE)), so the CI excludes 0 exactly when p < 1 - level; Holm's adjustment "
+    "across the primary comparisons (pretrained vs each floor and vs its scratch twin)"
+)
 METRIC_NAMES = ("auroc", "auprc", "sens_at_spec90", "sens_at_spec95")
 GROUPS = {"test": "ID", "ood": "OOD"}  # split -> site group
 # The floors every pretrained arm must beat (arm -> what it is), each probed like the pretrained backbone.
@@ -69,15 +102,21 @@ ROC_GRID = np.linspace(0.0, 1.0, 101)
 
 # ----------------------------------------------------------------------------------- the format
 def write_predictions(folder: str | os.PathLike, rows: list[dict], run: dict) -> None:
-    """Write ``predictions.csv`` (columns ``PREDICTION_COLUMNS``) and ``run.json`` into ``folder``, atomically."""
+    """Write ``predictions.csv`` (columns ``PREDICTION_COLUMNS``, then any of ``OPTIONAL_COLUMNS`` a row
+    has) and ``run.json`` into ``folder``, atomically."""
     folder = Path(folder)
+    optional = [c for c in OPTIONAL_COLUMNS if any(c in row for row in rows)]
     atomic_write_text(folder / "run.json", json.dumps(run, indent=2, sort_keys=True, default=str))
-    atomic_write_text(folder / "predictions.csv", rows_to_csv(rows, PREDICTION_COLUMNS))
+    atomic_write_text(folder / "predictions.csv", rows_to_csv(rows, PREDICTION_COLUMNS + optional))
 
 
 @dataclass
 class Predictions:
-    """One predictions folder: its rows as columns of arrays, and its run.json."""
+    """One predictions folder: its rows as columns of arrays, and its run.json.
+
+    ``columns`` holds every column of ``PREDICTION_COLUMNS`` (strings; ``label`` and ``score`` floats) and of
+    ``OPTIONAL_COLUMNS`` (floats, NaN where empty or absent).
+    """
 
     path: Path
     columns: dict[str, np.ndarray]
@@ -98,22 +137,102 @@ def read_predictions(folder: str | os.PathLike) -> Predictions:
         raw = list(reader)
     columns = {c: np.array([row.get(c) or "" for row in raw], dtype=str) for c in PREDICTION_COLUMNS}
     try:
-        columns["label"] = columns["label"].astype(float)
-        columns["score"] = columns["score"].astype(float)
+        for name in ("label", "score"):
+            columns[name] = columns[name].astype(float)
+        for name in OPTIONAL_COLUMNS:
+            columns[name] = np.array([float(row.get(name) or "nan") for row in raw])
     except ValueError as error:
-        raise InputError(f"{csv_path}: label and score must be numbers ({error})") from None
+        raise InputError(f"{csv_path}: label, score, probability and thresholds must be numbers ({error})") from None
     if not np.all(np.isin(columns["label"], (0.0, 1.0))):
         raise InputError(f"{csv_path}: label must be 0 or 1")
     if not np.all(np.isfinite(columns["score"])):
         raise InputError(f"{csv_path}: score must be finite")
+    probability = columns["probability"]
+    if np.any((probability < 0) | (probability > 1)):
+        raise InputError(f"{csv_path}: probability must lie in [0, 1]")
     run_path = folder / "run.json"
-    run = json.loads(run_path.read_text()) if run_path.exists() else {}
+    try:
+        run = json.loads(run_path.read_text()) if run_path.exists() else {}
+    except json.JSONDecodeError as error:
+        raise InputError(f"{run_path}: not JSON ({error})") from None
     return Predictions(path=folder, columns=columns, run=run)
 
 
 def budget_name(label_fraction: str, shots: str) -> str:
     """How a label budget is shown: ``0.1`` for a label fraction, ``16 shots`` for N shots."""
     return f"{shots} shots" if shots else label_fraction
+
+
+def training_sizes(predictions: Predictions) -> np.ndarray:
+    """Per prediction row, the number of labelled scans its fit trained on (NaN where run.json does not say).
+
+    Read from run.json's ``fits``: probe records ``finding, n_train_pos, n_train_neg`` per fit, finetune
+    ``per_finding: {finding: {n_train_pos, n_train_neg}}``; both with ``label_fraction, shots, seed``.
+    """
+    sizes = {}
+    for fit in predictions.run.get("fits") or []:
+        per_finding = fit.get("per_finding") or ({fit["finding"]: fit} if "finding" in fit else {})
+        for finding, counts in per_finding.items():
+            if "n_train_pos" in counts and "n_train_neg" in counts:
+                key = (finding, _number_key(fit.get("label_fraction")), _number_key(fit.get("shots")), _number_key(fit.get("seed")))
+                sizes[key] = counts["n_train_pos"] + counts["n_train_neg"]
+    c = predictions.columns
+    return np.array([
+        sizes.get((f, _number_key(fraction), _number_key(shots), _number_key(seed)), np.nan)
+        for f, fraction, shots, seed in zip(c["finding"], c["label_fraction"], c["shots"], c["seed"])
+    ], dtype=np.float64)
+
+
+def _number_key(value) -> str:
+    """``0.1``, ``"0.1"`` and ``"0.10"`` alike (budgets and seeds as run.json and predictions.csv write them)."""
+    if value is None or value == "":
+        return ""
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# -------------------------------------------------------------------------------------- the cohort
+def cohort_tables(loaded: list[Predictions]) -> list[dict]:
+    """The cohort table (:func:`fmct.eval.cohort.site_split_table`) of each predictions folder, identical
+    tables merged: ``{"folders": [...], "source", "rows"}``.
+
+    From run.json's ``cohort`` record (every split, scanners from the store) when it has one; else from the
+    predictions themselves (the evaluated splits only), with scanners from the manifest of the store that
+    run.json names, when that store is there.
+    """
+    tables: list[dict] = []
+    for p in loaded:
+        if p.run.get("cohort"):
+            rows, source = p.run["cohort"], "run.json"
+        else:
+            rows, source = _cohort_from_predictions(p), "predictions.csv (evaluated splits only)"
+        same = next((t for t in tables if t["rows"] == rows), None)
+        if same:
+            same["folders"].append(str(p.path))
+        else:
+            tables.append({"folders": [str(p.path)], "source": source, "rows": rows})
+    return tables
+
+
+def _cohort_from_predictions(p: Predictions) -> list[dict]:
+    c = p.columns
+    scan_ids, first = np.unique(c["scan_id"], return_index=True)
+    findings = sorted(set(c["finding"].tolist()))
+    labels = np.full((len(scan_ids), len(findings)), np.nan)
+    labels[np.searchsorted(scan_ids, c["scan_id"]), np.searchsorted(findings, c["finding"])] = c["label"]
+    patients = np.where(c["patient_id"][first] != "", c["patient_id"][first], scan_ids)
+    scanner_of = _store_scanners(p.run.get("store"))
+    scanners = np.array([scanner_of.get(s, NOT_RECORDED) for s in scan_ids])
+    return site_split_table(patients, c["site"][first], c["split"][first], scanners, findings, labels)
+
+
+def _store_scanners(store_path: str | None) -> dict[str, str]:
+    """Scan id -> scanner from the manifest of the store run.json names (empty when it is not there)."""
+    if not store_path or not (Path(store_path) / "scans").is_dir():
+        return {}
+    return {row["scan_id"]: scanner_name(row) for row in Store(store_path).rows}
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -124,37 +243,68 @@ class Evaluation:
     roc: list[dict]
     runs: list[dict]
     settings: dict
+    operating_points: list[dict] = field(default_factory=list)
+    calibration: list[dict] = field(default_factory=list)
+    cohorts: list[dict] = field(default_factory=list)
 
 
 def evaluate(
     folders: list[str | os.PathLike], n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
 ) -> Evaluation:
-    """Metrics per (model, arm, finding, budget, site group) with CIs, and paired comparisons.
+    """Metrics per (model, arm, finding, budget, site group) with CIs, paired comparisons with Holm-adjusted
+    p-values, operating points, calibration and the cohort tables.
 
     Only rows of split ``test`` (group ID) and ``ood`` (group OOD) count. See the module docstring for
     how seeds are averaged and how pairs are compared.
     """
     loaded = [read_predictions(f) for f in folders]
-    table = {c: np.concatenate([p.columns[c] for p in loaded]) for c in PREDICTION_COLUMNS}
+    for p in loaded:
+        p.columns["n_train"] = training_sizes(p)
+    names = PREDICTION_COLUMNS + OPTIONAL_COLUMNS + ["n_train"]
+    table = {c: np.concatenate([p.columns[c] for p in loaded]) for c in names}
     keep = np.isin(table["split"], list(GROUPS))
     table = {c: v[keep] for c, v in table.items()}
     if not keep.any():
         raise InputError("no prediction has split test or ood: nothing to evaluate")
     table["group"] = np.array([GROUPS[s] for s in table["split"]])
     table["patient"] = np.where(table["patient_id"] != "", table["patient_id"], table["scan_id"])
-    settings = {"n_bootstrap": n_bootstrap, "seed": seed, "level": level}
+    settings = {"n_bootstrap": n_bootstrap, "seed": seed, "level": level, "min_per_class": M.MIN_PER_CLASS,
+                "p_value_method": P_VALUE_METHOD}
 
-    metric_rows, comparison_rows, roc_rows = [], [], []
+    evaluation = Evaluation([], [], [], [{"path": str(p.path), "run": p.run} for p in loaded], settings,
+                            cohorts=cohort_tables(loaded))
     for finding in sorted(set(table["finding"])):
         for group in ("ID", "OOD"):
             part = (table["finding"] == finding) & (table["group"] == group)
             if part.any():
                 cell = _Cell({c: v[part] for c, v in table.items()}, finding, group, n_bootstrap, seed)
-                metric_rows += cell.metric_rows(level)
-                comparison_rows += cell.comparison_rows(level)
-                roc_rows += cell.roc_rows()
-    runs = [{"path": str(p.path), "run": p.run} for p in loaded]
-    return Evaluation(metric_rows, comparison_rows, roc_rows, runs, settings)
+                evaluation.metrics += cell.metric_rows(level)
+                evaluation.comparisons += cell.comparison_rows(level)
+                evaluation.roc += cell.roc_rows()
+                evaluation.operating_points += cell.operating_point_rows(level)
+                evaluation.calibration += cell.calibration_rows()
+    evaluation.comparisons = with_holm(evaluation.comparisons)
+    return evaluation
+
+
+def with_holm(comparisons: list[dict]) -> list[dict]:
+    """The comparisons with ``p_holm``: Holm's adjustment of ``p_bootstrap`` over the family, the primary
+    comparisons (a pretrained system against a floor or its scratch twin, the ones the report's verdicts
+    rest on) when there is one, else every comparison. Not estimable ones have no p-value and are not in
+    the family; outside it ``p_holm`` is NaN (exploratory, unadjusted)."""
+    family = [bool(c.get("primary")) for c in comparisons]
+    if not any(family):
+        family = [True] * len(comparisons)
+    adjusted = M.holm([_float(c.get("p_bootstrap")) if member else float("nan") for c, member in zip(comparisons, family)])
+    return [{**c, "p_holm": float(p)} for c, p in zip(comparisons, adjusted)]
+
+
+def _is_primary(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether systems ``a`` and ``b`` (model, arm) are a pretrained system and a floor, or a pretrained
+    model and its scratch twin (same model name): the pairs of :func:`arm_effects`."""
+    (model_a, arm_a), (model_b, arm_b) = a, b
+    arms = {arm_a, arm_b}
+    return "pretrained" in arms and (bool(arms & set(FLOORS)) or (arms == {"pretrained", "scratch"} and model_a == model_b))
 
 
 class _Cell:
@@ -162,6 +312,9 @@ class _Cell:
 
     ``scores[system, budget]`` is an (n_seeds, n_scans) array with a matching 0/1 ``present`` mask: a scan a
     system did not score weighs 0, so every system shares the scan axis and the bootstrap weights.
+    ``probabilities`` is the same with the optional probability column (NaN where absent); ``thresholds``
+    holds per target specificity an (n_seeds,) array of validation thresholds (NaN where absent);
+    ``n_train`` the (n_seeds,) training-set sizes.
     """
 
     def __init__(self, rows: dict, finding: str, group: str, n_bootstrap: int, seed: int):
@@ -189,6 +342,9 @@ class _Cell:
 
         self.scores: dict[tuple, np.ndarray] = {}
         self.present: dict[tuple, np.ndarray] = {}
+        self.probabilities: dict[tuple, np.ndarray] = {}
+        self.thresholds: dict[tuple, dict[float, np.ndarray]] = {}
+        self.n_train: dict[tuple, np.ndarray] = {}
         self.seeds: dict[tuple, list[str]] = {}
         keys = zip(rows["model"], rows["arm"], rows["label_fraction"], rows["shots"])
         groups: dict[tuple, list[int]] = {}
@@ -197,37 +353,71 @@ class _Cell:
         for key, members in groups.items():
             members = np.asarray(members)
             seeds = sorted(set(rows["seed"][members]), key=_numeric_first)
-            scores = np.zeros((len(seeds), len(self.scan_ids)))
-            present = np.zeros((len(seeds), len(self.scan_ids)))
+            shape = (len(seeds), len(self.scan_ids))
+            scores, present, probabilities = np.zeros(shape), np.zeros(shape), np.full(shape, np.nan)
+            thresholds = {target: np.full(len(seeds), np.nan) for target in OPERATING_POINTS}
+            n_train = np.full(len(seeds), np.nan)
             for s, seed_name in enumerate(seeds):
                 mine = members[rows["seed"][members] == seed_name]
                 scores[s, scan_index[mine]] = rows["score"][mine]
                 present[s, scan_index[mine]] = 1.0
+                probabilities[s, scan_index[mine]] = rows["probability"][mine]
+                n_train[s] = np.nanmax(rows["n_train"][mine]) if np.isfinite(rows["n_train"][mine]).any() else np.nan
+                for target, column in OPERATING_POINTS.items():
+                    values = np.unique(rows[column][mine][np.isfinite(rows[column][mine])])
+                    if len(values) > 1:
+                        raise InputError(f"{column} of {key[0][0]} ({key[0][1]}), {finding}, seed {seed_name}: "
+                                         "one fit has one threshold, these rows disagree")
+                    thresholds[target][s] = values[0] if len(values) else np.nan
             self.scores[key], self.present[key], self.seeds[key] = scores, present, seeds
+            self.probabilities[key], self.thresholds[key], self.n_train[key] = probabilities, thresholds, n_train
+
+    def _not_estimable(self, scored: np.ndarray) -> str | None:
+        """Why the scans of mask ``scored`` (n_scans,) bear no metric, or None."""
+        return M.not_estimable_reason(int(np.sum(self.labels[scored] == 1)), int(np.sum(self.labels[scored] == 0)))
 
     def _seed_metrics(self, key: tuple, mask: np.ndarray) -> dict:
         """Every metric for every seed and replicate: arrays (n_seeds, 1 + n_bootstrap)."""
         per_seed = [M.detection_metrics(self.labels, s, self.weights * m) for s, m in zip(self.scores[key], mask)]
         return {name: np.stack([p[name] for p in per_seed]) for name in METRIC_NAMES}
 
+    def _probabilities(self, key: tuple) -> tuple[np.ndarray, str]:
+        """(n_seeds, n_scans) probabilities (0 where not scored) and where they come from."""
+        present = self.present[key] > 0
+        given = self.probabilities[key]
+        if np.all(np.isfinite(given[present])):
+            return np.where(present, given, 0.0), PROBABILITY_COLUMN
+        return np.where(present, expit(self.scores[key]), 0.0), UNCALIBRATED
+
+    def _described(self, key: tuple) -> dict:
+        (model, arm), (fraction, shots) = key
+        scored = self.present[key].max(axis=0) > 0
+        return {
+            "model": model, "arm": arm, "finding": self.finding, "label_fraction": fraction, "shots": shots,
+            "budget": budget_name(fraction, shots), "group": self.group, "sites": ";".join(self.sites),
+            "n_scans": int(scored.sum()), "n_patients": len(set(self.patients[scored])),
+            "n_pos": int((self.labels[scored] == 1).sum()), "n_neg": int((self.labels[scored] == 0).sum()),
+            "n_seeds": len(self.seeds[key]),
+        }
+
     def metric_rows(self, level: float) -> list[dict]:
         rows = []
         for key in sorted(self.scores, key=_key_order):
-            (model, arm), (fraction, shots) = key
             present = self.present[key]
+            note = self._not_estimable(present.max(axis=0) > 0)
+            n_train = self.n_train[key]
+            row = {**self._described(key), "note": note or "",
+                   "n_train": float(np.mean(n_train)) if np.isfinite(n_train).all() else float("nan")}
+            probabilities, row["probability_source"] = self._probabilities(key)
+            row.update(dict.fromkeys(METRIC_VALUE_COLUMNS, float("nan")))
+            if note:
+                rows.append(row)
+                continue
             values = self._seed_metrics(key, present)
-            scored = present.max(axis=0) > 0
-            row = {
-                "model": model, "arm": arm, "finding": self.finding, "label_fraction": fraction, "shots": shots,
-                "budget": budget_name(fraction, shots), "group": self.group, "sites": ";".join(self.sites),
-                "n_scans": int(scored.sum()), "n_patients": len(set(self.patients[scored])),
-                "n_pos": int((self.labels[scored] == 1).sum()), "n_neg": int((self.labels[scored] == 0).sum()),
-                "n_seeds": len(self.seeds[key]),
-            }
-            for name in METRIC_NAMES:
-                seed_mean = values[name].mean(axis=0)  # (1 + n_bootstrap,)
-                row[name] = float(seed_mean[0])
-                row[f"{name}_lo"], row[f"{name}_hi"] = M.percentile_interval(seed_mean[1:], level)
+            values["ece"] = np.stack([M.expected_calibration_error(self.labels, p, self.weights * m)
+                                      for p, m in zip(probabilities, present)])
+            for name, per_seed in values.items():
+                row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _seed_mean_with_ci(per_seed, level)
             point = values["auroc"][:, 0]
             row["auroc_seed_sd"] = float(np.std(point, ddof=1)) if len(point) > 1 else 0.0
             rows.append(row)
@@ -241,33 +431,82 @@ class _Cell:
             for a, b in itertools.combinations(systems, 2):
                 key_a, key_b = (a, budget), (b, budget)
                 # Scans scored by every seed of both systems.
-                common = (self.present[key_a].min(axis=0) * self.present[key_b].min(axis=0))[None, :]
-                if not ((self.labels[common[0] > 0] == 1).any() and (self.labels[common[0] > 0] == 0).any()):
+                common = self.present[key_a].min(axis=0) * self.present[key_b].min(axis=0)
+                on = common > 0
+                if not on.any():
                     continue
-                auc_a, auc_b = (
-                    np.mean([M.auroc(self.labels, scores, self.weights * common) for scores in self.scores[key]], axis=0)
-                    for key in (key_a, key_b)
-                )
-                difference = auc_a - auc_b
-                replicates = difference[1:][np.isfinite(difference[1:])]
-                # Two-sided, counting the observed sample as one replicate, so p is never 0 (at least 2 / (R + 1)).
-                tail = min(np.sum(replicates <= 0), np.sum(replicates >= 0)) + 1
-                p_bootstrap = min(1.0, 2.0 * tail / (replicates.size + 1)) if replicates.size else float("nan")
-                on = common[0] > 0
-                try:
-                    test = M.delong_test(
-                        self.labels[on], self.scores[key_a][:, on].mean(axis=0), self.scores[key_b][:, on].mean(axis=0)
-                    )
-                    p_delong = test["p_value"]
-                except ValueError:  # fewer than two scans of a class: no DeLong variance
-                    p_delong = float("nan")
-                low, high = M.percentile_interval(difference[1:], level)
-                rows.append({
+                row = {
                     "finding": self.finding, "group": self.group, "label_fraction": budget[0], "shots": budget[1],
                     "budget": budget_name(*budget), "model_a": a[0], "arm_a": a[1], "model_b": b[0], "arm_b": b[1],
-                    "n_scans": int(on.sum()), "auroc_a": float(auc_a[0]), "auroc_b": float(auc_b[0]),
-                    "auroc_diff": float(difference[0]), "auroc_diff_lo": low, "auroc_diff_hi": high,
-                    "p_bootstrap": float(p_bootstrap), "p_delong": p_delong,
+                    "n_scans": int(on.sum()), "n_pos": int(np.sum(self.labels[on] == 1)),
+                    "n_neg": int(np.sum(self.labels[on] == 0)), "note": self._not_estimable(on) or "",
+                    "primary": _is_primary(a, b),
+                    **dict.fromkeys(("auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo", "auroc_diff_hi",
+                                     "p_bootstrap"), float("nan")),
+                }
+                if not row["note"]:
+                    auc_a, auc_b = (
+                        np.mean([M.auroc(self.labels, scores, self.weights * common) for scores in self.scores[key]], axis=0)
+                        for key in (key_a, key_b)
+                    )
+                    difference = auc_a - auc_b
+                    test = M.bootstrap_difference_test(float(difference[0]), difference[1:], level)
+                    row.update({"auroc_a": float(auc_a[0]), "auroc_b": float(auc_b[0]), "auroc_diff": float(difference[0]),
+                                "auroc_diff_se": test["se"], "auroc_diff_lo": test["low"], "auroc_diff_hi": test["high"],
+                                "p_bootstrap": test["p_value"]})
+                rows.append(row)
+        return rows
+
+    def operating_point_rows(self, level: float) -> list[dict]:
+        """Sensitivity, specificity, PPV and NPV at each target specificity of ``OPERATING_POINTS``."""
+        rows = []
+        for key in sorted(self.scores, key=_key_order):
+            present = self.present[key]
+            note = self._not_estimable(present.max(axis=0) > 0)
+            for target, column in OPERATING_POINTS.items():
+                thresholds = self.thresholds[key][target]
+                validated = bool(np.isfinite(thresholds).all())
+                row = {**self._described(key), "target_specificity": target, "note": note or "",
+                       "threshold_source": THRESHOLD_ON_VALIDATION if validated else THRESHOLD_ON_TEST,
+                       **dict.fromkeys(OPERATING_POINT_VALUE_COLUMNS, float("nan"))}
+                if note:
+                    rows.append(row)
+                    continue
+                per_seed = []
+                for s, (scores, mask) in enumerate(zip(self.scores[key], present)):
+                    weights = self.weights * mask
+                    if validated:
+                        rates = M.operating_point(self.labels, scores, thresholds[s], weights)
+                        rates["threshold"] = np.full(len(weights), thresholds[s])
+                    else:
+                        rates = M.operating_point_at_specificity(self.labels, scores, target, weights)
+                    per_seed.append(rates)
+                row["threshold"] = float(np.mean([rates["threshold"][0] for rates in per_seed]))
+                for name in M.OPERATING_POINT_NAMES:
+                    per_name = np.stack([rates[name] for rates in per_seed])
+                    row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _seed_mean_with_ci(per_name, level)
+                rows.append(row)
+        return rows
+
+    def calibration_rows(self) -> list[dict]:
+        """The reliability diagram: per probability bin with scans, the mean probability and the observed
+        rate of positives, pooled over seeds (``n_scans``: scans per seed in the bin)."""
+        rows = []
+        for key in sorted(self.scores, key=_key_order):
+            present = self.present[key]
+            if self._not_estimable(present.max(axis=0) > 0):
+                continue
+            probabilities, source = self._probabilities(key)
+            binned = [M.calibration_bins(self.labels, p, m) for p, m in zip(probabilities, present)]
+            counts, probability_sums, label_sums = (np.sum([b[i] for b in binned], axis=0) for i in range(3))
+            (model, arm), (fraction, shots) = key
+            for b in np.flatnonzero(counts > 0):
+                rows.append({
+                    "model": model, "arm": arm, "finding": self.finding, "label_fraction": fraction, "shots": shots,
+                    "group": self.group, "probability_source": source, "bin_low": b / M.CALIBRATION_BINS,
+                    "bin_high": (b + 1) / M.CALIBRATION_BINS, "n_scans": float(counts[b] / len(binned)),
+                    "mean_probability": float(probability_sums[b] / counts[b]),
+                    "observed_rate": float(label_sums[b] / counts[b]),
                 })
         return rows
 
@@ -276,6 +515,8 @@ class _Cell:
         rows = []
         for key in sorted(self.scores, key=_key_order):
             (model, arm), (fraction, shots) = key
+            if self._not_estimable(self.present[key].max(axis=0) > 0):
+                continue
             curves = []
             for scores, present in zip(self.scores[key], self.present[key]):
                 on = present > 0
@@ -292,6 +533,12 @@ class _Cell:
                         "shots": shots, "group": self.group, "fpr": float(fpr_value), "tpr": float(tpr_value),
                     })
         return rows
+
+
+def _seed_mean_with_ci(per_seed: np.ndarray, level: float) -> tuple[float, float, float]:
+    """(n_seeds, 1 + n_bootstrap) values -> the seed-averaged point estimate and its bootstrap CI."""
+    seed_mean = per_seed.mean(axis=0)
+    return (float(seed_mean[0]), *M.percentile_interval(seed_mean[1:], level))
 
 
 def _numeric_first(text: str) -> tuple:
@@ -319,27 +566,41 @@ def _key_order(key: tuple) -> tuple:
     return (_system_order(system), _budget_order(budget))
 
 
+def _float(value) -> float:
+    return float("nan") if value is None or value == "" else float(value)
+
+
 # ---------------------------------------------------------------------------------------- output
-METRIC_COLUMNS = [
-    "model", "arm", "finding", "label_fraction", "shots", "budget", "group", "sites", "n_scans", "n_patients",
-    "n_pos", "n_neg", "n_seeds",
-    *[f"{name}{suffix}" for name in METRIC_NAMES for suffix in ("", "_lo", "_hi")],
-    "auroc_seed_sd",
+_ROW_KEYS = ["model", "arm", "finding", "label_fraction", "shots", "budget", "group", "sites", "n_scans", "n_patients",
+             "n_pos", "n_neg", "n_seeds"]
+METRIC_VALUE_COLUMNS = [
+    *[f"{name}{suffix}" for name in (*METRIC_NAMES, "ece") for suffix in ("", "_lo", "_hi")], "auroc_seed_sd",
 ]
+METRIC_COLUMNS = [*_ROW_KEYS, "n_train", "note", *METRIC_VALUE_COLUMNS, "probability_source"]
 COMPARISON_COLUMNS = [
     "finding", "group", "label_fraction", "shots", "budget", "model_a", "arm_a", "model_b", "arm_b", "n_scans",
-    "auroc_a", "auroc_b", "auroc_diff", "auroc_diff_lo", "auroc_diff_hi", "p_bootstrap", "p_delong",
+    "n_pos", "n_neg", "note", "primary", "auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo",
+    "auroc_diff_hi", "p_bootstrap", "p_holm",
 ]
+OPERATING_POINT_VALUE_COLUMNS = [
+    "threshold", *[f"{name}{suffix}" for name in M.OPERATING_POINT_NAMES for suffix in ("", "_lo", "_hi")],
+]
+OPERATING_POINT_COLUMNS = [*_ROW_KEYS, "note", "target_specificity", "threshold_source", *OPERATING_POINT_VALUE_COLUMNS]
+CALIBRATION_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "probability_source",
+                       "bin_low", "bin_high", "n_scans", "mean_probability", "observed_rate"]
 ROC_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "fpr", "tpr"]
 
 
 def arm_effects(comparisons: list[dict], baseline_arm: str, same_model: bool = False) -> list[dict]:
-    """Every comparison of a pretrained system with a ``baseline_arm`` system (of the same model name when
-    ``same_model``), turned to read pretrained - baseline: ``model, baseline_model, finding, group, budget,
-    label_fraction, diff, low, high, p_bootstrap`` (AUROC difference and its paired-bootstrap CI)."""
+    """Every estimable comparison of a pretrained system with a ``baseline_arm`` system (of the same model
+    name when ``same_model``), turned to read pretrained - baseline: ``model, baseline_model, finding, group,
+    budget, label_fraction, diff, low, high, p_bootstrap, p_holm`` (AUROC difference, its paired-bootstrap CI
+    and p-values)."""
     effects = []
     for c in comparisons:
         if {c["arm_a"], c["arm_b"]} != {"pretrained", baseline_arm} or (same_model and c["model_a"] != c["model_b"]):
+            continue
+        if not math.isfinite(_float(c.get("auroc_diff"))):  # not estimable
             continue
         pretrained_first = c["arm_a"] == "pretrained"
         sign = 1.0 if pretrained_first else -1.0
@@ -348,7 +609,7 @@ def arm_effects(comparisons: list[dict], baseline_arm: str, same_model: bool = F
         effects.append({
             "model": model, "baseline_model": baseline_model, "finding": c["finding"], "group": c["group"],
             "budget": c["budget"], "label_fraction": c["label_fraction"], "diff": sign * float(c["auroc_diff"]),
-            "low": low, "high": high, "p_bootstrap": float(c["p_bootstrap"]),
+            "low": low, "high": high, "p_bootstrap": float(c["p_bootstrap"]), "p_holm": _float(c.get("p_holm")),
         })
     return effects
 
@@ -359,22 +620,29 @@ def pretraining_effects(comparisons: list[dict]) -> list[dict]:
 
 
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> None:
-    """Write ``metrics.csv``, ``comparisons.csv``, ``roc.csv`` and ``metrics.json`` (everything) into ``out``."""
+    """Write ``metrics.csv``, ``comparisons.csv``, ``operating_points.csv``, ``calibration.csv``, ``roc.csv``
+    and ``metrics.json`` (everything but the ROC points) into ``out``."""
     out = Path(out)
     atomic_write_text(out / "metrics.csv", rows_to_csv(evaluation.metrics, METRIC_COLUMNS))
     atomic_write_text(out / "comparisons.csv", rows_to_csv(evaluation.comparisons, COMPARISON_COLUMNS))
+    atomic_write_text(out / "operating_points.csv", rows_to_csv(evaluation.operating_points, OPERATING_POINT_COLUMNS))
+    atomic_write_text(out / "calibration.csv", rows_to_csv(evaluation.calibration, CALIBRATION_COLUMNS))
     atomic_write_text(out / "roc.csv", rows_to_csv(evaluation.roc, ROC_COLUMNS))
     document = {
         "settings": evaluation.settings,
         "runs": evaluation.runs,
+        "cohorts": evaluation.cohorts,
         "metrics": evaluation.metrics,
         "comparisons": evaluation.comparisons,
+        "operating_points": evaluation.operating_points,
+        "calibration": evaluation.calibration,
     }
     atomic_write_text(out / "metrics.json", json.dumps(_json_safe(document), indent=2))
 
 
 def read_evaluation(folder: str | os.PathLike) -> Evaluation:
-    """Read what :func:`write_evaluation` wrote."""
+    """Read what :func:`write_evaluation` wrote (a folder from before operating points and calibration
+    existed reads with those empty)."""
     folder = Path(folder)
     try:
         document = json.loads((folder / "metrics.json").read_text())
@@ -384,7 +652,8 @@ def read_evaluation(folder: str | os.PathLike) -> Evaluation:
             ]
     except (OSError, ValueError) as error:
         raise InputError(f"{folder}: not an evaluation folder ({error})") from None
-    return Evaluation(document["metrics"], document["comparisons"], roc, document["runs"], document["settings"])
+    return Evaluation(document["metrics"], document["comparisons"], roc, document["runs"], document["settings"],
+                      document.get("operating_points", []), document.get("calibration", []), document.get("cohorts", []))
 
 
 def _json_safe(value):

@@ -1,4 +1,5 @@
-"""Binary detection metrics with patient-level bootstrap CIs and DeLong's test (numpy/scipy only).
+"""Binary detection metrics, patient-level bootstrap CIs and p-values, Holm's correction, operating
+points and calibration (numpy only).
 
 Every metric is computed from *weighted* counts, so one code path serves the point estimate (all
 weights 1) and every bootstrap replicate (weight = how often the scan's patient was drawn). Weights
@@ -12,12 +13,21 @@ Conventions, used everywhere in fmct:
   ``sklearn.metrics.average_precision_score`` (no interpolation).
 - Sensitivity at specificity s is the highest sensitivity over thresholds whose specificity is >= s.
 - A replicate without a positive or without a negative has no metric: NaN, and is left out of CIs.
+- A set with fewer than :data:`MIN_PER_CLASS` positives or negatives is *not estimable*: its metrics are
+  not reported at all (:func:`not_estimable_reason`), since one scan more or less would swing them.
+- A metric's CI is the percentile interval of its bootstrap replicates. A paired difference gets its CI
+  and p-value from one statistic, its bootstrap standard error (:func:`bootstrap_difference_test`), so
+  a 95% CI excludes 0 exactly when p < 0.05.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import stats
+
+MIN_PER_CLASS = 5  # fewer positives or negatives than this: a metric is not estimable
 
 
 def _checked(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,12 +106,22 @@ def sensitivity_at_specificity(
 
 
 def _sensitivity_at_specificity(tp: np.ndarray, fp: np.ndarray, specificity: float) -> np.ndarray:
-    positives, negatives, valid = _totals(tp, fp)
-    tp, fp = _with_origin(tp), _with_origin(fp)  # the origin: a threshold above every score
+    positives, _, valid = _totals(tp, fp)
+    best_tp, _, _ = _at_specificity(tp, fp, specificity)
+    return np.where(valid, best_tp / positives, np.nan)
+
+
+def _at_specificity(tp: np.ndarray, fp: np.ndarray, specificity: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted (tp, fp) at the lowest threshold whose specificity is >= ``specificity`` (the one with the
+    highest sensitivity), and the index of that threshold among the distinct scores (-1: above every score)."""
+    _, negatives, _ = _totals(tp, fp)
     # Relative slack: (1 - 0.9) * 10 is 0.9999999999999998 in floating point, yet 1 false positive of 10 is allowed.
     allowed = fp <= (1.0 - specificity + 1e-9) * negatives[..., None]
-    best = np.max(np.where(allowed, tp, 0.0), axis=-1)
-    return np.where(valid, best / positives, np.nan)
+    # fp grows as the threshold falls, so the allowed thresholds are a prefix; the last one calls the most positives.
+    index = np.sum(allowed, axis=-1) - 1
+    picked_tp = np.take_along_axis(_with_origin(tp), (index + 1)[..., None], axis=-1)[..., 0]
+    picked_fp = np.take_along_axis(_with_origin(fp), (index + 1)[..., None], axis=-1)[..., 0]
+    return picked_tp, picked_fp, index
 
 
 def threshold_at_specificity(labels: np.ndarray, scores: np.ndarray, specificity: float) -> dict:
@@ -168,45 +188,118 @@ def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[fl
     return float(low), float(high)
 
 
-# ------------------------------------------------------------------------------------------ DeLong
-def delong(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """AUROCs of M score sets on the same scans and their covariance (DeLong, DeLong & Clarke-Pearson 1988).
+def bootstrap_difference_test(difference: float, replicates: np.ndarray, level: float = 0.95) -> dict:
+    """CI and two-sided p-value of a paired difference from one bootstrap: its standard error.
 
-    ``scores`` has shape (M, n). Returns ``(aucs (M,), covariance (M, M))``. Computed with midranks
-    (Sun & Xu 2014), so ties count 1/2 as in :func:`auroc`. Scans are treated as independent.
+    ``se`` is the standard deviation of the finite ``replicates`` of the difference; the CI is
+    ``difference +- z se`` with z the normal quantile of ``level``, and ``p = 2 (1 - Phi(|difference| / se))``
+    (the bootstrap test of pROC's ``roc.test``). Both come from the same (difference, se), so the CI
+    excludes 0 exactly when p < 1 - level; and p, unlike a count of replicates beyond 0, is not limited to
+    multiples of 1 / R, so Holm's adjustment over many comparisons stays meaningful. Returns ``se, low,
+    high, p_value`` (NaN with fewer than two finite replicates; p is 1 for a zero difference of zero se).
     """
-    labels = np.asarray(labels)
-    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
-    positive = scores[:, labels == 1]
-    negative = scores[:, labels == 0]
-    m, n = positive.shape[1], negative.shape[1]
-    if m < 2 or n < 2:
-        raise ValueError("DeLong's variance needs at least two positives and two negatives")
-    rank_positive = stats.rankdata(positive, axis=1)
-    rank_negative = stats.rankdata(negative, axis=1)
-    rank_all = stats.rankdata(np.concatenate([positive, negative], axis=1), axis=1)
-    # Structural components: per positive, the share of negatives it outranks; per negative, the share
-    # of positives that outrank it.
-    v10 = (rank_all[:, :m] - rank_positive) / n
-    v01 = 1.0 - (rank_all[:, m:] - rank_negative) / m
-    aucs = v10.mean(axis=1)
-    covariance = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return aucs, covariance
-
-
-def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
-    """Paired DeLong test of AUROC(a) = AUROC(b) on the same scans: AUCs, difference, z and two-sided p."""
-    aucs, cov = delong(labels, np.stack([scores_a, scores_b]))
-    difference = aucs[0] - aucs[1]
-    variance = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
-    if variance <= 0:
-        z = 0.0 if difference == 0 else float(np.sign(difference) * np.inf)
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size < 2 or not math.isfinite(difference):
+        return {"se": float("nan"), "low": float("nan"), "high": float("nan"), "p_value": float("nan")}
+    se = float(np.std(finite, ddof=1))
+    z = stats.norm.ppf(0.5 + level / 2.0)
+    if se > 0:
+        p_value = 2.0 * stats.norm.sf(abs(difference) / se)
     else:
-        z = float(difference / np.sqrt(variance))
-    return {
-        "auroc_a": float(aucs[0]),
-        "auroc_b": float(aucs[1]),
-        "difference": float(difference),
-        "z": z,
-        "p_value": float(2.0 * stats.norm.sf(abs(z))),
-    }
+        p_value = 1.0 if difference == 0 else 0.0
+    return {"se": se, "low": float(difference - z * se), "high": float(difference + z * se), "p_value": float(p_value)}
+
+
+def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (family-wise error rate); NaN entries are not
+    in the family and stay NaN.
+
+    Sorted ascending, the k-th smallest (k from 1) becomes ``max over i <= k of min(1, (m - i + 1) p_(i))``
+    for m finite p-values.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="mergesort")]
+    m = order.size
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted
+
+
+def not_estimable_reason(n_positives: int, n_negatives: int) -> str | None:
+    """Why a metric of a set with these counts is not reported (fewer than :data:`MIN_PER_CLASS` of a class), or None."""
+    short = [f"{n} {kind}" for n, kind in ((n_positives, "positives"), (n_negatives, "negatives")) if n < MIN_PER_CLASS]
+    return f"not estimable: {' and '.join(short)} (fewer than {MIN_PER_CLASS})" if short else None
+
+
+# ------------------------------------------------------------------------------- operating points
+OPERATING_POINT_NAMES = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def operating_point(
+    labels: np.ndarray, scores: np.ndarray, threshold: float, weights: np.ndarray | None = None
+) -> dict:
+    """Sensitivity, specificity, PPV and NPV when every scan with ``score >= threshold`` is called positive.
+
+    Each has shape ``weights.shape[:-1]``; NaN without both classes, a PPV without a positive call and an
+    NPV without a negative call are NaN too. PPV and NPV hold at this set's prevalence only.
+    """
+    labels, scores = _checked(labels, scores)
+    weights = np.ones_like(scores) if weights is None else np.asarray(weights, dtype=np.float64)
+    called = (scores >= threshold).astype(np.float64)
+    tp = weights @ (labels * called)
+    fp = weights @ ((1.0 - labels) * called)
+    return _rates(tp, fp, weights @ labels, weights @ (1.0 - labels))
+
+
+def operating_point_at_specificity(
+    labels: np.ndarray, scores: np.ndarray, specificity: float, weights: np.ndarray | None = None
+) -> dict:
+    """:func:`operating_point` at the threshold chosen on these very scans: the lowest whose specificity is
+    >= ``specificity`` (the one :func:`sensitivity_at_specificity` uses), chosen again in every replicate.
+
+    Also returns ``threshold`` (the score of that threshold; +inf when even the highest score is too many).
+    A threshold chosen on the test set flatters it: use a threshold chosen on validation when there is one.
+    """
+    tp, fp, thresholds = cumulative_counts(labels, scores, weights)
+    positives, negatives = tp[..., -1], fp[..., -1]
+    picked_tp, picked_fp, index = _at_specificity(tp, fp, specificity)
+    rates = _rates(picked_tp, picked_fp, positives, negatives)
+    rates["threshold"] = np.where(index >= 0, thresholds[np.maximum(index, 0)], np.inf)
+    return rates
+
+
+def _rates(tp: np.ndarray, fp: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> dict:
+    valid = (positives > 0) & (negatives > 0)
+    fn, tn = positives - tp, negatives - fp
+
+    def ratio(a, b):
+        return np.where(valid & (b > 0), a / np.where(b > 0, b, 1.0), np.nan)
+
+    return {"sensitivity": ratio(tp, positives), "specificity": ratio(tn, negatives),
+            "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn)}
+
+
+# ------------------------------------------------------------------------------------ calibration
+CALIBRATION_BINS = 10  # equal-width bins of predicted probability over [0, 1]
+
+
+def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None,
+                     n_bins: int = CALIBRATION_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width probability bin: weighted count, sum of probabilities and sum of labels, each of
+    shape ``weights.shape[:-1] + (n_bins,)``. Bin b holds [b / n_bins, (b + 1) / n_bins), the last one includes 1."""
+    labels, probabilities = _checked(labels, probabilities)
+    if np.any((probabilities < 0) | (probabilities > 1)):
+        raise ValueError("probabilities must lie in [0, 1]")
+    weights = np.ones_like(probabilities) if weights is None else np.asarray(weights, dtype=np.float64)
+    members = np.eye(n_bins)[np.minimum((probabilities * n_bins).astype(int), n_bins - 1)]  # (n, n_bins)
+    return weights @ members, weights @ (members * probabilities[:, None]), weights @ (members * labels[:, None])
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None,
+                               n_bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """ECE: the count-weighted mean over bins of |mean probability - observed rate of positives|, in [0, 1]."""
+    counts, probability_sums, label_sums = calibration_bins(labels, probabilities, weights, n_bins)
+    total = counts.sum(axis=-1)
+    return np.sum(np.abs(probability_sums - label_sums), axis=-1) / np.where(total > 0, total, np.nan)

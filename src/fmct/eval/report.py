@@ -1,41 +1,102 @@
-"""One self-contained HTML report of evaluated predictions (``fmct report``).
+"""One self-contained HTML report of evaluated predictions (``fmct report``), written for the
+clinician-researcher who decides whether a detector is worth a prospective study.
 
-Sections (each an ``<h2 id=...>``): ``summary`` (whether the pretrained arms clear each floor of
-:data:`fmct.eval.evaluate.FLOORS`, random-init and hu-histogram, or that a floor is missing; then what
-pretraining buys: pretrained vs scratch twins, when both arms are present), ``roc`` (ROC curves per
-finding at the largest label budget, ID and OOD side by side, averaged over seeds), ``label-efficiency`` (AUROC vs label fraction with 95% CI bands,
-one line per model and arm), ``id-vs-ood`` (AUROC in- and out-of-distribution with CIs and the drop),
-``comparisons`` (paired AUROC differences with bootstrap CI and p-values), ``metrics`` (every metric
-with its CI) and ``provenance`` (the run.json of every predictions folder behind the numbers).
+Sections (each an ``<h2 id=...>``, listed in :data:`SECTIONS` and in the page's table of contents):
+``summary`` (what was evaluated; whether the pretrained arms clear each floor of
+:data:`fmct.eval.evaluate.FLOORS`, and what pretraining buys over scratch), ``cohort`` (scans, patients,
+prevalence per finding and scanner per site and split), ``metrics`` (AUROC, AUPRC, sensitivity at 90% /
+95% specificity and ECE with CIs; "not estimable" below 5 positives or negatives), ``roc``,
+``label-efficiency`` (AUROC against the number of labelled training scans, log scale, CI bands),
+``operating-points`` (sensitivity, specificity, PPV, NPV at 90% / 95% specificity, saying where each
+threshold was chosen), ``calibration`` (reliability diagrams with ECE), ``id-vs-ood``, ``comparisons``
+(paired AUROC differences: bootstrap CI, raw and Holm-adjusted p), ``examples`` (slices with saliency of
+true and false positives, when the predictions folder has them), ``learning-curves`` (pretraining logs),
+``methods`` and ``provenance`` (every run.json, collapsed).
+
 The figures are embedded as base64 PNGs, so the page opens alone; they are also written as PNG files
-into ``<report name>_figures/`` beside the page.
+into ``<report name>_figures/`` beside the page. Every name from the inputs is HTML-escaped.
+
+Saliency examples: a predictions folder may hold ``saliency/<scan_id>/<finding>.png`` (an overlay of the
+detector's saliency on slices of that scan). For each finding the report then shows up to three true
+and three false positives among the scans with such a PNG, at the 90%-specificity operating point of the
+folder's largest label budget, first seed.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from fmct import hub  # noqa: E402
-from fmct.eval.evaluate import FLOORS, Evaluation, arm_effects, evaluate, pretraining_effects, read_evaluation  # noqa: E402
-from fmct.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from fmct import hub
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.errors import InputError
+from fmct.eval import metrics as M
+from fmct.eval.cohort import NOT_RECORDED
+from fmct.eval.evaluate import (
+    FLOORS, GROUPS, OPERATING_POINTS, PROBABILITY_COLUMN, THRESHOLD_ON_TEST, THRESHOLD_ON_VALIDATION, Evaluation,
+    arm_effects, budget_name, evaluate, pretraining_effects, read_evaluation, read_predictions, with_holm,
+)
+from fmct.eval.report_figures import (
+    as_float, figures as draw_figures, largest_budget, learning_curve_figure, number, png, read_training_log, system_name,
+)
 
-SECTIONS = ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance")
+SECTIONS = {
+    "summary": "Summary",
+    "cohort": "Cohort",
+    "metrics": "Detection metrics",
+    "roc": "ROC curves",
+    "label-efficiency": "Label efficiency",
+    "operating-points": "Operating points",
+    "calibration": "Calibration",
+    "id-vs-ood": "In- vs out-of-distribution",
+    "comparisons": "Paired comparisons",
+    "examples": "Example slices with saliency",
+    "learning-curves": "Pretraining learning curves",
+    "methods": "Methods",
+    "provenance": "Provenance",
+}
+EXAMPLES_PER_KIND = 3  # true positives and false positives shown per finding
+SALIENCY_TARGET = 0.90  # the operating point (specificity) at which examples are called positive
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1180px;margin:auto;padding:1em 1.5em;
+ color:#222;line-height:1.45}
+h1{margin-bottom:.1em}h2{border-bottom:2px solid #dde;padding-bottom:.15em;margin-top:1.8em}h3{margin-bottom:.3em}
+nav.toc{background:#f6f8fa;border:1px solid #dde;padding:.3em 1.4em .5em;display:inline-block;font-size:14px}
+nav.toc ol{margin:.2em 0;padding-left:1.3em;columns:2;column-gap:3em}
+.wrap{overflow-x:auto;margin:.4em 0 1em}
+table{border-collapse:collapse;font-size:13px}
+th{background:#eef1f5;position:sticky;top:0}
+td,th{border:1px solid #ccd;padding:3px 7px;text-align:left;vertical-align:top}
+td{white-space:nowrap}td.w{white-space:normal;min-width:14em}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tbody tr:nth-child(even) td{background:#fafbfc}
+tr.total td{font-weight:600;background:#f1f3f6}
+.ne{color:#9a2b2b;font-style:italic}
+.up{color:#11652a}.down{color:#a11d1d}.flat{color:#555}
+details>summary{font-weight:600;margin:.4em 0}
+.note{background:#fff8e1;border-left:4px solid #e8a900;padding:.35em .8em;margin:.6em 0}
+.muted{color:#666;font-size:13px}
+figure{display:inline-block;margin:6px 10px 6px 0;vertical-align:top}figure img{max-width:100%;height:auto}
+figcaption{font-size:12px;color:#444;max-width:440px}
+details{margin:.3em 0}summary{cursor:pointer}
+pre{background:#f4f4f4;padding:6px;overflow-x:auto;font-size:12px}
+"""
+
+
+class _Html(str):
+    """Markup made here, from escaped parts: :func:`_table` puts it in a cell as it is."""
 
 
 def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, seed: int = 0) -> Evaluation:
-    """Merge evaluation folders (holding metrics.json) and evaluate predictions folders (holding predictions.csv) together."""
+    """Merge evaluation folders (holding metrics.json) and evaluate predictions folders (holding
+    predictions.csv) together; Holm's adjustment is recomputed over the merged comparisons (the family shown)."""
     evaluated, predictions = [], []
     for folder in map(Path, folders):
         if (folder / "metrics.json").exists():
@@ -46,13 +107,10 @@ def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, s
             raise InputError(f"{folder}: neither an evaluation folder (metrics.json) nor a predictions folder (predictions.csv)")
     if predictions:
         evaluated.append(evaluate(predictions, n_bootstrap=n_bootstrap, seed=seed))
-    return Evaluation(
-        metrics=[row for e in evaluated for row in e.metrics],
-        comparisons=[row for e in evaluated for row in e.comparisons],
-        roc=[row for e in evaluated for row in e.roc],
-        runs=[run for e in evaluated for run in e.runs],
-        settings=evaluated[0].settings,
-    )
+    merged = {name: [row for e in evaluated for row in getattr(e, name)]
+              for name in ("metrics", "comparisons", "roc", "runs", "operating_points", "calibration", "cohorts")}
+    merged["comparisons"] = with_holm(merged["comparisons"])
+    return Evaluation(settings=evaluated[0].settings, **merged)
 
 
 def write_report(
@@ -66,131 +124,189 @@ def write_report(
     """
     out = Path(out)
     evaluation = load_evaluation(folders, n_bootstrap=n_bootstrap, seed=seed)
-    figures = _figures(evaluation)
+    figures = draw_figures(evaluation)
     for spec in pretraining:
         log = hub.training_log(spec)
-        figures[f"learning_curve_{Path(str(spec)).name}"] = _png(learning_curve_figure(read_training_log(log), str(spec)))
+        figures[f"learning_curve_{Path(str(spec)).name}"] = png(learning_curve_figure(read_training_log(log), str(spec)))
     figure_dir = out.with_name(out.stem + "_figures")
-    for name, png in figures.items():
-        atomic_write_bytes(figure_dir / f"{name}.png", png)
-    atomic_write_text(out, render_html(evaluation, figures))
+    for name, data in figures.items():
+        atomic_write_bytes(figure_dir / f"{name}.png", data)
+    atomic_write_text(out, render_html(evaluation, figures, saliency_examples(evaluation)))
     return out
 
 
-# --------------------------------------------------------------------------------------- figures
-def _system(row: dict) -> str:
-    return f"{row['model']} ({row['arm']})" if row.get("arm") else row["model"]
+# ------------------------------------------------------------------------------ saliency examples
+def saliency_examples(evaluation: Evaluation, per_kind: int = EXAMPLES_PER_KIND) -> list[dict]:
+    """True and false positives with a saliency PNG, from every predictions folder that has ``saliency/``.
 
-
-def _fraction(row: dict) -> float | None:
-    try:
-        return float(row["label_fraction"]) if not row.get("shots") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _largest_budget(rows: list[dict]) -> tuple[str, str]:
-    budgets = {(r["label_fraction"], r["shots"]) for r in rows}
-    fractions = [b for b in budgets if not b[1]]
-    if fractions:
-        return max(fractions, key=lambda b: float(b[0]))
-    return max(budgets, key=lambda b: float(b[1]))
-
-
-def _figures(evaluation: Evaluation) -> dict[str, bytes]:
-    figures = {}
-    for finding in sorted({r["finding"] for r in evaluation.metrics}):
-        # A group without positives (or negatives) has no AUROC: nothing to draw for it.
-        rows = [r for r in evaluation.metrics if r["finding"] == finding and not math.isnan(_float(r["auroc"]))]
-        groups = [g for g in ("ID", "OOD") if any(r["group"] == g for r in rows)]
-        if not groups:
+    Per folder and finding: the rows of its largest label budget, first seed, first system, of the
+    evaluated splits. A scan is called positive at the 90%-specificity threshold: the folder's
+    ``threshold_spec90`` when it has one, else the one set on that site group's test scans. Returns dicts
+    ``finding, kind, scan_id, group, system, score, threshold, threshold_source, png`` (the file's bytes),
+    the highest scores first.
+    """
+    examples = []
+    for run in evaluation.runs:
+        folder = Path(run["path"])
+        if not (folder / "saliency").is_dir():
             continue
-        fraction, shots = _largest_budget(rows)
-        figure, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False)
-        for ax, group in zip(axes[0], groups):
-            curves: dict[str, list[tuple[float, float]]] = {}
-            for point in evaluation.roc:
-                if (point["finding"], point["group"], point["label_fraction"], point["shots"]) == (finding, group, fraction, shots):
-                    curves.setdefault(_system(point), []).append((point["fpr"], point["tpr"]))
-            aucs = {_system(r): r["auroc"] for r in rows if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)}
-            for system, points in sorted(curves.items()):
-                fpr, tpr = zip(*sorted(points))
-                ax.step(fpr, tpr, where="post", label=f"{system}: AUROC {_number(aucs.get(system))}")
-            ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
-            budget = f"{shots} shots" if shots else f"label fraction {fraction}"
-            ax.set(title=f"{finding}, {group} ({budget})", xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
-            ax.legend(fontsize=7, loc="lower right")
-        figures[f"roc_{finding}"] = _png(figure)
+        c = read_predictions(folder).columns
+        for finding in sorted(set(c["finding"].tolist())):
+            rows = np.flatnonzero((c["finding"] == finding) & np.isin(c["split"], list(GROUPS)))
+            if not rows.size:
+                continue
+            fraction, shots = largest_budget([{"label_fraction": c["label_fraction"][i], "shots": c["shots"][i]} for i in rows])
+            rows = rows[(c["label_fraction"][rows] == fraction) & (c["shots"][rows] == shots)]
+            first = rows[0]
+            seed = min(set(c["seed"][rows].tolist()), key=lambda s: (len(s), s))
+            rows = rows[(c["seed"][rows] == seed) & (c["model"][rows] == c["model"][first]) & (c["arm"][rows] == c["arm"][first])]
+            system = system_name({"model": c["model"][first], "arm": c["arm"][first]})
+            for split, group in GROUPS.items():
+                mine = rows[c["split"][rows] == split]
+                examples += _examples_of(folder, finding, group, system, c, mine, per_kind)
+    return examples
 
-        by_fraction = [r for r in rows if _fraction(r) is not None]
-        if len({r["label_fraction"] for r in by_fraction}) > 1:
-            figure, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False, sharey=True)
-            for ax, group in zip(axes[0], groups):
-                for system in sorted({_system(r) for r in by_fraction}):
-                    points = sorted((_fraction(r), r) for r in by_fraction if r["group"] == group and _system(r) == system)
-                    if not points:
-                        continue
-                    x = [p[0] for p in points]
-                    ax.plot(x, [_float(p[1]["auroc"]) for p in points], marker="o", label=system)
-                    ax.fill_between(x, [_float(p[1]["auroc_lo"]) for p in points], [_float(p[1]["auroc_hi"]) for p in points], alpha=0.2)
-                ax.set_xscale("log")
-                ax.axhline(0.5, color="0.7", linestyle=":", linewidth=1)
-                ax.set(title=f"{finding}, {group}", xlabel="label fraction (log scale)", ylabel="AUROC (95% CI)")
-                ax.legend(fontsize=7, loc="lower right")
-            figures[f"label_efficiency_{finding}"] = _png(figure)
-    return figures
+
+def _examples_of(folder: Path, finding: str, group: str, system: str, c: dict, rows: np.ndarray, per_kind: int) -> list[dict]:
+    labels, scores = c["label"][rows], c["score"][rows]
+    if M.not_estimable_reason(int(np.sum(labels == 1)), int(np.sum(labels == 0))):
+        return []
+    given = c[OPERATING_POINTS[SALIENCY_TARGET]][rows]
+    if np.isfinite(given).all():
+        threshold, source = float(given[0]), THRESHOLD_ON_VALIDATION
+    else:
+        threshold = float(M.operating_point_at_specificity(labels, scores, SALIENCY_TARGET)["threshold"])
+        source = THRESHOLD_ON_TEST
+    found = []
+    for kind, label in (("true positive", 1), ("false positive", 0)):
+        called = [i for i in np.argsort(-scores, kind="stable") if labels[i] == label and scores[i] >= threshold]
+        shown = 0
+        for i in called:
+            if shown == per_kind:
+                break
+            path = _saliency_png(folder, c["scan_id"][rows[i]], finding)
+            if path is None:
+                continue
+            found.append({"finding": finding, "kind": kind, "scan_id": str(c["scan_id"][rows[i]]), "group": group,
+                          "system": system, "score": float(scores[i]), "threshold": threshold,
+                          "threshold_source": source, "png": path.read_bytes()})
+            shown += 1
+    return found
+
+
+def _saliency_png(folder: Path, scan_id: str, finding: str) -> Path | None:
+    """``folder/saliency/<scan_id>/<finding>.png`` when it is a PNG; names that could leave the folder never match."""
+    if any(not name or name in (".", "..") or Path(name).name != name or "\\" in name for name in (scan_id, finding)):
+        return None
+    path = folder / "saliency" / scan_id / f"{finding}.png"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        return path if handle.read(8) == b"\x89PNG\r\n\x1a\n" else None
 
 
 # ------------------------------------------------------------------------------------------ HTML
-def _float(value) -> float:
-    return float("nan") if value is None or value == "" else float(value)
+def _esc(value) -> str:
+    return html.escape(str(value))
 
 
-def _number(value, digits: int = 3) -> str:
-    value = _float(value)
-    return "n/a" if value != value else f"{value:.{digits}f}"
+def _with_ci(row: dict, name: str, digits: int = 3, signed: bool = False) -> str:
+    def text(value) -> str:
+        value = as_float(value)
+        return "n/a" if value != value else (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}")
+
+    return f"{text(row.get(name))} [{text(row.get(name + '_lo'))}, {text(row.get(name + '_hi'))}]"
 
 
-def _with_ci(row: dict, name: str) -> str:
-    return f"{_number(row.get(name))} [{_number(row.get(name + '_lo'))}, {_number(row.get(name + '_hi'))}]"
+def _not_estimable(note: str) -> _Html:
+    return _Html(f"<span class='ne'>{_esc(note)}</span>")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), wrap: set[int] = frozenset(),
+           totals: set[int] = frozenset()) -> str:
+    """An HTML table; cells are escaped unless they are :class:`_Html`. Cells do not wrap, except in the
+    ``wrap`` columns; ``numeric`` columns align right; ``totals`` rows are bold."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = []
+    for r, row in enumerate(rows):
+        cells = []
+        for i, c in enumerate(row):
+            classes = " ".join(name for name, on in (("num", i in numeric), ("w", i in wrap)) if on)
+            cells.append(f"<td{f' class={classes!r}' if classes else ''}>{c if isinstance(c, _Html) else _esc(c)}</td>")
+        body.append(f"<tr{' class=total' if r in totals else ''}>{''.join(cells)}</tr>")
+    return f"<div class='wrap'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
-def _image(name: str, png: bytes) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></figure>'
+def _image(name: str, data: bytes, caption: str = "") -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    text = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{encoded}">{text}</figure>'
 
 
-def _where(e: dict) -> str:
-    """Where an effect of :func:`fmct.eval.evaluate.arm_effects` was measured, and its AUROC difference [CI], as HTML."""
-    return html.escape(f"{e['model']}, {e['finding']}, {e['group']}, labels {e['budget']} "
-                       f"({e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}])")
+def _p_text(value) -> str:
+    p = as_float(value)
+    if p != p:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _heading(section: str) -> str:
+    return f"<h2 id='{section}'>{_esc(SECTIONS[section])}</h2>"
+
+
+def _budget_label(fraction: str, shots: str, n_train) -> str:
+    """A label budget as a column header: ``0.1 (23 scans)``."""
+    n = as_float(n_train)
+    return budget_name(fraction, shots) + (f" ({n:.0f} scans)" if n == n else "")
+
+
+def _budgets(rows: list[dict]) -> list[tuple[str, str]]:
+    """The (label_fraction, shots) budgets of ``rows``, fractions by size, then shots by size."""
+    return sorted({(r["label_fraction"], r["shots"]) for r in rows},
+                  key=lambda b: (1, float(b[1])) if b[1] else (0, float(b[0] or 0)))
+
+
+# --------------------------------------------------------------------------------------- summary
 def _summary(evaluation: Evaluation, level: int) -> list[str]:
-    """The report's first section: whether the pretrained arms clear each floor, then what pretraining buys."""
+    """The report's first section: the test sets, whether the pretrained arms clear each floor and what
+    pretraining buys (one sentence each), then every such difference in one table."""
+    lines = [_heading("summary"), *_test_sets(evaluation)]
     arms = {row["arm"] for row in evaluation.metrics}
-    lines = ["<h2 id='summary'>Summary: pretrained vs the floors and vs scratch</h2>"]
     for floor, what in FLOORS.items():
         lines.append(_floor_verdict(evaluation.comparisons, floor, what, arms, level))
-    return lines + _pretraining_summary(evaluation.comparisons, level)
+    lines += _pretraining_summary(evaluation.comparisons, level)
+    return lines + _effects_table(evaluation, level)
+
+
+def _test_sets(evaluation: Evaluation) -> list[str]:
+    systems = list(dict.fromkeys(system_name(r) for r in evaluation.metrics))
+    rows = []
+    for finding in sorted({r["finding"] for r in evaluation.metrics}):
+        for group in ("ID", "OOD"):
+            mine = [r for r in evaluation.metrics if (r["finding"], r["group"]) == (finding, group)]
+            if mine:
+                r = max(mine, key=lambda r: r["n_scans"])
+                rows.append([finding, group, r["sites"] or "not named", r["n_scans"], r["n_patients"],
+                             f"{r['n_pos']} ({100 * r['n_pos'] / max(1, r['n_scans']):.0f}%)"])
+    lines = [f"<p><b>{len(systems)} systems</b> evaluated: {_esc(', '.join(systems))}. Test sets (ID: the "
+             "in-distribution test split; OOD: scans of sites held out of training):</p>",
+             _table(["finding", "group", "sites", "test scans", "patients", "positive"], rows, numeric={3, 4, 5})]
+    not_estimable = sum(1 for r in evaluation.metrics if r.get("note"))
+    if not_estimable:
+        lines.append(f"<p class='note'>{not_estimable} of {len(evaluation.metrics)} metric rows are <b>not estimable</b> "
+                     f"(fewer than {M.MIN_PER_CLASS} positive or negative test scans) and show no AUROC.</p>")
+    return lines
+
+
+def _holm_count(effects: list[dict]) -> str:
+    """``; k of them with Holm-adjusted p < 0.05`` (empty for no effect)."""
+    surviving = sum(1 for e in effects if as_float(e.get("p_holm")) < 0.05)
+    return f"; {surviving} of them with Holm-adjusted p < 0.05" if effects else ""
 
 
 def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str], level: int) -> str:
     """One paragraph: do the pretrained arms clear ``floor`` (AUROC difference with its paired CI above 0)?"""
-    floor_name, what = f"the {html.escape(floor)} floor", html.escape(what)
+    floor_name, what = f"the {_esc(floor)} floor", _esc(what)
     if "pretrained" not in arms:
         return f"<p>No pretrained arm in this evaluation: nothing to check against {floor_name} ({what}).</p>"
     if floor not in arms:
@@ -198,162 +314,363 @@ def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str
     effects = arm_effects(comparisons, floor)
     if not effects:
         return (f"<p><b>No pretrained arm is checked against {floor_name}</b> ({what}): they never scored the same "
-                "scans at the same label budget.</p>")
+                "scans at the same label budget with enough positives and negatives.</p>")
     cleared = [e for e in effects if e["low"] > 0]
-    below = [_where(e) for e in effects if e["high"] < 0]
-    counted = (f"AUROC difference pretrained - {html.escape(floor)} with its {level}% paired-bootstrap CI above 0 at "
-               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget)")
+    below = [e for e in effects if e["high"] < 0]
+    counted = (f"AUROC difference pretrained - {_esc(floor)} with its {level}% paired-bootstrap CI above 0 at "
+               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget{_holm_count(cleared)})")
     if len(cleared) == len(effects):
         verdict = f"<b>The pretrained arms clear {floor_name} everywhere</b> ({what}): {counted}."
     elif not cleared:
         verdict = f"<b>The pretrained arms do not clear {floor_name} anywhere</b> ({what}): {counted}."
     else:
-        verdict = (f"<b>The pretrained arms clear {floor_name} only in part</b> ({what}): {counted}; not at: "
-                   + "; ".join(_where(e) for e in effects if e["low"] <= 0) + ".")
+        verdict = f"<b>The pretrained arms clear {floor_name} only in part</b> ({what}): {counted}."
     if below:
-        verdict += f" The floor is significantly better at: {'; '.join(below)}."
+        verdict += f" The floor is significantly better at {len(below)}: {_esc(_places(below))}."
     return f"<p>{verdict}</p>"
 
 
+def _places(effects: list[dict]) -> str:
+    """Where effects were measured, briefly: ``vit ich ID 0.1; ...``."""
+    return "; ".join(f"{e['model']} {e['finding']} {e['group']} {e['budget']}" for e in effects)
+
+
 def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
-    """The answer to "what does pretraining buy?": every budget where a pretrained model and its scratch
-    twin differ with the paired CI clear of 0, or a plain statement that none does."""
+    """The answer to "what does pretraining buy?": how often a pretrained model beats its scratch twin
+    with the paired CI above 0, or a plain statement that it never does."""
     effects = pretraining_effects(comparisons)
     if not effects:
         return []
-
-    better = [_where(e) for e in effects if e["low"] > 0]
-    worse = [_where(e) for e in effects if e["high"] < 0]
-    lines = ["<h3>Pretrained vs scratch</h3>",
-             f"<p>{len(effects)} paired comparisons of a pretrained model with the same architecture trained from scratch "
-             f"(AUROC difference pretrained - scratch, {level}% paired-bootstrap CI).</p>"]
-    lines.append(
-        "<p>Pretraining is significantly better at: " + "; ".join(better) + ".</p>" if better
-        else "<p><b>At no finding, label budget or site group is the pretrained model significantly better than "
-             "scratch in this evaluation.</b></p>"
-    )
+    better = [e for e in effects if e["low"] > 0]
+    worse = [e for e in effects if e["high"] < 0]
+    text = (f"<b>Pretraining is significantly better than scratch at {len(better)} of {len(effects)} comparisons</b> "
+            f"(same architecture trained from random init; AUROC difference pretrained - scratch with its {level}% "
+            f"paired-bootstrap CI above 0{_holm_count(better)})" if better
+            else "<b>At no finding, label budget or site group is the pretrained model significantly better than "
+                 f"scratch in this evaluation</b> ({len(effects)} paired comparisons)")
     if worse:
-        lines.append("<p>Scratch is significantly better at: " + "; ".join(worse) + ".</p>")
+        text += f"; scratch is significantly better at {len(worse)}: {_esc(_places(worse))}"
+    return [f"<p>{text}.</p>"]
+
+
+def _effects_table(evaluation: Evaluation, level: int) -> list[str]:
+    """Every pretrained - baseline difference as one table: a row per (pretrained system, baseline,
+    finding, group), a column per label budget; green where the CI lies above 0, red below."""
+    effects = [dict(e, baseline=baseline) for baseline in FLOORS for e in arm_effects(evaluation.comparisons, baseline)]
+    effects += [dict(e, baseline="scratch") for e in pretraining_effects(evaluation.comparisons)]
+    if not effects:
+        return []
+    budgets = sorted({e["budget"] for e in effects}, key=lambda b: (b.endswith("shots"), float(b.split()[0])))
+    cells: dict[tuple, dict] = {}
+    for e in effects:
+        cells.setdefault((e["model"], e["baseline_model"], e["baseline"], e["finding"], e["group"]), {})[e["budget"]] = e
+    rows = []
+    for (model, baseline_model, baseline, finding, group), by_budget in cells.items():
+        row = [f"{model} vs {baseline_model} ({baseline})", finding, group]
+        for budget in budgets:
+            e = by_budget.get(budget)
+            if e is None:
+                row.append("—")
+                continue
+            kind = "up" if e["low"] > 0 else "down" if e["high"] < 0 else "flat"
+            text = _esc(f"{e['diff']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]")
+            strong = as_float(e.get("p_holm")) < 0.05
+            row.append(_Html(f"<span class='{kind}'>{'<b>' + text + '</b>' if strong else text}</span>"))
+        rows.append(row)
+    return [f"<h3>AUROC difference, pretrained - baseline [{level}% CI], by label budget</h3>",
+            "<p class='muted'><span class='up'>green</span>: CI above 0 (pretrained better); <span class='down'>red</span>: "
+            "CI below 0 (baseline better); <b>bold</b>: Holm-adjusted p &lt; 0.05. Details in "
+            "<a href='#comparisons'>paired comparisons</a>.</p>",
+            _table(["pretrained vs baseline", "finding", "group", *[f"labels {b}" for b in budgets]], rows,
+                   numeric=set(range(3, 3 + len(budgets))))]
+
+
+# ---------------------------------------------------------------------------------------- cohort
+def _cohort(evaluation: Evaluation) -> list[str]:
+    lines = [_heading("cohort")]
+    if not evaluation.cohorts:
+        return lines + ["<p>This evaluation folder was written before fmct recorded cohorts: run <code>fmct evaluate</code> "
+                        "again on its predictions to see scans, patients, prevalence and scanners per site and split.</p>"]
+    lines.append("<p>Every scan the predictions folders know of, per site and split (train and val only when run.json "
+                 "records them). Prevalence: positive scans / scans with a known label. Scanner: manufacturer and "
+                 "model from the store's manifest (number of scans).</p>")
+    for table in evaluation.cohorts:
+        findings = sorted({f for row in table["rows"] for f in row["labels"]})
+        rows = [_cohort_cells(row, findings) for row in table["rows"]]
+        totals = {i for i, row in enumerate(table["rows"]) if row.get("all_sites")}
+        folders = ", ".join(Path(f).name or f for f in table["folders"])
+        lines.append(f"<p class='muted'>Predictions folders {_esc(folders)}; from {_esc(table['source'])}.</p>")
+        lines.append(_table(["split", "site", "scans", "patients", "scanner (scans)", *[f"{f}: positive / labelled" for f in findings]],
+                            rows, numeric={2, 3, *range(5, 5 + len(findings))}, wrap={4}, totals=totals))
     return lines
 
 
-def read_training_log(path: str | os.PathLike) -> list[dict]:
-    """The lines of a pretraining log.jsonl as dicts (a torn last line is left out)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+def _cohort_cells(row: dict, findings: list[str]) -> list:
+    prevalence = []
+    for finding in findings:
+        counts = row["labels"].get(finding, {})
+        pos, known = counts.get("pos", 0), counts.get("pos", 0) + counts.get("neg", 0)
+        prevalence.append(f"{pos} / {known} ({100 * pos / known:.0f}%)" if known else "no labels")
+    scanners = sorted(row["scanners"].items(), key=lambda kv: (kv[0] == NOT_RECORDED, -kv[1], kv[0]))
+    named = {"test": "test (ID)", "ood": "ood (OOD)"}
+    site = "all sites" if row.get("all_sites") else row["site"] or "(no site)"
+    return [named.get(row["split"], row["split"]), site, row["n_scans"], row["n_patients"],
+            "; ".join(f"{name} ({n})" for name, n in scanners) or NOT_RECORDED, *prevalence]
 
 
-def learning_curve_figure(records: list[dict], title: str):
-    """Three panels by step: the loss terms; the teacher's head-output cosine between scans (near 1 for a
-    collapsed DINO head) and its entropy; the online validation k-NN and linear AUROC per finding (left
-    axis) and RankMe (right axis)."""
-    figure, (losses, teacher, online) = plt.subplots(1, 3, figsize=(17, 4.2))
-    figure.subplots_adjust(wspace=0.45)  # room for the twin axes' labels between the panels
-
-    def series(key: str) -> tuple[list[int], list[float]]:
-        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "mae_loss"):
-        steps, values = series(key)
-        if steps:
-            losses.plot(steps, values, label=key)
-    losses.set(title=f"{title}: losses", xlabel="step")
-    steps, values = series("teacher_cosine")
-    if steps:
-        teacher.plot(steps, values, label="head-output cosine between scans")
-    teacher.set(title="DINO teacher", xlabel="step", ylabel="cosine (near 1: collapsed)", ylim=(0, 1.05))
-    steps, values = series("teacher_entropy")
-    if steps:
-        entropy_axis = teacher.twinx()
-        entropy_axis.plot(steps, values, color="tab:orange", label="teacher entropy (nats, at most ln K)")
-        entropy_axis.set_ylabel("entropy (nats)")
-        entropy_axis.legend(fontsize=7, loc="upper right")
-    for key in sorted({k for r in records for k in r if k.startswith("online_") and "auroc" in k}):
-        steps, values = series(key)
-        online.plot(steps, values, marker="o", markersize=3, label=key.removeprefix("online_").replace("_auroc", ""))
-    online.axhline(0.5, color="0.7", linestyle=":", linewidth=1)
-    online.set(title="online validation AUROC (step 0: random init)", xlabel="step", ylabel="AUROC")
-    steps, values = series("online_rankme")
-    if steps:
-        rank_axis = online.twinx()
-        rank_axis.plot(steps, values, color="black", linestyle="--", label="RankMe")
-        rank_axis.set_ylabel("RankMe (effective rank)")
-        rank_axis.legend(fontsize=7, loc="upper right")
-    for ax in (losses, teacher, online):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower left")
-    return figure
+# --------------------------------------------------------------------------------------- metrics
+def _group_heading(rows: list[dict], finding: str, group: str) -> str:
+    r = max(rows, key=lambda r: r["n_scans"])
+    return (f"<h3>{_esc(finding)}, {group}: {r['n_scans']} test scans, {r['n_pos']} positive "
+            f"({100 * r['n_pos'] / max(1, r['n_scans']):.0f}%), sites {_esc(r['sites'] or 'not named')}</h3>")
 
 
-def render_html(evaluation: Evaluation, figures: dict[str, bytes]) -> str:
-    """The report page as one HTML string with the figures inlined."""
-    settings = evaluation.settings
-    level = int(round(100 * settings.get("level", 0.95)))
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fmct report</title><style>",
-        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #bbb;padding:2px 6px;text-align:left}figure{display:inline-block;margin:4px}"
-        "pre{background:#f4f4f4;padding:6px;overflow-x:auto;font-size:12px}",
-        "</style></head><body><h1>fmct report</h1>",
-        f"<p>{level}% CIs: patient-level bootstrap, {settings.get('n_bootstrap')} resamples (seed {settings.get('seed')}); "
-        "metrics computed per training seed, then averaged over seeds. ID: in-distribution test split; "
-        "OOD: test scans of held-out sites.</p>",
-        *_summary(evaluation, level),
-        "<h2 id='learning-curves'>Pretraining learning curves</h2>",
-        *([_image(n, png) for n, png in figures.items() if n.startswith("learning_curve_")]
-          or ["<p>No pretraining log was given (fmct report --pretraining RUN|MODEL).</p>"]),
-        "<h2 id='roc'>ROC curves per finding</h2>",
-        *[_image(n, png) for n, png in figures.items() if n.startswith("roc_")],
-        "<h2 id='label-efficiency'>Label efficiency</h2>",
-    ]
-    efficiency = [_image(n, png) for n, png in figures.items() if n.startswith("label_efficiency_")]
-    parts += efficiency or ["<p>Only one label fraction was evaluated: no curve to draw.</p>"]
+def _by_finding_and_group(rows: list[dict], lines: list[str]):
+    """The rows per (finding, site group) that has any; a group whose rows are all not estimable is told in
+    one line appended to ``lines`` instead (its heading and reason) and not yielded."""
+    for finding in sorted({r["finding"] for r in rows}):
+        for group in ("ID", "OOD"):
+            mine = [r for r in rows if (r["finding"], r["group"]) == (finding, group)]
+            notes = sorted({r.get("note") or "" for r in mine})
+            if mine and notes[0]:
+                lines.append(f"<p><b>{_esc(finding)}, {group}</b>: {_not_estimable(' / '.join(notes))} for every system.</p>")
+            elif mine:
+                yield finding, group, mine
 
-    parts.append("<h2 id='id-vs-ood'>In-distribution vs out-of-distribution (AUROC)</h2>")
+
+def _metrics(evaluation: Evaluation, level: int) -> list[str]:
+    lines = [_heading("metrics"),
+             f"<p>AUROC (mean over training seeds) with its {level}% CI, per system and label budget (in brackets: the "
+             f"labelled training scans). Fewer than {M.MIN_PER_CLASS} positive or negative test scans: "
+             "<span class='ne'>not estimable</span>. AUPRC, sensitivity at 90% / 95% specificity and calibration error "
+             "below, under <i>all metrics</i>.</p>"]
+    for finding, group, rows in _by_finding_and_group(evaluation.metrics, lines):
+        budgets = _budgets(rows)
+        n_train = {(r["label_fraction"], r["shots"]): r.get("n_train") for r in rows}
+        by_system: dict[str, dict] = {}
+        for r in rows:
+            by_system.setdefault(system_name(r), {})[(r["label_fraction"], r["shots"])] = r
+        table = []
+        for system, cells in by_system.items():
+            row = [system]
+            for budget in budgets:
+                r = cells.get(budget)
+                row.append("—" if r is None else _not_estimable(r["note"]) if r.get("note") else _with_ci(r, "auroc"))
+            table.append(row)
+        lines += [_group_heading(rows, finding, group),
+                  _table(["model (arm)", *[_budget_label(*b, n_train[b]) for b in budgets]], table,
+                         numeric=set(range(1, 1 + len(budgets))))]
+    rows = []
+    for r in evaluation.metrics:
+        cells = [r["finding"], r["group"], system_name(r), r["budget"], number(r.get("n_train"), 0),
+                 f"{r['n_scans']} ({r['n_pos']} / {r['n_neg']})", r["n_seeds"]]
+        if r.get("note"):
+            cells += [_not_estimable(r["note"])] + ["—"] * 5
+        else:
+            cells += [_with_ci(r, "auroc"), _with_ci(r, "auprc"), _with_ci(r, "sens_at_spec90"), _with_ci(r, "sens_at_spec95"),
+                      _with_ci(r, "ece"), number(r["auroc_seed_sd"])]
+        rows.append(cells)
+    lines.append("<details><summary>All metrics: AUROC, AUPRC, sensitivity at 90% / 95% specificity (threshold set on "
+                 "these scans), expected calibration error, spread over seeds</summary>"
+                 + _table(["finding", "group", "model (arm)", "label budget", "labelled training scans",
+                           "test scans (pos / neg)", "seeds", "AUROC", "AUPRC", "sens @ 90% spec", "sens @ 95% spec", "ECE",
+                           "AUROC sd over seeds"], rows, numeric=set(range(4, 13))) + "</details>")
+    return lines
+
+
+def _figure_section(section: str, figures: dict[str, bytes], prefix: str, intro: str, empty: str) -> list[str]:
+    shown = [_image(name, data) for name, data in figures.items() if name.startswith(prefix)]
+    return [_heading(section), intro, *(shown or [f"<p>{empty}</p>"])]
+
+
+def _operating_points(evaluation: Evaluation, level: int) -> list[str]:
+    lines = [_heading("operating-points")]
+    if not evaluation.operating_points:
+        return lines + ["<p>This evaluation has no operating points (written by an older fmct evaluate).</p>"]
+    lines.append(f"<p>What a reader of the detector's calls would see, at the largest label budget, mean over seeds with "
+                 f"{level}% CIs. PPV and NPV hold at the prevalence of these test scans only. Every budget: "
+                 "operating_points.csv of <code>fmct evaluate</code>.</p>")
+    if any(r["threshold_source"] == THRESHOLD_ON_TEST for r in evaluation.operating_points):
+        lines.append(f"<p class='note'>Thresholds marked <b>{_esc(THRESHOLD_ON_TEST)}</b>: the predictions carry no threshold "
+                     "chosen on validation (columns threshold_spec90 / threshold_spec95), so each threshold was set on the "
+                     "very scans it is judged on, and set again in every bootstrap replicate. Expect sensitivity and PPV "
+                     f"to be lower on new scans. Thresholds marked <b>{_esc(THRESHOLD_ON_VALIDATION)}</b> were fixed before "
+                     "these scans were seen.</p>")
+    short = {THRESHOLD_ON_TEST: "test set (optimistic)", THRESHOLD_ON_VALIDATION: "validation"}
+    for finding, group, rows in _by_finding_and_group(evaluation.operating_points, lines):
+        fraction, shots = largest_budget(rows)
+        table = []
+        for r in rows:
+            if (r["label_fraction"], r["shots"]) != (fraction, shots):
+                continue
+            cells = [system_name(r), f"{100 * as_float(r['target_specificity']):.0f}%"]
+            if r.get("note"):
+                cells += [_not_estimable(r["note"])] + ["—"] * 5
+            else:
+                cells += [number(r["threshold"]), short.get(r["threshold_source"], r["threshold_source"]),
+                          *[_with_ci(r, name) for name in M.OPERATING_POINT_NAMES]]
+            table.append(cells)
+        lines += [_group_heading(rows, finding, group).replace("</h3>", f", label budget {_esc(budget_name(fraction, shots))}</h3>"),
+                  _table(["model (arm)", "target specificity", "threshold on score", "threshold chosen on", "sensitivity",
+                          "specificity", "PPV", "NPV"], table, numeric={1, 2, 4, 5, 6, 7})]
+    return lines
+
+
+def _calibration(evaluation: Evaluation, figures: dict[str, bytes]) -> list[str]:
+    sources = {r.get("probability_source") for r in evaluation.metrics if not r.get("note")}
+    intro = ("<p>Reliability diagrams at the largest label budget: per bin of predicted probability (10 equal-width bins), "
+             "the observed share of positive scans; on the dotted diagonal a probability means what it says. Marker area: "
+             "the bin's share of the scans; hollow: fewer than 5 scans, not joined by the line. ECE: the scan-weighted mean "
+             "distance from the diagonal (its 95% CI under <a href='#metrics'>all metrics</a>).</p>")
+    if sources - {PROBABILITY_COLUMN}:
+        intro += ("<p class='note'>Dashed lines, marked <i>uncalibrated</i>: the predictions have no probability column, so "
+                  "the probability drawn is the logistic of the score: a logit of a probe or head trained on a re-balanced "
+                  "subset is not the chance that a scan is positive.</p>")
+    return _figure_section("calibration", figures, "calibration_", intro, "No estimable row to draw.")
+
+
+def _id_vs_ood(evaluation: Evaluation) -> list[str]:
     paired: dict[tuple, dict] = {}
     for row in evaluation.metrics:
-        key = (_system(row), row["finding"], row["budget"])
-        paired.setdefault(key, {})[row["group"]] = row
-    table_rows = []
-    for (system, finding, budget), by_group in paired.items():
+        paired.setdefault((row["finding"], system_name(row), row["budget"]), {})[row["group"]] = row
+    rows = []
+    for (finding, system, budget), by_group in sorted(paired.items(), key=lambda kv: kv[0][0]):
         in_d, out_d = by_group.get("ID"), by_group.get("OOD")
-        drop = _number(_float(out_d["auroc"]) - _float(in_d["auroc"])) if in_d and out_d else "n/a"
-        table_rows.append([
-            system, finding, budget,
-            _with_ci(in_d, "auroc") if in_d else "n/a", in_d["sites"] if in_d else "",
-            _with_ci(out_d, "auroc") if out_d else "n/a", out_d["sites"] if out_d else "", drop,
-        ])
-    parts.append(_table(["model (arm)", "finding", "label budget", "AUROC ID", "ID sites", "AUROC OOD", "OOD sites", "OOD - ID"], table_rows))
 
-    parts.append("<h2 id='comparisons'>Paired comparisons (same scans)</h2>")
-    parts.append(_table(
-        ["finding", "group", "label budget", "a", "b", "scans", "AUROC a", "AUROC b", f"a - b [{level}% CI]", "p (bootstrap)", "p (DeLong)"],
-        [[
-            c["finding"], c["group"], c["budget"], f"{c['model_a']} ({c['arm_a']})", f"{c['model_b']} ({c['arm_b']})",
-            c["n_scans"], _number(c["auroc_a"]), _number(c["auroc_b"]), _with_ci(c, "auroc_diff"),
-            _number(c["p_bootstrap"], 4), _number(c["p_delong"], 4),
-        ] for c in evaluation.comparisons],
-    ))
+        def cell(row):
+            if row is None:
+                return "n/a"
+            return _not_estimable(row["note"]) if row.get("note") else _with_ci(row, "auroc")
 
-    parts.append("<h2 id='metrics'>All metrics</h2>")
-    parts.append(_table(
-        ["model (arm)", "finding", "label budget", "group", "scans", "patients", "pos", "neg", "seeds",
-         "AUROC", "AUPRC", "sens @ 90% spec", "sens @ 95% spec", "AUROC sd over seeds"],
-        [[
-            _system(r), r["finding"], r["budget"], r["group"], r["n_scans"], r["n_patients"], r["n_pos"], r["n_neg"],
-            r["n_seeds"], _with_ci(r, "auroc"), _with_ci(r, "auprc"), _with_ci(r, "sens_at_spec90"),
-            _with_ci(r, "sens_at_spec95"), _number(r["auroc_seed_sd"]),
-        ] for r in evaluation.metrics],
-    ))
+        both = in_d and out_d and not in_d.get("note") and not out_d.get("note")
+        drop = f"{as_float(out_d['auroc']) - as_float(in_d['auroc']):+.3f}" if both else "n/a"
+        rows.append([finding, system, budget, cell(in_d), cell(out_d), drop])
+    return [_heading("id-vs-ood"),
+            "<p>AUROC on the in-distribution test split and on the held-out sites, and the change (OOD - ID); the sites "
+            "of each group are in the <a href='#summary'>summary</a>.</p>",
+            _table(["finding", "model (arm)", "label budget", "AUROC ID", "AUROC OOD", "OOD - ID"], rows, numeric={3, 4, 5})]
 
-    parts.append("<h2 id='provenance'>Configs and model identities</h2>")
+
+def _comparisons(evaluation: Evaluation, level: int) -> list[str]:
+    # Holm's family (fmct.eval.evaluate.with_holm): the primary comparisons, or all of them when none is primary.
+    everything = not any(c.get("primary") for c in evaluation.comparisons)
+    primary = [c for c in evaluation.comparisons if everything or c.get("primary")]
+    others = [c for c in evaluation.comparisons if not (everything or c.get("primary"))]
+    family = sum(1 for c in primary if math.isfinite(as_float(c.get("p_holm"))))
+    n_bootstrap = evaluation.settings.get("n_bootstrap")
+    lines = [_heading("comparisons"),
+             f"<p>Two systems on the scans both scored, at the same label budget: the difference of their seed-averaged "
+             f"AUROCs (a - b). Its {level}% CI and its two-sided p-value both come from the difference's standard error over "
+             f"the same {_esc(n_bootstrap)} paired patient-level bootstrap resamples, so the CI excludes 0 exactly when "
+             f"p &lt; {1 - level / 100:.2f}. <b>Holm</b>: adjusted over the {family} comparisons of this table "
+             "(family-wise error rate); rely on a difference whose Holm p is below 0.05 (bold).</p>"]
+    lines += _comparison_tables(primary, level, holm=True)
+    if others:
+        lines.append(f"<details><summary>{len(others)} other pairs (exploratory: p not adjusted, not in Holm's family)"
+                     "</summary>" + "".join(_comparison_tables(others, level, holm=False)) + "</details>")
+    return lines
+
+
+def _comparison_tables(comparisons: list[dict], level: int, holm: bool) -> list[str]:
+    lines = []
+    for finding, group, rows in _by_finding_and_group(comparisons, lines):
+        table = []
+        for c in rows:
+            cells = [c["budget"], f"{c['model_a']} ({c['arm_a']})", f"{c['model_b']} ({c['arm_b']})",
+                     f"{c['n_scans']} ({c.get('n_pos', '?')} / {c.get('n_neg', '?')})"]
+            if c.get("note"):
+                cells += [_not_estimable(c["note"])] + ["—"] * (4 if holm else 3)
+            else:
+                cells += [number(c["auroc_a"]), number(c["auroc_b"]), _with_ci(c, "auroc_diff", signed=True), _p_text(c["p_bootstrap"])]
+                if holm:
+                    holm_p = as_float(c.get("p_holm"))
+                    cells.append(_Html(f"<b>{_esc(_p_text(holm_p))}</b>") if holm_p < 0.05 else _p_text(holm_p))
+            table.append(cells)
+        lines += [f"<h3>{_esc(finding)}, {group}</h3>",
+                  _table(["label budget", "a", "b", "scans (pos / neg)", "AUROC a", "AUROC b", f"a - b [{level}% CI]", "p",
+                          *(["p (Holm)"] if holm else [])], table, numeric=set(range(3, 9)))]
+    return lines
+
+
+def _examples(examples: list[dict]) -> list[str]:
+    lines = [_heading("examples")]
+    if not examples:
+        return lines + ["<p>No saliency images are available: none of the predictions folders holds "
+                        "<code>saliency/&lt;scan_id&gt;/&lt;finding&gt;.png</code>.</p>"]
+    lines.append(f"<p>Scans called positive at the {100 * SALIENCY_TARGET:.0f}%-specificity threshold, the highest scores "
+                 f"first, up to {EXAMPLES_PER_KIND} true and {EXAMPLES_PER_KIND} false positives per finding and site group: "
+                 "where the detector looked when it was right, and when it was wrong.</p>")
+    for finding in sorted({e["finding"] for e in examples}):
+        for kind in ("true positive", "false positive"):
+            shown = [e for e in examples if (e["finding"], e["kind"]) == (finding, kind)]
+            if not shown:
+                continue
+            lines.append(f"<h3>{_esc(finding)}: {kind}s</h3>")
+            lines += [_image(f"{e['scan_id']} {finding}", e["png"],
+                             f"{e['scan_id']} ({e['group']}), {e['system']}: score {e['score']:.3f} ≥ threshold "
+                             f"{e['threshold']:.3f} ({e['threshold_source']})") for e in shown]
+    return lines
+
+
+def _methods(evaluation: Evaluation, level: int) -> list[str]:
+    settings = evaluation.settings
+    return [_heading("methods"), "<ul>",
+            f"<li><b>Confidence intervals</b> ({level}%): patient-level bootstrap, {_esc(settings.get('n_bootstrap'))} resamples "
+            f"(seed {_esc(settings.get('seed'))}): each resample draws patients with replacement and keeps all their scans; "
+            "percentile intervals of the replicates.</li>",
+            "<li><b>Seeds</b>: each seed is one training subset and fit. Every metric is computed per seed and averaged; "
+            "each bootstrap replicate averages the seeds on the same resampled patients.</li>",
+            f"<li><b>Comparisons</b>: {_esc(settings.get('p_value_method', 'paired patient-level bootstrap'))}.</li>",
+            f"<li><b>Not estimable</b>: fewer than {M.MIN_PER_CLASS} positive or negative scans; no metric is reported.</li>",
+            f"<li><b>Operating points</b>: at 90% and 95% target specificity; {_esc(THRESHOLD_ON_VALIDATION)} when the predictions "
+            f"carry threshold_spec90 / threshold_spec95, else {_esc(THRESHOLD_ON_TEST)}.</li>",
+            "<li><b>Calibration</b>: 10 equal-width bins; the probability column when present, else the logistic of the score "
+            "(uncalibrated).</li>", "</ul>"]
+
+
+def _provenance(evaluation: Evaluation) -> list[str]:
+    lines = [_heading("provenance"),
+             "<p>The config and model identity behind each predictions folder (its run.json), and the evaluation's settings.</p>",
+             f"<details><summary>evaluation settings</summary><pre>{_esc(json.dumps(evaluation.settings, indent=2, sort_keys=True))}</pre></details>"]
     for run in evaluation.runs:
-        parts.append(f"<h3>{html.escape(run['path'])}</h3><pre>{html.escape(json.dumps(run['run'], indent=2, sort_keys=True))}</pre>")
-    parts.append("</body></html>")
+        record = run["run"]
+        what = ", ".join(str(record[k]) for k in ("command", "model", "arm") if record.get(k))
+        lines.append(f"<details><summary>{_esc(run['path'])}{' — ' + _esc(what) if what else ''}</summary>"
+                     f"<pre>{_esc(json.dumps(record, indent=2, sort_keys=True))}</pre></details>")
+    return lines
+
+
+def render_html(evaluation: Evaluation, figures: dict[str, bytes], examples: list[dict] = ()) -> str:
+    """The report page as one HTML string with the figures (and saliency ``examples`` of
+    :func:`saliency_examples`) inlined."""
+    level = int(round(100 * evaluation.settings.get("level", 0.95)))
+    toc = "".join(f"<li><a href='#{key}'>{_esc(title)}</a></li>" for key, title in SECTIONS.items())
+    learning = [_image(n, data) for n, data in figures.items() if n.startswith("learning_curve_")]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fmct report</title><style>{CSS}</style></head><body>",
+        "<h1>fmct report</h1>",
+        f"<p class='muted'>{len(evaluation.runs)} predictions folder(s); {level}% CIs from a patient-level bootstrap. "
+        "ID: in-distribution test split; OOD: test scans of held-out sites.</p>",
+        f"<nav class='toc'><b>Contents</b><ol>{toc}</ol></nav>",
+        *_summary(evaluation, level),
+        *_cohort(evaluation),
+        *_metrics(evaluation, level),
+        *_figure_section("roc", figures, "roc_", "<p>ROC curves at the largest label budget, averaged over seeds (mean "
+                         "sensitivity at each false-positive rate).</p>", "No estimable row to draw."),
+        *_figure_section("label-efficiency", figures, "label_efficiency_",
+                         "<p>AUROC against the number of labelled scans the detector was trained on (log scale), one panel "
+                         f"per system: its line with the {level}% CI band, the other systems in grey behind it; the dotted "
+                         "line is chance.</p>",
+                         "Only one label budget was evaluated: no curve to draw."),
+        *_operating_points(evaluation, level),
+        *_calibration(evaluation, figures),
+        *_id_vs_ood(evaluation),
+        *_comparisons(evaluation, level),
+        *_examples(list(examples)),
+        _heading("learning-curves"),
+        *(learning or ["<p>No pretraining log was given (fmct report --pretraining RUN|MODEL).</p>"]),
+        *_methods(evaluation, level),
+        *_provenance(evaluation),
+        "</body></html>",
+    ]
     return "\n".join(parts)
