@@ -70,6 +70,10 @@ def test_a_finetune_fit_is_a_detector_that_reproduces_its_scores(finetuned):
     columns = read_predictions(out).columns
     scores = _store_scores(detector, store, list(columns["scan_id"]))
     np.testing.assert_allclose(scores, columns["score"], atol=1e-4)  # the same model as the evaluated one
+    # The predictions carry the detector's calibrated probabilities and validation thresholds (for evaluate and report).
+    with torch.no_grad():
+        np.testing.assert_allclose(columns["probability"], detector.calibrated(torch.from_numpy(scores[:, None])).numpy()[:, 0], atol=1e-5)
+    assert np.all(columns["threshold_spec90"] == config["per_finding"]["ich"]["operating_points"]["spec90"]["threshold"])
 
     # Operating points: chosen on the validation scans, where they reach their specificity.
     labels = {row["scan_id"]: int(row["ich"]) for row in csv.DictReader(open(root / "labels.csv"))}

@@ -54,7 +54,7 @@ from fmct.config import CanonicalConfig, IngestConfig, SelectionConfig, load_con
 from fmct.data.augment import embed_transform
 from fmct.errors import CheckpointError, InputError
 from fmct.eval.cohort import Cohort
-from fmct.eval.metrics import auroc, threshold_at_specificity
+from fmct.eval.metrics import auroc, operating_point_at_specificity
 from fmct.fingerprint import file_sha256
 from fmct.models.classifier import Classifier
 from fmct.models.vit3d import ViT3D
@@ -111,9 +111,11 @@ def calibrate_finding(labels: np.ndarray, scores: np.ndarray) -> dict:
     calibration = fit_platt(labels, scores)
     points = {}
     for name, specificity in OPERATING_POINTS.items():
-        point = threshold_at_specificity(labels, scores, specificity)
-        points[name] = {"specificity_target": specificity, "threshold": point["threshold"],
-                        "probability": float(platt_probability(calibration, point["threshold"])),
+        point = {key: float(value) for key, value in operating_point_at_specificity(labels, scores, specificity).items()}
+        # Above every score when even the highest one is too many false positives: nothing is called positive.
+        threshold = point["threshold"] if np.isfinite(point["threshold"]) else float(np.nextafter(scores.max(), np.inf))
+        points[name] = {"specificity_target": specificity, "threshold": threshold,
+                        "probability": float(platt_probability(calibration, threshold)),
                         "val_sensitivity": point["sensitivity"], "val_specificity": point["specificity"]}
     return {"calibration": calibration, "operating_points": points,
             "validation": {"n_pos": int(np.sum(labels == 1)), "n_neg": int(np.sum(labels == 0)),
@@ -150,6 +152,18 @@ def summarise_fit(cohort: Cohort, fits: dict[int, FindingFit], n_bootstrap: int 
         thresholds = {point: values["threshold"] for point, values in entry["operating_points"].items()}
         metrics[name] = cohort.fit_metrics(f, fit.eval_rows, np.asarray(fit.eval_scores, dtype=np.float64), thresholds, n_bootstrap)
     return {"per_finding": per_finding, "left_out": left_out, "n_train": n_train, "metrics": metrics}
+
+
+def prediction_columns(summary: dict, finding: str, score: float) -> dict:
+    """The optional columns of a ``predictions.csv`` row (:data:`fmct.eval.evaluate.OPTIONAL_COLUMNS`) of a
+    fit's ``score`` of ``finding``, from :func:`summarise_fit`: the calibrated ``probability`` and the
+    validation thresholds ``threshold_spec90`` / ``threshold_spec95`` (on the score); none when the
+    finding could not be calibrated."""
+    entry = summary["per_finding"].get(finding)
+    if entry is None:
+        return {}
+    return {"probability": float(platt_probability(entry["calibration"], score)),
+            **{f"threshold_{name}": point["threshold"] for name, point in entry["operating_points"].items()}}
 
 
 # -------------------------------------------------------------------------------- the input grid

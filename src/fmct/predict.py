@@ -22,7 +22,7 @@ Outputs in ``OUT``:
   the paths of its files.
 - ``errors.csv``: ``input, scan_id, reason``: one line per input or scan that could not be used; the
   others go on.
-- ``saliency/<scan_id>_<finding>.nii.gz`` (the heatmap on the source scan's own grid and affine) and
+- ``saliency/<scan_id>/<finding>.nii.gz`` (the heatmap on the source scan's own grid and affine) and
   ``.png`` (axial, coronal, sagittal through its peak), with ``--saliency`` (:mod:`fmct.saliency`:
   Integrated Gradients, logit per voxel).
 - ``scans/<scan_id>.json``: each finished scan's rows; a re-run with the same detector reuses them
@@ -352,7 +352,7 @@ class _Run:
         maps = saliency.on_canonical_grid(attributions, volume.hu.shape, float(volume.spacing_mm[0]), self.config.saliency_sigma_mm)
         columns = []
         for f, finding in enumerate(self.detector.findings):
-            stem = f"saliency/{job.scan_id}_{finding}"
+            stem = f"saliency/{job.scan_id}/{finding}"  # the layout fmct report looks for beside predictions
             write_nifti(self.out / f"{stem}.nii.gz", saliency.to_source_grid(maps[f], volume.affine, source_affine, source_shape),
                         source_affine)
             peak = saliency.peak_voxel(maps[f])

@@ -22,12 +22,12 @@ import numpy as np
 from fmct.datasets import load_labels, match_to_store
 from fmct.errors import ConfigError, InputError
 from fmct.eval import metrics as M
-from fmct.eval.evaluate import GROUPS
 from fmct.eval.splits import assign_splits, training_subset
 from fmct.pseudonym import patient_pseudonyms
 from fmct.store import Store
 
 EVALUATED_SPLITS = ("test", "ood")
+GROUPS = {"test": "ID", "ood": "OOD"}  # evaluated split -> site group
 SPLITS = ("train", "val", "test", "ood")
 NOT_RECORDED = "not recorded"  # a scanner the store's manifest does not name, or no store at all
 

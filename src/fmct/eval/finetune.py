@@ -363,10 +363,7 @@ def _fit_budget(backbone: hub.ModelSource, arm: str, scans: _Scans, cohort: Coho
     info = _train_one(classifier, scans, np.nan_to_num(y), mask, subsets, val_rows, y[val_rows], seed)
     eval_rows = np.flatnonzero(np.isin(cohort.split, EVALUATED_SPLITS))
     logits, failed = scans.predict(classifier, eval_rows)
-    rows = [cohort.prediction(i, f, logits[position, f], backbone.name, arm, budget, seed)
-            for position, i in enumerate(eval_rows.tolist()) if i not in failed
-            for f in trainable if not np.isnan(y[i, f])]
-    # The validation scores of the kept weights: the detector's thresholds and calibration are set on them.
+    # The validation scores of the kept weights: the thresholds and calibration are set on them.
     val_logits, val_failed = scans.predict(classifier, val_rows)
     finding_fits = {}
     for f in trainable:
@@ -374,8 +371,13 @@ def _fit_budget(backbone: hub.ModelSource, arm: str, scans: _Scans, cohort: Coho
         eval_keep = [p for p, i in enumerate(eval_rows.tolist()) if i not in failed and not np.isnan(y[i, f])]
         finding_fits[f] = detector.FindingFit(np.flatnonzero(mask[:, f]), val_rows[val_keep], val_logits[val_keep, f],
                                               eval_rows[eval_keep], logits[eval_keep, f])
+    summary = detector.summarise_fit(cohort, finding_fits)
+    rows = [{**cohort.prediction(i, f, logits[position, f], backbone.name, arm, budget, seed),
+             **detector.prediction_columns(summary, cohort.findings[f], logits[position, f])}
+            for position, i in enumerate(eval_rows.tolist()) if i not in failed
+            for f in trainable if not np.isnan(y[i, f])]
     return {
         "seed": seed, "label_fraction": budget.fraction, "shots": budget.shots, "per_finding": counts, **info,
         "unreadable_test_scans": [f"{cohort.scan_ids[i]}: {reason}" for i, reason in failed.items()],
-        "predictions": rows, "classifier": classifier, "detector": detector.summarise_fit(cohort, finding_fits),
+        "predictions": rows, "classifier": classifier, "detector": summary,
     }

@@ -124,24 +124,6 @@ def _at_specificity(tp: np.ndarray, fp: np.ndarray, specificity: float) -> tuple
     return picked_tp, picked_fp, index
 
 
-def threshold_at_specificity(labels: np.ndarray, scores: np.ndarray, specificity: float) -> dict:
-    """The operating point of ``scores`` at ``specificity``: the lowest threshold (a scan is positive when
-    ``score >= threshold``) whose specificity on these scans is at least ``specificity``, so the one with
-    the highest sensitivity there. Returns ``{"threshold", "sensitivity", "specificity"}`` as reached on
-    these scans; when even the highest score is too many false positives, the threshold lies just above
-    every score (nothing is called positive). Needs a positive and a negative (ValueError otherwise)."""
-    tp, fp, thresholds = cumulative_counts(labels, scores)
-    positives, negatives, valid = _totals(tp, fp)
-    if not valid:
-        raise ValueError("an operating point needs at least one positive and one negative")
-    allowed = np.flatnonzero(fp <= (1.0 - specificity + 1e-9) * negatives)  # same slack as sensitivity_at_specificity
-    if allowed.size == 0:
-        return {"threshold": float(np.nextafter(thresholds[0], np.inf)), "sensitivity": 0.0, "specificity": 1.0}
-    k = allowed[-1]  # fp grows as the threshold falls: the last allowed one is the lowest
-    return {"threshold": float(thresholds[k]), "sensitivity": float(tp[k] / positives),
-            "specificity": float(1.0 - fp[k] / negatives)}
-
-
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ROC points ``(fpr, tpr)`` from (0, 0) to (1, 1), one per distinct threshold."""
     tp, fp, _ = cumulative_counts(labels, scores)

@@ -94,15 +94,18 @@ def run_probe(
             for budget in budgets:
                 models, finding_fits = {}, {}
                 for f in trainable:
-                    fit, finding_fit, model = _fit_one(x, cohort, f, budget, seed, config)
+                    fit, finding_fits[f], models[f] = _fit_one(x, cohort, f, budget, seed, config)
                     fits.append(fit)
-                    predictions += [cohort.prediction(i, f, score, model_name, arm, budget, seed)
-                                    for i, score in zip(finding_fit.eval_rows.tolist(), finding_fit.eval_scores)]
-                    models[f], finding_fits[f] = model, finding_fit
                     progress.update()
+                # Thresholds and calibration set on validation, for the predictions and the detector alike.
+                summary = detector.summarise_fit(cohort, finding_fits)
+                for f, finding_fit in finding_fits.items():
+                    predictions += [{**cohort.prediction(i, f, score, model_name, arm, budget, seed),
+                                     **detector.prediction_columns(summary, cohort.findings[f], score)}
+                                    for i, score in zip(finding_fit.eval_rows.tolist(), finding_fit.eval_scores)]
                 if target is not None:
                     n_detectors += _save_detector(out / detector.FITS_DIR / f"{budget.name}-seed{seed}", target, cohort,
-                                                  models, finding_fits, budget, seed, config, labels_record, store)
+                                                  models, summary, budget, seed, config, labels_record, store)
 
     run = {
         "command": "probe", "config": to_dict(config), "model": model_name, "arm": arm, "features": feature,
@@ -170,13 +173,12 @@ def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
             "input_size": list(source.config.img_size), **grid}, ""
 
 
-def _save_detector(folder: Path, target: dict, cohort: Cohort, models: dict[int, LogisticProbe],
-                   finding_fits: dict[int, detector.FindingFit], budget: Budget, seed: int, config: ProbeConfig,
-                   labels_record: dict, store: str | os.PathLike) -> int:
-    """Save the logistic fits of one (budget, seed) as a detector folder; 1 when saved, 0 when no finding
-    could be calibrated (its validation split lacks a class)."""
-    summary = detector.summarise_fit(cohort, finding_fits)
-    kept = [f for f in finding_fits if cohort.findings[f] in summary["per_finding"]]
+def _save_detector(folder: Path, target: dict, cohort: Cohort, models: dict[int, LogisticProbe], summary: dict,
+                   budget: Budget, seed: int, config: ProbeConfig, labels_record: dict, store: str | os.PathLike) -> int:
+    """Save the logistic fits of one (budget, seed) (``summary``: :func:`fmct.detector.summarise_fit` of
+    them) as a detector folder; 1 when saved, 0 when no finding could be calibrated (its validation split
+    lacks a class)."""
+    kept = [f for f in models if cohort.findings[f] in summary["per_finding"]]
     if not kept:
         return 0
     findings = [cohort.findings[f] for f in kept]
