@@ -24,7 +24,7 @@ from fmct.eval.probe import ProbeConfig, run_probe
 from fmct.io import read_series, write_series
 from fmct.models import ViT3DConfig
 from fmct.predict import predict
-from fmct.saliency import integrated_gradients, on_canonical_grid, peak_voxel
+from fmct.saliency import integrated_gradients, on_canonical_grid, peak_voxel, write_examples
 from fmct.store import Store
 from test_embed import BLOB_HU, BLOB_RADIUS, TINY, save_tiny_run, write_blob_store
 
@@ -315,3 +315,16 @@ def test_hub_repo_ids_load_through_huggingface_hub_from_its_cache(finetuned, tmp
     backbone = hub.ViT3DModel.from_pretrained("fmct/tiny-backbone", cache_dir=tmp_path / "cache", local_files_only=True)
     assert detector.findings == ["ich"] and backbone.config == detector.backbone.config
     assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), detector.backbone.state_dict().values()))
+
+
+def test_saliency_examples_beside_the_predictions_in_the_layout_the_report_reads(finetuned, tmp_path):
+    root, store, ft = finetuned
+    out = tmp_path / "ft"
+    shutil.copytree(ft, out)
+    rows = [{**r, "label": int(r["label"]), "score": float(r["score"]), "seed": int(r["seed"]),
+             "label_fraction": float(r["label_fraction"]), "threshold_spec90": float(r["threshold_spec90"])}
+            for r in csv.DictReader(open(out / "predictions.csv"))]
+    assert write_examples(out, rows, store, per_kind=2) == len(list(out.glob("saliency/*/ich.png"))) >= 1
+    called = {r["scan_id"]: r for r in rows if r["score"] >= r["threshold_spec90"]}
+    for png in out.glob("saliency/*/ich.png"):  # fmct report: saliency/<scan_id>/<finding>.png
+        assert png.parent.name in called and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

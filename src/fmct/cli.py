@@ -123,6 +123,14 @@ def _check_out(out: str, kind: str = "folder") -> None:
         raise UsageError(f"--out {out}: is a folder; name the file to write")
 
 
+def _add_saliency_examples_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--saliency-examples", type=int, default=0, metavar="N",
+        help="write saliency PNGs of the N highest-scoring true and false positives per finding and site group "
+             "(OUT/saliency/, shown by fmct report)",
+    )
+
+
 def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
     """The label budgets, seeds, held-out sites and findings shared by probe and finetune."""
     parser.add_argument("--label-fractions", help="comma-separated shares (0 to 1) of the training labels, one budget each")
@@ -251,6 +259,7 @@ def _probe_parser(sub) -> None:
              "then need scan_id, and a scan without patient_id is its own patient)",
     )
     _add_budget_args(parser, "probe")
+    _add_saliency_examples_arg(parser)
     parser.add_argument(
         "--features", choices=["cls", "patch_mean", "concat", "first_order"],
         help="columns of the table: cls (CLS token), patch_mean (mean patch token), concat (both), first_order "
@@ -285,7 +294,8 @@ def _probe_run(args) -> int:
     overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
     config = load_config(ProbeConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
-    summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None)
+    summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None,
+                        saliency_examples=args.saliency_examples)
     print(summary.describe(Path(args.out)))
     return 0 if summary.n_predictions else 1
 
@@ -468,6 +478,7 @@ def _finetune_parser(sub) -> None:
         "--trainable-blocks", type=int, help="train only the last k blocks and the final norm (0: frozen backbone; -1: all blocks)",
     )
     _add_budget_args(parser, "train")
+    _add_saliency_examples_arg(parser)
     parser.add_argument("--batch-size", type=int, help="volumes per training step (at least 2)")
     parser.add_argument("--max-steps", type=int, help="training steps per fit (early stopping may end sooner)")
     parser.add_argument(
@@ -496,7 +507,8 @@ def _finetune_run(args) -> int:
     overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
     config = load_config(FinetuneConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
-    summary = run_finetune(args.model, args.store, args.labels, args.out, config, like=args.like, rename=rename or None)
+    summary = run_finetune(args.model, args.store, args.labels, args.out, config, like=args.like, rename=rename or None,
+                           saliency_examples=args.saliency_examples)
     print(summary.describe(Path(args.out)))
     return 0 if summary.n_predictions else 1
 

@@ -25,14 +25,19 @@ it overlays the original series in 3D Slicer or ITK-SNAP. Units: logit per voxel
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from fmct.detector import Detector
+from fmct.atomic import atomic_write_bytes
+from fmct.detector import Detector, load_detector, resolve_detector
+from fmct.devices import autocast, default_device
 from fmct.preprocess import sample_on_grid
+from fmct.store import Store
 
 BRAIN_WINDOW = (0.0, 80.0)  # HU shown black .. white under the heatmap (level 40, width 80)
 
@@ -123,3 +128,47 @@ def overlay_png(canonical_hu: np.ndarray, canonical_map: np.ndarray, world_mm: n
     figure.savefig(buffer, format="png", dpi=80, facecolor="black")
     plt.close(figure)
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------- examples beside predictions
+EXAMPLE_POINT = "spec90"  # examples are called positive at this operating point, as fmct report shows them
+
+
+def write_examples(out: str | os.PathLike, rows: list[dict], store_path: str | os.PathLike, per_kind: int = 3,
+                   steps: int = 16, sigma_mm: float = 8.0, device: str | torch.device | None = None) -> int:
+    """Saliency PNGs of the test scans a probe or finetune run called positive, for ``fmct report``'s examples:
+    with the detector of ``out`` (its seed-0 fit trained on the most labels), per finding and site group
+    the ``per_kind`` highest-scoring true positives and false positives at the ``spec90`` threshold set on
+    validation, as ``out/saliency/<scan_id>/<finding>.png`` on the store's canonical volume. ``rows`` are the
+    run's prediction rows (with ``threshold_spec90``). Returns how many were written."""
+    out, device = Path(out), default_device(device)
+    detector = load_detector(resolve_detector(out), device)
+    budget, seed = detector.config["provenance"]["budget"], detector.config["provenance"]["seed"]
+    fraction = "" if budget["label_fraction"] is None else budget["label_fraction"]
+    shots = "" if budget["shots"] is None else budget["shots"]
+    mine = [r for r in rows if r["seed"] == seed and r["label_fraction"] == fraction and r["shots"] == shots
+            and r["finding"] in detector.findings and f"threshold_{EXAMPLE_POINT}" in r]
+    chosen = []
+    for finding in detector.findings:
+        for split in ("test", "ood"):
+            for label in (1, 0):  # true positives, then false positives
+                called = [r for r in mine if r["finding"] == finding and r["split"] == split and r["label"] == label
+                          and r["score"] >= r[f"threshold_{EXAMPLE_POINT}"]]
+                chosen += sorted(called, key=lambda r: -r["score"])[:per_kind]
+    store = Store(store_path)
+    for row in chosen:
+        hu = store.read(row["scan_id"])
+        x = detector.model_input(torch.from_numpy(hu[None, None]).to(device))
+        with autocast(device):
+            attribution = integrated_gradients(detector, x, steps)
+        f = detector.findings.index(row["finding"])
+        manifest = store.row(row["scan_id"])
+        spacing = float(manifest["store_spacing_mm"][0])
+        heat = on_canonical_grid(attribution[f : f + 1], hu.shape, spacing, sigma_mm)[0]
+        # Store voxel -> source world (mm); a store written by hand may not record it: then store voxels in mm.
+        affine = store.affine(row["scan_id"]) if manifest.get("affine") else np.diag([spacing] * 3 + [1.0])
+        world = affine[:3, :3] @ np.array(peak_voxel(heat), dtype=np.float64) + affine[:3, 3]
+        kind = "true positive" if row["label"] == 1 else "false positive"
+        title = f"{row['scan_id']}  {row['finding']}  {kind}  score {row['score']:.2f}"
+        atomic_write_bytes(out / "saliency" / row["scan_id"] / f"{row['finding']}.png", overlay_png(hu, heat, world, title))
+    return len(chosen)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fmct import detector, hub
+from fmct import detector, hub, saliency
 from fmct.atomic import atomic_write_text
 from fmct.config import save_config, to_dict
 from fmct.data import AugmentConfig, MultiCropAugment, StoreVolumes, embed_transform, step_generator
@@ -274,10 +274,12 @@ def run_finetune(
     like: str | None = None,
     rename: dict[str, str] | None = None,
     device: str | torch.device | None = None,
+    saliency_examples: int = 0,
 ) -> FitSummary:
     """Fine-tune ``model`` (a model folder, a pretraining run, a shipped name, or ``scratch``) on the
     labelled scans of the store for every (label budget, seed); write predictions, ``run.json`` and
-    ``config.yaml`` into ``out``.
+    ``config.yaml`` into ``out``. ``saliency_examples`` N > 0: saliency PNGs of the N highest-scoring true
+    and false positives per finding and site group, for ``fmct report`` (:func:`fmct.saliency.write_examples`).
 
     ``labels_spec`` is a labels file as :func:`fmct.datasets.load_labels` reads it; ``like`` gives a
     scratch model its architecture and windows. ``device`` defaults to CUDA when available.
@@ -329,6 +331,8 @@ def run_finetune(
     }
     save_config(config, out / "config.yaml")
     write_predictions(out, predictions, run)
+    if saliency_examples:
+        saliency.write_examples(out, predictions, store_path, saliency_examples, device=device)
     return FitSummary("finetune", len(predictions), [cohort.findings[f] for f in trainable], len(fits), n_reused,
                       skipped, cohort.notes + [f"{s}: {r}" for s, r in volumes.skipped])
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fmct import detector, hub
+from fmct import detector, hub, saliency
 from fmct.config import save_config, to_dict
 from fmct.errors import CheckpointError, ConfigError, InputError
 from fmct.eval.classifiers import LogisticProbe, fit_knn, fit_logistic_probe
@@ -64,8 +64,13 @@ def run_probe(
     config: ProbeConfig,
     store_path: str | os.PathLike | None = None,
     rename: dict[str, str] | None = None,
+    saliency_examples: int = 0,
 ) -> FitSummary:
     """Fit the probes and write ``predictions.csv``, ``run.json`` and ``config.yaml`` into ``out``.
+
+    ``saliency_examples`` N > 0: saliency PNGs of the N highest-scoring true and false positives per finding
+    and site group of the detector ``fmct predict`` would take, for ``fmct report``
+    (:func:`fmct.saliency.write_examples`; needs a saved detector and its store).
 
     ``labels_spec`` is a labels file as :func:`fmct.datasets.load_labels` reads it. Rows keyed by
     ``source`` need ``store_path``, whose manifest also supplies patient keys for rows without a
@@ -115,6 +120,10 @@ def run_probe(
     }
     save_config(config, out / "config.yaml")
     write_predictions(out, predictions, run)
+    if saliency_examples and n_detectors:
+        saliency.write_examples(out, predictions, store, saliency_examples)
+    elif saliency_examples:
+        notes.append("no saliency examples: no detector was saved")
     return FitSummary("probe", len(predictions), [cohort.findings[f] for f in trainable], len(fits),
                       skipped=skipped, notes=notes)
 
