@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # torch is pinned by default (a CPU build lies on local disk); override e.g. TORCH_SPEC="torch==2.14.1".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,bench,tensorboard
+EXTRAS ?= test,bench,tensorboard,export
 BIN := $(VENV)/bin
 
 .PHONY: setup test test-slow demo bench gpu-suite foundation clean

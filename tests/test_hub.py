@@ -29,7 +29,7 @@ def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
     model = small_model()
     extra = {"windows_hu": [[40, 80], [80, 200], [600, 2800]], "step": 1200}
     hub.save(model, tmp_path / "export", extra=extra)
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = hub.load(tmp_path / "export")
     assert loaded.config == model.config and not loaded.training
     x = torch.randn(2, 3, 32, 32, 16)
@@ -58,13 +58,13 @@ def test_bad_folders_give_one_line_errors(tmp_path):
 
     hub.save(small_model(depth=3), folder)
     info = json.loads((folder / "config.json").read_text())
-    info["config"]["depth"] = 2
+    info["depth"] = 2  # config.json is flat: the architecture fields at the top level
     (folder / "config.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="weights do not match") as error:
         hub.load(folder)
     assert "\n" not in str(error.value)
 
-    info["config"]["size"] = "gigantic"
+    info["size"] = "gigantic"
     (folder / "config.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="invalid model config"):
         hub.load(folder)
@@ -80,7 +80,7 @@ def test_save_refuses_unserialisable_extra_and_leaves_no_temp_files(tmp_path):
         hub.save(model, tmp_path, extra={"tensor": torch.zeros(1)})
     hub.save(model, tmp_path)
     hub.save(model, tmp_path)  # overwrite in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log():

@@ -109,7 +109,8 @@ def test_probe_maps_source_labels_through_the_store(tmp_path):
     with pytest.raises(InputError, match="need --store"):
         run_probe(tmp_path / "emb", str(tmp_path / "by_source.csv"), tmp_path / "out", config)
     summary = run_probe(tmp_path / "emb", str(tmp_path / "by_source.csv"), tmp_path / "out", config, store_path=store)
-    assert summary.notes == ["1 label rows match no scan of the store"]
+    assert summary.notes[0] == "1 label rows match no scan of the store"
+    assert summary.notes[1].startswith("no detector folders: the embeddings are not of a model folder's backbone")
     columns = read_predictions(tmp_path / "out").columns
     assert all(p.startswith("key") for p in columns["patient_id"])  # patient keys from the manifest
     for scan_id, patient in zip(columns["scan_id"], columns["patient_id"]):

@@ -123,6 +123,14 @@ def _check_out(out: str, kind: str = "folder") -> None:
         raise UsageError(f"--out {out}: is a folder; name the file to write")
 
 
+def _add_saliency_examples_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--saliency-examples", type=int, default=0, metavar="N",
+        help="write saliency PNGs of the N highest-scoring true and false positives per finding and site group "
+             "(OUT/saliency/, shown by fmct report)",
+    )
+
+
 def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
     """The label budgets, seeds, held-out sites and findings shared by probe and finetune."""
     parser.add_argument("--label-fractions", help="comma-separated shares (0 to 1) of the training labels, one budget each")
@@ -251,6 +259,7 @@ def _probe_parser(sub) -> None:
              "then need scan_id, and a scan without patient_id is its own patient)",
     )
     _add_budget_args(parser, "probe")
+    _add_saliency_examples_arg(parser)
     parser.add_argument(
         "--features", choices=["cls", "patch_mean", "concat", "first_order"],
         help="columns of the table: cls (CLS token), patch_mean (mean patch token), concat (both), first_order "
@@ -285,7 +294,8 @@ def _probe_run(args) -> int:
     overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
     config = load_config(ProbeConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
-    summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None)
+    summary = run_probe(args.embeddings, args.labels, args.out, config, store_path=args.store, rename=rename or None,
+                        saliency_examples=args.saliency_examples)
     print(summary.describe(Path(args.out)))
     return 0 if summary.n_predictions else 1
 
@@ -468,6 +478,7 @@ def _finetune_parser(sub) -> None:
         "--trainable-blocks", type=int, help="train only the last k blocks and the final norm (0: frozen backbone; -1: all blocks)",
     )
     _add_budget_args(parser, "train")
+    _add_saliency_examples_arg(parser)
     parser.add_argument("--batch-size", type=int, help="volumes per training step (at least 2)")
     parser.add_argument("--max-steps", type=int, help="training steps per fit (early stopping may end sooner)")
     parser.add_argument(
@@ -496,9 +507,80 @@ def _finetune_run(args) -> int:
     overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
     config = load_config(FinetuneConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
-    summary = run_finetune(args.model, args.store, args.labels, args.out, config, like=args.like, rename=rename or None)
+    summary = run_finetune(args.model, args.store, args.labels, args.out, config, like=args.like, rename=rename or None,
+                           saliency_examples=args.saliency_examples)
     print(summary.describe(Path(args.out)))
     return 0 if summary.n_predictions else 1
+
+
+# ------------------------------------------------------------------------------------------ predict
+_DETECTOR_HELP = ("a detector folder, or the output folder of fmct probe or finetune (its seed-0 fit trained on the most "
+                  "labels unless --fit names one)")
+
+
+def _predict_parser(sub) -> None:
+    parser = _add_verb(
+        sub, "predict", "a detector on new DICOM/NIfTI scans -> calibrated probabilities, decisions, saliency maps",
+        "fmct predict --model finetune --out predictions /data/new_scan_dicom scan2.nii.gz --saliency",
+        about="A detector on new scans: each PATH (a DICOM folder, DICOM files, NIfTI files) goes through ingest's "
+              "selection, geometry and canonical grid in memory, then the detector. OUT/predictions.csv: per scan "
+              "(named by pseudonym) and finding the calibrated probability, and the threshold and decision at each "
+              "operating point set on the validation split; OUT/errors.csv: why a scan could not be used. "
+              "A re-run resumes.",
+        config="fmct.predict:PredictConfig",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help=_DETECTOR_HELP)
+    parser.add_argument("--fit", help="the fit of a probe/finetune output to use, e.g. fraction1-seed0 (default: seed 0, most labels)")
+    parser.add_argument("--out", required=True, help="folder for predictions.csv, errors.csv and saliency/ (resumed)")
+    parser.add_argument("--saliency", action="store_true",
+                        help="per scan and finding a heatmap (Integrated Gradients) as NIfTI on the scan's own grid and a PNG")
+    parser.add_argument("--key", metavar="FILE", help="pseudonym key naming the scans, as fmct ingest's --key (default: "
+                                                      "$FMCT_KEY_FILE, else ~/.config/fmct/pseudonym.key)")
+    parser.add_argument("--batch-size", type=int, help="scans per forward pass")
+    parser.add_argument("--workers", type=int, help="threads reading scans ahead of the model")
+    parser.add_argument("--config", help=_CONFIG_HELP)
+    parser.add_argument("inputs", nargs="*", metavar="PATH|key=value",
+                        help="DICOM folders or files and NIfTI files, then config overrides, e.g. saliency_steps=32")
+    parser.set_defaults(run=_predict_run)
+
+
+def _predict_run(args) -> int:
+    from fmct.config import load_config
+    from fmct.predict import PredictConfig, predict
+
+    overrides = [item for item in args.inputs if _OVERRIDE.match(item)]
+    paths = [item for item in args.inputs if not _OVERRIDE.match(item)]
+    if not paths:
+        raise UsageError("no PATH given")
+    flags = {"batch_size": args.batch_size, "workers": args.workers, "saliency": args.saliency or None}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    config = load_config(PredictConfig, args.config, overrides)
+    summary = predict(args.model, paths, args.out, config, fit=args.fit, key_file=args.key)
+    print(summary.describe())
+    return 0 if summary.ok else 1
+
+
+def _export_parser(sub) -> None:
+    parser = _add_verb(
+        sub, "export", "a detector as ONNX (dynamic batch), checked against PyTorch with ONNX Runtime",
+        "fmct export --model finetune --out detector.onnx",
+        about="A detector as one ONNX file: input float32 HU (batch, 1, X, Y, Z) on the detector's canonical grid, output "
+              "calibrated probabilities (batch, findings); resize, HU windows and calibration are inside the graph, the "
+              "findings and operating points in its metadata. Needs the export extra: pip install \"fmct[export]\".",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help=_DETECTOR_HELP)
+    parser.add_argument("--fit", help="the fit of a probe/finetune output to export (default: seed 0, most labels)")
+    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.set_defaults(run=_export_run)
+
+
+def _export_run(args) -> int:
+    from fmct.export import export_onnx
+
+    result = export_onnx(args.model, args.out, fit=args.fit)
+    print(f"export: {', '.join(result['findings'])} -> {result['path']} (input {result['input_shape']}; "
+          f"onnxruntime vs torch max |difference| {result['max_abs_difference']:.1e})")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -663,7 +745,7 @@ def _claim_lines(finding: str, fraction: str | None, checks: list[tuple[str, lis
 # In the order of the data flow, as `fmct --help` lists them.
 PARSERS = [
     _synth_parser, _ingest_parser, _store_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
-    _evaluate_parser, _report_parser, _demo_parser,
+    _evaluate_parser, _report_parser, _predict_parser, _export_parser, _demo_parser,
 ]
 
 

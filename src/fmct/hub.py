@@ -2,15 +2,20 @@
 names included), read its architecture, HU windows and name, fingerprint, load and save it, and build a
 backbone from a folder or as the random-init floor of one (:func:`resolve_model`).
 
-A folder holds the weights of a :class:`~fmct.models.ViT3D` as ``model.safetensors`` and its
-architecture plus free metadata as ``config.json``. Nothing is unpickled, so a folder from anyone is
-safe to load.
+A folder holds the weights of a :class:`~fmct.models.ViT3D` as ``model.safetensors``, its architecture
+plus free metadata as a flat ``config.json`` (Hugging Face's convention: the fields at the top level) and
+a generated model card (``README.md``). Nothing is unpickled, so a folder from anyone is safe to load.
+:class:`ViT3DModel` gives it Hugging Face's ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub``
+(huggingface_hub's ``ModelHubMixin``); a local folder, run or shipped name never touches the network.
 
-``config.json``::
+``config.json`` (version 2)::
 
-    {"format": "fmct-vit3d", "version": 1,
-     "config": {...ViT3DConfig fields...},
-     "extra": {...whatever the writer passed: HU windows, training run, step...}}
+    {"format": "fmct-vit3d", "version": 2,
+     ...the ViT3DConfig fields (size, img_size, patch_size, embed_dim, ...)...,
+     ...whatever the writer passed as extra: windows (HU), training run, step...}
+
+Version 1 folders (``{"format", "version": 1, "config": {...}, "extra": {...}}``, e.g. the shipped
+``fmct-synth-tiny``) are read as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+from huggingface_hub import ModelHubMixin, snapshot_download
 
 from fmct.data.augment import DEFAULT_WINDOWS
 from fmct.devices import unwrap
@@ -36,7 +42,10 @@ from fmct.atomic import atomic_write_bytes, atomic_write_text
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
 FORMAT = "fmct-vit3d"
+VERSION = 2
+_ARCHITECTURE_FIELDS = tuple(field.name for field in dataclasses.fields(ViT3DConfig))
 
 
 # Checkpoints shipped inside the package, loadable by name (``--model fmct-synth-tiny``): each folder
@@ -86,31 +95,82 @@ def training_log(path: str | os.PathLike) -> Path:
 
 
 def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``model``'s weights and config to ``folder`` (created if needed); return the folder.
+    """Write ``model``'s weights, flat config and model card to ``folder`` (created if needed); return the folder.
 
     ``model`` may be wrapped by DDP or ``torch.compile``. With FSDP, gather a full state first and
     call this on one rank. ``extra`` must be JSON-serialisable (e.g. the HU windows the model was trained
-    on). Each file is written atomically; the weights go first so that ``config.json`` marks a complete folder.
+    on) and may not reuse an architecture field's name. Each file is written atomically; the weights go
+    first so that ``config.json`` marks a complete folder.
     """
     model = unwrap(model)
     if not isinstance(model, ViT3D):
         raise TypeError(f"hub.save expects a ViT3D, got {type(model).__name__}")
     folder = Path(folder)
+    extra = dict(extra or {})
+    clashes = sorted(set(extra) & {"format", "version", *_ARCHITECTURE_FIELDS})
+    if clashes:
+        raise ValueError(f"hub.save: extra metadata may not use the config.json keys {', '.join(clashes)}")
     try:
-        config_text = json.dumps(
-            {"format": FORMAT, "version": 1, "config": dataclasses.asdict(model.config), "extra": extra or {}},
-            indent=2,
-        )
+        config_text = json.dumps({"format": FORMAT, "version": VERSION, **dataclasses.asdict(model.config), **extra}, indent=2)
     except TypeError as error:
         raise TypeError(f"hub.save: extra metadata is not JSON-serialisable: {error}") from None
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write_text(folder / CARD_FILE, model_card(model_name(folder.resolve()), model.config, extra))
     atomic_write_text(folder / CONFIG_FILE, config_text + "\n")
     return folder
 
 
+def model_card(name: str, config: ViT3DConfig, extra: dict) -> str:
+    """The model card (Markdown) of a backbone folder, from its architecture and recorded ``extra``:
+    model, data, recipe, metrics, intended use and limits."""
+    windows = extra.get("windows") or [list(w) for w in DEFAULT_WINDOWS]
+    finetuned_from = extra.get("finetuned_from") or {}
+    if finetuned_from:
+        data = (f"Fine-tuned on labelled scans by `fmct finetune` from `{finetuned_from.get('name', '?')}` (sha256 "
+                f"{finetuned_from.get('checkpoint_sha256') or 'none: random init'}); the detector folder around it "
+                "records the labels, splits and budget.")
+        recipe = "Part of a detector fitted by `fmct finetune`: see its `config.json` and model card."
+    else:
+        data = f"Pretrained by `fmct pretrain` on the store `{extra['store']}`." if extra.get("store") else "Not recorded."
+        recipe = ", ".join(f"{key} {extra[key]}" for key in ("method", "step", "config_sha256") if key in extra) or "Not recorded."
+    return f"""---
+library_name: fmct
+license: apache-2.0
+tags: [fmct, head-ct, 3d-vit, medical-imaging]
+---
+# {name}
+
+A 3D ViT backbone for head CT from fmct. Load it with `fmct.hub.ViT3DModel.from_pretrained(FOLDER)` (no
+network for a local folder), or pass the folder as `--model` to `fmct embed` and `fmct finetune`.
+
+## Model
+- ViT3D {config.size}: {config.depth} blocks, width {config.embed_dim}, {config.n_heads} heads, patch
+  {list(config.patch_size)} voxels, input {list(config.img_size)} voxels, {config.n_registers} register token(s).
+- Input channels: the HU windows {windows} (level, width) of the canonical volume (RAS) resized whole to the input.
+
+## Data
+{data}
+
+## Recipe
+{recipe}
+
+## Metrics
+A backbone has no metrics of its own: `fmct probe` and `fmct finetune` measure what detectors made from it
+find (AUROC with patient-level bootstrap 95 % CIs), and their detector folders' model cards state them.
+
+## Intended use
+Research: features for probes and a starting point for fine-tuning in fmct's pipeline.
+
+## Limits
+Not a medical device and not validated for any clinical decision. Features carry whatever the
+pretraining data held; measure a detector made from it on your own scans before trusting it.
+"""
+
+
 def read_config_json(folder: str | os.PathLike) -> dict:
-    """The parsed ``config.json`` of a model folder: keys ``format``, ``version``, ``config``, ``extra``."""
+    """The parsed ``config.json`` of a model folder, as ``{"format", "version", "config", "extra"}``:
+    ``config`` the architecture fields, ``extra`` every other key (version 1 and 2 alike)."""
     path = Path(folder) / CONFIG_FILE
     try:
         info = json.loads(path.read_text())
@@ -118,9 +178,15 @@ def read_config_json(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: missing; {folder} is not an fmct model folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: unreadable: {error}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("config"), dict):
-        raise CheckpointError(f"{path}: not an fmct model config (expected format {FORMAT!r} with a 'config' mapping)")
-    return info
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an fmct model config (expected format {FORMAT!r})")
+    if info.get("version", 1) == 1:
+        if not isinstance(info.get("config"), dict):
+            raise CheckpointError(f"{path}: not an fmct model config (version 1 needs a 'config' mapping)")
+        return {"format": FORMAT, "version": 1, "config": info["config"], "extra": info.get("extra") or {}}
+    config = {key: value for key, value in info.items() if key in _ARCHITECTURE_FIELDS}
+    extra = {key: value for key, value in info.items() if key not in config and key not in ("format", "version")}
+    return {"format": FORMAT, "version": info["version"], "config": config, "extra": extra}
 
 
 def read_extra(folder: str | os.PathLike) -> dict:
@@ -147,8 +213,9 @@ def random_init(config: ViT3DConfig, seed: int, device: str | torch.device = "cp
     return ViT3D(config).to(device).eval()
 
 
-def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ViT3D:
-    """The :class:`ViT3D` saved in ``folder``, on ``device``, in eval mode. Raises :class:`CheckpointError`."""
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> "ViT3DModel":
+    """The :class:`ViT3D` saved in ``folder`` (a :class:`ViT3DModel`, its extra metadata in ``hub_extra``),
+    on ``device``, in eval mode. Raises :class:`CheckpointError`."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     config = read_architecture(folder)
@@ -160,13 +227,47 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> ViT3D
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path}: unreadable safetensors file: {error}") from None
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = ViT3D(config)
+        model = ViT3DModel(config)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()
         raise CheckpointError(f"{weights_path}: weights do not match {config_path}: {' '.join(r.strip() for r in reason[:3])}") from None
+    model.hub_extra = read_extra(folder)
     return model.to(device).eval()
+
+
+class ViT3DModel(ViT3D, ModelHubMixin, library_name="fmct", license="apache-2.0", tags=["fmct", "head-ct", "3d-vit"]):
+    """A :class:`ViT3D` with Hugging Face's conventions: ``ViT3DModel.from_pretrained(path_or_name)``,
+    ``model.save_pretrained(folder)`` (config.json, model.safetensors, README.md) and ``push_to_hub``.
+
+    ``hub_extra`` is the metadata (HU windows, training run) read with the weights and written back by
+    ``save_pretrained``.
+    """
+
+    hub_extra: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", **hub_kwargs) -> "ViT3DModel":
+        """The model of a model folder, a pretraining run or a shipped name (read here, never from the
+        network); any other name is a Hugging Face Hub repo id, which huggingface_hub downloads (its
+        ``revision``, ``cache_dir``, ``local_files_only``, ``token`` apply)."""
+        if Path(name_or_path).exists() or str(name_or_path) in shipped_models():
+            return load(resolve_model_dir(name_or_path), device)
+        return super().from_pretrained(str(name_or_path), device=device, **hub_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, device: str | torch.device = "cpu", config: dict | None = None,
+                         ) -> "ViT3DModel":
+        # A Hub repo id: fetch the folder, then read it like a local one. (``config`` is the parsed
+        # config.json the mixin passes along; load reads it from the folder itself.)
+        folder = snapshot_download(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                   local_files_only=local_files_only, token=token)
+        return load(folder, device)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save(self, save_directory, extra=self.hub_extra)
 
 
 def model_windows(model_dir: str | os.PathLike) -> list[tuple[float, float]]:

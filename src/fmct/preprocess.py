@@ -92,28 +92,44 @@ def head_centre(volume: Volume, config: CanonicalConfig) -> np.ndarray:
 def resample(volume: Volume, target_affine: np.ndarray, shape: tuple[int, int, int], config: CanonicalConfig) -> np.ndarray:
     """Sample ``volume`` at the voxel centres of the grid (``target_affine``, ``shape``) -> int16 HU.
 
-    One trilinear (or nearest) interpolation through the voxel-to-voxel map ``inv(A_src) @ A_target``.
-    Only the source box that the grid touches is converted to float. With ``config.antialias``, source
-    axes finer than half the target spacing are first averaged over whole voxels, so that downsampling
-    thin slices does not alias their noise (the averaged grid's affine is shifted to stay exact).
+    :func:`sample_on_grid` with ``config``'s interpolation and antialiasing; voxels outside the source
+    field of view are air (``config.air_hu``).
     """
-    source_affine = volume.affine
+    hu = sample_on_grid(volume.hu, volume.affine, target_affine, shape, config.interpolation, config.antialias,
+                        fill=float(config.air_hu))
+    return np.ascontiguousarray(np.clip(np.rint(hu), config.air_hu, np.iinfo(np.int16).max).astype(np.int16))
+
+
+def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, shape: tuple[int, int, int],
+                   interpolation: str = "linear", antialias: bool = False, fill: float = 0.0) -> np.ndarray:
+    """Sample a volume ``values`` (I, J, K) with voxel -> world (mm) ``source_affine`` at the voxel centres of
+    the grid (``target_affine``, ``shape``) -> float32 (``shape``), ``fill`` outside the source.
+
+    One trilinear (or nearest) interpolation through the voxel-to-voxel map ``inv(source_affine) @ target_affine``,
+    so any pair of grids (sheared, oblique, reversed) maps exactly. Only the source box that the grid
+    touches is converted to float. With ``antialias``, source axes finer than half the target spacing are
+    first averaged over whole voxels, so that downsampling thin slices does not alias their noise (the
+    averaged grid's affine is shifted to stay exact).
+    """
+    source_shape = np.array(values.shape)
     target_to_source = np.linalg.inv(source_affine) @ target_affine
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
     touched = corners @ target_to_source.T
-    low = np.clip(np.floor(touched[:, :3].min(axis=0)).astype(int) - 1, 0, np.array(volume.shape) - 1)
-    high = np.clip(np.ceil(touched[:, :3].max(axis=0)).astype(int) + 2, 1, np.array(volume.shape))
+    low = np.clip(np.floor(touched[:, :3].min(axis=0)).astype(int) - 1, 0, source_shape - 1)
+    high = np.clip(np.ceil(touched[:, :3].max(axis=0)).astype(int) + 2, 1, source_shape)
     if np.any(high <= low):
         raise ScanError("the canonical grid does not overlap the scan's field of view")
-    box = volume.hu[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
+    box = values[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
     factor = np.ones(3, dtype=int)
-    if config.antialias:
-        factor = np.floor(config.spacing_mm / volume.spacing_mm + 1e-6).astype(int)
+    if antialias:
+        target_spacing = np.linalg.norm(target_affine[:3, :3], axis=0)
+        source_spacing = np.linalg.norm(source_affine[:3, :3], axis=0)
+        factor = np.floor(target_spacing / source_spacing + 1e-6).astype(int)
         factor = np.where(factor >= 2, factor, 1)
     # Readers give (I, J, K) views of slice-major memory, so the transposed box (K, J, I) is contiguous:
     # as a (D, H, W) tensor, grid_sample's point order (x, y, z) = (W, H, D) is then simply (i, j, k).
     box_kji = _box_average(box.T, factor[::-1])
-    tensor = torch.from_numpy(np.ascontiguousarray(box_kji) - np.float32(config.air_hu))[None, None]
+    tensor = torch.from_numpy(np.ascontiguousarray(box_kji) - np.float32(fill))[None, None]
     # Target voxel -> index into the (averaged) box: the first averaged voxel is centred at
     # low + (factor - 1) / 2 in source voxel units, and averaged voxels are ``factor`` source voxels wide.
     offset = low + (factor - 1) / 2.0
@@ -131,11 +147,12 @@ def resample(volume: Volume, target_affine: np.ndarray, shape: tuple[int, int, i
     grid = F.affine_grid(
         torch.from_numpy(theta[None]).float(), size=[1, 1, shape[2], shape[1], shape[0]], align_corners=True
     )
-    mode = _GRID_SAMPLE_MODES[config.interpolation]  # CanonicalConfig admits only these
+    mode = _GRID_SAMPLE_MODES.get(interpolation)
+    if mode is None:
+        raise ValueError(f"interpolation must be one of {', '.join(_GRID_SAMPLE_MODES)}, not {interpolation!r}")
     sampled = F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0]
-    # sampled is indexed (k, j, i) of the target: back to (i, j, k), stored C-contiguous.
-    hu = sampled.numpy().T + np.float32(config.air_hu)
-    return np.ascontiguousarray(np.clip(np.rint(hu), config.air_hu, np.iinfo(np.int16).max).astype(np.int16))
+    # sampled is indexed (k, j, i) of the target: back to (i, j, k), C-contiguous.
+    return np.ascontiguousarray(sampled.numpy().T + np.float32(fill))
 
 
 def _box_average(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ Features are (N, C) float arrays, labels (N,) 0/1 arrays.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -17,17 +18,34 @@ from sklearn.preprocessing import StandardScaler
 from fmct.eval.metrics import auroc
 
 
-def fit_logistic(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, x_eval: np.ndarray,
-    c_grid: tuple[float, ...],
-) -> tuple[np.ndarray, dict]:
-    """Scores (log-odds) of ``x_eval`` from logistic regression with C chosen by validation AUROC.
+@dataclass
+class LogisticProbe:
+    """A fitted L2 logistic regression on standardised features: score = ((x - mean) / scale) @ coef + intercept.
 
-    Features are (N, C) arrays, labels (N,) 0/1. Returns the scores and ``{"C", "val_auroc", "chosen_on"}``.
+    ``mean`` and ``scale`` (C,) are the training features' standardisation (a constant feature has
+    scale 1), ``coef`` (C,) and ``intercept`` the model on the standardised features; ``info`` records
+    how C was chosen: ``{"C", "val_auroc", "chosen_on"}``.
     """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    info: dict
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """Scores (log-odds) of features (N, C)."""
+        return ((x - self.mean) / self.scale) @ self.coef + self.intercept
+
+
+def fit_logistic_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, c_grid: tuple[float, ...],
+) -> LogisticProbe:
+    """Logistic regression with C chosen by validation AUROC over ``c_grid`` (the smaller C wins a tie;
+    C = 1 when the validation split lacks a class). Features are (N, C) arrays, labels (N,) 0/1."""
     choose = len(set(y_val.tolist())) == 2  # AUROC on validation needs both classes there
     scaler = StandardScaler().fit(x_train)
-    x_train, x_eval = scaler.transform(x_train), scaler.transform(x_eval)
+    x_train = scaler.transform(x_train)
     x_val = scaler.transform(x_val) if choose else x_val
     best = None
     for c in (c_grid if choose else [1.0]):
@@ -39,7 +57,17 @@ def fit_logistic(
         if best is None or val_auc > best[0]:
             best = (val_auc, c, model)
     val_auc, c, model = best
-    return model.decision_function(x_eval), {"C": c, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"}
+    return LogisticProbe(scaler.mean_.copy(), scaler.scale_.copy(), model.coef_[0].copy(), float(model.intercept_[0]),
+                         {"C": c, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"})
+
+
+def fit_logistic(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, x_eval: np.ndarray,
+    c_grid: tuple[float, ...],
+) -> tuple[np.ndarray, dict]:
+    """Scores (log-odds) of ``x_eval`` from :func:`fit_logistic_probe`, and ``{"C", "val_auroc", "chosen_on"}``."""
+    probe = fit_logistic_probe(x_train, y_train, x_val, y_val, c_grid)
+    return probe.decision_function(x_eval), probe.info
 
 
 def _knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, k: int, temperature: float) -> np.ndarray:

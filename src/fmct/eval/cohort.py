@@ -21,11 +21,13 @@ import numpy as np
 
 from fmct.datasets import load_labels, match_to_store
 from fmct.errors import ConfigError, InputError
+from fmct.eval import metrics as M
 from fmct.eval.splits import assign_splits, training_subset
 from fmct.pseudonym import patient_pseudonyms
 from fmct.store import Store
 
 EVALUATED_SPLITS = ("test", "ood")
+GROUPS = {"test": "ID", "ood": "OOD"}  # evaluated split -> site group
 SPLITS = ("train", "val", "test", "ood")
 NOT_RECORDED = "not recorded"  # a scanner the store's manifest does not name, or no store at all
 
@@ -114,6 +116,35 @@ class Cohort:
         return {"scan_id": self.scan_ids[row], "patient_id": self.patients[row], "site": self.sites[row],
                 "split": self.split[row], "finding": self.findings[finding], "label": int(self.labels[row, finding]),
                 "score": float(score), "model": model, "arm": arm, "seed": seed, **budget.columns()}
+
+    def fit_metrics(self, finding: int, rows: np.ndarray, scores: np.ndarray, thresholds: dict[str, float],
+                    n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+        """What one fit's ``scores`` of ``rows`` (cohort rows of ``finding``, known labels) reach, per site
+        group (ID: test, OOD: ood): AUROC, and sensitivity and specificity at each of ``thresholds``
+        ({name: score}, positive when score >= threshold), each with its patient-level bootstrap 95 % CI,
+        and the counts behind them. A group without a positive and a negative gets counts only."""
+        results = {}
+        for split, group in GROUPS.items():
+            part = rows[self.split[rows] == split]
+            if not len(part):
+                continue
+            labels, values = self.labels[part, finding], scores[self.split[rows] == split]
+            result = {"n_scans": int(len(part)), "n_pos": int(np.sum(labels == 1)), "n_neg": int(np.sum(labels == 0))}
+            if result["n_pos"] and result["n_neg"]:
+                weights = np.vstack([np.ones((1, len(part))),
+                                     M.patient_bootstrap_weights(self.patients[part], n_bootstrap, seed)])
+                auc = M.auroc(labels, values, weights)
+                result["auroc"], (result["auroc_lo"], result["auroc_hi"]) = float(auc[0]), M.percentile_interval(auc[1:])
+                for name, threshold in thresholds.items():
+                    called = values >= threshold
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        sensitivity = (weights * (called & (labels == 1))).sum(1) / (weights * (labels == 1)).sum(1)
+                        specificity = (weights * (~called & (labels == 0))).sum(1) / (weights * (labels == 0)).sum(1)
+                    for what, value in (("sensitivity", sensitivity), ("specificity", specificity)):
+                        result[f"{what}_{name}"] = float(value[0])
+                        result[f"{what}_{name}_lo"], result[f"{what}_{name}_hi"] = M.percentile_interval(value[1:])
+            results[group] = result
+        return results
 
     def split_counts(self) -> dict:
         """Scans per split, positives/negatives per finding and split, and the cohort table per site and

@@ -69,7 +69,7 @@ from scipy.special import expit
 from fmct.atomic import atomic_write_text
 from fmct.errors import InputError
 from fmct.eval import metrics as M
-from fmct.eval.cohort import NOT_RECORDED, scanner_name, site_split_table
+from fmct.eval.cohort import GROUPS, NOT_RECORDED, scanner_name, site_split_table
 from fmct.store import Store
 from fmct.tables import rows_to_csv
 
@@ -91,7 +91,6 @@ P_VALUE_METHOD = (
     "across the primary comparisons (pretrained vs each floor and vs its scratch twin)"
 )
 METRIC_NAMES = ("auroc", "auprc", "sens_at_spec90", "sens_at_spec95")
-GROUPS = {"test": "ID", "ood": "OOD"}  # split -> site group
 # The floors every pretrained arm must beat (arm -> what it is), each probed like the pretrained backbone.
 FLOORS = {
     "random-init": "the same architecture, randomly initialised and frozen",

@@ -25,9 +25,10 @@ The labelled cohort, its splits and label budgets are :mod:`fmct.eval.cohort`'s,
 (budget, seed) trains one model from the training split.
 
 Outputs in ``OUT``: ``predictions.csv`` + ``run.json`` (the format of :mod:`fmct.eval.evaluate`),
-``config.yaml``, and for each (budget, seed) ``fits/<budget>-seed<k>/`` holding ``head.safetensors``,
-the trained backbone as a model folder (``backbone/``, unless it stayed frozen) and ``fit.json``, written
-last: a re-run skips every fit whose ``fit.json`` exists.
+``config.yaml``, and for each (budget, seed) ``fits/<budget>-seed<k>/``, a detector folder
+(:mod:`fmct.detector`: ``head.safetensors``, the trained backbone as a model folder ``backbone/`` unless a
+pretrained one stayed frozen, ``config.json`` with thresholds and calibration set on the validation
+split, a model card) and ``fit.json``, written last: a re-run skips every fit whose ``fit.json`` exists.
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from fmct import hub
-from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct import detector, hub, saliency
+from fmct.atomic import atomic_write_text
 from fmct.config import save_config, to_dict
 from fmct.data import AugmentConfig, MultiCropAugment, StoreVolumes, embed_transform, step_generator
 from fmct.data.batches import read_hu_batches, to_device
@@ -239,13 +239,29 @@ def _fingerprint(config: FinetuneConfig, backbone: hub.ModelSource, arm: str, la
                             "store": str(store.resolve())})
 
 
-def _save_fit(folder: Path, classifier: Classifier, backbone: hub.ModelSource, config: FinetuneConfig, fit: dict) -> None:
-    head = {name: value.detach().cpu().contiguous() for name, value in classifier.state_dict().items()
-            if not name.startswith("backbone.")}
-    atomic_write_bytes(folder / "head.safetensors", safetensors_bytes(head, metadata={"format": "pt"}))
-    if config.trainable_blocks != 0:
-        hub.save(classifier.backbone, folder / "backbone",
+def _save_fit(folder: Path, classifier: Classifier, backbone: hub.ModelSource, config: FinetuneConfig, fit: dict,
+              target: dict) -> None:
+    """Write the fit's detector folder (the backbone first when training changed it, or when it is a random
+    init that no folder holds), then ``fit.json``, last: the fit is finished."""
+    head = {name: value for name, value in classifier.state_dict().items() if not name.startswith("backbone.")}
+    if config.trainable_blocks != 0 or backbone.is_random_init:
+        hub.save(classifier.backbone, folder / detector.BACKBONE_DIR,
                  extra={"windows": [list(w) for w in backbone.windows], "finetuned_from": backbone.identity()})
+        reference = {"path": detector.BACKBONE_DIR, "name": backbone.name, "shipped": False,
+                     "sha256": file_sha256(folder / detector.BACKBONE_DIR / hub.WEIGHTS_FILE)}
+    else:
+        reference = detector.backbone_reference(backbone)
+    summary = fit.pop("detector")
+    if summary["per_finding"]:
+        detector.write_detector(folder, {**target, "backbone": reference, "findings": list(summary["per_finding"]),
+                                         "per_finding": summary["per_finding"], "left_out": summary["left_out"],
+                                         "provenance": {**target["provenance"], "seed": fit["seed"],
+                                                        "budget": {"label_fraction": fit["label_fraction"], "shots": fit["shots"]},
+                                                        "n_train": summary["n_train"], "metrics": summary["metrics"],
+                                                        "recipe": {**target["provenance"]["recipe"], "steps": fit["steps"],
+                                                                   "best_step": fit["best_step"]}}}, head)
+    else:
+        fit["no_detector"] = "; ".join(f"{f}: {reason}" for f, reason in summary["left_out"].items())
     atomic_write_text(folder / "fit.json", json.dumps(fit, indent=2, default=str))  # last: the fit is finished
 
 
@@ -258,10 +274,12 @@ def run_finetune(
     like: str | None = None,
     rename: dict[str, str] | None = None,
     device: str | torch.device | None = None,
+    saliency_examples: int = 0,
 ) -> FitSummary:
     """Fine-tune ``model`` (a model folder, a pretraining run, a shipped name, or ``scratch``) on the
     labelled scans of the store for every (label budget, seed); write predictions, ``run.json`` and
-    ``config.yaml`` into ``out``.
+    ``config.yaml`` into ``out``. ``saliency_examples`` N > 0: saliency PNGs of the N highest-scoring true
+    and false positives per finding and site group, for ``fmct report`` (:func:`fmct.saliency.write_examples`).
 
     ``labels_spec`` is a labels file as :func:`fmct.datasets.load_labels` reads it; ``like`` gives a
     scratch model its architecture and windows. ``device`` defaults to CUDA when available.
@@ -278,6 +296,17 @@ def run_finetune(
         raise InputError(f"{cohort.origin}: no finding can be trained ({'; '.join(skipped)})")
     labels_sha256 = file_sha256(cohort.origin)
     fingerprint = _fingerprint(config, backbone, arm, labels_sha256, Path(store_path))
+    target = {  # what every fit's detector folder shares
+        "kind": "finetune", "head": config.head, "feature": "", "scorer_outputs": list(cohort.findings),
+        "windows_hu": [list(w) for w in backbone.windows], "input_size": list(backbone.config.img_size),
+        **detector.store_grid(store_path),
+        "provenance": {"verb": "finetune", "labels": {"spec": labels_spec, "sha256": labels_sha256},
+                       "store": str(Path(store_path).resolve()), "scans_per_split": cohort.split_counts()["scans_per_split"],
+                       "ood_sites": list(config.ood_sites),
+                       "recipe": {"backbone": backbone.name, "arm": arm, "head": config.head,
+                                  "trainable_blocks": config.trainable_blocks, "lr": config.lr, "max_steps": config.max_steps,
+                                  "batch_size": config.batch_size, "split_seed": config.split_seed}},
+    }
 
     predictions, fits, n_reused = [], [], 0
     plan = [(seed, budget) for seed in range(config.seeds) for budget in config.budgets()]
@@ -289,7 +318,7 @@ def run_finetune(
         else:
             fit = _fit_budget(backbone, arm, scans, cohort, trainable, budget, seed)
             fit["fingerprint"] = fingerprint
-            _save_fit(folder, fit.pop("classifier"), backbone, config, fit)
+            _save_fit(folder, fit.pop("classifier"), backbone, config, fit, target)
         predictions += fit.pop("predictions")
         fits.append(fit)
 
@@ -302,6 +331,8 @@ def run_finetune(
     }
     save_config(config, out / "config.yaml")
     write_predictions(out, predictions, run)
+    if saliency_examples:
+        saliency.write_examples(out, predictions, store_path, saliency_examples, device=device)
     return FitSummary("finetune", len(predictions), [cohort.findings[f] for f in trainable], len(fits), n_reused,
                       skipped, cohort.notes + [f"{s}: {r}" for s, r in volumes.skipped])
 
@@ -336,11 +367,21 @@ def _fit_budget(backbone: hub.ModelSource, arm: str, scans: _Scans, cohort: Coho
     info = _train_one(classifier, scans, np.nan_to_num(y), mask, subsets, val_rows, y[val_rows], seed)
     eval_rows = np.flatnonzero(np.isin(cohort.split, EVALUATED_SPLITS))
     logits, failed = scans.predict(classifier, eval_rows)
-    rows = [cohort.prediction(i, f, logits[position, f], backbone.name, arm, budget, seed)
+    # The validation scores of the kept weights: the thresholds and calibration are set on them.
+    val_logits, val_failed = scans.predict(classifier, val_rows)
+    finding_fits = {}
+    for f in trainable:
+        val_keep = [p for p, i in enumerate(val_rows.tolist()) if i not in val_failed and not np.isnan(y[i, f])]
+        eval_keep = [p for p, i in enumerate(eval_rows.tolist()) if i not in failed and not np.isnan(y[i, f])]
+        finding_fits[f] = detector.FindingFit(np.flatnonzero(mask[:, f]), val_rows[val_keep], val_logits[val_keep, f],
+                                              eval_rows[eval_keep], logits[eval_keep, f])
+    summary = detector.summarise_fit(cohort, finding_fits)
+    rows = [{**cohort.prediction(i, f, logits[position, f], backbone.name, arm, budget, seed),
+             **detector.prediction_columns(summary, cohort.findings[f], logits[position, f])}
             for position, i in enumerate(eval_rows.tolist()) if i not in failed
             for f in trainable if not np.isnan(y[i, f])]
     return {
         "seed": seed, "label_fraction": budget.fraction, "shots": budget.shots, "per_finding": counts, **info,
         "unreadable_test_scans": [f"{cohort.scan_ids[i]}: {reason}" for i, reason in failed.items()],
-        "predictions": rows, "classifier": classifier,
+        "predictions": rows, "classifier": classifier, "detector": summary,
     }

@@ -12,22 +12,28 @@ hold; it belongs with ``finetune``.
 The labelled cohort, its splits and label budgets are :mod:`fmct.eval.cohort`'s; validation always
 uses every labelled validation scan.
 The scores of the test (``test``) and held-out-site (``ood``) scans go to ``predictions.csv`` in the
-format of :mod:`fmct.eval.evaluate`.
+format of :mod:`fmct.eval.evaluate`. Every logistic fit of a backbone's embeddings is also saved as a
+detector folder, ``OUT/fits/<budget>-seed<k>/`` (:mod:`fmct.detector`: all findings of that budget and
+seed, thresholds and calibration set on the validation split), which ``fmct predict`` runs on new scans.
+k-NN fits and the floors' embeddings are not saved as detectors (see :mod:`fmct.detector`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from fmct import detector, hub, saliency
 from fmct.config import save_config, to_dict
-from fmct.errors import ConfigError
-from fmct.eval.classifiers import fit_knn, fit_logistic
-from fmct.eval.cohort import Budget, Cohort, CohortConfig, FitSummary, load_cohort
+from fmct.errors import CheckpointError, ConfigError, InputError
+from fmct.eval.classifiers import LogisticProbe, fit_knn, fit_logistic_probe
+from fmct.eval.cohort import EVALUATED_SPLITS, Budget, Cohort, CohortConfig, FitSummary, load_cohort
 from fmct.eval.embeddings import Embeddings, read_embeddings
 from fmct.eval.evaluate import write_predictions
 from fmct.fingerprint import file_sha256
@@ -58,8 +64,13 @@ def run_probe(
     config: ProbeConfig,
     store_path: str | os.PathLike | None = None,
     rename: dict[str, str] | None = None,
+    saliency_examples: int = 0,
 ) -> FitSummary:
     """Fit the probes and write ``predictions.csv``, ``run.json`` and ``config.yaml`` into ``out``.
+
+    ``saliency_examples`` N > 0: saliency PNGs of the N highest-scoring true and false positives per finding
+    and site group of the detector ``fmct predict`` would take, for ``fmct report``
+    (:func:`fmct.saliency.write_examples`; needs a saved detector and its store).
 
     ``labels_spec`` is a labels file as :func:`fmct.datasets.load_labels` reads it. Rows keyed by
     ``source`` need ``store_path``, whose manifest also supplies patient keys for rows without a
@@ -77,42 +88,125 @@ def run_probe(
     trainable = [f for f in range(len(cohort.findings)) if cohort.untrainable_reason(f) is None]
     skipped = [cohort.untrainable_reason(f) for f in range(len(cohort.findings)) if f not in trainable]
     budgets = config.budgets()
-    predictions, fits = [], []
+    labels_record = {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin))}
+    store = store_path or embeddings.meta.get("store")
+    target, no_detector = _detector_target(embeddings, feature, config, store)
+    notes = cohort.notes + ([f"no detector folders: {no_detector}"] if no_detector else [])
+    _remove_earlier_detectors(out)
+    predictions, fits, n_detectors = [], [], 0
     with tqdm(total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False) as progress:
-        for f in trainable:
-            for seed in range(config.seeds):
-                for budget in budgets:
-                    fit, rows = _fit_one(x, cohort, f, budget, seed, config)
+        for seed in range(config.seeds):
+            for budget in budgets:
+                models, finding_fits = {}, {}
+                for f in trainable:
+                    fit, finding_fits[f], models[f] = _fit_one(x, cohort, f, budget, seed, config)
                     fits.append(fit)
-                    predictions += [cohort.prediction(i, f, score, model_name, arm, budget, seed) for i, score in rows]
                     progress.update()
+                # Thresholds and calibration set on validation, for the predictions and the detector alike.
+                summary = detector.summarise_fit(cohort, finding_fits)
+                for f, finding_fit in finding_fits.items():
+                    predictions += [{**cohort.prediction(i, f, score, model_name, arm, budget, seed),
+                                     **detector.prediction_columns(summary, cohort.findings[f], score)}
+                                    for i, score in zip(finding_fit.eval_rows.tolist(), finding_fit.eval_scores)]
+                if target is not None:
+                    n_detectors += _save_detector(out / detector.FITS_DIR / f"{budget.name}-seed{seed}", target, cohort,
+                                                  models, summary, budget, seed, config, labels_record, store)
 
     run = {
         "command": "probe", "config": to_dict(config), "model": model_name, "arm": arm, "features": feature,
         "embeddings": _embeddings_record(embeddings_path, embeddings),
-        "labels": {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin)), "notes": cohort.notes},
-        "store": None if store_path is None else str(store_path),
-        **cohort.split_counts(), "fits": fits, "skipped": skipped,
+        "labels": {**labels_record, "notes": notes}, "store": None if store_path is None else str(store_path),
+        **cohort.split_counts(), "fits": fits, "skipped": skipped, "detectors": n_detectors,
     }
     save_config(config, out / "config.yaml")
     write_predictions(out, predictions, run)
+    if saliency_examples and n_detectors:
+        saliency.write_examples(out, predictions, store, saliency_examples)
+    elif saliency_examples:
+        notes.append("no saliency examples: no detector was saved")
     return FitSummary("probe", len(predictions), [cohort.findings[f] for f in trainable], len(fits),
-                      skipped=skipped, notes=cohort.notes)
+                      skipped=skipped, notes=notes)
 
 
 def _fit_one(x: np.ndarray, cohort: Cohort, finding: int, budget: Budget, seed: int,
-             config: ProbeConfig) -> tuple[dict, list[tuple[int, float]]]:
-    """One probe of ``finding`` on the training subset of (``budget``, ``seed``): its fit record and the
-    (cohort row, score) of every evaluated scan."""
+             config: ProbeConfig) -> tuple[dict, detector.FindingFit, LogisticProbe | None]:
+    """One probe of ``finding`` on the training subset of (``budget``, ``seed``): its fit record, its
+    scores of the validation and evaluated scans, and the fitted logistic model (None for k-NN)."""
     f, y = finding, cohort.labels
-    subset, val, evaluated = cohort.training_rows(f, budget, seed), cohort.rows(f, ("val",)), cohort.rows(f, ("test", "ood"))
+    subset, val, evaluated = cohort.training_rows(f, budget, seed), cohort.rows(f, ("val",)), cohort.rows(f, EVALUATED_SPLITS)
+    model = None
     if config.method == "logistic":
-        scores, chosen = fit_logistic(x[subset], y[subset, f], x[val], y[val, f], x[evaluated], config.c_grid)
+        model = fit_logistic_probe(x[subset], y[subset, f], x[val], y[val, f], config.c_grid)
+        val_scores, scores, chosen = model.decision_function(x[val]), model.decision_function(x[evaluated]), model.info
     else:
-        scores, chosen = fit_knn(x[subset], y[subset, f], x[val], y[val, f], x[evaluated], config.knn_k, config.knn_temperature)
+        both, chosen = fit_knn(x[subset], y[subset, f], x[val], y[val, f], np.concatenate([x[val], x[evaluated]]),
+                               config.knn_k, config.knn_temperature)
+        val_scores, scores = both[: len(val)], both[len(val):]
     fit = {"finding": cohort.findings[f], "seed": seed, "label_fraction": budget.fraction, "shots": budget.shots,
            "n_train_pos": int(np.sum(y[subset, f] == 1)), "n_train_neg": int(np.sum(y[subset, f] == 0)), **chosen}
-    return fit, list(zip(evaluated.tolist(), scores))
+    return fit, detector.FindingFit(subset, val, val_scores, evaluated, scores), model
+
+
+def _remove_earlier_detectors(out: Path) -> None:
+    """Remove the probe detectors an earlier run left in ``out/fits/``: this run replaces its predictions,
+    and a fit of other settings must not be picked for ``--model out``."""
+    for folder in sorted((out / detector.FITS_DIR).glob("*")):
+        if detector.is_detector(folder) and detector.read_detector_config(folder)["kind"] == "probe":
+            shutil.rmtree(folder)
+
+
+def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
+                     store: str | os.PathLike | None) -> tuple[dict | None, str]:
+    """What every detector of this run shares (backbone reference, windows, input size, grid), or None
+    and the reason no detector can be saved."""
+    model_path = embeddings.meta.get("model_path")
+    if config.method != "logistic":
+        return None, "k-NN probes are not saved as detectors (they would carry the training scans' features)"
+    if not model_path:
+        return None, "the embeddings are not of a model folder's backbone (the floors are baselines, not detectors)"
+    if feature not in detector.PROBE_FEATURES:
+        return None, f"feature {feature!r} is not a backbone's"
+    if store is None or not Path(store).is_dir():
+        return None, f"the store the embeddings were made from is not found ({store or 'not recorded'}); pass --store"
+    try:
+        source = hub.resolve_model(model_path)
+    except CheckpointError as error:
+        return None, f"the embeddings' backbone cannot be loaded: {error}"
+    if embeddings.meta.get("checkpoint_sha256") and source.sha256 != embeddings.meta["checkpoint_sha256"]:
+        return None, f"the backbone {model_path} changed since the embeddings were made (sha256 differs)"
+    try:
+        grid = detector.store_grid(store)
+    except InputError as error:
+        return None, str(error)
+    return {"feature": feature, "backbone": detector.backbone_reference(source), "windows_hu": [list(w) for w in source.windows],
+            "input_size": list(source.config.img_size), **grid}, ""
+
+
+def _save_detector(folder: Path, target: dict, cohort: Cohort, models: dict[int, LogisticProbe], summary: dict,
+                   budget: Budget, seed: int, config: ProbeConfig, labels_record: dict, store: str | os.PathLike) -> int:
+    """Save the logistic fits of one (budget, seed) (``summary``: :func:`fmct.detector.summarise_fit` of
+    them) as a detector folder; 1 when saved, 0 when no finding could be calibrated (its validation split
+    lacks a class)."""
+    kept = [f for f in models if cohort.findings[f] in summary["per_finding"]]
+    if not kept:
+        return 0
+    findings = [cohort.findings[f] for f in kept]
+    head = {name: torch.tensor(np.stack([getattr(models[f], name) for f in kept]), dtype=torch.float32)
+            for name in ("mean", "scale", "coef")}
+    head["intercept"] = torch.tensor([models[f].intercept for f in kept], dtype=torch.float32)
+    provenance = {
+        "verb": "probe", "labels": labels_record, "store": str(Path(store).resolve()), "seed": seed,
+        "budget": {"label_fraction": budget.fraction, "shots": budget.shots},
+        "scans_per_split": cohort.split_counts()["scans_per_split"], "ood_sites": list(config.ood_sites),
+        "n_train": summary["n_train"], "metrics": summary["metrics"],
+        "recipe": {"method": "logistic", "feature": target["feature"], "C": {cohort.findings[f]: models[f].info["C"] for f in kept},
+                   "split_seed": config.split_seed},
+    }
+    detector.write_detector(folder, {
+        "kind": "probe", "head": "logistic", "findings": findings,
+        "scorer_outputs": findings, **target, "per_finding": summary["per_finding"], "left_out": summary["left_out"],
+        "provenance": provenance}, head)
+    return 1
 
 
 def _embeddings_record(embeddings_path: str | os.PathLike, embeddings: Embeddings) -> dict:

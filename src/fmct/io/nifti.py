@@ -1,12 +1,14 @@
-"""NIfTI CT volumes (.nii, .nii.gz) into a ``Volume``."""
+"""NIfTI CT volumes (.nii, .nii.gz) into a ``Volume``, and volumes written as NIfTI."""
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from fmct.atomic import atomic_write_bytes
 from fmct.io.dicom import AIR_HU
 from fmct.errors import FileScanError
 from fmct.io.volume import Volume
@@ -66,3 +68,13 @@ def read_nifti(path: str | Path) -> Volume:
     }
     identity = {"patient_id": resolved, "study_uid": resolved, "series_uid": resolved}
     return Volume(hu=hu, affine=np.asarray(affine, dtype=np.float64), metadata=metadata, identity=identity, source=str(path))
+
+
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``array`` (I, J, K) with its RAS voxel -> world (mm) ``affine`` as a gzipped NIfTI-1, atomically.
+
+    The affine goes to the sform and qform (a tilted series' shear survives in the sform), units mm.
+    """
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    atomic_write_bytes(Path(path), gzip.compress(image.to_bytes(), compresslevel=3, mtime=0))

@@ -45,8 +45,9 @@ class Classifier(nn.Module):
         nn.init.trunc_normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(x)
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, n_findings); ``masks`` (B, N) bool hides those patches behind the mask token (saliency)."""
+        tokens = self.backbone.forward_features(x, masks=masks)
         features = self.pool(tokens["patch"]) if self.pool is not None else tokens["cls"]
         return self.linear(self.norm(features))
 

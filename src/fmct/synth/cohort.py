@@ -14,7 +14,6 @@ by ``.cases/<case>.json`` last, so an interrupted run resumes where it stopped; 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -23,13 +22,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from fmct.io.dicom_write import write_series
-from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.io.nifti import write_nifti
+from fmct.atomic import atomic_write_text
 from fmct.tables import lists_to_csv
 from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.sites import SITES, SiteProfile
@@ -157,11 +156,11 @@ def _write_case(out: Path, index: int, seed: int, site: SiteProfile, fmt: str, l
             _write_dicom_folder(out / source, scan, tags, site)
         else:
             source = f"nifti/{case}.nii.gz"
-            _write_nifti(out / source, _stored_hu(scan).astype(np.int16), scan.affine)
+            write_nifti(out / source, _stored_hu(scan).astype(np.int16), scan.affine)
         record["series"].append({"source": source, "series": series, "labels": scan.labels, **_acquisition_facts(scan)})
         if series == "routine":
             record.update(labels=scan.labels, info=scan.info, volumes_ml=_volumes_ml(scan))
-            _write_nifti(out / "masks" / f"{case}.nii.gz", scan.bits, scan.affine)
+            write_nifti(out / "masks" / f"{case}.nii.gz", scan.bits, scan.affine)
             if preview:
                 from fmct.synth.preview import write_preview
 
@@ -241,13 +240,6 @@ def _write_rsna(folder: Path, scan: SyntheticScan, tags: dict, site: SiteProfile
         rows.extend([f"{slice_id}_{name}", int(bool(present & BITS[f]))] for name, f in RSNA_TYPES.items())
     shutil.rmtree(temporary, ignore_errors=True)
     return rows
-
-
-def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Write a gzipped NIfTI-1 atomically (the sform carries a tilted series' shear)."""
-    image = nib.Nifti1Image(array, affine)
-    image.header.set_xyzt_units("mm")
-    atomic_write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=3, mtime=0))
 
 
 def _acquisition_facts(scan: SyntheticScan) -> dict:

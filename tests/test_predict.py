@@ -1,0 +1,330 @@
+"""Detectors from probe and finetune fits, `fmct predict` on scans no model has seen (DICOM, with saliency),
+the saliency peak against planted bleeds, `fmct export` to ONNX, and Hugging Face style loading."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmct import hub
+from fmct.cli import main
+from fmct.config import CanonicalConfig, IngestConfig, save_config
+from fmct.detector import Detector, load_detector, resolve_detector
+from fmct.devices import autocast
+from fmct.eval.embed import embed_store
+from fmct.eval.evaluate import read_predictions
+from fmct.eval.finetune import FinetuneConfig, run_finetune
+from fmct.eval.probe import ProbeConfig, run_probe
+from fmct.io import read_series, write_series
+from fmct.models import ViT3DConfig
+from fmct.predict import predict
+from fmct.saliency import integrated_gradients, on_canonical_grid, peak_voxel, write_examples
+from fmct.store import Store
+from test_embed import BLOB_HU, BLOB_RADIUS, TINY, save_tiny_run, write_blob_store
+
+torch.set_num_threads(1)
+
+SPLITS = ["train"] * 20 + ["val"] * 8 + ["test"] * 8 + [""] * 4  # the last 4: site B, held out
+SITES = ["A"] * 36 + ["B"] * 4
+SIZE, SPACING = 48, 1.5  # the blob store's grid: 48^3 voxels of 1.5 mm
+HEAD_RADII_MM = np.array([0.42, 0.46, 0.44]) * SIZE * SPACING  # write_blob_store's skull, as world radii
+BRAIN = 0.85  # brain inside this share of the skull radii
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A tiny ViT fine-tuned from scratch on the blob store (as in test_finetune): a detector folder in ft/fits/."""
+    root = tmp_path_factory.mktemp("detector")
+    store, _ = write_blob_store(root, n_scans=40, seed=1, splits=SPLITS, sites=SITES)
+    # The grid the store's heads sit on, as ingest would record it: the head centred in the cube, so its
+    # top (0.44 x 72 mm above the centre) lies 4.2 mm below the cube's top face.
+    save_config(IngestConfig(canonical=CanonicalConfig(spacing_mm=SPACING, shape=(SIZE,) * 3, vertex_margin_mm=4.2)),
+                store / "config.yaml")
+    config = FinetuneConfig(label_fractions=(1.0,), seeds=1, batch_size=8, max_steps=60, eval_every=20, patience=2,
+                            warmup_steps=5, lr=1e-3, workers=2, ood_sites=("B",), model=ViT3DConfig(**TINY))
+    run_finetune("scratch", store, str(root / "labels.csv"), root / "ft", config)
+    return root, store, root / "ft"
+
+
+def _store_scores(detector: Detector, store, scan_ids: list[str]) -> np.ndarray:
+    hu = torch.from_numpy(np.stack([np.asarray(Store(store)[s][0]) for s in scan_ids])[:, None])
+    with torch.no_grad():
+        return detector.scores(hu).numpy()[:, 0]
+
+
+def test_a_finetune_fit_is_a_detector_that_reproduces_its_scores(finetuned):
+    root, store, out = finetuned
+    folder = resolve_detector(out)
+    assert folder == out / "fits" / "fraction1-seed0"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "backbone", "config.json", "fit.json", "head.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["format"] == "fmct-detector" and config["findings"] == ["ich"] and config["backbone"]["path"] == "backbone"
+    assert config["canonical"]["vertex_margin_mm"] == 4.2 and config["grid_source"] == "the training store's ingest settings"
+    detector = load_detector(folder)
+    columns = read_predictions(out).columns
+    scores = _store_scores(detector, store, list(columns["scan_id"]))
+    np.testing.assert_allclose(scores, columns["score"], atol=1e-4)  # the same model as the evaluated one
+    # The predictions carry the detector's calibrated probabilities and validation thresholds (for evaluate and report).
+    with torch.no_grad():
+        np.testing.assert_allclose(columns["probability"], detector.calibrated(torch.from_numpy(scores[:, None])).numpy()[:, 0], atol=1e-5)
+    assert np.all(columns["threshold_spec90"] == config["per_finding"]["ich"]["operating_points"]["spec90"]["threshold"])
+
+    # Operating points: chosen on the validation scans, where they reach their specificity.
+    labels = {row["scan_id"]: int(row["ich"]) for row in csv.DictReader(open(root / "labels.csv"))}
+    val = [f"s{i:03d}" for i in range(20, 28)]
+    val_scores, val_labels = _store_scores(detector, store, val), np.array([labels[s] for s in val])
+    ich = config["per_finding"]["ich"]
+    for name, target in (("spec90", 0.9), ("spec95", 0.95)):
+        point = ich["operating_points"][name]
+        specificity = np.mean(val_scores[val_labels == 0] < point["threshold"])
+        assert specificity >= target and point["val_specificity"] == pytest.approx(specificity)
+        assert 0 < point["probability"] < 1
+    assert ich["calibration"]["method"] == "platt" and ich["calibration"]["a"] >= 0
+    probabilities = detector.calibrated(torch.from_numpy(scores[:, None])).numpy()
+    assert np.all((probabilities > 0) & (probabilities < 1))
+    assert np.corrcoef(probabilities[:, 0], scores)[0, 1] > 0.99  # monotone: the ranking is kept
+    metrics = config["provenance"]["metrics"]["ich"]["ID"]
+    assert metrics["n_scans"] == 8 and metrics["auroc_lo"] <= metrics["auroc"] <= metrics["auroc_hi"]
+    card = (folder / "README.md").read_text()
+    for heading in ("## Model", "## Data", "## Recipe", "## Metrics", "## Operating points", "## Intended use", "## Limits"):
+        assert heading in card
+
+
+def _phantom_dicom(folder, centre_mm, bleed: bool, seed: int) -> np.ndarray:
+    """A head like the blob store's (skull 1000 HU, brain 35, noise 8) at world centre ``centre_mm`` as an
+    oblique DICOM series (0.75 x 0.75 x 2 mm, rotated 10 degrees about L-R), with a BLOB_HU bleed of
+    BLOB_RADIUS voxels (15 mm) near the brain's right front top when ``bleed``; patient identifiers in the
+    headers. Returns the bleed centre (world RAS mm)."""
+    shape, spacing = (110, 110, 42), (0.75, 0.75, 2.0)
+    angle = np.radians(10.0)
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-spacing[0], -spacing[1], spacing[2]])  # radiological: i to the left
+    affine[:3, 3] = centre_mm - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = (ijk @ affine[:3, :3].T + affine[:3, 3]).reshape(*shape, 3)
+    radius = np.sqrt((((world - centre_mm) / HEAD_RADII_MM) ** 2).sum(-1))
+    rng = np.random.default_rng(seed)
+    hu = np.where(radius < 1.0, 1000.0, -1000.0)
+    hu[radius < BRAIN] = 35.0
+    bleed_centre = centre_mm + np.array([8.0, 6.0, 4.0])
+    if bleed:
+        hu[np.linalg.norm(world - bleed_centre, axis=-1) < BLOB_RADIUS * SPACING] = BLOB_HU
+    hu += rng.normal(0, 8, size=shape)
+    write_series(folder, hu, affine, tags={"PatientName": "Doe^Jane", "PatientID": "PID-31337", "Modality": "CT"})
+    return bleed_centre
+
+
+def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys):
+    root, store, ft = finetuned
+    dicom = tmp_path / "Doe_Jane_MRN31337"  # identifiers in the path must not reach the outputs
+    centre = np.array([4.0, -20.0, 35.0])
+    bleed_centre = _phantom_dicom(dicom / "bleed", centre, bleed=True, seed=11)
+    _phantom_dicom(dicom / "normal", centre, bleed=False, seed=12)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    out = tmp_path / "out"
+    argv = ["predict", "--model", str(ft), "--out", str(out), str(dicom / "bleed"), str(dicom / "normal"),
+            str(tmp_path / "broken.nii.gz"), "--saliency", "--batch-size", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "2 scans (0 reused)" in capsys.readouterr().out
+
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [(r["input"], r["finding"]) for r in rows] == [("1", "ich"), ("2", "ich")]
+    bleed, normal = rows
+    assert 0 <= float(normal["probability"]) < float(bleed["probability"]) <= 1
+    assert bleed["positive_spec90"] == "1" and normal["positive_spec95"] == "0"
+    assert float(bleed["threshold_spec90"]) == pytest.approx(
+        json.loads((ft / "fits" / "fraction1-seed0" / "config.json").read_text())["per_finding"]["ich"]["operating_points"]["spec90"]["probability"])
+    text = (out / "predictions.csv").read_text() + (out / "errors.csv").read_text()
+    assert all(len(r["scan_id"]) == 16 and int(r["scan_id"], 16) >= 0 for r in rows)
+    assert "Doe" not in text and "31337" not in text and str(tmp_path) not in text
+    errors = list(csv.DictReader(open(out / "errors.csv")))
+    assert len(errors) == 1 and errors[0]["input"] == "3" and "unreadable NIfTI" in errors[0]["reason"]
+
+    # The heatmap lies on the source series' own grid, and peaks at the planted bleed.
+    import nibabel as nib
+
+    heat = nib.load(out / bleed["saliency_nifti"])
+    source = read_series(dicom / "bleed")
+    assert heat.shape == source.shape
+    np.testing.assert_allclose(heat.affine, source.affine, atol=1e-4)
+    data = np.asarray(heat.dataobj)
+    peak_world = source.world(np.array(np.unravel_index(np.argmax(data), data.shape)))
+    peak_row = np.array([float(bleed[f"peak_{axis}_mm"]) for axis in "xyz"])
+    with capsys.disabled():
+        print(f"saliency peak on the unseen DICOM series: {np.linalg.norm(peak_row - bleed_centre):.1f} mm from the bleed's centre "
+              f"(canonical grid), {np.linalg.norm(peak_world - bleed_centre):.1f} mm (source grid); bleed radius {BLOB_RADIUS * SPACING:g} mm")
+    assert np.linalg.norm(peak_world - bleed_centre) < BLOB_RADIUS * SPACING, (peak_world, bleed_centre)  # inside the bleed
+    assert np.linalg.norm(peak_row - bleed_centre) < BLOB_RADIUS * SPACING
+    png = (out / bleed["saliency_png"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    assert main(argv) == 0  # a re-run reuses every finished scan
+    assert "2 scans (2 reused)" in capsys.readouterr().out
+    assert list(csv.DictReader(open(out / "predictions.csv"))) == rows
+
+
+def _blob_head(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A canonical head as write_blob_store draws it, always with its bleed: int16 HU, the bleed mask and the brain mask."""
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE) - (SIZE - 1) / 2] * 3, indexing="ij"))
+    radius = np.sqrt(((grid / np.array([0.42, 0.46, 0.44])[:, None, None, None] / SIZE) ** 2).sum(0))
+    hu = np.full((SIZE,) * 3, -1000.0)
+    hu[radius < 1.0] = 1000.0
+    hu[radius < BRAIN] = 35.0
+    centre = rng.uniform(-8, 8, size=3)
+    mask = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < BLOB_RADIUS
+    hu[mask] = BLOB_HU
+    hu += rng.normal(0, 8, size=hu.shape)
+    return np.round(hu).astype(np.int16), mask, radius < BRAIN
+
+
+def test_the_saliency_peak_falls_inside_planted_bleeds_far_more_often_than_chance(finetuned):
+    detector = load_detector(resolve_detector(finetuned[2]))
+    rng = np.random.default_rng(2024)
+    hits, chance, gaps = [], [], []
+    for _ in range(16):
+        hu, mask, brain = _blob_head(rng)
+        x = detector.model_input(torch.from_numpy(hu[None, None]))
+        with autocast(torch.device("cpu")):
+            attribution = integrated_gradients(detector, x, steps=16)
+        with torch.no_grad():  # completeness: the attributions add up to score(scan) - score(black baseline)
+            difference = float(detector.scores_of_input(x) - detector.scores_of_input(torch.zeros_like(x)))
+        gaps.append(abs(float(attribution.sum()) - difference) / max(abs(difference), 1e-6))
+        heat = on_canonical_grid(attribution, hu.shape, SPACING, sigma_mm=8.0)[0]
+        hits.append(bool(mask[peak_voxel(heat)]))
+        chance.append(mask.sum() / brain.sum())  # a peak drawn uniformly in the brain
+    hit_rate, chance_rate = float(np.mean(hits)), float(np.mean(chance))
+    print(f"saliency peak inside the bleed: {hit_rate:.2f} of 16 scans; chance {chance_rate:.2f}; "
+          f"completeness gap median {np.median(gaps):.3f}")
+    assert hit_rate >= 0.75 and hit_rate >= 3 * chance_rate, (hit_rate, chance_rate)
+    assert np.median(gaps) < 0.1
+
+
+def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(tmp_path):
+    store, _ = write_blob_store(tmp_path, n_scans=24, seed=3)
+    run = save_tiny_run(tmp_path / "run")
+    embed_store(run, store, tmp_path / "emb", progress=False)
+    out = tmp_path / "probe"
+    run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out,
+              ProbeConfig(label_fractions=(0.5, 1.0), seeds=2, features="concat", val_fraction=0.25, test_fraction=0.25))
+    assert sorted(p.name for p in (out / "fits").iterdir()) == [
+        "fraction0.5-seed0", "fraction0.5-seed1", "fraction1-seed0", "fraction1-seed1"]
+    assert resolve_detector(out) == out / "fits" / "fraction1-seed0"
+    assert resolve_detector(out, fit="fraction0.5-seed1") == out / "fits" / "fraction0.5-seed1"
+    from safetensors.torch import load_file
+
+    head = load_file(out / "fits" / "fraction1-seed0" / "head.safetensors")
+    assert {k: tuple(v.shape) for k, v in head.items()} == {"mean": (1, 128), "scale": (1, 128), "coef": (1, 128), "intercept": (1,)}
+    config = json.loads((out / "fits" / "fraction1-seed0" / "config.json").read_text())
+    assert config["backbone"]["path"] == str((run / "backbone").resolve()) and config["backbone"]["sha256"]
+    assert config["provenance"]["budget"] == {"label_fraction": 1.0, "shots": None}
+
+    detector = Detector.from_pretrained(out)  # huggingface_hub's mixin; a local folder never touches the network
+    columns = read_predictions(out).columns
+    mine = (columns["label_fraction"] == "1.0") & (columns["seed"] == "0")
+    np.testing.assert_allclose(_store_scores(detector, store, list(columns["scan_id"][mine])), columns["score"][mine], atol=1e-3)
+    detector.save_pretrained(tmp_path / "shared")  # self-contained: the referenced backbone is copied in
+    copy = Detector.from_pretrained(tmp_path / "shared")
+    assert json.loads((tmp_path / "shared" / "config.json").read_text())["backbone"]["path"] == "backbone"
+    np.testing.assert_allclose(_store_scores(copy, store, ["s000", "s001"]), _store_scores(detector, store, ["s000", "s001"]), atol=1e-6)
+
+    run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out, ProbeConfig(label_fractions=(0.5,), seeds=1))
+    assert sorted(p.name for p in (out / "fits").iterdir()) == ["fraction0.5-seed0"]  # the earlier run's fits are gone
+
+    run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), tmp_path / "knn", ProbeConfig(method="knn", label_fractions=(1.0,), seeds=1))
+    assert not (tmp_path / "knn" / "fits").exists()
+    assert "k-NN probes are not saved" in json.dumps(json.loads((tmp_path / "knn" / "run.json").read_text())["labels"]["notes"])
+
+    (run / "backbone" / "model.safetensors").write_bytes(hub.safetensors_bytes(
+        {k: v + 1 for k, v in hub.load(run / "backbone").state_dict().items()}))
+    assert main(["predict", "--model", str(out), "--out", str(tmp_path / "p"), str(tmp_path)]) == 2  # the backbone changed
+
+
+def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    root, store, ft = finetuned
+    assert main(["export", "--model", str(ft), "--out", str(tmp_path / "detector.onnx")]) == 0, capsys.readouterr().err
+    session = ort.InferenceSession(str(tmp_path / "detector.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["findings"] == "ich"
+    hu = np.stack([np.asarray(Store(store)[i][0]) for i in (28, 29, 30)])[:, None].astype(np.float32)  # batch 3: dynamic
+    runtime = session.run(["probability"], {"hu": hu})[0]
+    with torch.no_grad():
+        reference = load_detector(resolve_detector(ft))(torch.from_numpy(hu)).numpy()
+    assert runtime.shape == (3, 1) and np.max(np.abs(runtime - reference)) < 1e-3
+
+
+def test_hugging_face_style_folders_load_and_save(finetuned, tmp_path):
+    model = hub.ViT3DModel.from_pretrained("fmct-synth-tiny")  # a shipped name (version 1 config.json), offline
+    assert model.hub_extra["method"] == "dino"
+    model.save_pretrained(tmp_path / "backbone")
+    flat = json.loads((tmp_path / "backbone" / "config.json").read_text())
+    assert flat["version"] == 2 and flat["embed_dim"] == 128 and "config" not in flat and flat["windows"][0] == [40.0, 80.0]
+    assert "## Intended use" in (tmp_path / "backbone" / "README.md").read_text()
+    again = hub.ViT3DModel.from_pretrained(tmp_path / "backbone")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+    detector = Detector.from_pretrained(finetuned[2])
+    detector.save_pretrained(tmp_path / "detector")  # self-contained: carries its backbone
+    copy = Detector.from_pretrained(tmp_path / "detector")
+    hu = torch.from_numpy(np.asarray(Store(finetuned[1])[30][0])[None, None].copy())
+    with torch.no_grad():
+        assert torch.allclose(detector(hu), copy(hu), atol=1e-6)
+
+
+def test_predict_refuses_what_is_not_a_detector_in_one_line(tmp_path, capsys):
+    hub.save(hub.random_init(ViT3DConfig(**TINY), seed=0), tmp_path / "model")
+    assert main(["predict", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "neither a detector folder nor a probe/finetune output" in error and error.count("\n") == 1
+
+
+def test_predict_names_scans_like_ingest_under_the_same_key(finetuned, tmp_path, pseudonym_key_file):
+    _phantom_dicom(tmp_path / "dicom", np.array([0.0, 0.0, 0.0]), bleed=False, seed=5)
+    assert main(["ingest", str(tmp_path / "dicom"), "--out", str(tmp_path / "store")]) == 0
+    stored = Store(tmp_path / "store").scan_ids
+    summary = predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "out", progress=False)  # the session's key
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert summary.n_scans == 1 and [r["scan_id"] for r in rows] == stored
+    files = sorted((tmp_path / "dicom").iterdir())  # the series given file by file is still one scan
+    assert predict(finetuned[2], files, tmp_path / "by_file", progress=False).n_scans == 1
+    assert [r["scan_id"] for r in csv.DictReader(open(tmp_path / "by_file" / "predictions.csv"))] == stored
+    predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "other", key_file=tmp_path / "keys" / "other.key", progress=False)
+    assert list(csv.DictReader(open(tmp_path / "other" / "predictions.csv")))[0]["scan_id"] != stored[0]  # another key
+
+
+def _hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshots/<commit>/)."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_repo_ids_load_through_huggingface_hub_from_its_cache(finetuned, tmp_path):
+    Detector.from_pretrained(finetuned[2]).save_pretrained(tmp_path / "detector")
+    _hub_cache(tmp_path / "cache", "fmct/tiny-detector", tmp_path / "detector")
+    _hub_cache(tmp_path / "cache", "fmct/tiny-backbone", tmp_path / "detector" / "backbone")
+    detector = Detector.from_pretrained("fmct/tiny-detector", cache_dir=tmp_path / "cache", local_files_only=True)
+    backbone = hub.ViT3DModel.from_pretrained("fmct/tiny-backbone", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert detector.findings == ["ich"] and backbone.config == detector.backbone.config
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), detector.backbone.state_dict().values()))
+
+
+def test_saliency_examples_beside_the_predictions_in_the_layout_the_report_reads(finetuned, tmp_path):
+    root, store, ft = finetuned
+    out = tmp_path / "ft"
+    shutil.copytree(ft, out)
+    rows = [{**r, "label": int(r["label"]), "score": float(r["score"]), "seed": int(r["seed"]),
+             "label_fraction": float(r["label_fraction"]), "threshold_spec90": float(r["threshold_spec90"])}
+            for r in csv.DictReader(open(out / "predictions.csv"))]
+    assert write_examples(out, rows, store, per_kind=2) == len(list(out.glob("saliency/*/ich.png"))) >= 1
+    called = {r["scan_id"]: r for r in rows if r["score"] >= r["threshold_spec90"]}
+    for png in out.glob("saliency/*/ich.png"):  # fmct report: saliency/<scan_id>/<finding>.png
+        assert png.parent.name in called and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
