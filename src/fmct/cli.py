@@ -688,7 +688,12 @@ def _demo_summary(evaluation_dir: Path, config) -> str:
             row_cells = []
             for fraction in fractions:
                 row = cells.get((model, arm, group, fraction))
-                row_cells.append(f"{row['auroc']:.3f} [{row['auroc_lo']:.2f},{row['auroc_hi']:.2f}]" if row else "-")
+                if row is None:
+                    row_cells.append("-")
+                elif row["auroc"] is None:  # fewer than 5 positives or 5 negatives
+                    row_cells.append("not estimable")
+                else:
+                    row_cells.append(f"{row['auroc']:.3f} [{row['auroc_lo']:.2f},{row['auroc_hi']:.2f}]")
             lines.append(f"{model + ' (' + arm + ')':34} {group:5} " + " ".join(f"{c:>20}" for c in row_cells))
 
     def of(effects: list[dict], model: str) -> list[dict]:
@@ -697,7 +702,8 @@ def _demo_summary(evaluation_dir: Path, config) -> str:
                       key=lambda e: (e["group"], float(e["label_fraction"] or 0)))
 
     def difference(e: dict) -> str:
-        return f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  p={e['p_bootstrap']:.3f}"
+        return (f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  "
+                f"p={e['p_bootstrap']:.3f} (Holm {e['p_holm']:.3f})")
 
     lines.append(f"\n{finding}: pretrained - scratch (fine-tuned), AUROC difference [95% CI], paired bootstrap p")
     effects = of(pretraining_effects(evaluation.comparisons), "vit")
