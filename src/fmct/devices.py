@@ -25,3 +25,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
+
+
+def one_cpu_thread() -> None:
+    """torch and the BLAS/OpenMP pools on one thread for the rest of this process: for worker processes,
+    whose number sets the parallelism (ingest's and predict's readers)."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)  # applied now and kept: not used as a context

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from fmct import detector as detectors
@@ -50,7 +49,7 @@ from fmct import saliency
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import IngestConfig, save_config
 from fmct.data.batches import to_device
-from fmct.devices import autocast, default_device
+from fmct.devices import autocast, default_device, one_cpu_thread
 from fmct.errors import FileScanError, ScanError, UsageError
 from fmct.fingerprint import file_sha256, settings_sha256
 from fmct.io import discover, is_nifti, read_nifti, read_series, select_series
@@ -162,12 +161,6 @@ def read_canonical(job: ScanJob, config: IngestConfig) -> tuple[Volume, np.ndarr
     return Volume(hu=result.hu, affine=result.affine), volume.affine, volume.shape
 
 
-def _one_thread() -> None:
-    """Reader process initializer: one thread for torch and the BLAS pools; ``workers`` sets the parallelism."""
-    torch.set_num_threads(1)
-    threadpool_limits(limits=1)
-
-
 def _read_job(job: ScanJob, config: IngestConfig, key: PseudonymKey):
     """(canonical Volume, source affine, source shape) of ``job``, or the one-line reason it cannot be used:
     a file it names by the pseudonym of its path, as ingest's reasons do."""
@@ -207,7 +200,7 @@ def predict(
     folder = detectors.resolve_detector(model, fit)
     # The readers fork before the model (and any CUDA context) exists in this process.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    executor = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method), initializer=_one_thread)
+    executor = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method), initializer=one_cpu_thread)
     try:
         executor.submit(int).result()  # start the workers now
         return _predict(folder, executor, paths, out, config, key, device, started, progress)

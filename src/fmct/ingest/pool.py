@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
+from fmct.devices import one_cpu_thread
+
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -145,7 +147,7 @@ def _serve(connection: Connection, work: Callable[[Any], Any], parent_pid: int) 
     """A worker's life: answer one job at a time until told to stop or the pipe closes."""
     _end_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
-    _one_thread()
+    one_cpu_thread()
     while True:
         try:
             job = connection.recv()
@@ -170,12 +172,3 @@ def _watch_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(1.0)
     os._exit(1)
-
-
-def _one_thread() -> None:
-    """torch and the BLAS/OpenMP pools on one thread for the worker's life: the pool sets the parallelism."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)
-    threadpool_limits(limits=1)  # applied now and kept: not used as a context
