@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import ModelHubMixin, snapshot_download
+from huggingface_hub import ModelHubMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -308,14 +308,11 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         return super().from_pretrained(str(name_or_path), device=device, **hub_kwargs)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
-                         local_files_only: bool, token, device: str | torch.device = "cpu", config: dict | None = None,
-                         ) -> "Detector":
-        # A Hub repo id: fetch the folder, then read it like a local one (``config`` is the parsed
-        # config.json the mixin passes along; load_detector reads and checks it itself).
-        folder = snapshot_download(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
-                                   local_files_only=local_files_only, token=token)
-        return load_detector(folder, device)
+    def _from_pretrained(cls, *, model_id: str, device: str | torch.device = "cpu", config: dict | None = None,
+                         **download) -> "Detector":
+        # A Hub repo id: fetch the folder, then read it like a local one (``config``, the parsed
+        # config.json the mixin passes along, is read and checked by load_detector itself).
+        return load_detector(hub.hub_snapshot(model_id, **download), device)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_directory = Path(save_directory)

@@ -257,14 +257,11 @@ class ViT3DModel(ViT3D, ModelHubMixin, library_name="fmct", license="apache-2.0"
         return super().from_pretrained(str(name_or_path), device=device, **hub_kwargs)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
-                         local_files_only: bool, token, device: str | torch.device = "cpu", config: dict | None = None,
-                         ) -> "ViT3DModel":
-        # A Hub repo id: fetch the folder, then read it like a local one. (``config`` is the parsed
-        # config.json the mixin passes along; load reads it from the folder itself.)
-        folder = snapshot_download(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
-                                   local_files_only=local_files_only, token=token)
-        return load(folder, device)
+    def _from_pretrained(cls, *, model_id: str, device: str | torch.device = "cpu", config: dict | None = None,
+                         **download) -> "ViT3DModel":
+        # A Hub repo id: fetch the folder, then read it like a local one (``config``, the parsed
+        # config.json the mixin passes along, is read from the folder by load itself).
+        return load(hub_snapshot(model_id, **download), device)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save(self, save_directory, extra=self.hub_extra)
@@ -347,3 +344,10 @@ def resolve_model(model: str, like: str | None = None, architecture: ViT3DConfig
     if architecture is None:
         raise UsageError(f"--model {RANDOM_INIT} needs --like RUN|DIR|NAME: the model whose architecture and windows it takes")
     return ModelSource(f"vit-{architecture.size}", architecture, list(DEFAULT_WINDOWS))
+
+
+def hub_snapshot(model_id: str, **download) -> str:
+    """The local folder of Hugging Face Hub repo ``model_id``, downloaded unless cached; ``download`` is what
+    the mixin's ``from_pretrained`` passes on (``revision``, ``cache_dir``, ``force_download``,
+    ``local_files_only``, ``token``)."""
+    return snapshot_download(model_id, **download)
