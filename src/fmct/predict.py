@@ -49,7 +49,7 @@ from fmct import saliency
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import IngestConfig, save_config
 from fmct.data.batches import to_device
-from fmct.devices import autocast, default_device, one_cpu_thread
+from fmct.devices import autocast, default_device, setup_volume_worker
 from fmct.errors import FileScanError, ScanError, UsageError
 from fmct.fingerprint import file_sha256, settings_sha256
 from fmct.io import discover, is_nifti, read_nifti, read_series, select_series
@@ -200,7 +200,7 @@ def predict(
     folder = detectors.resolve_detector(model, fit)
     # The readers fork before the model (and any CUDA context) exists in this process.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    executor = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method), initializer=one_cpu_thread)
+    executor = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method), initializer=setup_volume_worker)
     try:
         executor.submit(int).result()  # start the workers now
         return _predict(folder, executor, paths, out, config, key, device, started, progress)

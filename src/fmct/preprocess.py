@@ -22,6 +22,8 @@ from fmct.io.volume import Volume
 # Spacing (mm) of the coarse copy used to find the head: fine enough for a 5 mm opening, cheap to label.
 _MASK_SPACING_MM = 3.0
 _GRID_SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}  # grid_sample's "bilinear" is trilinear in 3D
+# Source planes averaged per slab in ``_box_average``: a few MB of a 512^2 scan, so the passes stay in cache.
+_SLAB_PLANES = 8
 
 
 def canonical(volume: Volume, config: CanonicalConfig | None = None) -> Volume:
@@ -109,7 +111,9 @@ def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine:
     so any pair of grids (sheared, oblique, reversed) maps exactly. Only the source box that the grid
     touches is converted to float. With ``antialias``, source axes finer than half the target spacing are
     first averaged over whole voxels, so that downsampling thin slices does not alias their noise (the
-    averaged grid's affine is shifted to stay exact).
+    averaged grid's affine is shifted to stay exact). When the map neither rotates nor shears (an axial
+    scan onto the canonical grid, nearly every one), trilinear interpolation runs as three 1-D passes,
+    one per axis, with the same weights: several times faster than a 3-D grid of sample points.
     """
     source_shape = np.array(values.shape)
     target_to_source = np.linalg.inv(source_affine) @ target_affine
@@ -126,19 +130,33 @@ def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine:
         source_spacing = np.linalg.norm(source_affine[:3, :3], axis=0)
         factor = np.floor(target_spacing / source_spacing + 1e-6).astype(int)
         factor = np.where(factor >= 2, factor, 1)
-    # Readers give (I, J, K) views of slice-major memory, so the transposed box (K, J, I) is contiguous:
-    # as a (D, H, W) tensor, grid_sample's point order (x, y, z) = (W, H, D) is then simply (i, j, k).
+    # Readers give (I, J, K) views of slice-major memory, so the transposed box (K, J, I) is contiguous.
     box_kji = _box_average(box.T, factor[::-1])
-    tensor = torch.from_numpy(np.ascontiguousarray(box_kji) - np.float32(fill))[None, None]
     # Target voxel -> index into the (averaged) box: the first averaged voxel is centred at
     # low + (factor - 1) / 2 in source voxel units, and averaged voxels are ``factor`` source voxels wide.
     offset = low + (factor - 1) / 2.0
     to_box = np.diag(np.append(1.0 / factor, 1.0)) @ np.array(
         [[1, 0, 0, -offset[0]], [0, 1, 0, -offset[1]], [0, 0, 1, -offset[2]], [0, 0, 0, 1.0]]
     ) @ target_to_source
+    mode = _GRID_SAMPLE_MODES.get(interpolation)
+    if mode is None:
+        raise ValueError(f"interpolation must be one of {', '.join(_GRID_SAMPLE_MODES)}, not {interpolation!r}")
+    scale = np.diag(to_box)[:3]
+    if mode == "bilinear" and np.abs(to_box[:3, :3] - np.diag(scale)).max() <= 1e-9:  # no rotation, no shear
+        sampled = _separable_linear(box_kji - np.float32(fill), scale, to_box[:3, 3], shape)
+    else:
+        sampled = _grid_sample(box_kji - np.float32(fill), to_box, shape, mode)
+    # sampled is indexed (k, j, i) of the target: back to (i, j, k), C-contiguous.
+    return np.ascontiguousarray(sampled.T + np.float32(fill))
+
+
+def _grid_sample(values: np.ndarray, to_box: np.ndarray, shape: tuple[int, int, int], mode: str) -> np.ndarray:
+    """grid_sample of ``values`` (K, J, I), zero outside it, at box index ``to_box @ (i, j, k, 1)`` for every
+    target voxel of ``shape`` -> float32 (k, j, i) of the target. As a (D, H, W) tensor, grid_sample's
+    point order (x, y, z) = (W, H, D) is simply (i, j, k)."""
     # affine_grid maps normalised target coordinates ([-1, 1] per axis, align_corners) to normalised
     # source coordinates.
-    box_size = np.array(box_kji.shape[::-1], dtype=np.float64)
+    box_size = np.array(values.shape[::-1], dtype=np.float64)
     normalise = np.diag(np.append(2.0 / np.maximum(box_size - 1, 1), 1.0))
     normalise[:3, 3] = -1.0
     denormalise = np.diag(np.append((np.array(shape, dtype=np.float64) - 1) / 2.0, 1.0))
@@ -147,12 +165,35 @@ def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine:
     grid = F.affine_grid(
         torch.from_numpy(theta[None]).float(), size=[1, 1, shape[2], shape[1], shape[0]], align_corners=True
     )
-    mode = _GRID_SAMPLE_MODES.get(interpolation)
-    if mode is None:
-        raise ValueError(f"interpolation must be one of {', '.join(_GRID_SAMPLE_MODES)}, not {interpolation!r}")
-    sampled = F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0]
-    # sampled is indexed (k, j, i) of the target: back to (i, j, k), C-contiguous.
-    return np.ascontiguousarray(sampled.numpy().T + np.float32(fill))
+    tensor = torch.from_numpy(np.ascontiguousarray(values))[None, None]
+    return F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0].numpy()
+
+
+def _separable_linear(values: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear samples of ``values`` (K, J, I), zero outside it, at box index ``scale * t + offset`` for
+    every target voxel t = (i, j, k) of ``shape`` -> float32 (k, j, i) of the target.
+
+    Trilinear weights are a product of one linear weight per axis, so interpolating along K, then J,
+    then I gives grid_sample's result (zero padding, align_corners) without a grid of 3-D sample points.
+    """
+    out = values
+    for array_axis, target_axis in enumerate((2, 1, 0)):
+        n_source = out.shape[array_axis]
+        position = scale[target_axis] * np.arange(shape[target_axis]) + offset[target_axis]
+        lower = np.floor(position).astype(np.int64)
+        upper_weight = (position - lower).astype(np.float32)
+        lower_weight = np.float32(1) - upper_weight
+        lower_weight[(lower < 0) | (lower > n_source - 1)] = 0  # a neighbour outside the box adds nothing
+        upper_weight[(lower + 1 < 0) | (lower + 1 > n_source - 1)] = 0
+        broadcast = [1, 1, 1]
+        broadcast[array_axis] = -1
+        below = np.take(out, np.clip(lower, 0, n_source - 1), axis=array_axis)
+        below *= lower_weight.reshape(broadcast)
+        above = np.take(out, np.clip(lower + 1, 0, n_source - 1), axis=array_axis)
+        above *= upper_weight.reshape(broadcast)
+        below += above
+        out = below
+    return out
 
 
 def _box_average(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -160,8 +201,23 @@ def _box_average(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
     Strided slice sums, outermost memory axis first: each pass reads contiguous runs of memory (about 5x
     faster than avg_pool3d on a CPU core), and the first pass is also the int16 -> float32 conversion.
+    The volume goes through in slabs of a few planes along its outermost axis, so that every pass works
+    in cache and no float copy of the whole volume is made.
     """
-    out = np.asarray(volume)
+    volume = np.asarray(volume)
+    if np.all(factor == 1):
+        return volume.astype(np.float32, copy=False)
+    outer = int(np.argmax([abs(stride) for stride in volume.strides]))
+    planes = int(factor[outer]) * max(1, _SLAB_PLANES // int(factor[outer]))  # whole blocks per slab
+    n_outer = volume.shape[outer] // int(factor[outer]) * int(factor[outer])
+    slabs = [_block_sums(volume[(slice(None),) * outer + (slice(start, min(start + planes, n_outer)),)], factor)
+             for start in range(0, n_outer, planes)]
+    return np.concatenate(slabs, axis=outer) / np.float32(np.prod(factor))
+
+
+def _block_sums(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Float32 sums over non-overlapping blocks of ``factor`` voxels, one strided pass per axis."""
+    out = volume
     for axis in np.argsort([-abs(stride) for stride in out.strides], kind="stable"):
         f = int(factor[axis])
         n = out.shape[axis] // f * f
@@ -172,7 +228,7 @@ def _box_average(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
         for part in parts[1:]:
             total += part
         out = total
-    return out.astype(np.float32, copy=False) / np.float32(np.prod(factor))
+    return out.astype(np.float32, copy=False)
 
 
 def _ellipsoid(radius: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from fmct.devices import one_cpu_thread
+from fmct.devices import setup_volume_worker
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -147,7 +147,7 @@ def _serve(connection: Connection, work: Callable[[Any], Any], parent_pid: int) 
     """A worker's life: answer one job at a time until told to stop or the pipe closes."""
     _end_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process decides
-    one_cpu_thread()
+    setup_volume_worker()
     while True:
         try:
             job = connection.recv()

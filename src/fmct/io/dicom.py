@@ -7,6 +7,11 @@ Slices are ordered by their position along the slice normal (row x column cosine
 InstanceNumber or file name. The stack direction comes from the IPPs themselves, so a gantry-tilted
 series gives a sheared affine that resampling later corrects.
 
+Each file is parsed once: discovery reads its header up to the pixel data, keeping what reading needs
+(geometry, rescale, pixel format and where the pixel values start), so that reading a classic
+uncompressed slice is a seek and a read. Anything else (compressed, multi-frame, or a file that changed
+since) is read again in full through pydicom.
+
 Archives are untidy, so a series keeps its main stack when parts of it are odd: a copy of a slice
 (same SOPInstanceUID) that cannot be read gives way to a readable copy, and localizer images or frames
 in another orientation filed under the series are set aside with a note in ``Volume.metadata["notes"]``.
@@ -14,9 +19,11 @@ in another orientation filed under the series are set aside with a note in ``Vol
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +33,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from fmct.config import SelectionConfig
@@ -47,7 +55,12 @@ _MAX_AXIAL_TILT_DEG = 30.0
 _MAX_DECODED_BYTES = 4 * 2**30
 # Uncompressed little-endian syntaxes whose pixel bytes are read directly (pydicom inflates Deflated).
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
-_HEADER_TAGS = [
+# Of those, the ones whose pixel bytes lie in the file as they are: (transfer syntax, explicit VR).
+_PLAIN_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+# Tags discovery parses: selection's, and everything reading a classic slice needs. As Tag values, so
+# that pydicom does not look each keyword up again for every file.
+_HEADER_TAGS = [Tag(keyword) for keyword in (
     "SOPClassUID",
     "SOPInstanceUID",
     "Modality",
@@ -62,7 +75,22 @@ _HEADER_TAGS = [
     "NumberOfFrames",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
-]
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "SamplesPerPixel",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "KVP",
+    "Manufacturer",
+    "ManufacturerModelName",
+)]
 _UID_PATTERN = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
@@ -78,7 +106,10 @@ class SeriesInfo:
     ``n_slices`` counts frames (a multi-frame file counts all its frames); ``number_of_frames`` is the
     largest NumberOfFrames of a file (1 for classic one-slice-per-file series). ``source`` names the
     series for the user: the folder holding most of its files, "#", a short hash of the series UID. It
-    holds real folder names, so ingest stores only its pseudonym.
+    holds real folder names, so ingest stores only its pseudonym. ``parsed`` holds, for each classic
+    uncompressed file of ``files``, its header as discovery parsed it (:class:`ParsedSlice`), so that
+    reading it needs no second parse. ``acquisition`` holds the safe facts of its first file: ``kvp``,
+    ``manufacturer``, ``model`` and ``transfer_syntax`` (a name).
     """
 
     series_uid: str
@@ -97,6 +128,8 @@ class SeriesInfo:
     source: str
     duplicates: dict[Path, list[Path]] = field(default_factory=dict)
     set_aside: list[tuple[Path, str]] = field(default_factory=list)
+    parsed: dict[Path, "ParsedSlice"] = field(default_factory=dict)
+    acquisition: dict = field(default_factory=dict)
 
     @property
     def all_files(self) -> list[Path]:
@@ -126,20 +159,24 @@ def discover_files(files: list[Path]) -> tuple[list[SeriesInfo], list[tuple[str,
     """:func:`discover` on a list of files, also returning the files it accounted for: those of every
     series and of every error (a series with a malformed header value covers all its files)."""
     headers: dict[str, list[tuple[Path, Dataset]]] = {}
+    parsed: dict[Path, ParsedSlice] = {}
     errors: list[tuple[str, str]] = []
     covered: set[Path] = set()
     for path in files:
-        header, reason = _read_header(path)
+        header, pixel_offset, reason = _read_header(path)
         if reason:
             errors.append((str(path), reason))
             covered.add(path)
         elif header is not None:
-            headers.setdefault(str(header.SeriesInstanceUID).strip(), []).append((path, header))
+            headers.setdefault(_text_value(header, "SeriesInstanceUID"), []).append((path, header))
             covered.add(path)
+            classic = _parsed_slice(path, header, pixel_offset)
+            if classic is not None:
+                parsed[path] = classic
     series = []
     for uid, members in headers.items():
         try:
-            series.append(_series_info(uid, members))
+            series.append(_series_info(uid, members, parsed))
         except Exception as error:  # a malformed header value must not stop discovery of the rest
             errors.append((_source_name([path for path, _ in members], uid), f"unreadable DICOM header: {scrubbed_reason(error)}"))
     return sorted(series, key=lambda info: info.source), errors, covered
@@ -181,20 +218,23 @@ def walk_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _read_header(path: Path) -> tuple[Dataset | None, str]:
-    """(header, "") of an image file of a series; (None, reason) for a DICOM file whose header is
-    unreadable; (None, "") for a file that is not a DICOM image (left to :func:`unused_file_reason`)."""
+def _read_header(path: Path) -> tuple[Dataset | None, int, str]:
+    """(header, byte offset where parsing stopped: the PixelData element, "") of an image file of a
+    series; (None, 0, reason) for a DICOM file whose header is unreadable; (None, 0, "") for a file that
+    is not a DICOM image (left to :func:`unused_file_reason`)."""
     if path.name.upper() == "DICOMDIR" or not _has_dicom_preamble(path):
-        return None, ""
+        return None, 0, ""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        with open(path, "rb") as handle:
+            header = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            pixel_offset = handle.tell()  # pydicom stops at the start of the PixelData element
     except Exception as error:  # any parse failure of a file that claims to be DICOM is reported
-        return None, f"unreadable DICOM header: {scrubbed_reason(error)}"
-    if str(header.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
-        return None, ""
-    if not str(header.get("SeriesInstanceUID", "")).strip():
-        return None, "unreadable DICOM header: no SeriesInstanceUID (incomplete or truncated file)"
-    return header, ""
+        return None, 0, f"unreadable DICOM header: {scrubbed_reason(error)}"
+    if _text_value(header, "SOPClassUID") == _DICOMDIR_SOP_CLASS:
+        return None, 0, ""
+    if not _text_value(header, "SeriesInstanceUID"):
+        return None, 0, "unreadable DICOM header: no SeriesInstanceUID (incomplete or truncated file)"
+    return header, pixel_offset, ""
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -215,8 +255,9 @@ def _is_dicomdir(path: Path) -> bool:
     return str(header.file_meta.get("MediaStorageSOPClassUID", header.get("SOPClassUID", ""))) == _DICOMDIR_SOP_CLASS
 
 
-def _series_info(series_uid: str, members: list[tuple[Path, Dataset]]) -> SeriesInfo:
-    """The series of ``members`` (path, header): one file per SOP instance, localizers set aside."""
+def _series_info(series_uid: str, members: list[tuple[Path, Dataset]], parsed: dict[Path, "ParsedSlice"]) -> SeriesInfo:
+    """The series of ``members`` (path, header): one file per SOP instance, localizers set aside;
+    ``parsed`` holds the classic files' parsed headers (those of the series' files are kept)."""
     main_folder = _main_folder([path for path, _ in members])
     instances = _instances(members, main_folder)
     localizers = [m for m in instances if _NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(m[0][1]))]
@@ -226,7 +267,7 @@ def _series_info(series_uid: str, members: list[tuple[Path, Dataset]]) -> Series
                      for copies in localizers]
         instances = [copies for copies in instances if copies not in localizers]
     first = instances[0][0][1]
-    frames = [int(copies[0][1].get("NumberOfFrames", 1) or 1) for copies in instances]
+    frames = [int(_text_value(copies[0][1], "NumberOfFrames") or 1) for copies in instances]
     measures = _functional_item(first, "PixelMeasuresSequence")
     thickness = first.get("SliceThickness") or (measures.get("SliceThickness") if measures else None)
     return SeriesInfo(
@@ -246,6 +287,13 @@ def _series_info(series_uid: str, members: list[tuple[Path, Dataset]]) -> Series
         source=_source_name([path for path, _ in members], series_uid),
         duplicates={copies[0][0]: [path for path, _ in copies[1:]] for copies in instances if len(copies) > 1},
         set_aside=set_aside,
+        parsed={copies[0][0]: parsed[copies[0][0]] for copies in instances if copies[0][0] in parsed},
+        acquisition={
+            "kvp": _float_or_none(first.get("KVP")),
+            "manufacturer": str(first.get("Manufacturer", "")),
+            "model": str(first.get("ManufacturerModelName", "")),
+            "transfer_syntax": UID(str(first.file_meta.get("TransferSyntaxUID", ""))).name,
+        },
     )
 
 
@@ -254,7 +302,7 @@ def _instances(members: list[tuple[Path, Dataset]], main_folder: str) -> list[li
     first, then the largest file (a truncated copy is shorter)."""
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     for path, header in sorted(members, key=lambda member: str(member[0])):
-        groups.setdefault(str(header.get("SOPInstanceUID", "")).strip() or str(path), []).append((path, header))
+        groups.setdefault(_text_value(header, "SOPInstanceUID") or str(path), []).append((path, header))
     for copies in groups.values():
         copies.sort(key=lambda member: (str(member[0].parent) != main_folder, -_size(member[0]), str(member[0])))
     return sorted(groups.values(), key=lambda copies: str(copies[0][0]))
@@ -279,7 +327,7 @@ def _size(path: Path) -> int:
 
 
 def _image_type(header: Dataset) -> tuple[str, ...]:
-    return tuple(str(value).strip().upper() for value in _as_list(header.get("ImageType")))
+    return tuple(value.upper() for value in _text_values(header, "ImageType"))
 
 
 def _commonest_orientation(headers: list[Dataset]) -> np.ndarray | None:
@@ -287,8 +335,8 @@ def _commonest_orientation(headers: list[Dataset]) -> np.ndarray | None:
     found = []
     for header in headers:
         item = _functional_item(header, "PlaneOrientationSequence")
-        iop = header.get("ImageOrientationPatient") or (item.get("ImageOrientationPatient") if item else None)
-        if iop and len(iop) == 6:
+        iop = _text_values(header, "ImageOrientationPatient") or (_text_values(item, "ImageOrientationPatient") if item else [])
+        if len(iop) == 6:
             found.append(tuple(round(float(v), 4) for v in iop))
     return np.array(Counter(found).most_common(1)[0][0]) if found else None
 
@@ -304,6 +352,8 @@ def _functional_item(ds: Dataset, keyword: str, frame_group: Dataset | None = No
 
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    if ds.get_item(_tag(keyword)) is None:  # the usual case (classic CT), without pydicom's keyword lookup
+        return None
     sequence = ds.get(keyword)
     return sequence[0] if sequence else None
 
@@ -454,28 +504,24 @@ def read_series(info_or_path: SeriesInfo | str | Path, config: SelectionConfig |
     config = config or SelectionConfig()
     info = info_or_path if isinstance(info_or_path, SeriesInfo) else _info_for_path(Path(info_or_path))
     notes = [f"{len(info.set_aside)} localizer images set aside"] if info.set_aside else []
-    instances = [_read_instance(path, info.duplicates.get(path, []), notes) for path in info.files]
+    instances = [_read_instance(path, info.parsed.get(path), info.duplicates.get(path, []), notes) for path in info.files]
     if info.duplicates:
         notes.append(f"{sum(map(len, info.duplicates.values()))} duplicate files of slices (same SOPInstanceUID) not used")
     _check_ct_images(instances, config)
     slices = _collect_slices(instances)
     hu_stack, affine, tilt_deg = _stack_slices(slices, config, notes)
-    return _series_volume(info, instances[0].header, hu_stack, affine, tilt_deg, notes)
+    return _series_volume(info, hu_stack, affine, tilt_deg, notes)
 
 
-def _series_volume(info: SeriesInfo, first: Dataset, hu_stack: np.ndarray, affine: np.ndarray, tilt_deg: float,
-                   notes: list[str]) -> Volume:
+def _series_volume(info: SeriesInfo, hu_stack: np.ndarray, affine: np.ndarray, tilt_deg: float, notes: list[str]) -> Volume:
     """The ``Volume`` of a stacked series: (K, rows, columns) HU viewed as (I, J, K), safe metadata only."""
     metadata = {
         "kernel": info.kernel,
-        "kvp": _float_or_none(first.get("KVP")),
-        "manufacturer": str(first.get("Manufacturer", "")),
-        "model": str(first.get("ManufacturerModelName", "")),
+        **info.acquisition,
         "slice_thickness_mm": info.slice_thickness_mm,
         "original_shape": [int(n) for n in hu_stack.shape[::-1]],
         "original_spacing_mm": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
         "gantry_tilt_deg": tilt_deg,
-        "transfer_syntax": UID(str(first.file_meta.get("TransferSyntaxUID", ""))).name,
         "notes": notes,
     }
     identity = {"patient_id": info.patient_id, "study_uid": info.study_uid, "series_uid": info.series_uid}
@@ -498,17 +544,73 @@ def _info_for_path(path: Path) -> SeriesInfo:
     return series[0]
 
 
+# (IOP (6,), IPP (3,) mm, PixelSpacing (2,) mm, rescale slope, rescale intercept) of one frame, LPS
+FrameGeometry = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], float, float]
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What reading needs of one image file's header: SOP facts, per-frame geometry and rescale, padding."""
+
+    modality: str
+    sop_class_uid: str
+    geometry: tuple[FrameGeometry, ...]  # one per frame
+    padding: tuple[float, float] | None  # inclusive stored-value range of padding
+
+
+@dataclass(frozen=True)
+class ParsedSlice:
+    """A classic CT file (one frame, uncompressed little endian, grayscale) as discovery parsed it: its
+    header and where its pixel values lie, so that reading it is a seek and a read."""
+
+    header: ImageHeader
+    pixel_offset: int  # byte offset of the PixelData element
+    explicit_vr: bool
+    rows: int
+    columns: int
+    dtype: str  # of the stored values, e.g. "<i2"
+    bits_stored: int
+
+
 @dataclass
 class _Instance:
-    """One SOP instance as read: its file, full header and stored pixel values (frames, rows, columns)."""
+    """One SOP instance as read: its file, what reading needs of its header, its stored pixel values
+    (frames, rows, columns)."""
 
     path: Path
-    header: Dataset
+    header: ImageHeader
     frames: np.ndarray
 
 
-def _read_instance(path: Path, copies: list[Path], notes: list[str]) -> _Instance:
-    """Read and decode ``path``; when it cannot be, the first readable of ``copies`` (noted in ``notes``)."""
+def _parsed_slice(path: Path, header: Dataset, pixel_offset: int) -> ParsedSlice | None:
+    """The :class:`ParsedSlice` of a classic CT file from its discovery ``header``; None for any other file
+    (compressed, multi-frame, colour, or a header that reading would refuse: it is read in full later,
+    which gives the reason)."""
+    explicit_vr = _PLAIN_SYNTAXES.get(str(header.file_meta.get("TransferSyntaxUID", "")))
+    if explicit_vr is None:
+        return None
+    try:
+        rows, columns, bits_allocated, bits_stored, representation, samples = (
+            _little_endian_us(header, keyword)
+            for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel"))
+        if _text_value(header, "NumberOfFrames") not in ("", "1") or samples not in (None, 1) or not rows or not columns:
+            return None
+        bits_stored = bits_stored or bits_allocated
+        if bits_allocated not in (8, 16, 32) or not 0 < bits_stored <= bits_allocated:
+            return None
+        return ParsedSlice(header=_image_header(path, header), pixel_offset=pixel_offset, explicit_vr=explicit_vr,
+                           rows=rows, columns=columns, dtype=f"<{'i' if representation == 1 else 'u'}{bits_allocated // 8}",
+                           bits_stored=bits_stored)
+    except (FileScanError, AttributeError, TypeError, ValueError, struct.error):
+        return None
+
+
+def _read_instance(path: Path, parsed: ParsedSlice | None, copies: list[Path], notes: list[str]) -> _Instance:
+    """Read ``path`` (from where discovery found its pixel values when ``parsed``); when it cannot be
+    read, the first readable of ``copies`` (noted in ``notes``)."""
+    frames = _plain_frames(path, parsed) if parsed is not None else None
+    if frames is not None:
+        return _Instance(path=path, header=parsed.header, frames=frames)
     try:
         return _decoded(path)
     except FileScanError as error:
@@ -522,11 +624,35 @@ def _read_instance(path: Path, copies: list[Path], notes: list[str]) -> _Instanc
         raise
 
 
+def _plain_frames(path: Path, parsed: ParsedSlice) -> np.ndarray | None:
+    """The stored values (1, rows, columns) of a classic file at the PixelData element discovery found, or
+    None when it is not there as found (a file changed or cut since): the file is then read in full."""
+    dtype = np.dtype(parsed.dtype)
+    n_bytes = parsed.rows * parsed.columns * dtype.itemsize
+    element_bytes = 12 if parsed.explicit_vr else 8  # tag, (VR, reserved,) value length
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(parsed.pixel_offset)
+            element = handle.read(element_bytes)
+            data = handle.read(n_bytes)
+    except OSError:
+        return None
+    if len(element) < element_bytes or element[:4] != _PIXEL_DATA_TAG or len(data) < n_bytes:
+        return None
+    if parsed.explicit_vr and element[4:6] not in (b"OB", b"OW"):
+        return None
+    length = struct.unpack("<I", element[-4:])[0]
+    if length < n_bytes or length == 0xFFFFFFFF:  # undefined length: encapsulated, not plain values
+        return None
+    values = _without_high_bits(np.frombuffer(data, dtype=dtype), parsed.bits_stored)
+    return values.reshape(1, parsed.rows, parsed.columns)
+
+
 def _decoded(path: Path) -> _Instance:
     ds = _read_file(path)
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise FileScanError(path, f"not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})")
-    return _Instance(path=path, header=ds, frames=_stored_frames(ds, path))
+    return _Instance(path=path, header=_image_header(path, ds), frames=_stored_frames(ds, path))
 
 
 def _read_file(path: Path) -> Dataset:
@@ -541,11 +667,24 @@ def _read_file(path: Path) -> Dataset:
     return ds
 
 
+def _image_header(path: Path, ds: Dataset) -> ImageHeader:
+    """The :class:`ImageHeader` of ``ds`` (a full header, or discovery's), frame by frame for enhanced CT."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    groups = [per_frame[index] if per_frame and index < len(per_frame) else None for index in range(n_frames)]
+    return ImageHeader(
+        modality=_text_value(ds, "Modality"),
+        sop_class_uid=_text_value(ds, "SOPClassUID"),
+        geometry=tuple(_frame_geometry(path, ds, group) for group in groups),
+        padding=_padding_range(ds),
+    )
+
+
 def _check_ct_images(instances: list[_Instance], config: SelectionConfig) -> None:
-    modalities = {str(instance.header.get("Modality", "")) for instance in instances}
+    modalities = {instance.header.modality for instance in instances}
     if modalities != {config.modality}:
         raise ScanError(f"modality {'/'.join(sorted(m or 'missing' for m in modalities))} is not {config.modality}")
-    classes = {str(instance.header.get("SOPClassUID", "")) for instance in instances}
+    classes = {instance.header.sop_class_uid for instance in instances}
     unknown = classes - set(CT_IMAGE_SOP_CLASSES)
     if unknown:
         names = ", ".join(sorted(UID(uid).name or "missing" for uid in unknown))
@@ -576,12 +715,12 @@ class _Slices:
 def _collect_slices(instances: list[_Instance]) -> _Slices:
     pixels, geometry, padding = [], [], []
     for instance in instances:
-        per_frame = instance.header.get("PerFrameFunctionalGroupsSequence")
-        for index, frame in enumerate(instance.frames):
-            group = per_frame[index] if per_frame and index < len(per_frame) else None
-            pixels.append(frame)
-            geometry.append(_frame_geometry(instance, group))
-            padding.append(_padding_range(instance.header))
+        if len(instance.header.geometry) != len(instance.frames):
+            raise FileScanError(instance.path, f"{len(instance.frames)} frames decoded, "
+                                               f"{len(instance.header.geometry)} described by the header")
+        pixels.extend(instance.frames)
+        geometry.extend(instance.header.geometry)
+        padding.extend([instance.header.padding] * len(instance.frames))
     columns = list(zip(*geometry))
     return _Slices(
         pixels=pixels,
@@ -594,24 +733,23 @@ def _collect_slices(instances: list[_Instance]) -> _Slices:
     )
 
 
-def _frame_geometry(instance: _Instance, group: Dataset | None) -> tuple[list, list, list, float, float]:
+def _frame_geometry(path: Path, ds: Dataset, group: Dataset | None) -> FrameGeometry:
     """(IOP (6,), IPP (3,) mm, PixelSpacing (2,) mm, slope, intercept) of one frame: per-frame functional
     group first, then the shared group, then the classic top-level attributes."""
-    ds = instance.header
-    iop = (_functional_item(ds, "PlaneOrientationSequence", group) or ds).get("ImageOrientationPatient")
-    ipp = (_functional_item(ds, "PlanePositionSequence", group) or ds).get("ImagePositionPatient")
-    pixel_spacing = (_functional_item(ds, "PixelMeasuresSequence", group) or ds).get("PixelSpacing")
+    iop = _text_values(_functional_item(ds, "PlaneOrientationSequence", group) or ds, "ImageOrientationPatient")
+    ipp = _text_values(_functional_item(ds, "PlanePositionSequence", group) or ds, "ImagePositionPatient")
+    pixel_spacing = _text_values(_functional_item(ds, "PixelMeasuresSequence", group) or ds, "PixelSpacing")
     transformation = _functional_item(ds, "PixelValueTransformationSequence", group) or ds
-    if not iop or len(iop) != 6 or not ipp or len(ipp) != 3:
-        raise FileScanError(instance.path, "no image position/orientation (not a volume slice)")
-    if not pixel_spacing or len(pixel_spacing) != 2 or min(float(v) for v in pixel_spacing) <= 0:
-        raise FileScanError(instance.path, "no valid PixelSpacing")
+    if len(iop) != 6 or len(ipp) != 3:
+        raise FileScanError(path, "no image position/orientation (not a volume slice)")
+    if len(pixel_spacing) != 2 or min(float(v) for v in pixel_spacing) <= 0:
+        raise FileScanError(path, "no valid PixelSpacing")
     return (
-        [float(v) for v in iop],
-        [float(v) for v in ipp],
-        [float(v) for v in pixel_spacing],
-        _float_or_none(transformation.get("RescaleSlope")) or 1.0,
-        _float_or_none(transformation.get("RescaleIntercept")) or 0.0,
+        tuple(float(v) for v in iop),
+        tuple(float(v) for v in ipp),
+        tuple(float(v) for v in pixel_spacing),
+        _float_or_none(_text_value(transformation, "RescaleSlope")) or 1.0,
+        _float_or_none(_text_value(transformation, "RescaleIntercept")) or 0.0,
     )
 
 
@@ -639,10 +777,7 @@ def _stored_frames(ds: Dataset, path: Path) -> np.ndarray:
         expected_bytes = expected * dtype.itemsize
         if len(data) < expected_bytes:
             raise FileScanError(path, f"pixel data is truncated ({len(data)} of {expected_bytes} bytes)")
-        values = np.frombuffer(data, dtype=dtype, count=expected)
-        if bits_stored < bits_allocated:  # bits above HighBit may hold overlays: drop them, extend the sign
-            shift = bits_allocated - bits_stored
-            values = (values << shift) >> shift if signed else values & ((1 << bits_stored) - 1)
+        values = _without_high_bits(np.frombuffer(data, dtype=dtype, count=expected), bits_stored)
         return values.reshape(n_frames, rows, columns)
     try:
         array = ds.pixel_array
@@ -650,6 +785,15 @@ def _stored_frames(ds: Dataset, path: Path) -> np.ndarray:
         name = UID(str(syntax)).name or "missing"
         raise FileScanError(path, f"cannot decode transfer syntax {name}: {scrubbed_reason(error)}") from None
     return array.reshape(n_frames, rows, columns)
+
+
+def _without_high_bits(values: np.ndarray, bits_stored: int) -> np.ndarray:
+    """Stored integer ``values`` with the bits above BitsStored dropped (they may hold overlays) and the
+    sign extended from the highest stored bit for a signed type."""
+    shift = values.dtype.itemsize * 8 - bits_stored
+    if shift <= 0:
+        return values
+    return (values << shift) >> shift if values.dtype.kind == "i" else values & ((1 << bits_stored) - 1)
 
 
 def _padding_range(ds: Dataset) -> tuple[float, float] | None:
@@ -820,6 +964,44 @@ def _interpolate_uniform(hu: np.ndarray, offsets_mm: np.ndarray, spacing_mm: flo
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _text_values(ds: Dataset, keyword: str) -> list[str]:
+    """The values of a text element of the default repertoire (CS, DS, IS, UI: ASCII by the standard),
+    split at backslashes and stripped; [] when absent or empty.
+
+    Taken from the bytes as read when pydicom has not converted the element yet: converting a value
+    costs pydicom more than parsing the element, and every file's header goes through here.
+    """
+    element = ds.get_item(_tag(keyword))
+    if element is None:
+        return []
+    if isinstance(element.value, bytes):
+        text = element.value.decode("ascii", "replace").strip(" \x00")
+        return [part.strip(" \x00") for part in text.split("\\")] if text else []
+    return [str(value).strip() for value in _as_list(element.value)]
+
+
+def _text_value(ds: Dataset, keyword: str) -> str:
+    """The first value of :func:`_text_values`, "" when there is none."""
+    values = _text_values(ds, keyword)
+    return values[0] if values else ""
+
+
+def _little_endian_us(ds: Dataset, keyword: str) -> int | None:
+    """An unsigned short (US) of a little-endian file, from its two bytes as read; None when absent."""
+    element = ds.get_item(_tag(keyword))
+    if element is None:
+        return None
+    if isinstance(element.value, bytes):
+        return struct.unpack("<H", element.value[:2])[0] if len(element.value) >= 2 else None
+    return int(element.value)
+
+
+@functools.cache
+def _tag(keyword: str) -> Tag:
+    """The tag of a DICOM keyword, looked up once."""
+    return Tag(keyword)
+
+
 def _float_or_none(value) -> float | None:
     try:
         return float(value) if value not in (None, "") else None
