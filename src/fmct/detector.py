@@ -353,14 +353,7 @@ def backbone_reference(source: hub.ModelSource) -> dict:
 def read_detector_config(folder: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of a detector folder; :class:`CheckpointError` when it is not one."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; {folder} is not a detector folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a detector (expected format {FORMAT!r})")
+    config = hub.read_folder_config(folder, FORMAT, "a detector folder", "a detector")
     if config.get("version") != VERSION:
         raise CheckpointError(f"{path}: detector version {config.get('version')} is not {VERSION}; made by another fmct")
     return config

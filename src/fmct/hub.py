@@ -168,18 +168,26 @@ pretraining data held; measure a detector made from it on your own scans before 
 """
 
 
-def read_config_json(folder: str | os.PathLike) -> dict:
-    """The parsed ``config.json`` of a model folder, as ``{"format", "version", "config", "extra"}``:
-    ``config`` the architecture fields, ``extra`` every other key (version 1 and 2 alike)."""
+def read_folder_config(folder: str | os.PathLike, format_name: str, folder_kind: str, config_kind: str) -> dict:
+    """The parsed ``config.json`` of a folder whose ``"format"`` is ``format_name``; :class:`CheckpointError`
+    naming the file otherwise: missing ("... is not {folder_kind}"), unreadable, or "not {config_kind}"."""
     path = Path(folder) / CONFIG_FILE
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; {folder} is not an fmct model folder") from None
+        raise CheckpointError(f"{path}: missing; {folder} is not {folder_kind}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: unreadable: {error}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an fmct model config (expected format {FORMAT!r})")
+    if not isinstance(info, dict) or info.get("format") != format_name:
+        raise CheckpointError(f"{path}: not {config_kind} (expected format {format_name!r})")
+    return info
+
+
+def read_config_json(folder: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a model folder, as ``{"format", "version", "config", "extra"}``:
+    ``config`` the architecture fields, ``extra`` every other key (version 1 and 2 alike)."""
+    path = Path(folder) / CONFIG_FILE
+    info = read_folder_config(folder, FORMAT, "an fmct model folder", "an fmct model config")
     if info.get("version", 1) == 1:
         if not isinstance(info.get("config"), dict):
             raise CheckpointError(f"{path}: not an fmct model config (version 1 needs a 'config' mapping)")
