@@ -188,3 +188,42 @@ def test_dino_head_is_weight_normalised_and_last_layer_freezes():
     assert torch.equal(head.prototypes, prototypes) and torch.equal(head.prototype_norms, norms)
     assert not torch.equal(head.mlp[0].weight, first_linear)
     assert len(head.mlp) == 5  # Linear, GELU, Linear, GELU, Linear
+
+
+def conv_stem(**overrides) -> ViT3D:
+    """The CPU-scale backbone's shape, narrow: a 3-stage stem (patch 8) under 2 blocks."""
+    config = dict(size="tiny", depth=2, embed_dim=48, n_heads=4, img_size=(32, 32, 32), patch_size=(8, 8, 8), n_registers=1,
+                  layerscale_init=None, stem_channels=(4, 8, 8))
+    return ViT3D(ViT3DConfig(**{**config, **overrides})).eval()
+
+
+def test_conv_stem_makes_one_token_per_patch_and_needs_a_patch_of_two_to_the_stages():
+    model = conv_stem()
+    with torch.no_grad():
+        features = model.forward_features(torch.rand(2, 3, 32, 48, 32))
+    assert features["patch"].shape == (2, 4 * 6 * 4, 48)
+    with pytest.raises(ConfigError, match="3 stages makes patches of 8 voxels, but patch_size is \\[12, 12, 12\\]"):
+        ViT3DConfig(size="tiny", patch_size=12, img_size=(48, 48, 48), stem_channels=(4, 8, 8))
+
+
+@pytest.mark.parametrize("hide", ["masks", "keep_idx"])
+def test_conv_stem_tokens_never_see_into_hidden_patches(hide):
+    """The stem's 3x3x3 kernels cross patch borders: hidden patches are zeroed in the input, so changing
+    their voxels must change no visible token (exactly: the changed voxels are multiplied by 0)."""
+    model = conv_stem()
+    x = torch.rand(2, 3, 32, 32, 32)
+    hidden = torch.zeros(2, 64, dtype=torch.bool)
+    hidden[:, [0, 21, 42]] = True  # patches (0,0,0), (1,1,1), (2,2,2) of the 4^3 grid
+    changed = x.clone()
+    for d in range(3):
+        changed[:, :, 8 * d : 8 * d + 8, 8 * d : 8 * d + 8, 8 * d : 8 * d + 8] = torch.rand(2, 3, 8, 8, 8)
+    if hide == "masks":
+        kwargs = {"masks": hidden}
+    else:
+        kwargs = {"keep_idx": (~hidden).nonzero()[:, 1].reshape(2, -1)}
+    with torch.no_grad():
+        before, after = model.prepare_tokens(x, **kwargs), model.prepare_tokens(changed, **kwargs)
+        unmasked = model.prepare_tokens(x), model.prepare_tokens(changed)
+    assert torch.equal(before, after)
+    # Without the hiding, the same change reaches the tokens next to the changed patches.
+    assert not torch.equal(*unmasked)

@@ -1,9 +1,10 @@
 """A backbone with a classification head, one logit per finding: what ``fmct finetune`` trains.
 
-``linear``: a linear layer on the CLS token (FM-CT's classifier); ``attentive``: one learned query
-cross-attending to the patch tokens, then a linear layer. Either way the features pass a BatchNorm
-without affine parameters first (as in MAE's linear probe), so a new head learns at the same pace
-whatever the scale of the backbone's features.
+``linear``: a linear layer on the CLS token (FM-CT's classifier); ``pooled``: a linear layer on the CLS
+token beside the mean and the max of the patch tokens (a small finding moves the max of a few tokens
+more than the CLS); ``attentive``: one learned query cross-attending to the patch tokens, then a linear
+layer. Either way the features pass a BatchNorm without affine parameters first (as in MAE's linear
+probe), so a new head learns at the same pace whatever the scale of the backbone's features.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from torch import nn
 
 from fmct.models.vit3d import ViT3D
 
-HEADS = ("linear", "attentive")
+HEADS = ("linear", "pooled", "attentive")
+
+
+def pooled_features(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole-scan features of a backbone's output tokens, each (B, C): ``cls``, and the ``mean`` and
+    ``max`` over the patch tokens."""
+    return {"cls": tokens["cls"], "mean": tokens["patch"].mean(dim=1), "max": tokens["patch"].amax(dim=1)}
 
 
 class AttentivePooling(nn.Module):
@@ -39,16 +46,23 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         dim = backbone.embed_dim
+        self.head = head
         self.pool = AttentivePooling(dim, backbone.config.n_heads) if head == "attentive" else None
-        self.norm = nn.BatchNorm1d(dim, affine=False)
-        self.linear = nn.Linear(dim, n_findings)
+        features = 3 * dim if head == "pooled" else dim
+        self.norm = nn.BatchNorm1d(features, affine=False)
+        self.linear = nn.Linear(features, n_findings)
         nn.init.trunc_normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, n_findings); ``masks`` (B, N) bool hides those patches behind the mask token (saliency)."""
         tokens = self.backbone.forward_features(x, masks=masks)
-        features = self.pool(tokens["patch"]) if self.pool is not None else tokens["cls"]
+        if self.head == "pooled":
+            features = torch.cat(list(pooled_features(tokens).values()), dim=1)
+        elif self.pool is not None:
+            features = self.pool(tokens["patch"])
+        else:
+            features = tokens["cls"]
         return self.linear(self.norm(features))
 
     def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
