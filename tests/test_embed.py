@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,10 @@ def save_tiny_run(run: Path, seed: int = 0) -> Path:
     return run
 
 
-def write_blob_store(root: Path, n_scans: int = 36, size: int = 48, seed: int = 0, splits=None, sites=None):
+def write_blob_store(root: Path, n_scans: int = 36, size: int = 48, seed: int = 0, splits=None, sites=None,
+                     blob_hu: float = BLOB_HU, blob_radius: float = BLOB_RADIUS):
     """A store of ``size``^3 int16 heads (1.5 mm): skull 1000 HU, brain 35 HU, noise 8 HU; every other scan
-    (in a random order) holds a bright blob (``BLOB_HU``, radius ``BLOB_RADIUS`` voxels) somewhere in the brain.
+    (in a random order) holds a bright blob (``blob_hu``, radius ``blob_radius`` voxels) somewhere in the brain.
 
     Writes ``root/labels.csv`` (scan_id, patient_id, site, split, ich) and returns (store path, ich labels).
     """
@@ -59,7 +61,7 @@ def write_blob_store(root: Path, n_scans: int = 36, size: int = 48, seed: int = 
         hu[radius < 0.85] = 35.0
         if ich[i]:
             centre = rng.uniform(-8, 8, size=3)
-            hu[np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < BLOB_RADIUS] = BLOB_HU
+            hu[np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < blob_radius] = blob_hu
         hu += rng.normal(0, 8, size=hu.shape)
         row = {"scan_id": f"s{i:03d}", "patient_key": f"p{i:03d}", "source": f"/data/scan{i}", "store_shape": [size] * 3,
                "store_spacing_mm": [1.5] * 3}
@@ -87,9 +89,11 @@ def test_embed_one_row_per_scan_equal_to_a_direct_forward_pass(blob_store, tmp_p
     assert summary.n_embedded == 24 and summary.n_chunks == 3 and not summary.skipped  # chunk 8 -> 10 (two batches)
     embeddings = read_embeddings(tmp_path / "emb")
     assert embeddings.scan_ids.tolist() == [f"s{i:03d}" for i in range(24)]
-    assert embeddings.features["cls"].shape == (24, 64) == embeddings.features["patch_mean"].shape
+    assert list(embeddings.features) == ["cls", "patch_mean", "patch_max"]
+    assert all(values.shape == (24, 64) for values in embeddings.features.values())
     meta = embeddings.meta
     assert meta["model"] == "run" and meta["arm"] == "pretrained" and meta["windows_hu"] == WINDOWS
+    assert meta["default_feature"] == "auto"
     assert meta["checkpoint_sha256"] == hashlib.sha256((run / "backbone" / "model.safetensors").read_bytes()).hexdigest()
 
     model = hub.load(run / "backbone")
@@ -99,6 +103,10 @@ def test_embed_one_row_per_scan_equal_to_a_direct_forward_pass(blob_store, tmp_p
     rows = [0, 7, 23]
     np.testing.assert_allclose(embeddings.features["cls"][rows], tokens["cls"].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(embeddings.features["patch_mean"][rows], tokens["patch"].mean(1).numpy(), rtol=1e-4, atol=1e-5)
+    # patch_max: per channel, the largest of the 64 patch tokens (4^3 patches of 8^3 voxels).
+    assert tokens["patch"].shape == (3, 64, 64)
+    np.testing.assert_allclose(embeddings.features["patch_max"][rows], tokens["patch"].max(dim=1).values.numpy(), rtol=1e-4, atol=1e-5)
+    assert (embeddings.features["patch_max"] > embeddings.features["patch_mean"]).all()
 
     again = embed_store(run, store, tmp_path / "emb2", EmbedConfig(batch_size=3, chunk_size=100, workers=1), progress=False)
     assert again.n_chunks == 1
@@ -149,6 +157,17 @@ def test_embed_resumes_from_finished_chunks_and_redoes_stale_ones(blob_store, tm
     summary = embed_store(other, store, tmp_path / "emb", config, progress=False)
     assert summary.n_chunks_reused == 0
     assert not np.any(read_embeddings(tmp_path / "emb").features["cls"] == 7.0)
+
+    # A chunk written before embed wrote patch_max (no "features" in its fingerprint) is recomputed, not reused.
+    path = tmp_path / "emb" / "chunks" / "chunk-00000.npz"
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files if name != "patch_max"}
+    fingerprint = json.loads(str(arrays["fingerprint"]))
+    assert fingerprint.pop("features") == ["cls", "patch_mean", "patch_max"]
+    arrays["fingerprint"] = np.asarray(json.dumps(fingerprint, sort_keys=True))
+    np.savez(path, **arrays)
+    summary = embed_store(other, store, tmp_path / "emb", config, progress=False)
+    assert summary.n_chunks_reused == 2 and read_embeddings(tmp_path / "emb").features["patch_max"].shape == (24, 64)
 
 
 def test_unreadable_scan_is_skipped_with_a_reason(tmp_path):

@@ -18,6 +18,7 @@ from fmct.config import CanonicalConfig, IngestConfig, save_config
 from fmct.detector import Detector, load_detector, resolve_detector
 from fmct.devices import autocast
 from fmct.eval.embed import embed_store
+from fmct.eval.embeddings import AUTO_CANDIDATES, FEATURE_SETS
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.finetune import FinetuneConfig, run_finetune
 from fmct.eval.probe import ProbeConfig, run_probe
@@ -244,6 +245,28 @@ def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(t
     (run / "backbone" / "model.safetensors").write_bytes(hub.safetensors_bytes(
         {k: v + 1 for k, v in hub.load(run / "backbone").state_dict().items()}))
     assert main(["predict", "--model", str(out), "--out", str(tmp_path / "p"), str(tmp_path)]) == 2  # the backbone changed
+
+
+def test_a_probe_detector_rebuilds_the_feature_set_its_fit_chose(tmp_path):
+    """auto (the table's default), and two sets named outright: predict's Detector rebuilds each from the
+    backbone (cls | patch_mean | patch_max, in that order) and gives the probe's own test scores."""
+    store, _ = write_blob_store(tmp_path, n_scans=24, seed=3)
+    run = save_tiny_run(tmp_path / "run")
+    embed_store(run, store, tmp_path / "emb", progress=False)
+    for features in ("", "patch_max", "cls_mean_max"):
+        out = tmp_path / (features or "auto")
+        run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out,
+                  ProbeConfig(label_fractions=(1.0,), seeds=1, features=features, val_fraction=0.25, test_fraction=0.25))
+        predictions = read_predictions(out)
+        assert predictions.run["features"] == (features or "auto")
+        (chosen,) = {fit["features"] for fit in predictions.run["fits"]}
+        assert chosen in AUTO_CANDIDATES if not features else chosen == features
+        config = json.loads((out / "fits" / "fraction1-seed0" / "config.json").read_text())
+        assert config["feature"] == chosen == config["provenance"]["recipe"]["features"]
+        detector = Detector.from_pretrained(out)
+        assert detector.scorer.coef.shape == (1, 64 * len(FEATURE_SETS[chosen]))
+        columns = predictions.columns
+        np.testing.assert_allclose(_store_scores(detector, store, list(columns["scan_id"])), columns["score"], atol=1e-3)
 
 
 def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):

@@ -3,7 +3,8 @@
 Every fit of ``fmct probe`` (logistic) and ``fmct finetune`` is saved as a detector folder
 (``OUT/fits/<budget>-seed<k>/``), safetensors and JSON only::
 
-    config.json        flat: format, kind (probe | finetune), head, feature, findings, the backbone
+    config.json        flat: format, kind (probe | finetune), head, feature (a probe's feature set, as
+                       :data:`fmct.eval.embeddings.FEATURE_SETS` names it), findings, the backbone
                        reference, HU windows, model input size, the canonical grid and series selection
                        of the training store, per finding the calibration map and the operating points
                        chosen on the validation split, and provenance (data, labels, budget, seed,
@@ -54,9 +55,11 @@ from fmct.config import CanonicalConfig, IngestConfig, SelectionConfig, load_con
 from fmct.data.augment import embed_transform
 from fmct.errors import CheckpointError, InputError
 from fmct.eval.cohort import Cohort
+from fmct.eval.embeddings import FEATURE_SETS
 from fmct.eval.metrics import auroc, operating_point_at_specificity
 from fmct.fingerprint import file_sha256
 from fmct.models.classifier import Classifier
+from fmct.models.encode import scan_features
 from fmct.models.vit3d import ViT3D
 from fmct.store import Store
 
@@ -68,7 +71,7 @@ CARD_FILE = "README.md"
 BACKBONE_DIR = "backbone"
 FITS_DIR = "fits"
 OPERATING_POINTS = {"spec90": 0.90, "spec95": 0.95}  # name -> specificity reached on the validation split
-PROBE_FEATURES = ("cls", "patch_mean", "concat")
+PROBE_FEATURES = tuple(FEATURE_SETS)  # the feature sets a probe detector rebuilds from its backbone
 
 
 # ----------------------------------------------------------------------- calibration, thresholds
@@ -213,8 +216,10 @@ class ProbeScorer(nn.Module):
     """A frozen backbone and one logistic regression per finding on its standardised features:
     windowed volumes (B, C, D, H, W) -> scores (B, F), F = rows of ``coef``.
 
-    ``feature`` is ``cls``, ``patch_mean`` or ``concat`` (both, side by side), as ``fmct embed`` writes
-    them; ``mean``, ``scale``, ``coef`` are (F, C) and ``intercept`` (F,).
+    ``feature`` is a feature set of :data:`PROBE_FEATURES`: the backbone's pooled features
+    (:func:`fmct.models.encode.scan_features`, as ``fmct embed`` writes them) side by side in the order of
+    :data:`fmct.eval.embeddings.FEATURE_SETS` (``cls_mean_max``: ``cls`` | ``patch_mean`` | ``patch_max``);
+    ``mean``, ``scale``, ``coef`` are (F, C) and ``intercept`` (F,).
     """
 
     def __init__(self, backbone: ViT3D, feature: str, mean: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
@@ -227,11 +232,8 @@ class ProbeScorer(nn.Module):
             self.register_buffer(name, value.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(x)
-        cls, patch_mean = tokens["cls"].float(), tokens["patch"].float().mean(dim=1)
-        features = {"cls": cls, "patch_mean": patch_mean}.get(self.feature)
-        if features is None:
-            features = torch.cat([cls, patch_mean], dim=1)
+        pooled = scan_features(self.backbone.forward_features(x))
+        features = torch.cat([pooled[name] for name in FEATURE_SETS[self.feature]], dim=1)
         standardised = (features[:, None, :] - self.mean) / self.scale  # (B, F, C)
         return (standardised * self.coef).sum(dim=-1) + self.intercept
 

@@ -1,14 +1,16 @@
 """The classifiers that probe frozen features: logistic regression and cosine k-NN, each with its
-hyperparameter chosen on a validation split by AUROC. Used by ``fmct probe`` and by pretraining's
-online evaluation alike.
+hyperparameter chosen on a validation split by AUROC, and the choice among feature sets
+(:func:`choose_features`). Used by ``fmct probe`` and by pretraining's online evaluation alike.
 
 Features are (N, C) float arrays, labels (N,) 0/1 arrays.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Generic, Mapping, TypeVar
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -16,6 +18,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from fmct.eval.metrics import auroc
+
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # the logistic probe's inverse regularisations to choose among
 
 
 @dataclass
@@ -61,15 +65,6 @@ def fit_logistic_probe(
                          {"C": c, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"})
 
 
-def fit_logistic(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, x_eval: np.ndarray,
-    c_grid: tuple[float, ...],
-) -> tuple[np.ndarray, dict]:
-    """Scores (log-odds) of ``x_eval`` from :func:`fit_logistic_probe`, and ``{"C", "val_auroc", "chosen_on"}``."""
-    probe = fit_logistic_probe(x_train, y_train, x_val, y_val, c_grid)
-    return probe.decision_function(x_eval), probe.info
-
-
 def _knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, k: int, temperature: float) -> np.ndarray:
     k = min(k, len(x_train))
     similarity = x_query @ x_train.T
@@ -100,3 +95,46 @@ def fit_knn(
             best = (val_auc, k)
     val_auc, k = best
     return _knn_scores(x_train, y_train, x_eval, k, temperature), {"k": k, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"}
+
+
+Fit = TypeVar("Fit")
+
+
+@dataclass
+class FeatureChoice(Generic[Fit]):
+    """The feature set :func:`choose_features` kept: its ``name``, its ``fits`` (one per task, as the caller's
+    ``fit`` returned them), the mean validation AUROC of every candidate tried (``val_auroc``, NaN where no
+    fit of it could be scored on validation) and ``chosen_on``: ``val``, or ``default`` when no candidate
+    could be scored (the first candidate is kept)."""
+
+    name: str
+    fits: list[Fit]
+    val_auroc: dict[str, float]
+    chosen_on: str
+
+    def record(self) -> dict:
+        """The choice as run.json and a detector's provenance record it."""
+        return {"features": self.name, "features_val_auroc": self.val_auroc, "features_chosen_on": self.chosen_on}
+
+
+def choose_features(
+    candidates: Mapping[str, np.ndarray], fit: Callable[[np.ndarray], list[Fit]], val_auroc: Callable[[Fit], float],
+) -> FeatureChoice[Fit]:
+    """Fit every candidate feature set and keep the one whose fits score best on validation.
+
+    ``candidates``: {name: (N, C) features of every scan}, in order of preference (a tie keeps the earlier);
+    ``fit(x)``: the fits of one candidate's features ``x``, one per task (e.g. per finding), each choosing
+    its own hyperparameter on the validation split; ``val_auroc(f)``: the validation AUROC of fit ``f``
+    (NaN when its validation split lacks a class). A candidate's score is the mean validation AUROC of its
+    fits that could be scored. Nothing but the validation split decides: the evaluated scans are never seen.
+    """
+    best, scores = None, {}
+    for name, x in candidates.items():
+        fits = fit(x)
+        scored = [val_auroc(f) for f in fits if math.isfinite(val_auroc(f))]
+        scores[name] = float(np.mean(scored)) if scored else float("nan")
+        # Strictly better wins (a tie keeps the earlier); a scored candidate beats an unscored one.
+        if best is None or scores[name] > scores[best[0]] or (scored and math.isnan(scores[best[0]])):
+            best = (name, fits)
+    name, fits = best
+    return FeatureChoice(name, fits, scores, "val" if math.isfinite(scores[name]) else "default")

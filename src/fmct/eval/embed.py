@@ -6,7 +6,10 @@ What turns a scan into features (``--model``, see :func:`resolve_encoder`), and 
   architecture randomly initialised from ``init_seed`` and frozen (arm ``random-init``, a floor): the
   whole canonical volume resized to the model's input size and windowed into channels
   (:func:`fmct.data.embed_transform`, with the HU windows recorded with the (like) model or the defaults),
-  one forward pass, then the CLS token and the mean of the patch tokens (the probe builds ``concat``);
+  one forward pass (bf16 autocast on CUDA, fp32 on the CPU), then float32 features of embed_dim each: the
+  CLS token ``cls`` and the mean and per-channel maximum of the patch tokens, ``patch_mean`` and
+  ``patch_max`` (:func:`fmct.models.encode.encode`; the probe builds its feature sets from them, by default
+  ``auto``);
 - ``hu-histogram``: first-order HU features of the canonical volume itself (arm ``hu-histogram``, the
   radiomics floor; :mod:`fmct.eval.radiomics`), one feature ``first_order``.
 
@@ -47,15 +50,15 @@ from tqdm import tqdm
 from fmct import hub
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import save_config, to_dict
-from fmct.data import StoreVolumes
+from fmct.data import StoreVolumes, embed_transform
 from fmct.data.batches import read_hu_batches, to_device
 from fmct.errors import ConfigError, InputError, UsageError
 from fmct.distributed import DistEnv, all_reduce_sum, close_distributed, init_distributed
 from fmct.eval import radiomics
-from fmct.eval.embeddings import write_embeddings
+from fmct.eval.embeddings import AUTO, write_embeddings
 from fmct.fingerprint import weights_sha256
 from fmct.models import ViT3D
-from fmct.models.encode import encode
+from fmct.models.encode import FEATURES, encode
 from fmct.tables import rows_to_csv
 
 
@@ -110,8 +113,8 @@ class Encoder:
     ``encode`` maps int16 HU volumes (B, 1, X, Y, Z) on the device to float features ``{name: (B, C)}``.
     ``fingerprint`` is what decides the features (a chunk made with another is recomputed); the table's
     meta holds it and ``meta``. ``name`` and ``arm`` are the table's defaults, ``default_feature`` the
-    feature the probe reads unless told otherwise, ``not_finite_reason`` why a scan's features can be
-    NaN (such a scan is skipped with it).
+    feature set the probe reads unless told otherwise (:mod:`fmct.eval.embeddings`), ``not_finite_reason``
+    why a scan's features can be NaN (such a scan is skipped with it).
     """
 
     encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -119,7 +122,7 @@ class Encoder:
     arm: str
     fingerprint: dict
     meta: dict = field(default_factory=dict)
-    default_feature: str = "cls"
+    default_feature: str = AUTO
     not_finite_reason: str = "the forward pass gave non-finite features"
 
 
@@ -144,18 +147,18 @@ def resolve_encoder(model: str, like: str | None, config: EmbedConfig, device: t
 
 def _backbone_encoder(model: ViT3D, source: hub.ModelSource, arm: str, weights: dict, meta: dict,
                       config: EmbedConfig) -> Encoder:
-    """The encoder of a ViT: CLS and mean patch token (:func:`encode`); ``weights`` identifies its weights."""
+    """The encoder of a ViT: the whole volume resized and windowed, then its CLS, mean and max patch token
+    (:func:`encode`); ``weights`` identifies its weights."""
     forward_features = torch.compile(model.forward_features) if config.compile else model.forward_features
-
     windows = source.windows
 
     def features(hu: torch.Tensor) -> dict[str, torch.Tensor]:
-        cls, patch_mean = encode(model, hu, windows, forward_features)
-        return {"cls": cls, "patch_mean": patch_mean}
+        return encode(model, embed_transform(hu, model.config.img_size, windows), forward_features)
 
     device = next(model.parameters()).device
+    # "features": chunks written before patch_max lack it, so they are not reused.
     fingerprint = {**weights, "windows_hu": [list(w) for w in windows], "input_size": list(model.config.img_size),
-                   "precision": "bf16" if device.type == "cuda" else "fp32"}
+                   "precision": "bf16" if device.type == "cuda" else "fp32", "features": list(FEATURES)}
     return Encoder(features, source.name, arm, fingerprint, {**meta, "model_config": to_dict(model.config)})
 
 

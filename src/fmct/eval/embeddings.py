@@ -1,14 +1,22 @@
-"""The embeddings table written by ``fmct embed`` and read by ``fmct probe``.
+"""The embeddings table written by ``fmct embed`` and read by ``fmct probe``, and the feature sets a probe
+reads from it.
 
 An embeddings folder holds two files, both free of pickle:
 
 - ``embeddings.npz``: ``scan_id`` as a fixed-width unicode array (N,), and one float32 array (N, C) per
-  feature: for a backbone ``cls`` (the CLS token) and ``patch_mean`` (the mean of the patch tokens), from
-  which the probe builds ``concat``; for the HU histogram floor ``first_order`` (:mod:`fmct.eval.radiomics`).
-  Row i of every array belongs to ``scan_id[i]``.
+  feature: for a backbone ``cls`` (the CLS token), ``patch_mean`` and ``patch_max`` (the mean and the
+  per-channel maximum of the patch tokens; :mod:`fmct.models.encode`; tables written before ``patch_max``
+  lack it); for the HU histogram floor ``first_order`` (:mod:`fmct.eval.radiomics`). Row i of every array
+  belongs to ``scan_id[i]``.
 - ``embeddings.json``: the model identity and settings behind the features (e.g. ``model``, ``arm``,
-  checkpoint path and sha256, input size, and ``default_feature``: the feature a probe reads unless told
-  otherwise, ``cls`` when absent), copied by the probe into its ``run.json``.
+  checkpoint path and sha256, input size, and ``default_feature``: the feature set a probe reads unless
+  told otherwise, ``auto`` when absent), copied by the probe into its ``run.json``.
+
+A backbone's **feature sets** (:data:`FEATURE_SETS`) are its features side by side, in this order:
+``cls``, ``patch_mean``, ``patch_max`` alone, ``concat`` (``cls`` | ``patch_mean``, DINOv2's linear
+evaluation) and ``cls_mean_max`` (``cls`` | ``patch_mean`` | ``patch_max``). ``auto`` is no set of its
+own: the probe fits each of :data:`AUTO_CANDIDATES` and keeps the best on validation
+(:func:`fmct.eval.classifiers.choose_features`).
 """
 
 from __future__ import annotations
@@ -24,7 +32,16 @@ import numpy as np
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.errors import InputError
 
-FEATURE_NAMES = ("cls", "patch_mean")
+# Feature set -> the table's features, concatenated in this order (a probe detector rebuilds the same).
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "cls": ("cls",),
+    "patch_mean": ("patch_mean",),
+    "patch_max": ("patch_max",),
+    "concat": ("cls", "patch_mean"),
+    "cls_mean_max": ("cls", "patch_mean", "patch_max"),
+}
+AUTO = "auto"
+AUTO_CANDIDATES = ("cls", "concat", "cls_mean_max")  # smallest first: a tie on validation keeps the smaller
 
 
 @dataclass
@@ -37,16 +54,41 @@ class Embeddings:
 
     @property
     def default_feature(self) -> str:
-        """The feature a probe reads unless told otherwise: the meta's ``default_feature``, else ``cls``."""
-        return self.meta.get("default_feature") or "cls"
+        """The feature set a probe reads unless told otherwise: the meta's ``default_feature`` (``auto`` for a
+        backbone's table, ``first_order`` for the HU histogram's; ``cls`` in a table written before
+        ``auto``), else ``auto``."""
+        return self.meta.get("default_feature") or AUTO
 
     def feature_matrix(self, name: str) -> np.ndarray:
-        """(N, C) float64 features by name: any of the table's, or ``concat`` (``cls`` and ``patch_mean`` side by side)."""
-        if name == "concat":
-            return np.concatenate([self.feature_matrix(n) for n in FEATURE_NAMES], axis=1)
-        if name not in self.features:
-            raise InputError(f"embeddings hold no feature {name!r} (they hold: {', '.join(sorted(self.features))})")
-        return self.features[name].astype(np.float64)
+        """(N, C) float64 features of a feature set of :data:`FEATURE_SETS` (its features side by side) or
+        of any feature of the table by its name (e.g. ``first_order``). :class:`InputError` when the table
+        lacks one."""
+        names = FEATURE_SETS.get(name, (name,))
+        missing = [n for n in names if n not in self.features]
+        if missing:
+            made_before = " (a table written before fmct embed wrote it: embed again)" if missing == ["patch_max"] else ""
+            raise InputError(f"embeddings hold no feature {missing[0]!r}{made_before} (they hold: {', '.join(sorted(self.features))})")
+        return np.concatenate([self.features[n] for n in names], axis=1).astype(np.float64)
+
+    def candidates(self, name: str) -> tuple[dict[str, np.ndarray], str]:
+        """The feature sets a probe of ``name`` chooses among, ``{set: (N, C) float64}``, and a note on the
+        candidates left out ("" when none).
+
+        ``auto``: those of :data:`AUTO_CANDIDATES` the table holds every feature of (a table without
+        ``patch_max`` leaves out ``cls_mean_max``); any other name: that set or feature alone.
+        :class:`InputError` when there is none (``auto`` on the HU histogram's table).
+        """
+        if name != AUTO:
+            return {name: self.feature_matrix(name)}, ""
+        usable = [c for c in AUTO_CANDIDATES if set(FEATURE_SETS[c]) <= set(self.features)]
+        if not usable:
+            raise InputError(f"feature set {AUTO}: the embeddings hold none of a backbone's features (they hold: "
+                             f"{', '.join(sorted(self.features))}); name a feature with --features")
+        left_out = [c for c in AUTO_CANDIDATES if c not in usable]
+        note = (f"feature set {AUTO} left out {', '.join(left_out)}: the embeddings lack "
+                f"{', '.join(sorted({n for c in left_out for n in FEATURE_SETS[c]} - set(self.features)))}"
+                if left_out else "")
+        return {c: self.feature_matrix(c) for c in usable}, note
 
 
 def write_embeddings(

@@ -6,6 +6,15 @@ Methods:
 - ``knn``: cosine k-nearest neighbours; score = the exp(similarity / T)-weighted share of positives among
   the k nearest training scans (T = 0.07 as DINO's k-NN evaluation); k chosen on validation by AUROC.
 
+Features (``features``, :mod:`fmct.eval.embeddings`): one feature set of a backbone's table (``cls``,
+``patch_mean``, ``patch_max``, ``concat``, ``cls_mean_max``) or the HU histogram's ``first_order``; by
+default the table's own: ``auto`` for a backbone's. ``auto`` fits every candidate set (``cls``,
+``concat``, ``cls_mean_max``) per label budget and seed, all findings with their usual C (or k) search on
+the training subset, and keeps the set whose fits have the best mean validation AUROC over the findings
+(:func:`fmct.eval.classifiers.choose_features`; a tie keeps the smaller set). The choice is per (budget,
+seed) fit, made on the validation split only; each fit record of ``run.json`` and each detector folder
+record the chosen set, which ``fmct predict`` rebuilds.
+
 The attentive probe over patch tokens needs the tokens themselves, which the embeddings table does not
 hold; it belongs with ``finetune``.
 
@@ -32,9 +41,9 @@ from tqdm import tqdm
 from fmct import detector, hub, saliency
 from fmct.config import save_config, to_dict
 from fmct.errors import CheckpointError, ConfigError, InputError
-from fmct.eval.classifiers import LogisticProbe, fit_knn, fit_logistic_probe
+from fmct.eval.classifiers import C_GRID, LogisticProbe, choose_features, fit_knn, fit_logistic_probe
 from fmct.eval.cohort import EVALUATED_SPLITS, Budget, Cohort, CohortConfig, FitSummary, load_cohort
-from fmct.eval.embeddings import Embeddings, read_embeddings
+from fmct.eval.embeddings import AUTO, Embeddings, read_embeddings
 from fmct.eval.evaluate import write_predictions
 from fmct.fingerprint import file_sha256
 
@@ -44,8 +53,10 @@ METHODS = ("logistic", "knn")
 @dataclass
 class ProbeConfig(CohortConfig):
     method: str = "logistic"  # logistic | knn
-    features: str = ""  # cls | patch_mean | concat (a backbone's), first_order (the HU histogram's); empty: the table's default
-    c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    # auto | cls | patch_mean | patch_max | concat | cls_mean_max (a backbone's), first_order (the HU
+    # histogram's); empty: the table's default (auto for a backbone's)
+    features: str = ""
+    c_grid: tuple[float, ...] = C_GRID
     knn_k: tuple[int, ...] = (5, 10, 20, 50)
     knn_temperature: float = 0.07
     model: str = ""  # name in the predictions; empty: the embeddings' meta "model", else the folder name
@@ -79,9 +90,11 @@ def run_probe(
     out = Path(out)
     embeddings = read_embeddings(embeddings_path)
     feature = config.features or embeddings.default_feature
+    candidates, candidates_note = embeddings.candidates(feature)
     cohort = load_cohort(labels_spec, embeddings.scan_ids, f"the embeddings {embeddings_path}", config, store_path, rename)
-    embedded = {scan_id: i for i, scan_id in enumerate(embeddings.scan_ids)}
-    x = embeddings.feature_matrix(feature)[[embedded[s] for s in cohort.scan_ids]]
+    row_of = {scan_id: i for i, scan_id in enumerate(embeddings.scan_ids)}
+    embedded = [row_of[s] for s in cohort.scan_ids]
+    candidates = {name: x[embedded] for name, x in candidates.items()}  # row i: cohort scan i
     model_name = config.model or embeddings.meta.get("model") or Path(embeddings_path).name
     arm = config.arm or embeddings.meta.get("arm") or "pretrained"
 
@@ -91,17 +104,18 @@ def run_probe(
     labels_record = {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin))}
     store = store_path or embeddings.meta.get("store")
     target, no_detector = _detector_target(embeddings, feature, config, store)
-    notes = cohort.notes + ([f"no detector folders: {no_detector}"] if no_detector else [])
+    notes = cohort.notes + [note for note in (no_detector and f"no detector folders: {no_detector}", candidates_note) if note]
     _remove_earlier_detectors(out)
     predictions, fits, n_detectors = [], [], 0
     with tqdm(total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False) as progress:
         for seed in range(config.seeds):
             for budget in budgets:
+                choice = choose_features(candidates, lambda x: [_fit_one(x, cohort, f, budget, seed, config) for f in trainable],
+                                         lambda one: one[0]["val_auroc"])
                 models, finding_fits = {}, {}
-                for f in trainable:
-                    fit, finding_fits[f], models[f] = _fit_one(x, cohort, f, budget, seed, config)
-                    fits.append(fit)
-                    progress.update()
+                for f, (fit, finding_fits[f], models[f]) in zip(trainable, choice.fits):
+                    fits.append({**fit, **choice.record()})
+                progress.update(len(trainable))
                 # Thresholds and calibration set on validation, for the predictions and the detector alike.
                 summary = detector.summarise_fit(cohort, finding_fits)
                 for f, finding_fit in finding_fits.items():
@@ -109,8 +123,8 @@ def run_probe(
                                      **detector.prediction_columns(summary, cohort.findings[f], score)}
                                     for i, score in zip(finding_fit.eval_rows.tolist(), finding_fit.eval_scores)]
                 if target is not None:
-                    n_detectors += _save_detector(out / detector.FITS_DIR / f"{budget.name}-seed{seed}", target, cohort,
-                                                  models, summary, budget, seed, config, labels_record, store)
+                    n_detectors += _save_detector(out / detector.FITS_DIR / f"{budget.name}-seed{seed}", target, choice.record(),
+                                                  cohort, models, summary, budget, seed, config, labels_record, store)
 
     run = {
         "command": "probe", "config": to_dict(config), "model": model_name, "arm": arm, "features": feature,
@@ -157,14 +171,14 @@ def _remove_earlier_detectors(out: Path) -> None:
 
 def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
                      store: str | os.PathLike | None) -> tuple[dict | None, str]:
-    """What every detector of this run shares (backbone reference, windows, input size, grid), or None
-    and the reason no detector can be saved."""
+    """What every detector of this run shares (backbone reference, windows, input size, grid; not the
+    feature set, which ``auto`` chooses per fit), or None and the reason no detector can be saved."""
     model_path = embeddings.meta.get("model_path")
     if config.method != "logistic":
         return None, "k-NN probes are not saved as detectors (they would carry the training scans' features)"
     if not model_path:
         return None, "the embeddings are not of a model folder's backbone (the floors are baselines, not detectors)"
-    if feature not in detector.PROBE_FEATURES:
+    if feature != AUTO and feature not in detector.PROBE_FEATURES:
         return None, f"feature {feature!r} is not a backbone's"
     if store is None or not Path(store).is_dir():
         return None, f"the store the embeddings were made from is not found ({store or 'not recorded'}); pass --store"
@@ -178,15 +192,17 @@ def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
         grid = detector.store_grid(store)
     except InputError as error:
         return None, str(error)
-    return {"feature": feature, "backbone": detector.backbone_reference(source), "windows_hu": [list(w) for w in source.windows],
+    return {"backbone": detector.backbone_reference(source), "windows_hu": [list(w) for w in source.windows],
             "input_size": list(source.config.img_size), **grid}, ""
 
 
-def _save_detector(folder: Path, target: dict, cohort: Cohort, models: dict[int, LogisticProbe], summary: dict,
-                   budget: Budget, seed: int, config: ProbeConfig, labels_record: dict, store: str | os.PathLike) -> int:
+def _save_detector(folder: Path, target: dict, choice: dict, cohort: Cohort, models: dict[int, LogisticProbe],
+                   summary: dict, budget: Budget, seed: int, config: ProbeConfig, labels_record: dict,
+                   store: str | os.PathLike) -> int:
     """Save the logistic fits of one (budget, seed) (``summary``: :func:`fmct.detector.summarise_fit` of
-    them) as a detector folder; 1 when saved, 0 when no finding could be calibrated (its validation split
-    lacks a class)."""
+    them; ``choice``: :meth:`FeatureChoice.record` of their feature set) as a detector folder whose
+    ``feature`` is the chosen set; 1 when saved, 0 when no finding could be calibrated (its validation
+    split lacks a class)."""
     kept = [f for f in models if cohort.findings[f] in summary["per_finding"]]
     if not kept:
         return 0
@@ -199,11 +215,11 @@ def _save_detector(folder: Path, target: dict, cohort: Cohort, models: dict[int,
         "budget": {"label_fraction": budget.fraction, "shots": budget.shots},
         "scans_per_split": cohort.split_counts()["scans_per_split"], "ood_sites": list(config.ood_sites),
         "n_train": summary["n_train"], "metrics": summary["metrics"],
-        "recipe": {"method": "logistic", "feature": target["feature"], "C": {cohort.findings[f]: models[f].info["C"] for f in kept},
-                   "split_seed": config.split_seed},
+        "recipe": {"method": "logistic", **choice,
+                   "C": {cohort.findings[f]: models[f].info["C"] for f in kept}, "split_seed": config.split_seed},
     }
     detector.write_detector(folder, {
-        "kind": "probe", "head": "logistic", "findings": findings,
+        "kind": "probe", "head": "logistic", "feature": choice["features"], "findings": findings,
         "scorer_outputs": findings, **target, "per_finding": summary["per_finding"], "left_out": summary["left_out"],
         "provenance": provenance}, head)
     return 1

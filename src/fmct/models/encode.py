@@ -1,29 +1,42 @@
-"""Whole-scan features of a backbone: what ``fmct embed``, fine-tuning's evaluation and pretraining's
-online evaluation read from a ViT."""
+"""Whole-scan features of a backbone: what ``fmct embed``, a probe detector and pretraining's online
+evaluation read from a ViT.
+
+A scan's features are its backbone's output tokens pooled over the scan
+(:func:`fmct.models.classifier.pooled_features`, the one home of the pooling), each float32 (B, embed_dim)
+in the units of the backbone's final norm, named as the embeddings table names them (:data:`FEATURES`):
+``cls`` (the CLS token), ``patch_mean`` and ``patch_max`` (the mean and the maximum over the patch tokens,
+per channel). Register tokens are left out.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-from fmct.data.augment import embed_transform
 from fmct.devices import autocast
+from fmct.models.classifier import pooled_features
 from fmct.models.vit3d import ViT3D
+
+FEATURES = ("cls", "patch_mean", "patch_max")
+
+
+def scan_features(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The :data:`FEATURES` of a backbone's ``forward_features`` output (``cls`` (B, C), ``patch`` (B, N, C)),
+    each float32 (B, C); pooled in float32 whatever the tokens' precision. Differentiable."""
+    pooled = pooled_features({"cls": tokens["cls"].float(), "patch": tokens["patch"].float()})
+    return {"cls": pooled["cls"], "patch_mean": pooled["mean"], "patch_max": pooled["max"]}
 
 
 @torch.no_grad()
-def encode(
-    model: ViT3D, hu: torch.Tensor, windows: Sequence[tuple[float, float]],
-    forward_features: Callable[[torch.Tensor], dict] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS token and mean patch token, each float32 (B, embed_dim), of HU volumes (B, 1, X, Y, Z).
+def encode(model: ViT3D, x: torch.Tensor,
+           forward_features: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
+    """The :data:`FEATURES` (:func:`scan_features`), each float32 (B, embed_dim), of model inputs ``x``
+    (B, channels, *img_size): whole volumes resized and windowed (:func:`fmct.data.embed_transform`).
 
-    ``hu`` lies on the model's device; each volume is resized whole to the model's ``img_size`` and
-    windowed into channels (:func:`fmct.data.embed_transform`). ``forward_features`` replaces the
-    model's own (e.g. a compiled one).
+    The forward pass runs under :func:`fmct.devices.autocast` (bf16 on CUDA, fp32 on the CPU) on ``x``'s
+    device; ``forward_features`` replaces the model's own (e.g. a compiled one).
     """
-    x = embed_transform(hu, model.config.img_size, windows)
     with autocast(x.device):
         tokens = (forward_features or model.forward_features)(x)
-    return tokens["cls"].float(), tokens["patch"].float().mean(dim=1)
+    return scan_features(tokens)
