@@ -9,8 +9,12 @@ A predictions folder holds:
   ``split``: ``test`` (in-distribution test) or ``ood`` (test scan of a held-out site), other splits
   (train, val) may be present and are ignored; ``finding``; ``label`` 0/1; ``score`` (higher = more
   likely positive); ``model`` (a name); ``arm`` (``pretrained``; ``scratch``: the same architecture trained
-  from a random init; the floors ``random-init`` and ``hu-histogram`` of ``FLOORS``); ``label_fraction`` (share
-  of the training labels used, e.g. 0.01); ``seed`` (of the training subset and fit); and the optional
+  from a random init, fine-tuned like the pretrained one at the same label budgets; ``ceiling`` (``CEILING``):
+  the supervised ceiling, the same architecture from a random init fine-tuned on all the training labels
+  (label fraction 1) until early stopping ends it, written by ``fmct finetune --model scratch
+  --label-fractions 1 --arm ceiling``; the floors ``random-init`` and ``hu-histogram`` of ``FLOORS``);
+  ``label_fraction`` (share of the training labels used, e.g. 0.01); ``seed`` (of the training subset and
+  fit); and the optional
   ``shots`` (N positives and N negatives trained on; ``label_fraction`` is then empty).
   Optional columns (``OPTIONAL_COLUMNS``): ``probability`` (a calibrated probability in [0, 1]: the
   calibration plot uses it; without it, the logistic of the score, labelled uncalibrated) and
@@ -19,7 +23,10 @@ A predictions folder holds:
   set on the test set itself, labelled optimistic).
 - ``run.json``: the config and model identity behind the scores (embeddings or checkpoint path and its
   sha256, method, splits, the cohort table per site and split, the fits with their training-set sizes...).
-  ``evaluate`` and ``report`` copy it next to every number.
+  ``evaluate`` and ``report`` copy it next to every number. A fine-tuning fit records ``ended_by``
+  (``early_stopping`` or ``max_steps``), ``steps`` and ``best_step``: :func:`fit_endings` collects them
+  (``unknown`` where a fit does not say, as in folders written before it did), and the report warns of
+  every fit that the step cap ended rather than early stopping.
 
 Averaging over seeds
 --------------------
@@ -40,9 +47,20 @@ table. Its 95% CI and its two-sided p-value both come from its standard error ov
 patient-level bootstrap replicates (``metrics.bootstrap_difference_test``), so the CI excludes 0 exactly
 when p < 0.05. ``primary`` marks the comparisons the verdicts rest on (a pretrained system against a
 floor, or against its scratch twin); ``p_holm`` is Holm's adjustment over them (over every comparison
-when none is primary). :func:`arm_effects` reads them as pretrained - baseline:
-against the scratch twin (:func:`pretraining_effects`: what pretraining buys) and against each floor of
-``FLOORS`` (a pretrained arm clears a floor where the difference's CI lies above 0).
+but the ceiling's when none is primary: :func:`holm_family`). :func:`arm_effects` reads them as
+pretrained - baseline: against the scratch twin (:func:`pretraining_effects`: what pretraining buys) and
+against each floor of ``FLOORS`` (a pretrained arm clears a floor where the difference's CI lies above 0).
+
+The ceiling is compared across budgets: it exists at label fraction 1 only, and every pretrained system
+at every label budget is compared with it, on the scans both scored, same finding and site group. The row
+carries the pretrained system's budget (``label_fraction``, ``shots``, ``budget``); the ceiling side is
+the ceiling arm's rows at its largest label fraction. Seeds pair as everywhere else: not one to one
+(seed k of one arm and seed k of another are independent fits) but through the shared resampled
+patients: each side's AUROC is averaged over its own seeds in every bootstrap replicate, and the
+difference is taken of those averages. :func:`ceiling_effects` reads these rows as pretrained - ceiling.
+They are descriptive (how far below full supervision a pretrained model at fewer labels lies): never
+``primary``, never in Holm's family, so their ``p_holm`` is NaN. The ceiling is left out of the
+same-budget pairs (its rows at label fraction 1 are compared only as the ceiling).
 
 Operating points and calibration
 --------------------------------
@@ -88,7 +106,8 @@ P_VALUE_METHOD = (
     "paired patient-level bootstrap of the difference of seed-averaged AUROCs (the same resampled patients "
     "for both systems and every seed); CI = difference +- z x its bootstrap standard error and two-sided "
     "p = 2 (1 - Phi(|difference| / SE)), so the CI excludes 0 exactly when p < 1 - level; Holm's adjustment "
-    "across the primary comparisons (pretrained vs each floor and vs its scratch twin)"
+    "across the primary comparisons (pretrained vs each floor and vs its scratch twin); the comparisons with the "
+    "supervised ceiling are descriptive and not adjusted"
 )
 METRIC_NAMES = ("auroc", "auprc", "sens_at_spec90", "sens_at_spec95")
 # The floors every pretrained arm must beat (arm -> what it is), each probed like the pretrained backbone.
@@ -96,6 +115,12 @@ FLOORS = {
     "random-init": "the same architecture, randomly initialised and frozen",
     "hu-histogram": "first-order HU histogram and statistics of each scan",
 }
+# The supervised ceiling a pretrained arm at fewer labels is measured against (its arm name, and what it is).
+CEILING = "ceiling"
+CEILING_DESCRIPTION = "the same architecture from a random init, fine-tuned on all the training labels until early stopping"
+# How a fit ended (run.json ``fits[].ended_by``); UNKNOWN where the record does not say.
+ENDED_BY_MAX_STEPS = "max_steps"
+ENDED_BY_UNKNOWN = "unknown"
 ROC_GRID = np.linspace(0.0, 1.0, 101)
 
 
@@ -182,6 +207,31 @@ def training_sizes(predictions: Predictions) -> np.ndarray:
     ], dtype=np.float64)
 
 
+def fit_endings(runs: list[dict]) -> list[dict]:
+    """How each fit ended, per (model, arm, label_fraction, shots, seed) of each predictions folder: rows of
+    ``FIT_COLUMNS`` with ``ended_by`` (``early_stopping``; ``max_steps``: the step cap ended it; or
+    ``unknown`` where the fit record does not say: probe fits, and folders written before finetune recorded
+    it), ``steps`` and ``best_step`` (NaN where not recorded).
+
+    ``runs``: :attr:`Evaluation.runs` (``{"path", "run"}``); model and arm are run.json's.
+    """
+    endings: dict[tuple, dict] = {}
+    for entry in runs:
+        run = entry["run"]
+        for fit in run.get("fits") or []:
+            row = {"path": entry["path"], "model": str(run.get("model") or ""), "arm": str(run.get("arm") or ""),
+                   "label_fraction": _text(fit.get("label_fraction")), "shots": _text(fit.get("shots")),
+                   "seed": _text(fit.get("seed")), "ended_by": str(fit.get("ended_by") or ENDED_BY_UNKNOWN),
+                   "steps": _float(fit.get("steps")), "best_step": _float(fit.get("best_step"))}
+            # A probe records one fit per finding: the first of a (budget, seed) stands for them.
+            endings.setdefault(tuple(row[c] for c in FIT_COLUMNS[:6]), row)
+    return list(endings.values())
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
 def _number_key(value) -> str:
     """``0.1``, ``"0.1"`` and ``"0.10"`` alike (budgets and seeds as run.json and predictions.csv write them)."""
     if value is None or value == "":
@@ -245,13 +295,15 @@ class Evaluation:
     operating_points: list[dict] = field(default_factory=list)
     calibration: list[dict] = field(default_factory=list)
     cohorts: list[dict] = field(default_factory=list)
+    fits: list[dict] = field(default_factory=list)  # how each fit ended: fit_endings(runs)
 
 
 def evaluate(
     folders: list[str | os.PathLike], n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
 ) -> Evaluation:
     """Metrics per (model, arm, finding, budget, site group) with CIs, paired comparisons with Holm-adjusted
-    p-values, operating points, calibration and the cohort tables.
+    p-values (the pretrained systems against the ceiling included), operating points, calibration, the
+    cohort tables and how each fit ended (:func:`fit_endings`).
 
     Only rows of split ``test`` (group ID) and ``ood`` (group OOD) count. See the module docstring for
     how seeds are averaged and how pairs are compared.
@@ -270,8 +322,8 @@ def evaluate(
     settings = {"n_bootstrap": n_bootstrap, "seed": seed, "level": level, "min_per_class": M.MIN_PER_CLASS,
                 "p_value_method": P_VALUE_METHOD}
 
-    evaluation = Evaluation([], [], [], [{"path": str(p.path), "run": p.run} for p in loaded], settings,
-                            cohorts=cohort_tables(loaded))
+    runs = [{"path": str(p.path), "run": p.run} for p in loaded]
+    evaluation = Evaluation([], [], [], runs, settings, cohorts=cohort_tables(loaded), fits=fit_endings(runs))
     for finding in sorted(set(table["finding"])):
         for group in ("ID", "OOD"):
             part = (table["finding"] == finding) & (table["group"] == group)
@@ -286,21 +338,34 @@ def evaluate(
     return evaluation
 
 
-def with_holm(comparisons: list[dict]) -> list[dict]:
-    """The comparisons with ``p_holm``: Holm's adjustment of ``p_bootstrap`` over the family, the primary
-    comparisons (a pretrained system against a floor or its scratch twin, the ones the report's verdicts
-    rest on) when there is one, else every comparison. Not estimable ones have no p-value and are not in
-    the family; outside it ``p_holm`` is NaN (exploratory, unadjusted)."""
+def holm_family(comparisons: list[dict]) -> list[bool]:
+    """Which comparisons Holm's adjustment runs over: the primary ones (a pretrained system against a floor
+    or its scratch twin, the ones the report's verdicts rest on) when there is one, else every comparison
+    but those with the ceiling, which are descriptive and never in the family."""
     family = [bool(c.get("primary")) for c in comparisons]
     if not any(family):
-        family = [True] * len(comparisons)
+        family = [not is_ceiling_comparison(c) for c in comparisons]
+    return family
+
+
+def is_ceiling_comparison(comparison: dict) -> bool:
+    """Whether a comparison row is one with the supervised ceiling (``CEILING``)."""
+    return CEILING in (comparison["arm_a"], comparison["arm_b"])
+
+
+def with_holm(comparisons: list[dict]) -> list[dict]:
+    """The comparisons with ``p_holm``: Holm's adjustment of ``p_bootstrap`` over :func:`holm_family`. Not
+    estimable ones have no p-value and are not in the family; outside it ``p_holm`` is NaN (exploratory or
+    descriptive, unadjusted)."""
+    family = holm_family(comparisons)
     adjusted = M.holm([_float(c.get("p_bootstrap")) if member else float("nan") for c, member in zip(comparisons, family)])
     return [{**c, "p_holm": float(p)} for c, p in zip(comparisons, adjusted)]
 
 
 def _is_primary(a: tuple[str, str], b: tuple[str, str]) -> bool:
     """Whether systems ``a`` and ``b`` (model, arm) are a pretrained system and a floor, or a pretrained
-    model and its scratch twin (same model name): the pairs of :func:`arm_effects`."""
+    model and its scratch twin (same model name): the pairs of :func:`arm_effects` the verdicts rest on
+    (not the ceiling's, which are descriptive)."""
     (model_a, arm_a), (model_b, arm_b) = a, b
     arms = {arm_a, arm_b}
     return "pretrained" in arms and (bool(arms & set(FLOORS)) or (arms == {"pretrained", "scratch"} and model_a == model_b))
@@ -423,38 +488,55 @@ class _Cell:
         return rows
 
     def comparison_rows(self, level: float) -> list[dict]:
+        """Per budget: every pair of systems at that budget but the ceiling, then every pretrained system at
+        that budget against each ceiling system (at the ceiling's own budget, see the module docstring)."""
         rows = []
+        ceilings = self._ceilings()
         budgets = sorted({budget for _, budget in self.scores}, key=_budget_order)
         for budget in budgets:
-            systems = sorted({system for system, b in self.scores if b == budget}, key=_system_order)
-            for a, b in itertools.combinations(systems, 2):
-                key_a, key_b = (a, budget), (b, budget)
-                # Scans scored by every seed of both systems.
-                common = self.present[key_a].min(axis=0) * self.present[key_b].min(axis=0)
-                on = common > 0
-                if not on.any():
-                    continue
-                row = {
-                    "finding": self.finding, "group": self.group, "label_fraction": budget[0], "shots": budget[1],
-                    "budget": budget_name(*budget), "model_a": a[0], "arm_a": a[1], "model_b": b[0], "arm_b": b[1],
-                    "n_scans": int(on.sum()), "n_pos": int(np.sum(self.labels[on] == 1)),
-                    "n_neg": int(np.sum(self.labels[on] == 0)), "note": self._not_estimable(on) or "",
-                    "primary": _is_primary(a, b),
-                    **dict.fromkeys(("auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo", "auroc_diff_hi",
-                                     "p_bootstrap"), float("nan")),
-                }
-                if not row["note"]:
-                    auc_a, auc_b = (
-                        np.mean([M.auroc(self.labels, scores, self.weights * common) for scores in self.scores[key]], axis=0)
-                        for key in (key_a, key_b)
-                    )
-                    difference = auc_a - auc_b
-                    test = M.bootstrap_difference_test(float(difference[0]), difference[1:], level)
-                    row.update({"auroc_a": float(auc_a[0]), "auroc_b": float(auc_b[0]), "auroc_diff": float(difference[0]),
-                                "auroc_diff_se": test["se"], "auroc_diff_lo": test["low"], "auroc_diff_hi": test["high"],
-                                "p_bootstrap": test["p_value"]})
-                rows.append(row)
+            systems = sorted({system for system, b in self.scores if b == budget and system[1] != CEILING}, key=_system_order)
+            pairs = [((a, budget), (b, budget)) for a, b in itertools.combinations(systems, 2)]
+            pairs += [((system, budget), ceiling) for system in systems if system[1] == "pretrained" for ceiling in ceilings]
+            rows += [row for key_a, key_b in pairs if (row := self._comparison_row(key_a, key_b, level))]
         return rows
+
+    def _ceilings(self) -> list[tuple]:
+        """The key of each ceiling system: its rows at its largest label fraction (finetune writes 1)."""
+        budgets: dict[tuple, list] = {}
+        for system, budget in self.scores:
+            if system[1] == CEILING and not budget[1]:
+                budgets.setdefault(system, []).append(budget)
+        return [(system, max(budgets[system], key=lambda b: float(b[0]))) for system in sorted(budgets, key=_system_order)]
+
+    def _comparison_row(self, key_a: tuple, key_b: tuple, level: float) -> dict | None:
+        """System ``a`` against ``b`` (keys (system, budget); the row names ``a``'s budget) on the scans every
+        seed of both scored: seed-averaged AUROCs, their difference with its paired-bootstrap CI and p-value.
+        None when they share no scan."""
+        (a, budget), (b, _) = key_a, key_b
+        common = self.present[key_a].min(axis=0) * self.present[key_b].min(axis=0)
+        on = common > 0
+        if not on.any():
+            return None
+        row = {
+            "finding": self.finding, "group": self.group, "label_fraction": budget[0], "shots": budget[1],
+            "budget": budget_name(*budget), "model_a": a[0], "arm_a": a[1], "model_b": b[0], "arm_b": b[1],
+            "n_scans": int(on.sum()), "n_pos": int(np.sum(self.labels[on] == 1)),
+            "n_neg": int(np.sum(self.labels[on] == 0)), "note": self._not_estimable(on) or "",
+            "primary": _is_primary(a, b),
+            **dict.fromkeys(("auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo", "auroc_diff_hi",
+                             "p_bootstrap"), float("nan")),
+        }
+        if not row["note"]:
+            auc_a, auc_b = (
+                np.mean([M.auroc(self.labels, scores, self.weights * common) for scores in self.scores[key]], axis=0)
+                for key in (key_a, key_b)
+            )
+            difference = auc_a - auc_b
+            test = M.bootstrap_difference_test(float(difference[0]), difference[1:], level)
+            row.update({"auroc_a": float(auc_a[0]), "auroc_b": float(auc_b[0]), "auroc_diff": float(difference[0]),
+                        "auroc_diff_se": test["se"], "auroc_diff_lo": test["low"], "auroc_diff_hi": test["high"],
+                        "p_bootstrap": test["p_value"]})
+        return row
 
     def operating_point_rows(self, level: float) -> list[dict]:
         """Sensitivity, specificity, PPV and NPV at each target specificity of ``OPERATING_POINTS``."""
@@ -553,10 +635,10 @@ def _budget_order(budget: tuple[str, str]) -> tuple:
 
 
 def _system_order(system: tuple[str, str]) -> tuple:
-    # Pretrained arms first, then any other arm, scratch, the floors: differences read "pretrained - scratch",
-    # "pretrained - random-init", "scratch - hu-histogram".
+    # Pretrained arms first, then any other arm, scratch, the ceiling, the floors: differences read
+    # "pretrained - scratch", "pretrained - ceiling", "pretrained - random-init", "scratch - hu-histogram".
     model, arm = system
-    ranks = {"pretrained": 0, "scratch": 2, **{floor: 3 + i for i, floor in enumerate(FLOORS)}}
+    ranks = {"pretrained": 0, "scratch": 2, CEILING: 3, **{floor: 4 + i for i, floor in enumerate(FLOORS)}}
     return (ranks.get(arm, 1), model, arm)
 
 
@@ -588,13 +670,14 @@ OPERATING_POINT_COLUMNS = [*_ROW_KEYS, "note", "target_specificity", "threshold_
 CALIBRATION_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "probability_source",
                        "bin_low", "bin_high", "n_scans", "mean_probability", "observed_rate"]
 ROC_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "fpr", "tpr"]
+FIT_COLUMNS = ["path", "model", "arm", "label_fraction", "shots", "seed", "ended_by", "steps", "best_step"]
 
 
 def arm_effects(comparisons: list[dict], baseline_arm: str, same_model: bool = False) -> list[dict]:
     """Every estimable comparison of a pretrained system with a ``baseline_arm`` system (of the same model
     name when ``same_model``), turned to read pretrained - baseline: ``model, baseline_model, finding, group,
-    budget, label_fraction, diff, low, high, p_bootstrap, p_holm`` (AUROC difference, its paired-bootstrap CI
-    and p-values)."""
+    budget, label_fraction, shots, diff, low, high, p_bootstrap, p_holm`` (AUROC difference, its
+    paired-bootstrap CI and p-values; the budget is the pretrained system's)."""
     effects = []
     for c in comparisons:
         if {c["arm_a"], c["arm_b"]} != {"pretrained", baseline_arm} or (same_model and c["model_a"] != c["model_b"]):
@@ -607,8 +690,8 @@ def arm_effects(comparisons: list[dict], baseline_arm: str, same_model: bool = F
         low, high = sorted((sign * float(c["auroc_diff_lo"]), sign * float(c["auroc_diff_hi"])))
         effects.append({
             "model": model, "baseline_model": baseline_model, "finding": c["finding"], "group": c["group"],
-            "budget": c["budget"], "label_fraction": c["label_fraction"], "diff": sign * float(c["auroc_diff"]),
-            "low": low, "high": high, "p_bootstrap": float(c["p_bootstrap"]), "p_holm": _float(c.get("p_holm")),
+            "budget": c["budget"], "label_fraction": c["label_fraction"], "shots": c["shots"],
+            "diff": sign * float(c["auroc_diff"]), "low": low, "high": high, "p_bootstrap": float(c["p_bootstrap"]), "p_holm": _float(c.get("p_holm")),
         })
     return effects
 
@@ -618,15 +701,23 @@ def pretraining_effects(comparisons: list[dict]) -> list[dict]:
     return arm_effects(comparisons, "scratch", same_model=True)
 
 
+def ceiling_effects(comparisons: list[dict]) -> list[dict]:
+    """How far below full supervision: :func:`arm_effects` of every pretrained system, at each of its label
+    budgets, against the supervised ceiling (``CEILING``, trained on all the labels), pretrained - ceiling.
+    Descriptive: ``p_holm`` is NaN (not in Holm's family)."""
+    return arm_effects(comparisons, CEILING)
+
+
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> None:
-    """Write ``metrics.csv``, ``comparisons.csv``, ``operating_points.csv``, ``calibration.csv``, ``roc.csv``
-    and ``metrics.json`` (everything but the ROC points) into ``out``."""
+    """Write ``metrics.csv``, ``comparisons.csv``, ``operating_points.csv``, ``calibration.csv``, ``roc.csv``,
+    ``fits.csv`` (how each fit ended) and ``metrics.json`` (everything but the ROC points) into ``out``."""
     out = Path(out)
     atomic_write_text(out / "metrics.csv", rows_to_csv(evaluation.metrics, METRIC_COLUMNS))
     atomic_write_text(out / "comparisons.csv", rows_to_csv(evaluation.comparisons, COMPARISON_COLUMNS))
     atomic_write_text(out / "operating_points.csv", rows_to_csv(evaluation.operating_points, OPERATING_POINT_COLUMNS))
     atomic_write_text(out / "calibration.csv", rows_to_csv(evaluation.calibration, CALIBRATION_COLUMNS))
     atomic_write_text(out / "roc.csv", rows_to_csv(evaluation.roc, ROC_COLUMNS))
+    atomic_write_text(out / "fits.csv", rows_to_csv(evaluation.fits, FIT_COLUMNS))
     document = {
         "settings": evaluation.settings,
         "runs": evaluation.runs,
@@ -635,13 +726,14 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike) -> None:
         "comparisons": evaluation.comparisons,
         "operating_points": evaluation.operating_points,
         "calibration": evaluation.calibration,
+        "fits": evaluation.fits,
     }
     atomic_write_text(out / "metrics.json", json.dumps(_json_safe(document), indent=2))
 
 
 def read_evaluation(folder: str | os.PathLike) -> Evaluation:
     """Read what :func:`write_evaluation` wrote (a folder from before operating points and calibration
-    existed reads with those empty)."""
+    existed reads with those empty; one from before the fit endings, with them told from its runs)."""
     folder = Path(folder)
     try:
         document = json.loads((folder / "metrics.json").read_text())
@@ -652,7 +744,8 @@ def read_evaluation(folder: str | os.PathLike) -> Evaluation:
     except (OSError, ValueError) as error:
         raise InputError(f"{folder}: not an evaluation folder ({error})") from None
     return Evaluation(document["metrics"], document["comparisons"], roc, document["runs"], document["settings"],
-                      document.get("operating_points", []), document.get("calibration", []), document.get("cohorts", []))
+                      document.get("operating_points", []), document.get("calibration", []), document.get("cohorts", []),
+                      document["fits"] if "fits" in document else fit_endings(document["runs"]))
 
 
 def _json_safe(value):

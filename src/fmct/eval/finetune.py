@@ -184,8 +184,10 @@ def _train_one(
 
     row_batches = balanced_batches(subsets, config.batch_size, config.max_steps, np.random.default_rng([seed, 7]))
     best = {"val_auroc": float("nan"), "step": 0, "state": None}
-    checks_without_gain, losses, step = 0, [], 0
+    checks_without_gain, losses, step, ended_by = 0, [], 0, "max_steps"
     reader = scans.batches(row_batches)
+    # Early stopping usually ends a fit long before max_steps: the bar's total is the cap, its postfix the state.
+    progress = tqdm(total=config.max_steps, desc="  steps", unit="step", leave=False)
     try:
         classifier.train()
         for step, (rows, batch) in enumerate(zip(row_batches, reader), start=1):
@@ -205,10 +207,13 @@ def _train_one(
             torch.nn.utils.clip_grad_norm_([p for p in classifier.parameters() if p.requires_grad], config.grad_clip)
             optimizer.step()
             losses.append(loss.detach())
+            progress.update()
             if step % config.eval_every == 0 or step == config.max_steps:
                 logits_val, failed = scans.predict(classifier, val_rows)
                 usable = np.array([r not in failed for r in val_rows.tolist()], dtype=bool)
                 value = _validation_auroc(logits_val, val_labels, usable)
+                progress.set_postfix(loss=f"{float(torch.stack(losses[-config.eval_every:]).mean()):.3f}",
+                                     val_auroc=f"{value:.3f}", best=f"{best['val_auroc']:.3f}@{best['step']}")
                 classifier.train()
                 if math.isnan(value):
                     continue  # no validation finding with both classes: train to the end
@@ -219,13 +224,15 @@ def _train_one(
                 else:
                     checks_without_gain += 1
                     if checks_without_gain >= config.patience:
+                        ended_by = "early_stopping"
                         break
     finally:
+        progress.close()
         reader.close()
     if best["state"] is not None:
         classifier.load_state_dict(best["state"], strict=False)
     return {
-        "steps": step, "best_step": best["step"] if best["state"] is not None else step,
+        "steps": step, "ended_by": ended_by, "best_step": best["step"] if best["state"] is not None else step,
         "val_auroc": best["val_auroc"], "chosen_on": "val" if best["state"] is not None else "last",
         "final_train_loss": float(torch.stack(losses[-config.eval_every:]).mean()) if losses else float("nan"),
     }

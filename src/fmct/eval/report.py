@@ -2,14 +2,18 @@
 clinician-researcher who decides whether a detector is worth a prospective study.
 
 Sections (each an ``<h2 id=...>``, listed in :data:`SECTIONS` and in the page's table of contents):
-``summary`` (what was evaluated; whether the pretrained arms clear each floor of
-:data:`fmct.eval.evaluate.FLOORS`, and what pretraining buys over scratch), ``cohort`` (scans, patients,
+``summary`` (what was evaluated; a warning for every fine-tuned fit that the step cap ended before early
+stopping did; whether the pretrained arms clear each floor of :data:`fmct.eval.evaluate.FLOORS`, what
+pretraining buys over scratch, and per finding the supervised ceiling of :data:`fmct.eval.evaluate.CEILING`
+with the pretrained arms' gap to it at their smallest label budget), ``cohort`` (scans, patients,
 prevalence per finding and scanner per site and split), ``metrics`` (AUROC, AUPRC, sensitivity at 90% /
 95% specificity and ECE with CIs; "not estimable" below 5 positives or negatives), ``roc``,
-``label-efficiency`` (AUROC against the number of labelled training scans, log scale, CI bands),
+``label-efficiency`` (AUROC against the number of labelled training scans, log scale, CI bands; the
+ceiling as a dashed horizontal line),
 ``operating-points`` (sensitivity, specificity, PPV, NPV at 90% / 95% specificity, saying where each
 threshold was chosen), ``calibration`` (reliability diagrams with ECE), ``id-vs-ood``, ``comparisons``
-(paired AUROC differences: bootstrap CI, raw and Holm-adjusted p), ``examples`` (slices with saliency of
+(paired AUROC differences: bootstrap CI, raw and Holm-adjusted p; those with the ceiling apart, descriptive),
+``examples`` (slices with saliency of
 true and false positives, when the predictions folder has them), ``learning-curves`` (pretraining logs),
 ``methods`` and ``provenance`` (every run.json, collapsed).
 
@@ -39,11 +43,13 @@ from fmct.errors import InputError
 from fmct.eval import metrics as M
 from fmct.eval.cohort import NOT_RECORDED
 from fmct.eval.evaluate import (
-    FLOORS, GROUPS, OPERATING_POINTS, PROBABILITY_COLUMN, THRESHOLD_ON_TEST, THRESHOLD_ON_VALIDATION, Evaluation,
-    arm_effects, budget_name, evaluate, pretraining_effects, read_evaluation, read_predictions, with_holm,
+    CEILING, CEILING_DESCRIPTION, ENDED_BY_MAX_STEPS, FLOORS, GROUPS, OPERATING_POINTS, PROBABILITY_COLUMN,
+    THRESHOLD_ON_TEST, THRESHOLD_ON_VALIDATION, Evaluation, arm_effects, budget_name, ceiling_effects, evaluate,
+    holm_family, is_ceiling_comparison, pretraining_effects, read_evaluation, read_predictions, with_holm,
 )
 from fmct.eval.report_figures import (
-    as_float, figures as draw_figures, largest_budget, learning_curve_figure, number, png, read_training_log, system_name,
+    CEILING_LABEL, as_float, budget_text, figures as draw_figures, largest_budget, learning_curve_figure, number, png,
+    read_training_log, system_name,
 )
 
 SECTIONS = {
@@ -108,7 +114,7 @@ def load_evaluation(folders: list[str | os.PathLike], n_bootstrap: int = 1000, s
     if predictions:
         evaluated.append(evaluate(predictions, n_bootstrap=n_bootstrap, seed=seed))
     merged = {name: [row for e in evaluated for row in getattr(e, name)]
-              for name in ("metrics", "comparisons", "roc", "runs", "operating_points", "calibration", "cohorts")}
+              for name in ("metrics", "comparisons", "roc", "runs", "operating_points", "calibration", "cohorts", "fits")}
     merged["comparisons"] = with_holm(merged["comparisons"])
     return Evaluation(settings=evaluated[0].settings, **merged)
 
@@ -268,13 +274,15 @@ def _budgets(rows: list[dict]) -> list[tuple[str, str]]:
 
 # --------------------------------------------------------------------------------------- summary
 def _summary(evaluation: Evaluation, level: int) -> list[str]:
-    """The report's first section: the test sets, whether the pretrained arms clear each floor and what
-    pretraining buys (one sentence each), then every such difference in one table."""
-    lines = [_heading("summary"), *_test_sets(evaluation)]
+    """The report's first section: the test sets, the fits the step cap ended, whether the pretrained arms
+    clear each floor and what pretraining buys (one sentence each), the ceiling per finding, then every
+    such difference in one table."""
+    lines = [_heading("summary"), *_test_sets(evaluation), *_cut_fits(evaluation)]
     arms = {row["arm"] for row in evaluation.metrics}
     for floor, what in FLOORS.items():
         lines.append(_floor_verdict(evaluation.comparisons, floor, what, arms, level))
     lines += _pretraining_summary(evaluation.comparisons, level)
+    lines += _ceiling_summary(evaluation, level)
     return lines + _effects_table(evaluation, level)
 
 
@@ -296,6 +304,24 @@ def _test_sets(evaluation: Evaluation) -> list[str]:
         lines.append(f"<p class='note'>{not_estimable} of {len(evaluation.metrics)} metric rows are <b>not estimable</b> "
                      f"(fewer than {M.MIN_PER_CLASS} positive or negative test scans) and show no AUROC.</p>")
     return lines
+
+
+def _fit_name(fit: dict) -> str:
+    """A fit as the report names it: ``vit (ceiling), label fraction 1.0, seed 0``."""
+    return f"{system_name(fit)}, {budget_text(fit['label_fraction'], fit['shots'])}, seed {fit['seed']}"
+
+
+def _cut_fits(evaluation: Evaluation) -> list[str]:
+    """A warning line for each fine-tuned fit that ``max_steps`` ended (not early stopping): its weights are
+    those of a model still learning, so it understates what its arm reaches."""
+    cut = [f for f in evaluation.fits if f["ended_by"] == ENDED_BY_MAX_STEPS]
+    if not cut:
+        return []
+    items = "".join(f"<li>{_esc(_fit_name(f))} was cut by max_steps at {number(f['steps'], 0)} steps: not a converged "
+                    "baseline</li>" for f in cut)
+    return [f"<div class='note'><b>{len(cut)} fine-tuned fit(s) ended at the step cap, not by early stopping</b> "
+            f"(fmct finetune --max-steps): the validation AUROC had still improved within the early-stopping patience, so "
+            f"these models were still learning.<ul>{items}</ul></div>"]
 
 
 def _holm_count(effects: list[dict]) -> str:
@@ -353,14 +379,62 @@ def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
     return [f"<p>{text}.</p>"]
 
 
+def _ceiling_summary(evaluation: Evaluation, level: int) -> list[str]:
+    """Per finding, one paragraph on the supervised ceiling: its AUROC [CI] per site group, and each
+    pretrained arm's gap to it (pretrained - ceiling, paired CI) at the smallest label budget compared;
+    before them, a ceiling fit that the step cap ended flagged as not a valid ceiling. Without a ceiling
+    arm, one sentence saying so."""
+    ceilings = [r for r in evaluation.metrics if r["arm"] == CEILING]
+    if not ceilings:
+        return [f"<p><b>No supervised ceiling in this evaluation</b> ({_esc(CEILING_DESCRIPTION)}; arm {CEILING}, "
+                "from <code>fmct finetune --model scratch --label-fractions 1 --arm ceiling</code>).</p>"]
+    lines = []
+    cut = [f for f in evaluation.fits if f["arm"] == CEILING and f["ended_by"] == ENDED_BY_MAX_STEPS]
+    if cut:
+        lines.append(f"<p class='note'><b>Not a valid ceiling</b>: {_esc('; '.join(_fit_name(f) for f in cut))} ended at "
+                     "the step cap, not by early stopping, so it may lie below what all the labels reach and every gap "
+                     "to it below is understated. Fine-tune it again with a larger --max-steps.</p>")
+    effects = ceiling_effects(evaluation.comparisons)
+    for finding in sorted({r["finding"] for r in ceilings}):
+        mine = [r for r in ceilings if r["finding"] == finding]
+        budget = largest_budget(mine)
+        mine = [r for r in mine if (r["label_fraction"], r["shots"]) == budget]
+        reached = "; ".join(f"{_esc(system_name(r))} {r['group']} "
+                            + (_not_estimable(r["note"]) if r.get("note") else _esc(_with_ci(r, "auroc"))) for r in mine)
+        n_train = as_float(mine[0].get("n_train"))
+        scans = f", {n_train:.0f} labelled scans" if n_train == n_train else ""
+        text = (f"<b>Supervised ceiling, {_esc(finding)}</b> ({_esc(CEILING_DESCRIPTION)}; {_esc(budget_text(*budget))}"
+                f"{scans}): AUROC [{level}% CI] {reached}.")
+        gaps = [e for e in effects if e["finding"] == finding]
+        if gaps:
+            smallest = min(gaps, key=lambda e: _budget_size(e["budget"]))
+            at = [e for e in gaps if e["budget"] == smallest["budget"]]
+            below = sum(1 for e in at if e["high"] < 0)
+            each = "; ".join(f"{e['model']} {e['group']} {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]" for e in at)
+            text += (f" The pretrained arms' gap to it at {_esc(budget_text(smallest['label_fraction'], smallest['shots']))} "
+                     f"(AUROC difference pretrained - ceiling, {level}% paired-bootstrap CI on the same test scans; "
+                     f"descriptive, not in Holm's family): {_esc(each)}. Below the ceiling (CI under 0) at {below} of {len(at)}.")
+        else:
+            text += " No pretrained arm was compared with it (no shared test scans with enough positives and negatives)."
+        lines.append(f"<p>{text}</p>")
+    return lines
+
+
+def _budget_size(budget: str) -> tuple[bool, float]:
+    """The order of budget names: label fractions by size, then shots by size."""
+    return budget.endswith("shots"), float(budget.split()[0])
+
+
 def _effects_table(evaluation: Evaluation, level: int) -> list[str]:
     """Every pretrained - baseline difference as one table: a row per (pretrained system, baseline,
-    finding, group), a column per label budget; green where the CI lies above 0, red below."""
-    effects = [dict(e, baseline=baseline) for baseline in FLOORS for e in arm_effects(evaluation.comparisons, baseline)]
-    effects += [dict(e, baseline="scratch") for e in pretraining_effects(evaluation.comparisons)]
+    finding, group), a column per label budget (the pretrained system's); green where the CI lies above 0,
+    red below. Baselines in the order of the tables: scratch, the ceiling, the floors."""
+    effects = [dict(e, baseline="scratch") for e in pretraining_effects(evaluation.comparisons)]
+    effects += [dict(e, baseline=CEILING) for e in ceiling_effects(evaluation.comparisons)]
+    effects += [dict(e, baseline=baseline) for baseline in FLOORS for e in arm_effects(evaluation.comparisons, baseline)]
     if not effects:
         return []
-    budgets = sorted({e["budget"] for e in effects}, key=lambda b: (b.endswith("shots"), float(b.split()[0])))
+    budgets = sorted({e["budget"] for e in effects}, key=_budget_size)
     cells: dict[tuple, dict] = {}
     for e in effects:
         cells.setdefault((e["model"], e["baseline_model"], e["baseline"], e["finding"], e["group"]), {})[e["budget"]] = e
@@ -379,7 +453,8 @@ def _effects_table(evaluation: Evaluation, level: int) -> list[str]:
         rows.append(row)
     return [f"<h3>AUROC difference, pretrained - baseline [{level}% CI], by label budget</h3>",
             "<p class='muted'><span class='up'>green</span>: CI above 0 (pretrained better); <span class='down'>red</span>: "
-            "CI below 0 (baseline better); <b>bold</b>: Holm-adjusted p &lt; 0.05. Details in "
+            "CI below 0 (baseline better); <b>bold</b>: Holm-adjusted p &lt; 0.05. Against the ceiling (trained on all the "
+            "labels), each label budget of the pretrained system; descriptive, never bold. Details in "
             "<a href='#comparisons'>paired comparisons</a>.</p>",
             _table(["pretrained vs baseline", "finding", "group", *[f"labels {b}" for b in budgets]], rows,
                    numeric=set(range(3, 3 + len(budgets))))]
@@ -552,10 +627,10 @@ def _id_vs_ood(evaluation: Evaluation) -> list[str]:
 
 
 def _comparisons(evaluation: Evaluation, level: int) -> list[str]:
-    # Holm's family (fmct.eval.evaluate.with_holm): the primary comparisons, or all of them when none is primary.
-    everything = not any(c.get("primary") for c in evaluation.comparisons)
-    primary = [c for c in evaluation.comparisons if everything or c.get("primary")]
-    others = [c for c in evaluation.comparisons if not (everything or c.get("primary"))]
+    family = holm_family(evaluation.comparisons)
+    primary = [c for c, member in zip(evaluation.comparisons, family) if member]
+    ceiling = [c for c, member in zip(evaluation.comparisons, family) if not member and is_ceiling_comparison(c)]
+    others = [c for c, member in zip(evaluation.comparisons, family) if not (member or is_ceiling_comparison(c))]
     family = sum(1 for c in primary if math.isfinite(as_float(c.get("p_holm"))))
     n_bootstrap = evaluation.settings.get("n_bootstrap")
     lines = [_heading("comparisons"),
@@ -565,6 +640,11 @@ def _comparisons(evaluation: Evaluation, level: int) -> list[str]:
              f"p &lt; {1 - level / 100:.2f}. <b>Holm</b>: adjusted over the {family} comparisons of this table "
              "(family-wise error rate); rely on a difference whose Holm p is below 0.05 (bold).</p>"]
     lines += _comparison_tables(primary, level, holm=True)
+    if ceiling:
+        lines.append(f"<p><b>Against the supervised ceiling</b> (b: {_esc(CEILING_DESCRIPTION)}; a: each pretrained "
+                     "system at the label budget shown, on the same test scans). Descriptive: p not adjusted, not in "
+                     "Holm's family.</p>")
+        lines += _comparison_tables(ceiling, level, holm=False)
     if others:
         lines.append(f"<details><summary>{len(others)} other pairs (exploratory: p not adjusted, not in Holm's family)"
                      "</summary>" + "".join(_comparison_tables(others, level, holm=False)) + "</details>")
@@ -660,7 +740,7 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes], examples: lis
         *_figure_section("label-efficiency", figures, "label_efficiency_",
                          "<p>AUROC against the number of labelled scans the detector was trained on (log scale), one panel "
                          f"per system: its line with the {level}% CI band, the other systems in grey behind it; the dotted "
-                         "line is chance.</p>",
+                         f"line is chance; the dashed line, where there is one, the supervised ceiling ({_esc(CEILING_LABEL)}).</p>",
                          "Only one label budget was evaluated: no curve to draw."),
         *_operating_points(evaluation, level),
         *_calibration(evaluation, figures),

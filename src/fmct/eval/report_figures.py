@@ -19,12 +19,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib import ticker  # noqa: E402
 
-from fmct.eval.evaluate import PROBABILITY_COLUMN, Evaluation  # noqa: E402
+from fmct.eval.evaluate import CEILING, PROBABILITY_COLUMN, Evaluation  # noqa: E402
 
 DPI = 110
 PANEL = (5.0, 4.4)  # inches per ID/OOD panel
 COLOURS = plt.get_cmap("tab10").colors
 MIN_BIN_SCANS = 5  # a reliability bin with fewer scans (per seed) is drawn hollow and not joined
+CEILING_LABEL = "ceiling (scratch, all labels)"  # the supervised ceiling's dashed line in the label-efficiency figure
 
 
 def png(figure) -> bytes:
@@ -73,20 +74,21 @@ def _colours(rows: list[dict]) -> dict[str, tuple]:
     return {system: COLOURS[i % len(COLOURS)] for i, system in enumerate(dict.fromkeys(system_name(r) for r in rows))}
 
 
-def _budget_text(fraction: str, shots: str) -> str:
+def budget_text(fraction: str, shots: str) -> str:
+    """A label budget in words: ``label fraction 0.1`` or ``16 shots``."""
     return f"{shots} shots" if shots else f"label fraction {fraction}"
 
 
 def figures(evaluation: Evaluation) -> dict[str, bytes]:
-    """Per finding with an estimable row: ``roc_<finding>``, ``label_efficiency_<finding>`` (when more than
-    one budget) and ``calibration_<finding>``."""
+    """Per finding with an estimable row: ``roc_<finding>``, ``label_efficiency_<finding>`` (when the systems
+    drawn as curves, all but the ceiling, have more than one budget) and ``calibration_<finding>``."""
     drawn = {}
     for finding in sorted({r["finding"] for r in evaluation.metrics}):
         rows = _estimable(evaluation, finding)
         if not rows:
             continue
         drawn[f"roc_{finding}"] = png(roc_figure(evaluation, finding, rows))
-        if len({(r["label_fraction"], r["shots"]) for r in rows}) > 1:
+        if len({(r["label_fraction"], r["shots"]) for r in rows if r["arm"] != CEILING}) > 1:
             drawn[f"label_efficiency_{finding}"] = png(label_efficiency_figure(finding, rows))
         if evaluation.calibration:
             drawn[f"calibration_{finding}"] = png(calibration_figure(evaluation, finding, rows))
@@ -110,7 +112,7 @@ def roc_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
         ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
         some = next(iter(cells.values()), None)
         counts = f"\n{some['n_pos']} positive / {some['n_neg']} negative scans" if some else ""
-        ax.set(title=f"{finding}, {group} ({_budget_text(fraction, shots)}){counts}", xlabel="1 - specificity",
+        ax.set(title=f"{finding}, {group} ({budget_text(fraction, shots)}){counts}", xlabel="1 - specificity",
                ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
@@ -126,8 +128,14 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
     panel, so no band hides another).
 
     Label fractions are solid lines, N-shot budgets (balanced: N positives and N negatives) dashed. Where
-    run.json does not record the training-set sizes, the x axis is the label fraction instead.
+    run.json does not record the training-set sizes, the x axis is the label fraction instead. The
+    supervised ceiling (arm ``CEILING``: one budget, all the labels) is no panel of its own but a dashed
+    horizontal line at its AUROC across every panel of its site group, labelled :data:`CEILING_LABEL`.
     """
+    ceilings = [r for r in rows if r["arm"] == CEILING]
+    if ceilings:
+        ceilings = [r for r in ceilings if (r["label_fraction"], r["shots"]) == largest_budget(ceilings)]
+    rows = [r for r in rows if r["arm"] != CEILING]
     by_count = all(math.isfinite(as_float(r.get("n_train"))) for r in rows)
     groups, colours = _groups(rows), _colours(rows)
     systems = list(colours)
@@ -136,6 +144,7 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
     figure, axes = plt.subplots(len(groups) * lines_per_group, columns, squeeze=False, sharex=True, sharey=True,
                                 figsize=(2.5 * columns + 0.4, 2.4 * len(groups) * lines_per_group + 0.4))
     lowest = min([as_float(r["auroc_lo"]) for r in rows if math.isfinite(as_float(r["auroc_lo"]))] or [0.5])
+    several_ceilings = len({r["model"] for r in ceilings}) > 1
     budgets = sorted({as_float(r["n_train"]) if by_count else float(r["label_fraction"])
                       for r in rows if by_count or not r["shots"]})
 
@@ -174,6 +183,12 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
             ax.xaxis.set_minor_locator(ticker.NullLocator())
             ax.set_ylim(min(0.45, lowest - 0.02), 1.0)
             ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1)
+            for ceiling in (r for r in ceilings if r["group"] == group):
+                label = f"{ceiling['model']} {CEILING_LABEL}" if several_ceilings else CEILING_LABEL
+                level = as_float(ceiling["auroc"])
+                ax.axhline(level, color="0.2", linestyle="--", linewidth=1.1, zorder=4, label=label)
+                ax.text(0.02, level, f"{label}: {level:.3f}", transform=ax.get_yaxis_transform(), fontsize=6.5,
+                        color="0.2", va="bottom", zorder=4)
             ax.grid(alpha=0.3, which="major")
             ax.xaxis.set_tick_params(labelbottom=True)  # every panel keeps its scale, also above an empty place
             ax.set_title(f"{system}\n{finding}, {group}", fontsize=8.5)
@@ -215,7 +230,7 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
                            s=[10 + 250 * b["n_scans"] / max(1.0, row["n_scans"]) for b in members], facecolors=face,
                            edgecolors=colours[system], alpha=0.75, linewidths=0.8)
         ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfect calibration")
-        ax.set(title=f"{finding}, {group} ({_budget_text(fraction, shots)})", xlabel="predicted probability (bin mean)",
+        ax.set(title=f"{finding}, {group} ({budget_text(fraction, shots)})", xlabel="predicted probability (bin mean)",
                ylabel="observed share of positives", xlim=(0, 1), ylim=(-0.02, 1.02))
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
