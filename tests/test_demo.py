@@ -3,8 +3,8 @@ closing summary on evaluated predictions of every arm."""
 
 import pytest
 
-from fmct.cli import _demo_summary, main
-from fmct.config import DemoConfig
+from fmct.cli import main
+from fmct.demo import DemoConfig, demo_summary
 from fmct.eval.evaluate import evaluate, write_evaluation, write_predictions
 from test_report import signal_predictions
 
@@ -18,7 +18,7 @@ def test_demo_summary_shows_the_floors_and_a_verdict_per_floor(tmp_path):
     rows = signal_predictions(systems, n=160, fractions=("0.5", "1.0"), splits=("test", "ood"))
     write_predictions(tmp_path / "pred", rows, {})
     write_evaluation(evaluate([tmp_path / "pred"], n_bootstrap=200), tmp_path / "evaluation")
-    printed = _demo_summary(tmp_path / "evaluation", DemoConfig(findings="ich"))
+    printed = demo_summary(tmp_path / "evaluation", DemoConfig(findings="ich"))
     for arm in ARMS:
         assert f"\n{arm:34} ID " in printed and f"\n{arm:34} OOD " in printed
     assert "ich: pretrained linear probe - random-init floor, AUROC difference [95% CI]" in printed
@@ -31,7 +31,8 @@ def test_demo_summary_shows_the_floors_and_a_verdict_per_floor(tmp_path):
 def test_reduced_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     overrides = [
-        "n_scans=36", "matrix=128", "seeds=1", "label_fractions=0.5,1", "finetune_steps=6", "finetune_batch_size=4",
+        "n_scans=36", "matrix=128", "seeds=1", "label_fractions=0.5,1", "finetune_label_fractions=0.5",
+        "finetune_max_steps=6", "finetune_eval_every=3", "finetune_patience=1", "finetune_batch_size=4",
         "findings=ich,hydrocephalus",
         "pretrain=[optim.epoch_length=5, optim.epochs=2, optim.batch_size=4, engine.checkpoint_every=5]",
         "pretrain_stop_at_step=4",
@@ -47,8 +48,9 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]
     for section in ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
         assert f"<h2 id='{section}'>" in html
-    for arm in ARMS:
+    for arm in (*ARMS, "vit (ceiling)"):
         assert arm in printed
+    assert "the supervised ceiling (scratch, all training labels, early-stopped)" in printed
     for floor in ("random-init", "hu-histogram"):
         assert f"pretrained linear probe vs {floor}: " in printed
         assert f"the {floor} floor" in html[html.index("<h2 id='summary'>") : html.index("<h2 id='roc'>")]

@@ -12,7 +12,7 @@ import textwrap
 from functools import cached_property, partial
 from pathlib import Path
 
-from fmct.config import DEMO_SCALES
+from fmct.demo import DEMO_SCALES
 from fmct.errors import FmctError, UsageError
 
 
@@ -261,9 +261,11 @@ def _probe_parser(sub) -> None:
     _add_budget_args(parser, "probe")
     _add_saliency_examples_arg(parser)
     parser.add_argument(
-        "--features", choices=["cls", "patch_mean", "concat", "first_order"],
-        help="columns of the table: cls (CLS token), patch_mean (mean patch token), concat (both), first_order "
-             "(the HU histogram's) (default: the table's own, cls for a backbone, first_order for hu-histogram)",
+        "--features", choices=["auto", "cls", "patch_mean", "patch_max", "concat", "cls_mean_max", "first_order"],
+        help="feature set of the table: cls (CLS token), patch_mean / patch_max (mean / max patch token), concat "
+             "(cls | patch_mean), cls_mean_max (cls | patch_mean | patch_max), first_order (the HU histogram's); auto: "
+             "per budget and seed, the one of cls, concat, cls_mean_max with the best mean validation AUROC "
+             "(default: the table's own, auto for a backbone, first_order for hu-histogram)",
     )
     parser.add_argument(
         "--method", choices=["logistic", "knn"],
@@ -418,10 +420,11 @@ def _pretrain_run(args) -> int:
 # ------------------------------------------------------------------------------------------- embed
 def _embed_parser(sub) -> None:
     parser = _add_verb(
-        sub, "embed", "features of every scan of a store: a backbone's (CLS, mean patch token) or a floor's; resumes",
+        sub, "embed", "features of every scan of a store: a backbone's (CLS, mean and max patch token) or a floor's; resumes",
         "fmct embed --model run --store store --out emb --batch-size 8",
-        about="One row of features per scan of a store. RUN|DIR: a pretrained backbone's CLS and mean patch "
-              "token (arm pretrained). The two floors every pretrained model must beat, probed like any embeddings: "
+        about="One row of features per scan of a store. RUN|DIR: a pretrained backbone's CLS token and the mean and "
+              "max of its patch tokens (cls, patch_mean, patch_max; arm pretrained). The two floors every pretrained "
+              "model must beat, probed like any embeddings: "
               "`--model scratch --like RUN` (the same architecture, randomly initialised and frozen; arm random-init) "
               "and `--model hu-histogram` (share of head voxels in 41 bins of 5 HU from -50 to 150 HU, and mean, SD "
               "and percentiles of HU within 0..100 HU; fmct.eval.radiomics; arm hu-histogram).",
@@ -472,7 +475,8 @@ def _finetune_parser(sub) -> None:
     parser.add_argument("--labels", required=True, help="labels CSV (README: The labels file), or [cq500:|rsna:|generic:]FILE")
     parser.add_argument("--out", required=True, help="predictions folder (finished fits in it are reused)")
     parser.add_argument(
-        "--head", choices=["linear", "attentive"], help="linear: on the CLS token; attentive: one learned query over the patch tokens",
+        "--head", choices=["linear", "pooled", "attentive"],
+        help="linear: on the CLS token; pooled: on the CLS, mean and max of the patch tokens; attentive: one learned query over the patch tokens",
     )
     parser.add_argument(
         "--trainable-blocks", type=int, help="train only the last k blocks and the final norm (0: frozen backbone; -1: all blocks)",
@@ -596,156 +600,14 @@ def _demo_parser(sub) -> None:
         "--scale", choices=sorted(DEMO_SCALES), default="small",
         help="small: a 2-core laptop, under 10 minutes; large: a GPU",
     )
-    _add_config_args(parser, "n_scans=400 seeds=3 (the keys of fmct.config.DemoConfig)")
+    _add_config_args(parser, "n_scans=400 seeds=3 (the keys of fmct.demo.DemoConfig)")
     parser.set_defaults(run=_demo_run)
 
 
 def _demo_run(args) -> int:
-    """Each stage is one public verb; each resumes, so re-running the demo continues where it stopped."""
-    from fmct.config import DemoConfig, load_config, save_config
+    from fmct.demo import load_demo_config, run_demo
 
-    config = load_config(DemoConfig, args.config, DEMO_SCALES[args.scale] + args.overrides)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "demo.yaml")
-    cohort, store, run = out / "cohort", out / "store", out / "pretrain"
-    labels = str(cohort / "labels.csv")
-    workers = str(config.workers)
-    split = ["--ood-sites", config.ood_sites, "--findings", config.findings, "--seeds", str(config.seeds)]
-    budgets = ["--label-fractions", config.label_fractions]
-    # Every arm splits the same scans the same way, by patient, the held-out site test-only.
-    split_config = ["use_split_column=false", f"test_fraction={config.test_fraction}"]
-    embed = ["embed", "--store", str(store), "--workers", workers]
-    probe = ["probe", "--labels", labels, "--store", str(store), *split, *budgets]
-    finetune = [
-        "finetune", "--store", str(store), "--labels", labels, *split, *budgets, "--workers", workers,
-        "--max-steps", str(config.finetune_steps), "--batch-size", str(config.finetune_batch_size), "--name", "vit",
-    ]
-    # The pretrained arm: the shipped foundation checkpoint, or (when none is named) the demo's own run.
-    foundation = config.foundation_model or str(run)
-    pretrain = ["pretrain", "--store", str(store), "--out", str(run), "--config", config.pretrain_config,
-                f"engine.seed={config.seed}", f"data.labels={labels}", f"data.exclude_sites=[{config.ood_sites}]",
-                *config.pretrain]
-
-    def embed_and_probe(model: list[str], suffix: str, name: str, arm: str) -> list[list[str]]:
-        """Embed with ``model`` into ``embeddings<suffix>``, then probe into ``probe<suffix>`` as ``name`` (``arm``)."""
-        embeddings = str(out / f"embeddings{suffix}")
-        return [[*embed, *model, "--out", embeddings],
-                [*probe, "--embeddings", embeddings, "--out", str(out / f"probe{suffix}"), "--model", name, "--arm", arm,
-                 *split_config]]
-
-    stages = [
-        ["synth", "--out", str(cohort), "--n", str(config.n_scans), "--sites", config.sites, "--format", "dicom",
-         "--seed", str(config.seed), "--workers", workers, "--matrix", str(config.matrix)],
-        ["ingest", str(cohort / "dicom"), "--out", str(store), "--workers", workers,
-         f"canonical.shape=[{config.store_shape},{config.store_shape},{config.store_shape}]",
-         f"canonical.spacing_mm={config.store_spacing_mm}"],
-        # The demo's own short pretraining shows the verb: stopped half-way, then resumed by the same
-        # command. The held-out site stays unseen by pretraining too: its scans test generalisation only.
-        [*pretrain, f"engine.stop_at_step={config.pretrain_stop_at_step}"],
-        pretrain,
-        *embed_and_probe(["--model", foundation], "", "vit-linear-probe", "pretrained"),
-        # The floors every pretrained arm must beat, embedded and probed like the pretrained backbone.
-        *embed_and_probe(["--model", "scratch", "--like", foundation], "_random_init", "vit-linear-probe", "random-init"),
-        *embed_and_probe(["--model", "hu-histogram"], "_hu_histogram", "hu-histogram", "hu-histogram"),
-        [*finetune, "--model", foundation, "--out", str(out / "finetune_pretrained"), "--arm", "pretrained", *split_config],
-        [*finetune, "--model", "scratch", "--like", foundation, "--out", str(out / "finetune_scratch"), "--arm", "scratch",
-         *split_config],
-        ["evaluate", "--predictions", str(out / "probe"), str(out / "probe_random_init"), str(out / "probe_hu_histogram"),
-         str(out / "finetune_pretrained"), str(out / "finetune_scratch"), "--out", str(out / "evaluation")],
-        ["report", str(out / "evaluation"), "--out", str(out / "report.html"), "--pretraining", foundation],
-    ]
-    for stage in stages:
-        print(f"\n== fmct {' '.join(stage)}", flush=True)
-        status = main(stage)
-        if status != 0:
-            print(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume", file=sys.stderr)
-            return status
-    print(_demo_summary(out / "evaluation", config))
-    if config.foundation_model:
-        print(f"\nThe pretrained arm is the shipped checkpoint {config.foundation_model} (pretrained on other synthetic "
-              f"heads, never on site {config.ood_sites}); the demo's own pretraining in {run} only shows the verb and "
-              f"its resume and is not evaluated.")
-    print(f"\nreport: {(out / 'report.html').resolve()}")
-    return 0
-
-
-def _demo_summary(evaluation_dir: Path, config) -> str:
-    """For the first finding: AUROC [95% CI] of each arm per label fraction, in- and out-of-distribution,
-    then the paired pretrained - scratch differences of the fine-tuned twins, and the paired differences of
-    the pretrained linear probe from each floor with a verdict line per floor."""
-    from fmct.eval.evaluate import FLOORS, arm_effects, pretraining_effects, read_evaluation
-
-    evaluation = read_evaluation(evaluation_dir)
-    finding = config.findings.split(",")[0]
-    rows = [row for row in evaluation.metrics if row["finding"] == finding and row["label_fraction"]]
-    fractions = sorted({row["label_fraction"] for row in rows}, key=float)
-    cells = {(row["model"], row["arm"], row["group"], row["label_fraction"]): row for row in rows}
-    lines = [f"\n{finding}: AUROC [95% CI] by share of training labels",
-             f"{'model (arm)':34} {'group':5} " + " ".join(f"{f:>20}" for f in fractions)]
-    for model, arm in sorted({(row["model"], row["arm"]) for row in rows}, key=lambda system: (system[1] in FLOORS, system)):
-        for group in ("ID", "OOD"):
-            row_cells = []
-            for fraction in fractions:
-                row = cells.get((model, arm, group, fraction))
-                if row is None:
-                    row_cells.append("-")
-                elif row["auroc"] is None:  # fewer than 5 positives or 5 negatives
-                    row_cells.append("not estimable")
-                else:
-                    row_cells.append(f"{row['auroc']:.3f} [{row['auroc_lo']:.2f},{row['auroc_hi']:.2f}]")
-            lines.append(f"{model + ' (' + arm + ')':34} {group:5} " + " ".join(f"{c:>20}" for c in row_cells))
-
-    def of(effects: list[dict], model: str) -> list[dict]:
-        """The effects of ``model`` on the summary's finding, by group then label fraction."""
-        return sorted((e for e in effects if e["finding"] == finding and e["model"] == model),
-                      key=lambda e: (e["group"], float(e["label_fraction"] or 0)))
-
-    def difference(e: dict) -> str:
-        return (f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  "
-                f"p={e['p_bootstrap']:.3f} (Holm {e['p_holm']:.3f})")
-
-    lines.append(f"\n{finding}: pretrained - scratch (fine-tuned), AUROC difference [95% CI], paired bootstrap p")
-    effects = of(pretraining_effects(evaluation.comparisons), "vit")
-    lines += [difference(e) for e in effects]
-    better = [f"{e['group']} at {e['label_fraction']}" for e in effects if e["low"] > 0]
-    lines.append(
-        f"  pretraining is significantly better at: {', '.join(better)}" if better
-        else "  at no budget is the pretrained model significantly better than scratch on this run"
-    )
-    # The claim, checked at the smallest label fraction: fine-tuned beats scratch, probe beats each floor.
-    low_budget = fractions[0] if fractions else None
-    checks = [("fine-tuned from the pretrained model beats scratch", effects)]
-    for floor in FLOORS:
-        lines.append(f"\n{finding}: pretrained linear probe - {floor} floor, AUROC difference [95% CI], paired bootstrap p")
-        floor_effects = of(arm_effects(evaluation.comparisons, floor), "vit-linear-probe")
-        lines += [difference(e) for e in floor_effects]
-        cleared = [f"{e['group']} {e['label_fraction']} [{e['low']:+.3f}, {e['high']:+.3f}]" for e in floor_effects if e["low"] > 0]
-        lines.append(f"  pretrained linear probe vs {floor}: "
-                     + (f"clears it (95% CI above 0) at {', '.join(cleared)}" if cleared else "clears it at no budget on this run"))
-        checks.append((f"the pretrained linear probe beats the {floor} floor", floor_effects))
-    lines += _claim_lines(finding, low_budget, checks, evaluation.metrics)
-    return "\n".join(lines)
-
-
-def _claim_lines(finding: str, fraction: str | None, checks: list[tuple[str, list[dict]]], metrics: list[dict]) -> list[str]:
-    """The demo's claim at label fraction ``fraction``, ID and OOD, each part met (paired 95% CI above 0) or
-    not, with its figure; and the test splits it was judged on (scans, positives)."""
-    sizes = {row["group"]: row for row in metrics if row["finding"] == finding}
-    lines = [f"\nThe claim at {fraction} of the training labels ({finding}; test splits: "
-             + ", ".join(f"{g} {sizes[g]['n_scans']} scans, {sizes[g]['n_pos']} positive" for g in ("ID", "OOD") if g in sizes)
-             + "):"]
-    met_all = True
-    for what, effects in checks:
-        for group in ("ID", "OOD"):
-            effect = next((e for e in effects if e["group"] == group and e["label_fraction"] == fraction), None)
-            met = effect is not None and effect["low"] > 0
-            met_all &= met
-            figure = f"{effect['diff']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]" if effect else "not evaluated"
-            lines.append(f"  {'MET    ' if met else 'NOT MET'} {group:4} {what}: {figure}")
-    lines.append("  the claim holds on this run" if met_all
-                 else "  the claim does NOT hold on this run: pretraining does not pay here (see the figures above)")
-    return lines
+    return run_demo(load_demo_config(args.config, args.scale, args.overrides), Path(args.out), run_verb=main)
 
 
 # In the order of the data flow, as `fmct --help` lists them.

@@ -148,56 +148,6 @@ def _require_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be {' or '.join(repr(c) for c in choices)}, got {getattr(config, name)!r}")
 
 
-# --------------------------------------------------------------------------------------------- demo
-@dataclass
-class DemoConfig:
-    """``fmct demo``: the whole data flow on a synthetic multi-site cohort, sized for a 2-core laptop.
-
-    The defaults take under 10 minutes on 2 CPU cores; ``--scale large`` (:data:`DEMO_SCALES`) is a
-    GPU-sized run. Every stage is a public verb and resumes, so a re-run continues where it stopped.
-    """
-
-    n_scans: int = 360  # cases cycle through the sites: 240 in-distribution (A, B), 120 held out (C)
-    sites: str = "A,B,C"
-    ood_sites: str = "C"  # held out: its scans are test-only, the out-of-distribution set
-    # Share of the in-distribution scans in the test split (by patient; the cohort's own split column is
-    # not used): 0.45 of 240 gives an ID test split of about 108 scans, about 36 of them with a bleed.
-    test_fraction: float = 0.45
-    matrix: int = 128  # DICOM matrix of the synthetic series (2 mm pixels, finer than the 3 mm store)
-    workers: int = 2
-    seed: int = 0
-    store_shape: int = 64  # canonical cube, voxels per side
-    store_spacing_mm: float = 3.0  # 64 x 3 mm = the same 192 mm field of view as the 128 x 1.5 mm default
-    # The pretrained arm: a shipped checkpoint (pretrained on other synthetic heads, never on site C) or
-    # empty for the demo's own pretraining run. The demo's own run always happens, to show the verb.
-    foundation_model: str = "fmct-synth-tiny"
-    pretrain_config: str = "pretrain_demo"  # a config shipped in fmct/configs, or a YAML path
-    pretrain: list[str] = field(default_factory=list)  # overrides on top of it, e.g. optim.epochs=20
-    pretrain_stop_at_step: int = 15  # the first pretrain call stops here; the second resumes it
-    label_fractions: str = "0.1,0.3,1"
-    seeds: int = 2
-    # Findings common enough to have test positives at every site (the rest are rarer).
-    findings: str = "ich,midline_shift"
-    finetune_steps: int = 25
-    finetune_batch_size: int = 12
-
-    def __post_init__(self) -> None:
-        if self.n_scans < 20 or not 0 < self.test_fraction < 1 or min(self.seeds, self.workers, self.finetune_steps) < 1:
-            raise ConfigError("n_scans must be >= 20, test_fraction in (0, 1), seeds, workers and finetune_steps >= 1")
-
-
-# Presets for ``fmct demo --scale``: overrides applied before the user's own.
-DEMO_SCALES: dict[str, list[str]] = {
-    "small": [],
-    "large": [
-        "n_scans=2000", "test_fraction=0.2", "matrix=512", "workers=8", "store_shape=128", "store_spacing_mm=1.5",
-        "foundation_model=", "pretrain_config=pretrain_demo_large",
-        "label_fractions=0.01,0.1,0.3,1", "seeds=5", "findings=ich,iph,ivh,sdh,edh,sah,infarct,"
-        "hydrocephalus,atrophy,mass,midline_shift,fracture", "finetune_steps=400", "finetune_batch_size=32",
-    ],
-}
-
-
 # ---------------------------------------------------------------------------------------- machinery
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
     """Build config ``cls`` from defaults, then the YAML file ``path``, then ``key=value`` overrides.

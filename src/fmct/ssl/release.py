@@ -22,6 +22,7 @@ from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
 from fmct.atomic import atomic_write_text
 
 RECIPE_FILE = "recipe.yaml"
+METHOD_NAMES = {"dino": "DINO + iBOT + KoLeo", "mae": "masked autoencoding, MAE"}
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -75,19 +76,27 @@ def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, 
     seconds = wall_seconds(records, global_batch)
     parameters = sum(t.numel() for t in hub.load(run_dir / BACKBONE_DIR).state_dict().values())
     last = [r for r in records if "loss" in r][-1]
+    method = METHOD_NAMES[config.get("method", "dino")]
+    stem = model.get("stem_channels") or []
+    embedding = (f"a convolutional stem ({', '.join(map(str, stem))} channels, {len(stem)} stages each halving the grid) "
+                 "makes one token per patch" if stem else "a linear patch embedding")
+    losses = ", ".join(f"{key.removesuffix('_loss')} {last[key]:.3f}" for key in sorted(last) if key.endswith("_loss"))
+    collapse = (f"; teacher head-output cosine between scans {last['teacher_cosine']:.3f} (1 = collapsed), teacher entropy "
+                f"{last.get('teacher_entropy', float('nan')):.3f} nats" if "teacher_cosine" in last else "")
     return f"""# {name}
 
-A self-supervised 3D ViT backbone for head CT from `fmct pretrain` (DINO + iBOT + KoLeo), pretrained on
+A self-supervised 3D ViT backbone for head CT from `fmct pretrain` ({method}), pretrained on
 **synthetic** head CT only. It exists so that fmct's demo, tests and tutorials have a real foundation
 checkpoint to fine-tune and probe; it is not a clinical model.
 
 ## Model
-- ViT3D: {model['depth']} blocks, width {model['embed_dim']}, {model['n_heads']} heads, patch {model['patch_size']} voxels,
+- ViT3D: {embedding}; {model['depth']} blocks, width {model['embed_dim']}, {model['n_heads']} heads, patch {model['patch_size']} voxels,
   input {model['img_size']} voxels of {len(config['augment']['windows'])} HU windows
   {config['augment']['windows']} (level, width), {model['n_registers']} register token(s); {parameters:,} parameters.
 - Expects the canonical grid of fmct's demo stores: 64^3 voxels of 3 mm (RAS), the whole volume
   resized to the input size (`fmct embed` and `fmct finetune` do so).
-- Features: the CLS token (`--features cls`) and the mean patch token.
+- Features: the CLS token and the mean and max of the patch tokens (`fmct embed` writes all three;
+  `fmct probe` chooses CLS, CLS + mean or CLS + mean + max on the validation split).
 
 ## Data
 {data}
@@ -96,13 +105,12 @@ checkpoint to fine-tune and probe; it is not a clinical model.
 - Config: `{RECIPE_FILE}` (the resolved config of the run; the source is `fmct/configs/pretrain_synth_tiny.yaml`).
 - Reproduce: `{command}`
 - {steps:,} steps x {global_batch} volumes = {steps * global_batch:,} volume passes; {seconds / 60:.0f} min of training on {machine}.
-- Last logged losses: total {last['loss']:.3f}, DINO {last.get('dino_loss', float('nan')):.3f}, iBOT {last.get('ibot_loss', float('nan')):.3f},
-  KoLeo {last.get('koleo_loss', float('nan')):.3f}; teacher head-output cosine between scans {last.get('teacher_cosine', float('nan')):.3f}
-  (1 = collapsed), teacher entropy {last.get('teacher_entropy', float('nan')):.3f} nats.
+- Last logged losses: total {last['loss']:.3f} ({losses}){collapse}.
 
 ## Online evaluation during pretraining
-Teacher CLS features of a separate labelled synthetic validation cohort (never its test split), fitted
-on one half and scored on the other, split by patient; step 0 is the random initialisation. Small
+The backbone's features (the teacher's, for DINO) of a separate labelled synthetic validation cohort
+(never its test split): k-NN on the CLS token, and `fmct probe`'s linear probe with its feature choice,
+fitted on one half and scored on the other, split by patient; step 0 is the random initialisation. Small
 halves (about 78 scans each): differences under about 0.1 AUROC are noise.
 
 {online_curve_table(records)}
