@@ -137,12 +137,26 @@ def package(run_dir: Path, out_dir: Path, name: str, data: str, command: str, ma
     """Copy the run's backbone, log and config into ``out_dir`` and write its model card; return ``out_dir``."""
     backbone = hub.resolve_model_dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for file in (hub.WEIGHTS_FILE, hub.CONFIG_FILE):
-        shutil.copyfile(backbone / file, out_dir / file)
+    shutil.copyfile(backbone / hub.WEIGHTS_FILE, out_dir / hub.WEIGHTS_FILE)
     shutil.copyfile(run_dir / LOG_FILE, out_dir / LOG_FILE)
-    shutil.copyfile(run_dir / CONFIG_FILE, out_dir / RECIPE_FILE)
+    # A shipped folder leaves the machine: the run's folders (a name may be a patient's) become bare names.
+    config = json.loads((backbone / hub.CONFIG_FILE).read_text())
+    atomic_write_text(out_dir / hub.CONFIG_FILE, json.dumps(without_machine_paths(config), indent=2))
+    recipe = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    atomic_write_text(out_dir / RECIPE_FILE, yaml.safe_dump(without_machine_paths(recipe), sort_keys=False))
     atomic_write_text(out_dir / "README.md", model_card(name, run_dir, data, command, machine, results))
     return out_dir
+
+
+def without_machine_paths(value):
+    """``value`` (JSON-like) with every absolute path string replaced by its last component."""
+    if isinstance(value, dict):
+        return {key: without_machine_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_machine_paths(item) for item in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
