@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from pathlib import Path
 
 from fmct import hub
 from fmct.errors import CheckpointError
@@ -88,7 +89,8 @@ def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log()
     folder = hub.resolve_model_dir("fmct-synth-tiny")
     assert folder == hub.SHIPPED_DIR / "fmct-synth-tiny"
     model = hub.load(folder)
-    assert model.config.img_size == (48, 48, 48) or list(model.config.img_size) == [48, 48, 48]
+    # The CPU-scale backbone: the whole 64^3 volume, a convolutional stem making 512 tokens of 8^3.
+    assert tuple(model.config.img_size) == (64, 64, 64) and tuple(model.config.stem_channels) == (8, 16, 32)
     size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     assert size_mb <= 25
     card = (folder / "README.md").read_text()
@@ -96,4 +98,7 @@ def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log()
         assert heading in card
     assert "site C" in card and hub.training_log("fmct-synth-tiny") == folder / "log.jsonl"
     extra = hub.read_extra(folder)
-    assert extra["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]] and extra["method"] == "dino"
+    assert extra["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]] and extra["method"] == "mae"
+    # Shipped folders carry no path of the machine they were made on.
+    recipe_values = [line.split(":", 1)[1].strip() for line in (folder / "recipe.yaml").read_text().splitlines() if ":" in line]
+    assert not Path(extra["store"]).is_absolute() and not any(value.startswith("/") for value in recipe_values)

@@ -283,8 +283,8 @@ def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):
 
 
 def test_hugging_face_style_folders_load_and_save(finetuned, tmp_path):
-    model = hub.ViT3DModel.from_pretrained("fmct-synth-tiny")  # a shipped name (version 1 config.json), offline
-    assert model.hub_extra["method"] == "dino"
+    model = hub.ViT3DModel.from_pretrained("fmct-synth-tiny")  # a shipped name, offline
+    assert model.hub_extra["method"] == "mae"
     model.save_pretrained(tmp_path / "backbone")
     flat = json.loads((tmp_path / "backbone" / "config.json").read_text())
     assert flat["version"] == 2 and flat["embed_dim"] == 128 and "config" not in flat and flat["windows"][0] == [40.0, 80.0]
