@@ -41,9 +41,9 @@ foundation: setup
 		online_eval.store=$(FOUNDATION)/val_store online_eval.labels=$(FOUNDATION)/val_cohort/labels.csv
 	$(BIN)/python -m fmct.ssl.release $(FOUNDATION)/run src/fmct/weights/fmct-synth-tiny --name fmct-synth-tiny \
 		--command "make foundation" --data "800 synthetic heads (\`fmct synth --n 800 --sites A,B --seed 1000\`, NIfTI, \
-		matrix 128), ingested at 64^3 x 3 mm. Sites A and B only: site C, the held-out site of \`fmct demo\`, is never \
-		seen. The demo's cohort (seed 0) and the label-efficiency benchmark's (seed 7) are other draws, so no \
-		evaluation scan was seen. Online validation: 200 labelled heads of seed 2000, sites A and B."
+	matrix 128), ingested at 64^3 x 3 mm. Sites A and B only: site C, the held-out site of \`fmct demo\`, is never \
+	seen. The demo's cohort (seed 0) and the label-efficiency benchmark's (seed 7) are other draws, so no \
+	evaluation scan was seen. Online validation: 200 labelled heads of seed 2000, sites A and B."
 
 # The same model and method on one GPU with 16 cores, in one command (a session lent a device; not for CI):
 # 4,000 heads instead of 800, batch 64, about 10 minutes in all (configs/pretrain_synth_tiny_gpu.yaml).
@@ -56,8 +56,8 @@ foundation-gpu: setup
 		online_eval.store=$(FOUNDATION)/val_store online_eval.labels=$(FOUNDATION)/val_cohort/labels.csv
 	$(BIN)/python -m fmct.ssl.release $(FOUNDATION)/run_gpu $(FOUNDATION)/fmct-synth-tiny-gpu --name fmct-synth-tiny-gpu --machine "one GPU (bf16)" \
 		--command "make foundation-gpu" --data "4,000 synthetic heads (\`fmct synth --n 4000 --sites A,B --seed 1000\`, \
-		NIfTI, matrix 128), ingested at 64^3 x 3 mm; sites A and B only (site C, the demo's held-out site, never \
-		seen). Online validation: 200 labelled heads of seed 2000, sites A and B."
+	NIfTI, matrix 128), ingested at 64^3 x 3 mm; sites A and B only (site C, the demo's held-out site, never \
+	seen). Online validation: 200 labelled heads of seed 2000, sites A and B."
 
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
