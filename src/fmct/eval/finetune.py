@@ -212,20 +212,20 @@ def _train_one(
                 logits_val, failed = scans.predict(classifier, val_rows)
                 usable = np.array([r not in failed for r in val_rows.tolist()], dtype=bool)
                 value = _validation_auroc(logits_val, val_labels, usable)
-                progress.set_postfix(loss=f"{float(torch.stack(losses[-config.eval_every:]).mean()):.3f}",
-                                     val_auroc=f"{value:.3f}", best=f"{best['val_auroc']:.3f}@{best['step']}")
                 classifier.train()
                 if math.isnan(value):
                     continue  # no validation finding with both classes: train to the end
                 if math.isnan(best["val_auroc"]) or value > best["val_auroc"]:
-                    state = {name: value.detach().clone() for name, value in classifier.trained_state().items()}
+                    state = {name: tensor.detach().clone() for name, tensor in classifier.trained_state().items()}
                     best = {"val_auroc": value, "step": step, "state": state}
                     checks_without_gain = 0
                 else:
                     checks_without_gain += 1
-                    if checks_without_gain >= config.patience:
-                        ended_by = "early_stopping"
-                        break
+                progress.set_postfix(loss=f"{float(torch.stack(losses[-config.eval_every:]).mean()):.3f}",
+                                     val_auroc=f"{value:.3f}", best=f"{best['val_auroc']:.3f}@{best['step']}")
+                if checks_without_gain >= config.patience:
+                    ended_by = "early_stopping"
+                    break
     finally:
         progress.close()
         reader.close()
