@@ -45,7 +45,7 @@ foundation: setup
 	$(BIN)/fmct ingest $(FOUNDATION)/val_cohort/nifti --out $(FOUNDATION)/val_store --workers $(WORKERS) $(GRID)
 	$(BIN)/fmct pretrain --store $(FOUNDATION)/store --out $(FOUNDATION)/run --config $(RECIPE) \
 		online_eval.store=$(FOUNDATION)/val_store online_eval.labels=$(FOUNDATION)/val_cohort/labels.csv
-	$(BIN)/python -m fmct.ssl.release $(FOUNDATION)/run $(CHECKPOINT) --name $(notdir $(CHECKPOINT)) \
+	$(BIN)/fmct release $(FOUNDATION)/run --out $(CHECKPOINT) --name $(notdir $(CHECKPOINT)) \
 		--machine "$(MACHINE)" --command "$(COMMAND)" --data "$(HEADS) synthetic heads (\`fmct synth --n $(HEADS) \
 	--sites A,B --seed 1000\`, NIfTI, matrix 128), ingested at 64^3 x 3 mm. Sites A and B only: site C, the held-out site \
 	of \`fmct demo\`, is never seen. The demo's cohort (seed 0) and the label-efficiency benchmark's (seed 7) are other \

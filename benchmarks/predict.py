@@ -28,7 +28,8 @@ import torch
 from fmct import detector as detectors
 from fmct import hub
 from fmct.config import CanonicalConfig, IngestConfig, SelectionConfig, to_dict
-from fmct.data import DEFAULT_WINDOWS, StoreVolumes
+from fmct.data import StoreVolumes
+from fmct.models.windows import DEFAULT_WINDOWS
 from fmct.data.batches import read_hu_batches
 from fmct.fingerprint import file_sha256
 from fmct.io import write_series

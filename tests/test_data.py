@@ -14,10 +14,9 @@ from fmct.data.augment import (
     CropBoxes,
     MultiCropAugment,
     crop_major_rows,
-    embed_transform,
     sample_crops,
-    window_channels,
 )
+from fmct.models.windows import model_input, window_channels
 from fmct.data.dataset import StepBatchSampler, StoreVolumes, make_loader, step_generator
 from fmct.data.masking import block_mask_3d, sample_ibot_masks
 from fmct.store import write_scan
@@ -121,9 +120,9 @@ def test_window_mapping_in_hu():
     assert bone[1].item() == pytest.approx(800 / 2800)  # bone window spans -800..2000 HU
 
 
-def test_embed_transform_is_the_full_volume_crop():
+def test_model_input_is_the_full_volume_crop():
     hu = torch.randint(-1000, 2000, (2, 1, 16, 16, 16), dtype=torch.int16)
-    embedded = embed_transform(hu, size=12)
+    embedded = model_input(hu, size=12)
     assert embedded.shape == (2, 3, 12, 12, 12) and embedded.dtype == torch.float32
     full = CropBoxes(
         centre=torch.full((2, 3), 7.5, dtype=torch.float64),
@@ -133,7 +132,7 @@ def test_embed_transform_is_the_full_volume_crop():
     )
     # Equal up to float32 rounding of the sampling positions (below 0.01 HU).
     assert torch.allclose(embedded, window_channels(sample_crops(hu.float(), full, 12)), atol=1e-4)
-    constant = embed_transform(torch.full((1, 1, 10, 10, 10), 40, dtype=torch.int16), size=(4, 6, 8))
+    constant = model_input(torch.full((1, 1, 10, 10, 10), 40, dtype=torch.int16), size=(4, 6, 8))
     assert constant.shape == (1, 3, 4, 6, 8) and torch.all(constant[0, 0] == 0.5)
 
 

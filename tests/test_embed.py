@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from fmct import hub
 from fmct.cli import main
-from fmct.data import StoreVolumes, embed_transform
+from fmct.data import StoreVolumes
+from fmct.models.windows import model_input
 from fmct.data.batches import read_hu_batches
 from fmct.eval.embed import EmbedConfig, embed_store
 from fmct.eval.embeddings import read_embeddings
@@ -99,7 +100,7 @@ def test_embed_one_row_per_scan_equal_to_a_direct_forward_pass(blob_store, tmp_p
     model = hub.load(run / "backbone")
     hu = torch.stack([torch.from_numpy(Store(store).read(f"s{i:03d}"))[None] for i in (0, 7, 23)])
     with torch.no_grad():
-        tokens = model.forward_features(embed_transform(hu, 32, WINDOWS))
+        tokens = model.forward_features(model_input(hu, 32, WINDOWS))
     rows = [0, 7, 23]
     np.testing.assert_allclose(embeddings.features["cls"][rows], tokens["cls"].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(embeddings.features["patch_mean"][rows], tokens["patch"].mean(1).numpy(), rtol=1e-4, atol=1e-5)
@@ -126,7 +127,7 @@ def test_embed_uses_the_windows_recorded_with_the_model(blob_store, tmp_path):
     hu = torch.stack([torch.from_numpy(Store(store).read(f"s{i:03d}"))[None] for i in (0, 1)])
     model = hub.load(tmp_path / "model")
     with torch.no_grad():
-        recorded, default = (model(embed_transform(hu, 32, w)).numpy() for w in (windows, WINDOWS))
+        recorded, default = (model(model_input(hu, 32, w)).numpy() for w in (windows, WINDOWS))
     np.testing.assert_allclose(cls, recorded, rtol=1e-4, atol=1e-5)
     assert np.abs(cls - default).max() > 1e-2
 

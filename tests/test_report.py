@@ -86,8 +86,11 @@ def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
 
     assert main(["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
+    # Every section with something to show is on the page and in the contents; these predictions carry no
+    # saliency images and no pretraining log was given, so those two sections are in neither.
     for section in SECTIONS:
-        assert f"<h2 id='{section}'>" in page and f"<a href='#{section}'>" in page  # and in the table of contents
+        shown = section not in ("examples", "learning-curves")
+        assert (f"<h2 id='{section}'>" in page) == shown and (f"<a href='#{section}'>" in page) == shown, section
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)  # ROC, label efficiency, calibration
     assert "f58c89a" in page and "cq500" in page and "sinoct" in page
@@ -171,8 +174,8 @@ def test_report_says_what_pretraining_buys(tmp_path):
     assert main(["report", str(tmp_path / "pred"), "--out", str(tmp_path / "report.html"), "--bootstrap", "200"]) == 0
     html = (tmp_path / "report.html").read_text()
     summary = _section(html, "summary")
-    assert "<b>Pretraining is significantly better than scratch at 1 of 1 comparisons</b>" in summary
-    assert "1 of them with Holm-adjusted p < 0.05" in summary
+    assert "<b>Pretraining beats scratch at 1 of 1 comparisons</b>" in summary
+    assert "Holm-adjusted p &lt; 0.05, as the table bolds" in summary
     # The effects table: vit vs its scratch twin, green (CI above 0) and bold (Holm p < 0.05).
     assert "<td>vit vs vit (scratch)</td><td>ich</td><td>ID</td><td class='num'><span class='up'><b>+" in summary
 
@@ -184,15 +187,14 @@ def test_report_summary_says_whether_the_pretrained_arms_clear_each_floor(tmp_pa
         return _section(html, "summary")
 
     text = summary({("vit", "pretrained"): 2.5, ("vit", "random-init"): 0.0, ("hu-histogram", "hu-histogram"): 4.0})
-    assert "<b>The pretrained arms clear the random-init floor everywhere</b>" in text
-    assert "CI above 0 at 1 of 1 comparisons" in text
-    assert "<b>The pretrained arms do not clear the hu-histogram floor anywhere</b>" in text
-    assert "The floor is significantly better at 1: vit ich ID 0.1." in text
+    # One sentence per floor, counting what the effects table bolds (Holm-adjusted p < 0.05).
+    assert "<b>Pretrained beats the random-init floor at 1 of 1 comparisons</b>" in text
+    assert "<b>Pretrained beats the hu-histogram floor at 0 of 1 comparisons</b>" in text
+    assert "the floor is better at 1: vit ich ID 0.1." in text
     assert "<td>vit vs hu-histogram (hu-histogram)</td><td>ich</td><td>ID</td><td class='num'><span class='down'>" in text
 
     text = summary({("vit", "pretrained"): 2.5, ("weak", "pretrained"): 0.0, ("vit", "random-init"): 0.0})
-    assert "<b>The pretrained arms clear the random-init floor only in part</b>" in text
-    assert "CI above 0 at 1 of 2 comparisons" in text
+    assert "<b>Pretrained beats the random-init floor at 1 of 2 comparisons</b>" in text
     assert "<td>weak vs vit (random-init)</td><td>ich</td><td>ID</td><td class='num'><span class='flat'>" in text
     assert "<b>No pretrained arm is checked against the hu-histogram floor</b>" in text and "not in this evaluation" in text
 
@@ -361,20 +363,25 @@ def test_operating_points_on_the_test_set_or_at_thresholds_chosen_on_validation(
     assert "threshold set on the test set (optimistic)</b>: the predictions carry no threshold" in _section(page, "operating-points")
     assert "marked <i>uncalibrated</i>" in _section(page, "calibration")
 
-    thresholds = {0: (0.8, 1.4), 1: (1.0, 1.6)}  # per seed: (spec90, spec95) thresholds chosen on validation
+    # Thresholds chosen on validation are on the probability (here the logistic of the score): per seed the
+    # (spec90, spec95) thresholds of scores (0.8, 1.4) and (1.0, 1.6).
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+    thresholds = {0: (0.8, 1.4), 1: (1.0, 1.6)}
     for row in rows:
-        row["threshold_spec90"], row["threshold_spec95"] = thresholds[row["seed"]]
-        row["probability"] = 0.5
+        row["threshold_spec90"], row["threshold_spec95"] = (float(sigmoid(t)) for t in thresholds[row["seed"]])
+        row["probability"] = float(sigmoid(row["score"]))
     write_predictions(tmp_path / "validated", rows, {})
     evaluation = evaluate([tmp_path / "validated"], n_bootstrap=200)
     at90, at95 = evaluation.operating_points
     assert at90["threshold_source"] == at95["threshold_source"] == "threshold chosen on validation"
-    assert at90["threshold"] == pytest.approx(0.9) and at95["threshold"] == pytest.approx(1.5)
+    assert at90["threshold"] == pytest.approx(np.mean(sigmoid([0.8, 1.0]))) and at95["threshold"] == pytest.approx(np.mean(sigmoid([1.4, 1.6])))
     by_hand = [(np.mean(s[labels == 1] >= t), np.mean(s[labels == 0] < t), np.mean(labels[s >= t]), 1 - np.mean(labels[s < t]))
                for s, t in zip(scores, (0.8, 1.0))]
     assert [at90[k] for k in ("sensitivity", "specificity", "ppv", "npv")] == pytest.approx(np.mean(by_hand, axis=0).tolist())
     assert evaluation.metrics[0]["probability_source"] == "probability column"
-    assert evaluation.metrics[0]["ece"] == pytest.approx(abs(0.5 - labels.mean()))  # one bin: 0.5 vs the prevalence
+    assert evaluation.metrics[0]["ece"] == pytest.approx(expected_ece)  # the same probabilities as the logistic above
     assert "optimistic" not in _section(render_html(evaluation, {}), "operating-points")
 
     rows[0]["threshold_spec90"] = 0.3  # one fit, two thresholds
@@ -422,7 +429,7 @@ def test_saliency_examples_show_the_highest_scoring_true_and_false_positives(tmp
     rows = _rows(labels, scores)
     write_predictions(tmp_path / "pred", rows, {})
     page = render_html(evaluate([tmp_path / "pred"], n_bootstrap=10), {}, saliency_examples(evaluate([tmp_path / "pred"], n_bootstrap=10)))
-    assert "No saliency images are available" in _section(page, "examples")
+    assert "<h2 id='examples'>" not in page and "<a href='#examples'>" not in page  # nothing to show: left out
 
     for i in range(60):
         _png_file(tmp_path / "pred" / "saliency" / f"test{i}" / "ich.png", i / 60)

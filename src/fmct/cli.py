@@ -14,6 +14,8 @@ from pathlib import Path
 
 from fmct.demo import DEMO_SCALES
 from fmct.errors import FmctError, UsageError
+from fmct.log import configure as configure_logging
+from fmct.log import logger
 
 
 # A config override: a dotted key, "=", a value (a path never starts like this unless it has "=").
@@ -417,6 +419,32 @@ def _pretrain_run(args) -> int:
         print(f"pretrain: {result['step']} of {result['total_steps']} steps -> {args.out}")
     return 0
 
+
+def _release_parser(sub) -> None:
+    parser = _add_verb(
+        sub, "release", "a finished pretraining run as a shippable model folder with its model card",
+        "fmct release run --out src/fmct/weights/fmct-synth-tiny --name fmct-synth-tiny --data \"800 synthetic heads\" "
+        "--command \"make foundation\"",
+        about="Copy a finished pretraining run's backbone, log.jsonl and resolved recipe into a model folder and write "
+              "its model card (method, data, budget, online evaluation). Absolute paths become bare names: the folder "
+              "can leave the machine.",
+    )
+    parser.add_argument("run", help="finished pretraining run folder")
+    parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--name", required=True, help="the model's name in its card")
+    parser.add_argument("--data", required=True, help="what it was pretrained on (Markdown)")
+    parser.add_argument("--command", required=True, help="the command that reproduces the run")
+    parser.add_argument("--machine", default="a 2-core CPU (fp32)", help="where it was trained")
+    parser.add_argument("--results", default="", help="what it was measured to do downstream (Markdown)")
+    parser.set_defaults(run=_release_run)
+
+
+def _release_run(args) -> int:
+    from fmct.ssl.release import package
+
+    print(package(Path(args.run), Path(args.out), args.name, args.data, args.command, args.machine, args.results))
+    return 0
+
 # ------------------------------------------------------------------------------------------- embed
 def _embed_parser(sub) -> None:
     parser = _add_verb(
@@ -612,7 +640,7 @@ def _demo_run(args) -> int:
 
 # In the order of the data flow, as `fmct --help` lists them.
 PARSERS = [
-    _synth_parser, _ingest_parser, _store_parser, _pretrain_parser, _embed_parser, _probe_parser, _finetune_parser,
+    _synth_parser, _ingest_parser, _store_parser, _pretrain_parser, _release_parser, _embed_parser, _probe_parser, _finetune_parser,
     _evaluate_parser, _report_parser, _predict_parser, _export_parser, _demo_parser,
 ]
 
@@ -624,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fmct {importlib.metadata.version('fmct')}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
+                          help="warnings and errors only, no progress bars")
+    loudness.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", help="debug lines too")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in PARSERS:
         add(sub)
@@ -641,13 +673,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     else:
         setattr(args, positional, getattr(args, positional) + extra)
+    configure_logging(args.verbosity)
     try:
         return args.run(args)
     except FmctError as error:  # one line a user can act on; any other exception is a bug and keeps its traceback
-        print(f"fmct {args.verb}: {error}", file=sys.stderr)
+        logger.error(f"fmct {args.verb}: {error}")
         return error.exit_status
     except KeyboardInterrupt:
-        print(f"fmct {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
+        logger.error(f"fmct {args.verb}: interrupted; run the same command again to resume")
         return 130
 
 

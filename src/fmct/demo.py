@@ -15,7 +15,6 @@ beside the CLI, which imports it, and never imports the CLI back.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable
 
 from fmct.config import load_config, save_config
 from fmct.errors import ConfigError
+from fmct.log import logger
 
 
 @dataclass
@@ -164,7 +164,7 @@ def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]
         print(f"\n== fmct {' '.join(stage)}", flush=True)
         status = run_verb(stage)
         if status != 0:
-            print(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume", file=sys.stderr)
+            logger.error(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume")
             return status
     print(demo_summary(out / "evaluation", config))
     if config.foundation_model:

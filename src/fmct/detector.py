@@ -4,7 +4,7 @@ Every fit of ``fmct probe`` (logistic) and ``fmct finetune`` is saved as a detec
 (``OUT/fits/<budget>-seed<k>/``), safetensors and JSON only::
 
     config.json        flat: format, kind (probe | finetune), head, feature (a probe's feature set, as
-                       :data:`fmct.eval.embeddings.FEATURE_SETS` names it), findings, the backbone
+                       :data:`fmct.models.encode.FEATURE_SETS` names it), findings, the backbone
                        reference, HU windows, model input size, the canonical grid and series selection
                        of the training store, per finding the calibration map and the operating points
                        chosen on the validation split, and provenance (data, labels, budget, seed,
@@ -15,14 +15,12 @@ Every fit of ``fmct probe`` (logistic) and ``fmct finetune`` is saved as a detec
                        random init); otherwise config.json references the model folder by path and sha256
     README.md          the model card, generated from config.json
 
-Scores are the head's logits. **Operating points**: for each finding, the lowest score threshold whose
-specificity on the validation split is at least 90 % (``spec90``) and 95 % (``spec95``); a scan is
-called positive when ``score >= threshold``. **Calibration**: Platt scaling, p = sigmoid(a * score + b),
-fitted on the validation split by maximum likelihood with Platt's smoothed targets ((N+ + 1) / (N+ + 2)
-and 1 / (N- + 2)) and a >= 0. Platt rather than isotonic regression because validation splits are small
-(tens of scans, a handful of positives): two parameters do not overfit them, the map is monotone so it
-keeps the ranking (and so every AUROC and every threshold), and the smoothed targets keep a perfectly
-separated validation split from sending the slope to infinity (probabilities of exactly 0 or 1).
+Scores are the head's logits. Each finding's calibration map, operating points and validation status are
+set on the validation split by :mod:`fmct.eval.calibration` (the fit's side) and applied here: a
+probability is :func:`calibrated_probability` of the score, and a scan is called positive at an operating
+point when its probability is at least the point's ``threshold`` (a probability). A finding whose
+validation split cannot tell it from chance has ``validation.validated`` false and its reason
+(:func:`unvalidated_findings`).
 
 k-NN probes are evaluated but never saved: a k-NN detector would have to carry the features of every
 training scan, a derived copy of the training patients' data. The floors (random-init embeddings, the
@@ -37,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,21 +43,19 @@ from huggingface_hub import ModelHubMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from scipy import optimize
 from torch import nn
 
 from fmct import __version__, hub
 from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.card import SYNTHETIC_DATASET, model_index_entry, render_card
 from fmct.config import CanonicalConfig, IngestConfig, SelectionConfig, load_config, to_dict
-from fmct.data.augment import embed_transform
 from fmct.errors import CheckpointError, InputError
-from fmct.eval.cohort import Cohort
-from fmct.eval.embeddings import FEATURE_SETS
-from fmct.eval.metrics import auroc, operating_point_at_specificity
 from fmct.fingerprint import file_sha256
 from fmct.models.classifier import Classifier
-from fmct.models.encode import scan_features
+from fmct.models.encode import FEATURE_SETS, scan_features
 from fmct.models.vit3d import ViT3D
+from fmct.models.windows import model_input
+from fmct.paths import located, relative_to, without_machine_paths
 from fmct.store import Store
 
 FORMAT = "fmct-detector"
@@ -70,103 +65,15 @@ HEAD_FILE = "head.safetensors"
 CARD_FILE = "README.md"
 BACKBONE_DIR = "backbone"
 FITS_DIR = "fits"
-OPERATING_POINTS = {"spec90": 0.90, "spec95": 0.95}  # name -> specificity reached on the validation split
 PROBE_FEATURES = tuple(FEATURE_SETS)  # the feature sets a probe detector rebuilds from its backbone
 
 
-# ----------------------------------------------------------------------- calibration, thresholds
-def fit_platt(labels: np.ndarray, scores: np.ndarray) -> dict:
-    """Platt scaling of ``scores`` (N,) against 0/1 ``labels``: ``{"method": "platt", "a", "b"}`` with
-    p = sigmoid(a * score + b), maximum likelihood on Platt's smoothed targets, a >= 0 (see the module)."""
-    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = float(np.sum(labels == 1)), float(np.sum(labels == 0))
-    target = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    centre, spread = float(np.mean(scores)), float(np.std(scores)) or 1.0  # fit on standardised scores: well conditioned
-
-    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
-        z = params[0] * (scores - centre) / spread + params[1]
-        p = 1.0 / (1.0 + np.exp(-z))
-        # Cross-entropy written with logaddexp, finite for any z.
-        value = np.sum(target * np.logaddexp(0.0, -z) + (1 - target) * np.logaddexp(0.0, z))
-        residual = p - target
-        return float(value), np.array([np.sum(residual * (scores - centre) / spread), np.sum(residual)])
-
-    prior = np.log((n_pos + 1) / (n_neg + 1))
-    result = optimize.minimize(loss, x0=np.array([1.0, prior]), jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)])
-    slope, offset = result.x
-    a = float(slope / spread)
-    return {"method": "platt", "a": a, "b": float(offset - a * centre)}
-
-
-def platt_probability(calibration: dict, scores: np.ndarray) -> np.ndarray:
-    """Calibrated probabilities of ``scores`` under a map of :func:`fit_platt`."""
-    return 1.0 / (1.0 + np.exp(-(calibration["a"] * np.asarray(scores, dtype=np.float64) + calibration["b"])))
-
-
-def calibrate_finding(labels: np.ndarray, scores: np.ndarray) -> dict:
-    """What a detector keeps of one finding from its validation scans (0/1 ``labels``, ``scores``): the
-    calibration map, the operating points of :data:`OPERATING_POINTS` (score threshold, its calibrated
-    probability, and the sensitivity and specificity reached on validation) and the validation counts
-    and AUROC. Raises ValueError when the validation scans lack a positive or a negative."""
-    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if not (np.any(labels == 1) and np.any(labels == 0)):
-        raise ValueError("the validation split needs a positive and a negative to set thresholds and calibration")
-    calibration = fit_platt(labels, scores)
-    points = {}
-    for name, specificity in OPERATING_POINTS.items():
-        point = {key: float(value) for key, value in operating_point_at_specificity(labels, scores, specificity).items()}
-        # Above every score when even the highest one is too many false positives: nothing is called positive.
-        threshold = point["threshold"] if np.isfinite(point["threshold"]) else float(np.nextafter(scores.max(), np.inf))
-        points[name] = {"specificity_target": specificity, "threshold": threshold,
-                        "probability": float(platt_probability(calibration, threshold)),
-                        "val_sensitivity": point["sensitivity"], "val_specificity": point["specificity"]}
-    return {"calibration": calibration, "operating_points": points,
-            "validation": {"n_pos": int(np.sum(labels == 1)), "n_neg": int(np.sum(labels == 0)),
-                           "auroc": float(auroc(labels, scores))}}
-
-
-@dataclass
-class FindingFit:
-    """One finding of one fit, as cohort rows with the fit's scores: its training scans, its validation
-    scans (thresholds and calibration are set on them) and its evaluated (test and ood) scans."""
-
-    train_rows: np.ndarray
-    val_rows: np.ndarray
-    val_scores: np.ndarray
-    eval_rows: np.ndarray
-    eval_scores: np.ndarray
-
-
-def summarise_fit(cohort: Cohort, fits: dict[int, FindingFit], n_bootstrap: int = 1000) -> dict:
-    """The per-finding part of a detector's ``config.json`` for the fits of cohort findings ``fits``:
-    ``per_finding`` (calibration, operating points, validation counts), ``left_out`` ({finding: why} for
-    a finding whose validation split lacks a class), and the provenance's ``n_train`` and ``metrics``
-    (:meth:`Cohort.fit_metrics` at the operating points)."""
-    per_finding, left_out, n_train, metrics = {}, {}, {}, {}
-    for f, fit in fits.items():
-        name, labels = cohort.findings[f], cohort.labels[:, f]
-        n_train[name] = {"pos": int(np.sum(labels[fit.train_rows] == 1)), "neg": int(np.sum(labels[fit.train_rows] == 0))}
-        try:
-            entry = calibrate_finding(labels[fit.val_rows], fit.val_scores)
-        except ValueError as error:
-            left_out[name] = str(error)
-            continue
-        per_finding[name] = entry
-        thresholds = {point: values["threshold"] for point, values in entry["operating_points"].items()}
-        metrics[name] = cohort.fit_metrics(f, fit.eval_rows, np.asarray(fit.eval_scores, dtype=np.float64), thresholds, n_bootstrap)
-    return {"per_finding": per_finding, "left_out": left_out, "n_train": n_train, "metrics": metrics}
-
-
-def prediction_columns(summary: dict, finding: str, score: float) -> dict:
-    """The optional columns of a ``predictions.csv`` row (:data:`fmct.eval.evaluate.OPTIONAL_COLUMNS`) of a
-    fit's ``score`` of ``finding``, from :func:`summarise_fit`: the calibrated ``probability`` and the
-    validation thresholds ``threshold_spec90`` / ``threshold_spec95`` (on the score); none when the
-    finding could not be calibrated."""
-    entry = summary["per_finding"].get(finding)
-    if entry is None:
-        return {}
-    return {"probability": float(platt_probability(entry["calibration"], score)),
-            **{f"threshold_{name}": point["threshold"] for name, point in entry["operating_points"].items()}}
+# ---------------------------------------------------------------------------------- calibration
+def calibrated_probability(calibration: dict, scores: np.ndarray | float) -> np.ndarray:
+    """Float64 probabilities of logits ``scores`` under a finding's calibration map ``{"method", "a", "b"}``
+    (:mod:`fmct.eval.calibration`): p = sigmoid(a * score + b), a > 0, so the map keeps the ranking."""
+    z = calibration["a"] * np.asarray(scores, dtype=np.float64) + calibration["b"]
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid(z) without exp overflow
 
 
 # -------------------------------------------------------------------------------- the input grid
@@ -218,7 +125,7 @@ class ProbeScorer(nn.Module):
 
     ``feature`` is a feature set of :data:`PROBE_FEATURES`: the backbone's pooled features
     (:func:`fmct.models.encode.scan_features`, as ``fmct embed`` writes them) side by side in the order of
-    :data:`fmct.eval.embeddings.FEATURE_SETS` (``cls_mean_max``: ``cls`` | ``patch_mean`` | ``patch_max``);
+    :data:`fmct.models.encode.FEATURE_SETS` (``cls_mean_max``: ``cls`` | ``patch_mean`` | ``patch_max``);
     ``mean``, ``scale``, ``coef`` are (F, C) and ``intercept`` (F,).
     """
 
@@ -254,8 +161,9 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         outputs = config["scorer_outputs"]
         self.register_buffer("output_index", torch.tensor([outputs.index(f) for f in findings], dtype=torch.long))
         per_finding = [config["per_finding"][f] for f in findings]
-        self.register_buffer("platt_a", torch.tensor([p["calibration"]["a"] for p in per_finding], dtype=torch.float32))
-        self.register_buffer("platt_b", torch.tensor([p["calibration"]["b"] for p in per_finding], dtype=torch.float32))
+        # Float64, as calibrated_probability: a probability at an operating point's threshold stays on its side.
+        self.register_buffer("calibration_a", torch.tensor([p["calibration"]["a"] for p in per_finding], dtype=torch.float64))
+        self.register_buffer("calibration_b", torch.tensor([p["calibration"]["b"] for p in per_finding], dtype=torch.float64))
 
     @property
     def findings(self) -> list[str]:
@@ -277,7 +185,7 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
 
     def model_input(self, hu: torch.Tensor) -> torch.Tensor:
         """Windowed float32 volumes (B, C, *input_size) in [0, 1] of canonical HU volumes (B, 1, X, Y, Z)."""
-        return embed_transform(hu, self.input_size, self.windows)
+        return model_input(hu, self.input_size, self.windows)
 
     def scores_of_input(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, F) of windowed volumes ``x`` (B, C, *input_size)."""
@@ -288,15 +196,17 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         return self.scores_of_input(self.model_input(hu))
 
     def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
-        """Probabilities (B, F) of logits (B, F) under the Platt maps fitted on validation."""
-        return torch.sigmoid(self.platt_a * scores + self.platt_b)
+        """Float64 probabilities (B, F) of logits (B, F) under the calibration maps set on validation
+        (:func:`calibrated_probability`)."""
+        return torch.sigmoid(self.calibration_a * scores.double() + self.calibration_b)
 
     def forward(self, hu: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities (B, F) of canonical HU volumes (B, 1, X, Y, Z)."""
-        return self.calibrated(self.scores(hu))
+        """Float32 calibrated probabilities (B, F) of canonical HU volumes (B, 1, X, Y, Z)."""
+        return self.calibrated(self.scores(hu)).float()
 
     def operating_points(self, finding: str) -> dict[str, dict]:
-        """The operating points of ``finding``: {name: {"threshold" (score), "probability", ...}}."""
+        """The operating points of ``finding``: {name: {"threshold" (a probability), "score_threshold",
+        ...}} (:func:`fmct.eval.calibration.calibrate_finding`)."""
         return self.config["per_finding"][finding]["operating_points"]
 
     @classmethod
@@ -337,6 +247,10 @@ def write_detector(folder: str | os.PathLike, config: dict, head: dict[str, torc
     ``backbone/`` it names must be written first."""
     folder = Path(folder)
     config = {"format": FORMAT, "version": VERSION, "fmct_version": __version__, **config}
+    backbone = config.get("backbone") or {}
+    if Path(backbone.get("path", "")).is_absolute():  # a backbone by reference: found again from the folder
+        config["backbone"] = {**backbone, "path": relative_to(backbone["path"], folder)}
+    config = without_machine_paths(config)  # a detector folder is made to be shared
     tensors = {name: value.detach().cpu().contiguous() for name, value in head.items()}
     atomic_write_bytes(folder / HEAD_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
     atomic_write_text(folder / CARD_FILE, detector_card(folder.name, config))
@@ -401,7 +315,7 @@ def resolve_detector(path: str | os.PathLike, fit: str | None = None) -> Path:
 def _load_backbone(folder: Path, reference: dict, device: torch.device | str) -> ViT3D:
     """The backbone a detector names: its own ``backbone/``, or the referenced model folder (or shipped
     name), whose weights must still have the recorded sha256."""
-    candidates = [folder / reference["path"]] if reference["path"] == BACKBONE_DIR else [Path(reference["path"])]
+    candidates = [located(reference["path"], folder)]
     if reference.get("shipped"):
         candidates.append(hub.SHIPPED_DIR / reference["name"])
     model_dir = next((c for c in candidates if (c / hub.WEIGHTS_FILE).is_file()), None)
@@ -439,15 +353,38 @@ def load_detector(folder: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 # ------------------------------------------------------------------------------------ model card
+def unvalidated_findings(config: dict) -> dict[str, str]:
+    """{finding: reason} of a detector's findings that its validation split cannot tell from chance
+    (:func:`fmct.eval.calibration.validation_status`); a detector written before fmct checked says so."""
+    reasons = {}
+    for finding in config["findings"]:
+        validation = config["per_finding"][finding]["validation"]
+        if "validated" not in validation:
+            reasons[finding] = "not checked against chance (a detector written by an older fmct)"
+        elif not validation["validated"]:
+            reasons[finding] = validation["reason"]
+    return reasons
+
+
 def _interval(metrics: dict, key: str) -> str:
     if key not in metrics:
         return "not estimable (no positive or no negative)"
     return f"{metrics[key]:.3f} [{metrics[f'{key}_lo']:.3f}, {metrics[f'{key}_hi']:.3f}]"
 
 
+def _model_index(name: str, config: dict) -> list[dict]:
+    """The Hub's model-index of a detector: test AUROC per finding and site group."""
+    dataset = SYNTHETIC_DATASET if config["provenance"].get("synthetic") else config["provenance"]["store"]["name"]
+    metrics = [{"type": "roc_auc", "name": f"{finding} AUROC, {group}", "value": round(m["auroc"], 4)}
+               for finding in config["findings"] for group, m in config["provenance"]["metrics"].get(finding, {}).items()
+               if "auroc" in m]
+    return [model_index_entry(name, f"{', '.join(config['findings'])} detection on head CT", dataset, metrics)] if metrics else []
+
+
 def detector_card(name: str, config: dict) -> str:
-    """The model card (Markdown) of a detector folder, from its ``config.json``: model, data, recipe,
-    metrics with CIs, operating points and calibration, intended use, limits."""
+    """The model card (Markdown, :func:`fmct.card.render_card`) of a detector folder, from its ``config.json``:
+    model, data (and whether it was synthetic), recipe, metrics with CIs, operating points, calibration and
+    validation status, intended use, limits."""
     provenance = config["provenance"]
     budget = provenance["budget"]
     budget_text = (f"{budget['label_fraction']:g} of the training labels" if budget.get("label_fraction") is not None
@@ -456,56 +393,68 @@ def detector_card(name: str, config: dict) -> str:
     backbone_text = ("its own `backbone/` (fine-tuned weights)" if backbone["path"] == BACKBONE_DIR
                      else f"`{backbone.get('name') or backbone['path']}` (sha256 {backbone.get('sha256', '')[:12]}..., by reference)")
     canonical = config["canonical"]
-    lines = [
-        "---", "library_name: fmct", "license: apache-2.0", "tags: [fmct, head-ct, detector, medical-imaging]", "---",
-        f"# {name}", "",
-        f"A detector of {', '.join(config['findings'])} on head CT from `fmct {provenance['verb']}`. Run it with "
-        f"`fmct predict --model FOLDER --out OUT SCAN...`, export it with `fmct export`, or load it in Python with "
-        "`fmct.detector.Detector.from_pretrained(FOLDER)`.", "",
-        "## Model",
-        f"- {config['kind']} detector, head `{config['head']}`" + (f" on the `{config['feature']}` feature" if config.get("feature") else "")
-        + f"; backbone {backbone_text}.",
-        f"- Input: the scan resampled to fmct's canonical grid ({list(canonical['shape'])} voxels of {canonical['spacing_mm']} mm, "
-        f"RAS, centred on the head; {config['grid_source']}), resized whole to {config['input_size']} voxels, HU windows "
-        f"{config['windows_hu']} (level, width).",
-        "- Output: per finding a logit and its calibrated probability (Platt scaling fitted on the validation split).", "",
-        "## Data",
-        f"- Labels: `{Path(provenance['labels']['spec']).name}` (sha256 {provenance['labels']['sha256'][:12]}...); store "
-        f"`{provenance.get('store') or 'not recorded'}`.",
+    synthetic = provenance.get("synthetic", False)
+    model = (f"- {config['kind']} detector, head `{config['head']}`" + (f" on the `{config['feature']}` feature" if config.get("feature") else "")
+             + f"; backbone {backbone_text}.\n"
+             f"- Input: the scan resampled to fmct's canonical grid ({list(canonical['shape'])} voxels of {canonical['spacing_mm']} mm, "
+             f"RAS, centred on the head; {config['grid_source']}), resized whole to {config['input_size']} voxels, HU windows "
+             f"{config['windows_hu']} (level, width).\n"
+             "- Output: per finding a logit and its probability (the calibration below); a scan is positive at an "
+             "operating point when its probability is at least the point's threshold.")
+    data = "\n".join([
+        ("- **Synthetic data**: the scans are `fmct synth` phantoms, not patients. Nothing here says how the detector "
+         "does on real CT; not for clinical use." if synthetic else "- Data: real scans as ingested by fmct."),
+        f"- Labels: `{provenance['labels']['spec']}` (sha256 {provenance['labels']['sha256'][:12]}...); store "
+        f"`{(provenance.get('store') or {}).get('name', 'not recorded')}` (manifest sha256 "
+        f"{(provenance.get('store') or {}).get('manifest_sha256', '')[:12]}...).",
         f"- Scans per split: {provenance['scans_per_split']}; held-out sites (test only): {provenance.get('ood_sites') or 'none'}.",
         f"- Trained on {budget_text}, seed {provenance['seed']}: "
-        + ", ".join(f"{f} {n['pos']} positive / {n['neg']} negative" for f, n in provenance["n_train"].items()) + ".", "",
-        "## Recipe",
-        f"`fmct {provenance['verb']}` with " + ", ".join(f"{k} {v}" for k, v in provenance["recipe"].items()) + ".", "",
-        "## Metrics (test splits, this fit; patient-level bootstrap 95 % CI)", "",
-        "| finding | group | scans (pos/neg) | AUROC | sensitivity @ spec90 | specificity @ spec90 | sensitivity @ spec95 | specificity @ spec95 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        + ", ".join(f"{f} {n['pos']} positive / {n['neg']} negative" for f, n in provenance["n_train"].items()) + "."])
+    metrics = ["| finding | group | scans (pos/neg) | AUROC | sensitivity @ spec90 | specificity @ spec90 | sensitivity @ spec95 | specificity @ spec95 |",
+               "|---|---|---|---|---|---|---|---|"]
     for finding in config["findings"]:
         for group, m in provenance["metrics"].get(finding, {}).items():
             cells = [_interval(m, k) for k in ("auroc", "sensitivity_spec90", "specificity_spec90", "sensitivity_spec95", "specificity_spec95")]
-            lines.append(f"| {finding} | {group} | {m['n_scans']} ({m['n_pos']}/{m['n_neg']}) | " + " | ".join(cells) + " |")
-    lines += ["", "## Operating points and calibration (chosen on the validation split)", "",
-              "| finding | validation (pos/neg) | validation AUROC | point | score threshold | probability threshold | val sensitivity | val specificity |",
-              "|---|---|---|---|---|---|---|---|"]
+            metrics.append(f"| {finding} | {group} | {m['n_scans']} ({m['n_pos']}/{m['n_neg']}) | " + " | ".join(cells) + " |")
+    points = ["| finding | validation (pos/neg) | validation AUROC [95 % CI] | calibration | point | probability threshold | score threshold | val sensitivity | val specificity |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for finding in config["findings"]:
         entry = config["per_finding"][finding]
-        validation = entry["validation"]
+        validation, calibration = entry["validation"], entry["calibration"]
+        interval = (f" [{validation['auroc_lo']:.3f}, {validation['auroc_hi']:.3f}]" if "auroc_lo" in validation else "")
         for point_name, point in entry["operating_points"].items():
-            lines.append(f"| {finding} | {validation['n_pos']}/{validation['n_neg']} | {validation['auroc']:.3f} | {point_name} | "
-                         f"{point['threshold']:.4g} | {point['probability']:.3f} | {point['val_sensitivity']:.3f} | {point['val_specificity']:.3f} |")
+            points.append(f"| {finding} | {validation['n_pos']}/{validation['n_neg']} | {validation['auroc']:.3f}{interval} | "
+                          f"{calibration['method']} | {point_name} | {point['threshold']:.4g} | "
+                          f"{point.get('score_threshold', float('nan')):.4g} | {point['val_sensitivity']:.3f} | {point['val_specificity']:.3f} |")
+    warnings = [f"- **{finding} is not validated**: {reason}. Do not trust its probabilities; `fmct predict` warns, and "
+                "refuses it with `--require-validated`." for finding, reason in unvalidated_findings(config).items()]
+    warnings += [f"- {finding}: {entry['calibration']['reason']}." for finding, entry in
+                 ((f, config["per_finding"][f]) for f in config["findings"]) if entry["calibration"].get("reason")]
     if config.get("left_out"):
-        lines += ["", "Findings trained but left out of this detector: "
-                  + "; ".join(f"{f}: {reason}" for f, reason in config["left_out"].items()) + "."]
-    lines += ["", "## Intended use",
-              "Research on head CT detection with few labels: ranking scans, comparing recipes, looking at what a model "
-              "attends to (`fmct predict --saliency`). Thresholds hold the validation split's specificity only on scans "
-              "like it.", "",
-              "## Limits",
-              "- Not a medical device; never use it for a clinical decision.",
-              "- Validation and test splits are small: the CIs above are wide, and thresholds chosen on tens of "
-              "validation scans move when the population or scanner changes; recalibrate on local scans.",
-              "- Scans must be head CT that fmct's ingest accepts (axial series, the selection rules above); other "
-              "anatomy or modalities give meaningless probabilities.",
-              ""]
-    return "\n".join(lines)
+        warnings.append("- Findings trained but left out of this detector: "
+                        + "; ".join(f"{f}: {reason}" for f, reason in config["left_out"].items()) + ".")
+    limits = ("- Not a medical device; never use it for a clinical decision.\n"
+              "- Validation and test splits are small: the CIs above are wide, and thresholds chosen on tens of validation "
+              "scans move when the population or scanner changes; recalibrate on local scans.\n"
+              "- Scans must be head CT that fmct's ingest accepts (axial series, the selection rules above); other anatomy "
+              "or modalities give meaningless probabilities.")
+    return render_card(
+        name,
+        f"A detector of {', '.join(config['findings'])} on head CT from `fmct {provenance['verb']}`"
+        + (", trained and measured on **synthetic** scans only" if synthetic else "") + ". Run it with "
+        "`fmct predict --model FOLDER --out OUT SCAN...`, export it with `fmct export`, or in Python "
+        "`fmct.detector.Detector.from_pretrained(FOLDER).predict(scan)`.",
+        [("Model", model), ("Data", data),
+         ("Recipe", f"`fmct {provenance['verb']}` with " + ", ".join(f"{k} {v}" for k, v in provenance["recipe"].items()) + "."),
+         ("Metrics (test splits, this fit; patient-level bootstrap 95 % CI)", "\n".join(metrics)),
+         ("Operating points, calibration and validation (set on the validation split)",
+          "\n".join(points) + ("\n\n" + "\n".join(warnings) if warnings else "")),
+         ("Intended use", "Research on head CT detection with few labels: ranking scans, comparing recipes, looking at what a "
+                          "model attends to (`fmct predict --saliency`). Thresholds hold the validation split's specificity "
+                          "only on scans like it."),
+         ("Limits", limits)],
+        tags=["head-ct", "medical-imaging", "detector"] + (["synthetic-data"] if synthetic else []),
+        datasets=[SYNTHETIC_DATASET] if synthetic else None,
+        base_model=backbone.get("name") or None,
+        model_index=_model_index(name, config),
+    )

@@ -33,7 +33,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from huggingface_hub import ModelHubMixin, snapshot_download
 
-from fmct.data.augment import DEFAULT_WINDOWS
+from fmct.card import render_card
+from fmct.paths import without_machine_paths
+from fmct.models.windows import DEFAULT_WINDOWS
 from fmct.devices import unwrap
 from fmct.errors import CheckpointError, ConfigError, UsageError
 from fmct.fingerprint import file_sha256
@@ -106,7 +108,7 @@ def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> 
     if not isinstance(model, ViT3D):
         raise TypeError(f"hub.save expects a ViT3D, got {type(model).__name__}")
     folder = Path(folder)
-    extra = dict(extra or {})
+    extra = without_machine_paths(dict(extra or {}))  # a model folder is made to be shared
     clashes = sorted(set(extra) & {"format", "version", *_ARCHITECTURE_FIELDS})
     if clashes:
         raise ValueError(f"hub.save: extra metadata may not use the config.json keys {', '.join(clashes)}")
@@ -122,8 +124,8 @@ def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> 
 
 
 def model_card(name: str, config: ViT3DConfig, extra: dict) -> str:
-    """The model card (Markdown) of a backbone folder, from its architecture and recorded ``extra``:
-    model, data, recipe, metrics, intended use and limits."""
+    """The model card (Markdown, :func:`fmct.card.render_card`) of a backbone folder, from its architecture
+    and recorded ``extra``: model, data, recipe, metrics, intended use and limits."""
     windows = extra.get("windows") or [list(w) for w in DEFAULT_WINDOWS]
     finetuned_from = extra.get("finetuned_from") or {}
     if finetuned_from:
@@ -132,40 +134,28 @@ def model_card(name: str, config: ViT3DConfig, extra: dict) -> str:
                 "records the labels, splits and budget.")
         recipe = "Part of a detector fitted by `fmct finetune`: see its `config.json` and model card."
     else:
-        data = f"Pretrained by `fmct pretrain` on the store `{extra['store']}`." if extra.get("store") else "Not recorded."
+        store = extra.get("store")
+        name = store.get("name") if isinstance(store, dict) else store  # older folders recorded a path
+        data = f"Pretrained by `fmct pretrain` on the store `{name}`." if name else "Not recorded."
         recipe = ", ".join(f"{key} {extra[key]}" for key in ("method", "step", "config_sha256") if key in extra) or "Not recorded."
-    return f"""---
-library_name: fmct
-license: apache-2.0
-tags: [fmct, head-ct, 3d-vit, medical-imaging]
----
-# {name}
-
-A 3D ViT backbone for head CT from fmct. Load it with `fmct.hub.ViT3DModel.from_pretrained(FOLDER)` (no
-network for a local folder), or pass the folder as `--model` to `fmct embed` and `fmct finetune`.
-
-## Model
-- ViT3D {config.size}: {config.depth} blocks, width {config.embed_dim}, {config.n_heads} heads, patch
-  {list(config.patch_size)} voxels, input {list(config.img_size)} voxels, {config.n_registers} register token(s).
-- Input channels: the HU windows {windows} (level, width) of the canonical volume (RAS) resized whole to the input.
-
-## Data
-{data}
-
-## Recipe
-{recipe}
-
-## Metrics
-A backbone has no metrics of its own: `fmct probe` and `fmct finetune` measure what detectors made from it
-find (AUROC with patient-level bootstrap 95 % CIs), and their detector folders' model cards state them.
-
-## Intended use
-Research: features for probes and a starting point for fine-tuning in fmct's pipeline.
-
-## Limits
-Not a medical device and not validated for any clinical decision. Features carry whatever the
-pretraining data held; measure a detector made from it on your own scans before trusting it.
-"""
+    model = (f"- ViT3D {config.size}: {config.depth} blocks, width {config.embed_dim}, {config.n_heads} heads, patch "
+             f"{list(config.patch_size)} voxels, input {list(config.img_size)} voxels, {config.n_registers} register token(s).\n"
+             f"- Input channels: the HU windows {windows} (level, width) of the canonical volume (RAS) resized whole to the "
+             "input (`ViT3DModel.preprocess`).")
+    return render_card(
+        name,
+        "A 3D ViT backbone for head CT from fmct. Load it with `fmct.hub.ViT3DModel.from_pretrained(FOLDER)` (no "
+        "network for a local folder), or pass the folder as `--model` to `fmct embed` and `fmct finetune`.",
+        [("Model", model), ("Data", data), ("Recipe", recipe),
+         ("Metrics", "A backbone has no metrics of its own: `fmct probe` and `fmct finetune` measure what detectors made "
+                     "from it find (AUROC with patient-level bootstrap 95 % CIs), and their detector folders' model cards "
+                     "state them."),
+         ("Intended use", "Research: features for probes and a starting point for fine-tuning in fmct's pipeline."),
+         ("Limits", "Not a medical device and not validated for any clinical decision. Features carry whatever the "
+                    "pretraining data held; measure a detector made from it on your own scans before trusting it.")],
+        tags=["head-ct", "3d-vit", "medical-imaging", "backbone"],
+        base_model=finetuned_from.get("name") or None,
+    )
 
 
 def read_folder_config(folder: str | os.PathLike, format_name: str, folder_kind: str, config_kind: str) -> dict:
@@ -277,7 +267,7 @@ class ViT3DModel(ViT3D, ModelHubMixin, library_name="fmct", license="apache-2.0"
 
 def model_windows(model_dir: str | os.PathLike) -> list[tuple[float, float]]:
     """The (level, width) HU windows a model was trained with: ``extra["windows"]`` of its ``config.json``
-    (as ``fmct pretrain`` records them), or :data:`fmct.data.DEFAULT_WINDOWS` when none was recorded."""
+    (as ``fmct pretrain`` records them), or :data:`fmct.models.windows.DEFAULT_WINDOWS` when none was recorded."""
     recorded = read_extra(model_dir).get("windows")
     if recorded is None:
         return list(DEFAULT_WINDOWS)

@@ -28,11 +28,11 @@ import os
 import re
 import secrets
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fmct.errors import ConfigError, one_line
+from fmct.log import logger
 
 KEY_ENV = "FMCT_KEY_FILE"
 DEFAULT_KEY_FILE = "~/.config/fmct/pseudonym.key"
@@ -163,10 +163,9 @@ def _create_key_file(path: Path) -> None:
             return
     finally:
         temporary.unlink(missing_ok=True)
-    print(
+    logger.warning(
         f"fmct: made a new pseudonym key {path} (owner-only). Keep it and never share it: with it, the same "
-        f"patient gets the same key in every store; without it, nobody can recompute a store's keys.",
-        file=sys.stderr,
+        f"patient gets the same key in every store; without it, nobody can recompute a store's keys."
     )
 
 

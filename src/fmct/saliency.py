@@ -153,7 +153,7 @@ def write_examples(out: str | os.PathLike, rows: list[dict], store_path: str | o
         for split in ("test", "ood"):
             for label in (1, 0):  # true positives, then false positives
                 called = [r for r in mine if r["finding"] == finding and r["split"] == split and r["label"] == label
-                          and r["score"] >= r[f"threshold_{EXAMPLE_POINT}"]]
+                          and r["probability"] >= r[f"threshold_{EXAMPLE_POINT}"]]
                 chosen += sorted(called, key=lambda r: -r["score"])[:per_kind]
     store = Store(store_path)
     for row in chosen:

@@ -33,12 +33,13 @@ from typing import Iterator
 
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.codec import DEFAULT_CODEC, SUFFIXES, check_codec, codec_of, decode, encode, read_volume, write_volume
 from fmct.errors import ConfigError, InputError, ScanError
+from fmct.fingerprint import file_sha256
 from fmct.tables import rows_to_csv
+from fmct.log import progress_bar
 
 MANIFEST_COLUMNS = [
     "scan_id",
@@ -139,6 +140,14 @@ class Store:
 
 
 # ------------------------------------------------------------------------------------------ writing
+def store_identity(store_path: str | os.PathLike) -> dict:
+    """How an artefact names a store without its path: the folder's bare name and the sha256 of its
+    manifest (which scans, on which grid), so two stores of one name are told apart."""
+    store_path = Path(store_path)
+    manifest = store_path / "manifest.csv"
+    return {"name": store_path.resolve().name, "manifest_sha256": file_sha256(manifest) if manifest.is_file() else ""}
+
+
 def scan_file(store_path: Path, scan_id: str) -> Path:
     """The volume file of ``scan_id`` in the store: the compressed one when both exist (an interrupted
     migration), the ``.npy`` of an uncompressed store, else the path a compressed one would have."""
@@ -245,7 +254,7 @@ def migrate(store_path: str | os.PathLike, codec: str | None = None, progress: b
     recorded = _read_yaml(config_path)
     codec = check_codec(codec or (recorded.get("store") or {}).get("codec") or DEFAULT_CODEC)
     summary = MigrateSummary(store=store.path, codec=codec)
-    for scan_id in tqdm(store.scan_ids, unit="scan", desc="migrate", disable=not progress, dynamic_ncols=True):
+    for scan_id in progress_bar(store.scan_ids, unit="scan", desc="migrate", enabled=progress):
         size_before = _file_size(store.scan_file(scan_id))
         try:
             rewritten = _migrate_scan(store, scan_id, codec)

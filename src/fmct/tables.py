@@ -1,4 +1,5 @@
-"""CSV tables fmct writes (manifest, errors, predictions, metrics, labels of synthetic cohorts).
+"""CSV tables fmct writes (manifest, errors, predictions, metrics, labels of synthetic cohorts), and the
+JSON-lines logs it appends to (:func:`read_jsonl`).
 
 One writer, Python's :mod:`csv` with its quoting, so a comma, quote or newline in a cell can never shift
 a column. A cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``, ``-``, ``@``,
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -48,3 +52,20 @@ def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
 def lists_to_csv(header: list[str], rows: list[list]) -> str:
     """The CSV text of ``rows`` given as lists in the order of ``header``."""
     return rows_to_csv([dict(zip(header, row)) for row in rows], header)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file (e.g. a pretraining run's ``log.jsonl``), one dict per line.
+
+    A line that is not a whole JSON object is left out: a process killed while appending leaves its last
+    line cut short, and the records before it are still good.
+    """
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

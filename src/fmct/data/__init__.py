@@ -13,21 +13,17 @@ A pretraining step, in order::
 """
 
 from fmct.data.augment import (
-    DEFAULT_WINDOWS,
     AugmentConfig,
     CropBoxes,
     MultiCropAugment,
     crop_major_rows,
-    embed_transform,
     sample_boxes,
     sample_crops,
-    window_channels,
 )
 from fmct.data.dataset import StepBatchSampler, StoreVolumes, batch_generator, make_loader, step_generator
 from fmct.data.masking import block_mask_3d, sample_ibot_masks
 
 __all__ = [
-    "DEFAULT_WINDOWS",
     "AugmentConfig",
     "CropBoxes",
     "MultiCropAugment",
@@ -36,11 +32,9 @@ __all__ = [
     "batch_generator",
     "block_mask_3d",
     "crop_major_rows",
-    "embed_transform",
     "make_loader",
     "sample_boxes",
     "sample_crops",
     "sample_ibot_masks",
     "step_generator",
-    "window_channels",
 ]

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from fmct.errors import ConfigError
+from fmct.models.windows import DEFAULT_WINDOWS, apply_windows
 
-DEFAULT_WINDOWS = [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)]  # (level, width) HU: brain, subdural, bone
 
 
 def _to_device(values: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -206,26 +206,6 @@ def sample_crops(hu: torch.Tensor, boxes: CropBoxes, size: int) -> torch.Tensor:
     return crops.view(batch, 1, n, size, size, size).permute(2, 0, 1, 3, 4, 5).reshape(n * batch, 1, size, size, size)
 
 
-def _apply_windows(hu: torch.Tensor, level: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    # hu (N, 1, ...) and level, width (N, C): clip(hu, level -+ width/2) scaled to [0, 1], as
-    # hu / width + (0.5 - level / width) in one broadcast pass, then clamped in place.
-    shape = level.shape + (1,) * (hu.dim() - 2)
-    inverse_width = (1 / width).view(shape)
-    offset = (0.5 - level / width).view(shape)
-    return torch.addcmul(offset, hu, inverse_width).clamp_(0, 1)
-
-
-def window_channels(hu: torch.Tensor, windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS) -> torch.Tensor:
-    """HU (N, 1, ...) float -> (N, C, ...) in [0, 1], one channel per (level, width) window in HU.
-
-    Channel c is ``clip(hu, level - width/2, level + width/2)`` mapped linearly to [0, 1]: in the brain
-    window (40, 80), 0 HU -> 0, 40 HU -> 0.5, 80 HU -> 1.
-    """
-    table = _to_device(torch.tensor(windows, dtype=hu.dtype), hu.device)
-    n = hu.shape[0]
-    return _apply_windows(hu, table[:, 0].expand(n, -1), table[:, 1].expand(n, -1))
-
-
 def _gaussian_blur(hu: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     # Separable blur with a different sigma (voxels, a CPU tensor) per crop, the kernel cut at ``radius``
     # voxels: crops become the channels of one grouped convolution per axis. Replicate padding keeps the
@@ -331,24 +311,7 @@ class MultiCropAugment:
                 noise[j].normal_(generator=torch.Generator(device).manual_seed(int(noise_seeds[first_volume + j])))
             std = _to_device(noise_std, device, dtype).view(n_crops, batch, 1, 1, 1, 1)
             hu.view(n_crops, batch, *hu.shape[1:]).addcmul_(noise.transpose(0, 1), std)
-        channels = _apply_windows(hu, _to_device(level, device, dtype), _to_device(width, device, dtype))
+        channels = apply_windows(hu, _to_device(level, device, dtype), _to_device(width, device, dtype))
         if bool((gamma != 1).any()):
             channels.pow_(_to_device(gamma, device, dtype).view(n, 1, 1, 1, 1))
         return channels
-
-
-@torch.no_grad()
-def embed_transform(
-    hu: torch.Tensor, size: int | Sequence[int] = 96, windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS
-) -> torch.Tensor:
-    """The deterministic model input for inference: whole volume resized, windows to channels.
-
-    ``hu`` (B, 1, X, Y, Z) HU, any dtype and device -> float32 (B, C, *size) in [0, 1], trilinear
-    (align_corners=False, the same sampling as a full-volume crop of :class:`MultiCropAugment`).
-    """
-    if hu.dim() != 5 or hu.shape[1] != 1:
-        raise ValueError(f"expected an HU batch (B, 1, X, Y, Z), got shape {list(hu.shape)}")
-    size = (size,) * 3 if isinstance(size, int) else tuple(size)
-    with torch.autocast(hu.device.type, enabled=False):
-        resized = F.interpolate(hu.float(), size=size, mode="trilinear", align_corners=False)
-        return window_channels(resized, windows)

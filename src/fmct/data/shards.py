@@ -41,13 +41,13 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fmct.atomic import atomic_write_stream, atomic_write_text
 from fmct.codec import BLOSC2_CODECS, DEFAULT_CODEC, check_codec, codec_of, decode, encode
 from fmct.data.dataset import StoreVolumes
 from fmct.errors import ConfigError, InputError, ScanError
 from fmct.store import Store
+from fmct.log import progress_bar
 
 INDEX_FILE = "shards.json"
 FORMAT = "fmct-shards/1"
@@ -106,7 +106,7 @@ def pack_store(
 
     readable, index_shards = [], []
     planned = [volumes.scan_ids[i:i + scans_per_shard] for i in range(0, len(volumes.scan_ids), scans_per_shard)]
-    bar = tqdm(total=len(volumes.scan_ids), unit="scan", desc="pack", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(volumes.scan_ids), unit="scan", desc="pack", enabled=progress)
     for scan_ids in planned:
         name = f"shard-{len(index_shards):06d}.tar"
         if _shard_holds(out / name, scan_ids, codec):

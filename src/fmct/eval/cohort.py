@@ -25,6 +25,7 @@ from fmct.eval import metrics as M
 from fmct.eval.splits import assign_splits, training_subset
 from fmct.pseudonym import patient_pseudonyms
 from fmct.store import Store
+from fmct.synth.cohort import made_by_synth
 
 EVALUATED_SPLITS = ("test", "ood")
 GROUPS = {"test": "ID", "ood": "OOD"}  # evaluated split -> site group
@@ -95,6 +96,12 @@ class Cohort:
     notes: list[str]
     scanners: np.ndarray | None = None
 
+    @property
+    def synthetic(self) -> bool:
+        """True for a cohort ``fmct synth`` drew (:func:`fmct.synth.cohort.made_by_synth`): its figures say
+        nothing about real CT, and every card and report built on it says so."""
+        return made_by_synth(self.origin)
+
     def rows(self, finding: int, splits: tuple[str, ...]) -> np.ndarray:
         """Indices of the scans in ``splits`` whose label of ``finding`` is known."""
         return np.flatnonzero(~np.isnan(self.labels[:, finding]) & np.isin(self.split, splits))
@@ -148,10 +155,10 @@ class Cohort:
 
     def split_counts(self) -> dict:
         """Scans per split, positives/negatives per finding and split, and the cohort table per site and
-        split (:func:`site_split_table`), as run.json records them."""
+        split (:func:`site_split_table`), and whether the cohort is synthetic, as run.json records them."""
         scans = {name: int(np.sum(self.split == name)) for name in SPLITS}
         scanners = self.scanners if self.scanners is not None else np.full(len(self.scan_ids), NOT_RECORDED)
-        return {"scans_per_split": scans, "labels_per_split": self.label_counts(),
+        return {"scans_per_split": scans, "labels_per_split": self.label_counts(), "synthetic": self.synthetic,
                 "cohort": site_split_table(self.patients, self.sites, self.split, scanners, self.findings, self.labels)}
 
     def label_counts(self) -> dict[str, dict[str, dict[str, int]]]:

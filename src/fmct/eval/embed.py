@@ -5,7 +5,7 @@ What turns a scan into features (``--model``, see :func:`resolve_encoder`), and 
 - ``RUN|DIR``, a pretrained backbone (arm ``pretrained``), or ``scratch --like RUN|DIR``, the same
   architecture randomly initialised from ``init_seed`` and frozen (arm ``random-init``, a floor): the
   whole canonical volume resized to the model's input size and windowed into channels
-  (:func:`fmct.data.embed_transform`, with the HU windows recorded with the (like) model or the defaults),
+  (:func:`fmct.models.windows.model_input`, with the HU windows recorded with the (like) model or the defaults),
   one forward pass (bf16 autocast on CUDA, fp32 on the CPU), then float32 features of embed_dim each: the
   CLS token ``cls`` and the mean and per-channel maximum of the patch tokens, ``patch_mean`` and
   ``patch_max`` (:func:`fmct.models.encode.encode`; the probe builds its feature sets from them, by default
@@ -45,12 +45,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fmct import hub
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import save_config, to_dict
-from fmct.data import StoreVolumes, embed_transform
+from fmct.data import StoreVolumes
 from fmct.data.batches import read_hu_batches, to_device
 from fmct.errors import ConfigError, InputError, UsageError
 from fmct.distributed import DistEnv, all_reduce_sum, close_distributed, init_distributed
@@ -59,7 +58,10 @@ from fmct.eval.embeddings import AUTO, write_embeddings
 from fmct.fingerprint import weights_sha256
 from fmct.models import ViT3D
 from fmct.models.encode import FEATURES, encode
+from fmct.models.windows import model_input
+from fmct.paths import relative_to
 from fmct.tables import rows_to_csv
+from fmct.log import progress_bar
 
 
 @dataclass
@@ -140,9 +142,9 @@ def resolve_encoder(model: str, like: str | None, config: EmbedConfig, device: t
     backbone = source.build(device, config.init_seed)
     if source.is_random_init:
         return _backbone_encoder(backbone, source, "random-init", {"weights_sha256": weights_sha256(backbone)},
-                                 {"model_path": "", "like": str(source.like_dir.resolve()), "init_seed": config.init_seed}, config)
+                                 {"model_path": "", "like": source.like_dir.resolve().name, "init_seed": config.init_seed}, config)
     return _backbone_encoder(backbone, source, "pretrained", {"checkpoint_sha256": source.sha256},
-                             {"model_path": str(source.model_dir.resolve())}, config)
+                             {"model_path": source.model_dir.resolve().name}, config)
 
 
 def _backbone_encoder(model: ViT3D, source: hub.ModelSource, arm: str, weights: dict, meta: dict,
@@ -153,7 +155,7 @@ def _backbone_encoder(model: ViT3D, source: hub.ModelSource, arm: str, weights: 
     windows = source.windows
 
     def features(hu: torch.Tensor) -> dict[str, torch.Tensor]:
-        return encode(model, embed_transform(hu, model.config.img_size, windows), forward_features)
+        return encode(model, model_input(hu, model.config.img_size, windows), forward_features)
 
     device = next(model.parameters()).device
     # "features": chunks written before patch_max lack it, so they are not reused.
@@ -256,9 +258,9 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
         plan += [(k, s == starts[-1]) for s in starts]
 
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    bar = tqdm(total=sum(len(chunks[k]) for k in mine), initial=sum(len(chunks[k]) for k in finished), unit="scan",
-               desc="embed" if env.world_size == 1 else f"embed (rank 0 of {env.world_size})",
-               disable=not progress or not env.is_main)
+    bar = progress_bar(total=sum(len(chunks[k]) for k in mine), initial=sum(len(chunks[k]) for k in finished), unit="scan",
+                       desc="embed" if env.world_size == 1 else f"embed (rank 0 of {env.world_size})",
+                       enabled=progress and env.is_main)
     reader = read_hu_batches(volumes, batches, config.workers, pin_memory=device.type == "cuda")
     try:
         parts, ids, failed = {}, [], []
@@ -305,7 +307,7 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
         "default_feature": encoder.default_feature,
         **encoder.fingerprint,
         **encoder.meta,
-        "store": str(volumes.store.path.resolve()),
+        "store": relative_to(volumes.store.path, out),  # the probe finds it again from here
         "n_scans": int(len(scan_ids)),
         "n_skipped": len(skipped),
     }

@@ -12,9 +12,7 @@ An embeddings folder holds two files, both free of pickle:
   checkpoint path and sha256, input size, and ``default_feature``: the feature set a probe reads unless
   told otherwise, ``auto`` when absent), copied by the probe into its ``run.json``.
 
-A backbone's **feature sets** (:data:`FEATURE_SETS`) are its features side by side, in this order:
-``cls``, ``patch_mean``, ``patch_max`` alone, ``concat`` (``cls`` | ``patch_mean``, DINOv2's linear
-evaluation) and ``cls_mean_max`` (``cls`` | ``patch_mean`` | ``patch_max``). ``auto`` is no set of its
+A backbone's **feature sets** are :data:`fmct.models.encode.FEATURE_SETS`. ``auto`` is no set of its
 own: the probe fits each of :data:`AUTO_CANDIDATES` and keeps the best on validation
 (:func:`fmct.eval.classifiers.choose_features`).
 """
@@ -31,15 +29,8 @@ import numpy as np
 
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.errors import InputError
+from fmct.models.encode import FEATURE_SETS
 
-# Feature set -> the table's features, concatenated in this order (a probe detector rebuilds the same).
-FEATURE_SETS: dict[str, tuple[str, ...]] = {
-    "cls": ("cls",),
-    "patch_mean": ("patch_mean",),
-    "patch_max": ("patch_max",),
-    "concat": ("cls", "patch_mean"),
-    "cls_mean_max": ("cls", "patch_mean", "patch_max"),
-}
 AUTO = "auto"
 AUTO_CANDIDATES = ("cls", "concat", "cls_mean_max")  # smallest first: a tie on validation keeps the smaller
 

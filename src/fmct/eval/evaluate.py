@@ -18,9 +18,10 @@ A predictions folder holds:
   ``shots`` (N positives and N negatives trained on; ``label_fraction`` is then empty).
   Optional columns (``OPTIONAL_COLUMNS``): ``probability`` (a calibrated probability in [0, 1]: the
   calibration plot uses it; without it, the logistic of the score, labelled uncalibrated) and
-  ``threshold_spec90`` / ``threshold_spec95`` (decision thresholds on ``score`` chosen on the validation
-  split to reach 90% / 95% specificity: the operating points use them; without them, the thresholds are
-  set on the test set itself, labelled optimistic).
+  ``threshold_spec90`` / ``threshold_spec95`` (decision thresholds on ``probability`` chosen on the
+  validation split to reach 90% / 95% specificity: a scan is positive when its probability is at least
+  the threshold, and the operating points use them; without them, the thresholds are set on the test
+  set's scores itself, labelled optimistic).
 - ``run.json``: the config and model identity behind the scores (embeddings or checkpoint path and its
   sha256, method, splits, the cohort table per site and split, the fits with their training-set sizes...).
   ``evaluate`` and ``report`` copy it next to every number. A fine-tuning fit records ``ended_by``
@@ -90,6 +91,7 @@ from fmct.eval import metrics as M
 from fmct.eval.cohort import GROUPS, NOT_RECORDED, scanner_name, site_split_table
 from fmct.store import Store
 from fmct.tables import rows_to_csv
+from fmct.paths import located
 
 PREDICTION_COLUMNS = [
     "scan_id", "patient_id", "site", "split", "finding", "label", "score",
@@ -272,12 +274,12 @@ def _cohort_from_predictions(p: Predictions) -> list[dict]:
     labels = np.full((len(scan_ids), len(findings)), np.nan)
     labels[np.searchsorted(scan_ids, c["scan_id"]), np.searchsorted(findings, c["finding"])] = c["label"]
     patients = np.where(c["patient_id"][first] != "", c["patient_id"][first], scan_ids)
-    scanner_of = _store_scanners(p.run.get("store"))
+    scanner_of = _store_scanners(located(p.run["store"], p.path) if p.run.get("store") else None)
     scanners = np.array([scanner_of.get(s, NOT_RECORDED) for s in scan_ids])
     return site_split_table(patients, c["site"][first], c["split"][first], scanners, findings, labels)
 
 
-def _store_scanners(store_path: str | None) -> dict[str, str]:
+def _store_scanners(store_path: Path | None) -> dict[str, str]:
     """Scan id -> scanner from the manifest of the store run.json names (empty when it is not there)."""
     if not store_path or not (Path(store_path) / "scans").is_dir():
         return {}
@@ -556,8 +558,8 @@ class _Cell:
                 per_seed = []
                 for s, (scores, mask) in enumerate(zip(self.scores[key], present)):
                     weights = self.weights * mask
-                    if validated:
-                        rates = M.operating_point(self.labels, scores, thresholds[s], weights)
+                    if validated:  # validation thresholds are on the probability
+                        rates = M.operating_point(self.labels, self.probabilities[key][s], thresholds[s], weights)
                         rates["threshold"] = np.full(len(weights), thresholds[s])
                     else:
                         rates = M.operating_point_at_specificity(self.labels, scores, target, weights)

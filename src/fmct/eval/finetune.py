@@ -19,7 +19,7 @@ of that class from the finding's training subset); binary cross-entropy over the
 budget only (unknown labels, and labels outside the finding's training subset, are masked out); early
 stopping on the mean validation AUROC over findings, checked every ``eval_every`` steps, keeping the
 best weights. Augmentation is pretraining's (:class:`fmct.data.MultiCropAugment` with one global crop and
-no local crop, on the device); evaluation sees the whole volume (:func:`fmct.data.embed_transform`).
+no local crop, on the device); evaluation sees the whole volume (:func:`fmct.models.windows.model_input`).
 
 The labelled cohort, its splits and label budgets are :mod:`fmct.eval.cohort`'s, as for the probe: each
 (budget, seed) trains one model from the training split.
@@ -42,15 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from fmct import detector, hub, saliency
 from fmct.atomic import atomic_write_text
 from fmct.config import save_config, to_dict
-from fmct.data import AugmentConfig, MultiCropAugment, StoreVolumes, embed_transform, step_generator
+from fmct.data import AugmentConfig, MultiCropAugment, StoreVolumes, step_generator
 from fmct.data.batches import read_hu_batches, to_device
 from fmct.devices import autocast, default_device
 from fmct.errors import ConfigError, InputError, UsageError
+from fmct.eval import calibration
 from fmct.eval.cohort import EVALUATED_SPLITS, Budget, Cohort, CohortConfig, FitSummary, load_cohort
 from fmct.eval.evaluate import write_predictions
 from fmct.eval.metrics import auroc
@@ -58,7 +58,11 @@ from fmct.fingerprint import file_sha256, settings_sha256
 from fmct.models import ViT3DConfig
 from fmct.models.classifier import HEADS, Classifier
 from fmct.models.vit3d import grouped_parameters
+from fmct.models.windows import model_input
 from fmct.schedules import warmup_cosine
+from fmct.paths import relative_to
+from fmct.store import store_identity
+from fmct.log import progress_bar
 
 
 @dataclass
@@ -77,8 +81,11 @@ class FinetuneConfig(CohortConfig):
     grad_clip: float = 3.0  # max global gradient norm
     workers: int = 4  # reader threads
     # Training views: one crop per scan of this share of the volume, resized to the model's input, with
-    # pretraining's left-right flip, small rotation and intensity jitter (AugmentConfig's defaults).
+    # pretraining's left-right flip, a rotation up to rotation_deg and, on intensity_prob of the crops,
+    # window jitter, noise and gamma (AugmentConfig's).
     crop_scale: tuple[float, float] = (0.6, 1.0)
+    rotation_deg: float = 10.0
+    intensity_prob: float = 0.8
     # The architecture of `--model scratch` without `--like`.
     model: ViT3DConfig = field(default_factory=ViT3DConfig)
     name: str = ""  # model name in the predictions; empty: from the model folder
@@ -144,7 +151,7 @@ class _Scans:
         reader = self.batches(row_batches)
         try:
             for batch_rows, batch in zip(row_batches, reader):
-                x = embed_transform(to_device(batch.hu, self.device, self.copy_stream), classifier.backbone.config.img_size, self.windows)
+                x = model_input(to_device(batch.hu, self.device, self.copy_stream), classifier.backbone.config.img_size, self.windows)
                 with autocast(self.device):
                     logits.append(classifier(x).float())
                 failed.update({batch_rows[row]: reason for row, reason in batch.failed.items()})
@@ -178,6 +185,7 @@ def _train_one(
     if len(set(size)) != 1:
         raise UsageError(f"finetune needs a cubic model input, the model's img_size is {list(size)}")
     augment = MultiCropAugment(AugmentConfig(n_global=1, n_local=0, global_size=size[0], global_scale=config.crop_scale,
+                                             rotation_deg=config.rotation_deg, intensity_prob=config.intensity_prob,
                                              windows=list(scans.windows), blur_prob=0.0))
     targets_device = torch.as_tensor(targets, dtype=torch.float32, device=device)
     mask_device = torch.as_tensor(mask, dtype=torch.float32, device=device)
@@ -187,7 +195,7 @@ def _train_one(
     checks_without_gain, losses, step, ended_by = 0, [], 0, "max_steps"
     reader = scans.batches(row_batches)
     # Early stopping usually ends a fit long before max_steps: the bar's total is the cap, its postfix the state.
-    progress = tqdm(total=config.max_steps, desc="  steps", unit="step", leave=False)
+    progress = progress_bar(total=config.max_steps, desc="  steps", unit="step", leave=False)
     try:
         classifier.train()
         for step, (rows, batch) in enumerate(zip(row_batches, reader), start=1):
@@ -243,7 +251,7 @@ def _fingerprint(config: FinetuneConfig, backbone: hub.ModelSource, arm: str, la
     # What decides a fit's result; budgets and seeds name the fit, workers only change the speed.
     settings = {k: v for k, v in to_dict(config).items() if k not in ("label_fractions", "shots", "seeds", "workers")}
     return settings_sha256({"config": settings, "backbone": backbone.identity(), "arm": arm, "labels": labels_sha256,
-                            "store": str(store.resolve())})
+                            "store": store_identity(store)})
 
 
 def _save_fit(folder: Path, classifier: Classifier, backbone: hub.ModelSource, config: FinetuneConfig, fit: dict,
@@ -308,7 +316,7 @@ def run_finetune(
         "windows_hu": [list(w) for w in backbone.windows], "input_size": list(backbone.config.img_size),
         **detector.store_grid(store_path),
         "provenance": {"verb": "finetune", "labels": {"spec": labels_spec, "sha256": labels_sha256},
-                       "store": str(Path(store_path).resolve()), "scans_per_split": cohort.split_counts()["scans_per_split"],
+                       "store": store_identity(store_path), "synthetic": cohort.synthetic, "scans_per_split": cohort.split_counts()["scans_per_split"],
                        "ood_sites": list(config.ood_sites),
                        "recipe": {"backbone": backbone.name, "arm": arm, "head": config.head,
                                   "trainable_blocks": config.trainable_blocks, "lr": config.lr, "max_steps": config.max_steps,
@@ -317,7 +325,7 @@ def run_finetune(
 
     predictions, fits, n_reused = [], [], 0
     plan = [(seed, budget) for seed in range(config.seeds) for budget in config.budgets()]
-    for seed, budget in tqdm(plan, desc="finetune", unit="fit"):
+    for seed, budget in progress_bar(plan, desc="finetune", unit="fit"):
         folder = out / "fits" / f"{budget.name}-seed{seed}"
         fit = _finished_fit(folder, fingerprint)
         if fit is not None:
@@ -333,7 +341,7 @@ def run_finetune(
         "command": "finetune", "config": to_dict(config), "model": backbone.name, "arm": arm,
         "backbone": backbone.identity(), "labels": {"spec": labels_spec, "sha256": labels_sha256,
                                                     "notes": cohort.notes + [f"{s}: {r}" for s, r in volumes.skipped]},
-        "store": str(Path(store_path).resolve()), "device": str(device),
+        "store": relative_to(store_path, out), "device": str(device),
         **cohort.split_counts(), "fits": fits, "skipped": skipped,
     }
     save_config(config, out / "config.yaml")
@@ -380,11 +388,11 @@ def _fit_budget(backbone: hub.ModelSource, arm: str, scans: _Scans, cohort: Coho
     for f in trainable:
         val_keep = [p for p, i in enumerate(val_rows.tolist()) if i not in val_failed and not np.isnan(y[i, f])]
         eval_keep = [p for p, i in enumerate(eval_rows.tolist()) if i not in failed and not np.isnan(y[i, f])]
-        finding_fits[f] = detector.FindingFit(np.flatnonzero(mask[:, f]), val_rows[val_keep], val_logits[val_keep, f],
+        finding_fits[f] = calibration.FindingFit(np.flatnonzero(mask[:, f]), val_rows[val_keep], val_logits[val_keep, f],
                                               eval_rows[eval_keep], logits[eval_keep, f])
-    summary = detector.summarise_fit(cohort, finding_fits)
+    summary = calibration.summarise_fit(cohort, finding_fits)
     rows = [{**cohort.prediction(i, f, logits[position, f], backbone.name, arm, budget, seed),
-             **detector.prediction_columns(summary, cohort.findings[f], logits[position, f])}
+             **calibration.prediction_columns(summary, cohort.findings[f], logits[position, f])}
             for position, i in enumerate(eval_rows.tolist()) if i not in failed
             for f in trainable if not np.isnan(y[i, f])]
     return {

@@ -36,16 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fmct import detector, hub, saliency
 from fmct.config import save_config, to_dict
 from fmct.errors import CheckpointError, ConfigError, InputError
+from fmct.eval import calibration
 from fmct.eval.classifiers import C_GRID, LogisticProbe, choose_features, fit_knn, fit_logistic_probe
 from fmct.eval.cohort import EVALUATED_SPLITS, Budget, Cohort, CohortConfig, FitSummary, load_cohort
 from fmct.eval.embeddings import AUTO, Embeddings, read_embeddings
 from fmct.eval.evaluate import write_predictions
 from fmct.fingerprint import file_sha256
+from fmct.paths import located, relative_to
+from fmct.store import store_identity
+from fmct.log import progress_bar
 
 METHODS = ("logistic", "knn")
 
@@ -102,12 +105,13 @@ def run_probe(
     skipped = [cohort.untrainable_reason(f) for f in range(len(cohort.findings)) if f not in trainable]
     budgets = config.budgets()
     labels_record = {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin))}
-    store = store_path or embeddings.meta.get("store")
+    folder = Path(embeddings_path) if Path(embeddings_path).is_dir() else Path(embeddings_path).parent
+    store = store_path or (located(embeddings.meta["store"], folder) if embeddings.meta.get("store") else None)
     target, no_detector = _detector_target(embeddings, feature, config, store)
     notes = cohort.notes + [note for note in (no_detector and f"no detector folders: {no_detector}", candidates_note) if note]
     _remove_earlier_detectors(out)
     predictions, fits, n_detectors = [], [], 0
-    with tqdm(total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False) as progress:
+    with progress_bar(total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False) as progress:
         for seed in range(config.seeds):
             for budget in budgets:
                 choice = choose_features(candidates, lambda x: [_fit_one(x, cohort, f, budget, seed, config) for f in trainable],
@@ -117,10 +121,10 @@ def run_probe(
                     fits.append({**fit, **choice.record()})
                 progress.update(len(trainable))
                 # Thresholds and calibration set on validation, for the predictions and the detector alike.
-                summary = detector.summarise_fit(cohort, finding_fits)
+                summary = calibration.summarise_fit(cohort, finding_fits)
                 for f, finding_fit in finding_fits.items():
                     predictions += [{**cohort.prediction(i, f, score, model_name, arm, budget, seed),
-                                     **detector.prediction_columns(summary, cohort.findings[f], score)}
+                                     **calibration.prediction_columns(summary, cohort.findings[f], score)}
                                     for i, score in zip(finding_fit.eval_rows.tolist(), finding_fit.eval_scores)]
                 if target is not None:
                     n_detectors += _save_detector(out / detector.FITS_DIR / f"{budget.name}-seed{seed}", target, choice.record(),
@@ -129,7 +133,7 @@ def run_probe(
     run = {
         "command": "probe", "config": to_dict(config), "model": model_name, "arm": arm, "features": feature,
         "embeddings": _embeddings_record(embeddings_path, embeddings),
-        "labels": {**labels_record, "notes": notes}, "store": None if store_path is None else str(store_path),
+        "labels": {**labels_record, "notes": notes}, "store": None if store_path is None else relative_to(store_path, out),
         **cohort.split_counts(), "fits": fits, "skipped": skipped, "detectors": n_detectors,
     }
     save_config(config, out / "config.yaml")
@@ -143,7 +147,7 @@ def run_probe(
 
 
 def _fit_one(x: np.ndarray, cohort: Cohort, finding: int, budget: Budget, seed: int,
-             config: ProbeConfig) -> tuple[dict, detector.FindingFit, LogisticProbe | None]:
+             config: ProbeConfig) -> tuple[dict, calibration.FindingFit, LogisticProbe | None]:
     """One probe of ``finding`` on the training subset of (``budget``, ``seed``): its fit record, its
     scores of the validation and evaluated scans, and the fitted logistic model (None for k-NN)."""
     f, y = finding, cohort.labels
@@ -158,7 +162,7 @@ def _fit_one(x: np.ndarray, cohort: Cohort, finding: int, budget: Budget, seed: 
         val_scores, scores = both[: len(val)], both[len(val):]
     fit = {"finding": cohort.findings[f], "seed": seed, "label_fraction": budget.fraction, "shots": budget.shots,
            "n_train_pos": int(np.sum(y[subset, f] == 1)), "n_train_neg": int(np.sum(y[subset, f] == 0)), **chosen}
-    return fit, detector.FindingFit(subset, val, val_scores, evaluated, scores), model
+    return fit, calibration.FindingFit(subset, val, val_scores, evaluated, scores), model
 
 
 def _remove_earlier_detectors(out: Path) -> None:
@@ -199,7 +203,7 @@ def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
 def _save_detector(folder: Path, target: dict, choice: dict, cohort: Cohort, models: dict[int, LogisticProbe],
                    summary: dict, budget: Budget, seed: int, config: ProbeConfig, labels_record: dict,
                    store: str | os.PathLike) -> int:
-    """Save the logistic fits of one (budget, seed) (``summary``: :func:`fmct.detector.summarise_fit` of
+    """Save the logistic fits of one (budget, seed) (``summary``: :func:`fmct.calibration.summarise_fit` of
     them; ``choice``: :meth:`FeatureChoice.record` of their feature set) as a detector folder whose
     ``feature`` is the chosen set; 1 when saved, 0 when no finding could be calibrated (its validation
     split lacks a class)."""
@@ -211,7 +215,7 @@ def _save_detector(folder: Path, target: dict, choice: dict, cohort: Cohort, mod
             for name in ("mean", "scale", "coef")}
     head["intercept"] = torch.tensor([models[f].intercept for f in kept], dtype=torch.float32)
     provenance = {
-        "verb": "probe", "labels": labels_record, "store": str(Path(store).resolve()), "seed": seed,
+        "verb": "probe", "labels": labels_record, "store": store_identity(store), "synthetic": cohort.synthetic, "seed": seed,
         "budget": {"label_fraction": budget.fraction, "shots": budget.shots},
         "scans_per_split": cohort.split_counts()["scans_per_split"], "ood_sites": list(config.ood_sites),
         "n_train": summary["n_train"], "metrics": summary["metrics"],

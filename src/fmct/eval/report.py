@@ -47,9 +47,10 @@ from fmct.eval.evaluate import (
     THRESHOLD_ON_TEST, THRESHOLD_ON_VALIDATION, Evaluation, arm_effects, budget_name, ceiling_effects, evaluate,
     holm_family, is_ceiling_comparison, pretraining_effects, read_evaluation, read_predictions, with_holm,
 )
+from fmct.tables import read_jsonl
 from fmct.eval.report_figures import (
     CEILING_LABEL, as_float, budget_text, figures as draw_figures, largest_budget, learning_curve_figure, number, png,
-    read_training_log, system_name,
+    system_name,
 )
 
 SECTIONS = {
@@ -133,7 +134,7 @@ def write_report(
     figures = draw_figures(evaluation)
     for spec in pretraining:
         log = hub.training_log(spec)
-        figures[f"learning_curve_{Path(str(spec)).name}"] = png(learning_curve_figure(read_training_log(log), str(spec)))
+        figures[f"learning_curve_{Path(str(spec)).name}"] = png(learning_curve_figure(read_jsonl(log), str(spec)))
     figure_dir = out.with_name(out.stem + "_figures")
     for name, data in figures.items():
         atomic_write_bytes(figure_dir / f"{name}.png", data)
@@ -178,8 +179,10 @@ def _examples_of(folder: Path, finding: str, group: str, system: str, c: dict, r
     if M.not_estimable_reason(int(np.sum(labels == 1)), int(np.sum(labels == 0))):
         return []
     given = c[OPERATING_POINTS[SALIENCY_TARGET]][rows]
-    if np.isfinite(given).all():
-        threshold, source = float(given[0]), THRESHOLD_ON_VALIDATION
+    if np.isfinite(given).all() and np.isfinite(c["probability"][rows]).all():
+        # A validation threshold is on the probability: the same scans, ranked alike, on the score's side.
+        called = c["probability"][rows] >= float(given[0])
+        threshold, source = float(np.min(scores[called])) if called.any() else np.inf, THRESHOLD_ON_VALIDATION
     else:
         threshold = float(M.operating_point_at_specificity(labels, scores, SALIENCY_TARGET)["threshold"])
         source = THRESHOLD_ON_TEST
@@ -324,14 +327,15 @@ def _cut_fits(evaluation: Evaluation) -> list[str]:
             f"these models were still learning.<ul>{items}</ul></div>"]
 
 
-def _holm_count(effects: list[dict]) -> str:
-    """``; k of them with Holm-adjusted p < 0.05`` (empty for no effect)."""
-    surviving = sum(1 for e in effects if as_float(e.get("p_holm")) < 0.05)
-    return f"; {surviving} of them with Holm-adjusted p < 0.05" if effects else ""
+def _holm_better(effects: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The effects the table bolds, split by sign: (pretrained better, baseline better), Holm-adjusted p < 0.05."""
+    bold = [e for e in effects if as_float(e.get("p_holm")) < 0.05]
+    return [e for e in bold if e["diff"] > 0], [e for e in bold if e["diff"] < 0]
 
 
 def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str], level: int) -> str:
-    """One paragraph: do the pretrained arms clear ``floor`` (AUROC difference with its paired CI above 0)?"""
+    """One sentence: at how many comparisons the pretrained arms beat ``floor`` with a Holm-adjusted p < 0.05
+    (what the table bolds)."""
     floor_name, what = f"the {_esc(floor)} floor", _esc(what)
     if "pretrained" not in arms:
         return f"<p>No pretrained arm in this evaluation: nothing to check against {floor_name} ({what}).</p>"
@@ -341,19 +345,12 @@ def _floor_verdict(comparisons: list[dict], floor: str, what: str, arms: set[str
     if not effects:
         return (f"<p><b>No pretrained arm is checked against {floor_name}</b> ({what}): they never scored the same "
                 "scans at the same label budget with enough positives and negatives.</p>")
-    cleared = [e for e in effects if e["low"] > 0]
-    below = [e for e in effects if e["high"] < 0]
-    counted = (f"AUROC difference pretrained - {_esc(floor)} with its {level}% paired-bootstrap CI above 0 at "
-               f"{len(cleared)} of {len(effects)} comparisons (finding x site group x label budget{_holm_count(cleared)})")
-    if len(cleared) == len(effects):
-        verdict = f"<b>The pretrained arms clear {floor_name} everywhere</b> ({what}): {counted}."
-    elif not cleared:
-        verdict = f"<b>The pretrained arms do not clear {floor_name} anywhere</b> ({what}): {counted}."
-    else:
-        verdict = f"<b>The pretrained arms clear {floor_name} only in part</b> ({what}): {counted}."
-    if below:
-        verdict += f" The floor is significantly better at {len(below)}: {_esc(_places(below))}."
-    return f"<p>{verdict}</p>"
+    better, worse = _holm_better(effects)
+    verdict = (f"<b>Pretrained beats {floor_name} at {len(better)} of {len(effects)} comparisons</b> ({what}; "
+               "Holm-adjusted p &lt; 0.05, as the table bolds)")
+    if worse:
+        verdict += f"; the floor is better at {len(worse)}: {_esc(_places(worse))}"
+    return f"<p>{verdict}.</p>"
 
 
 def _places(effects: list[dict]) -> str:
@@ -362,20 +359,16 @@ def _places(effects: list[dict]) -> str:
 
 
 def _pretraining_summary(comparisons: list[dict], level: int) -> list[str]:
-    """The answer to "what does pretraining buy?": how often a pretrained model beats its scratch twin
-    with the paired CI above 0, or a plain statement that it never does."""
+    """The answer to "what does pretraining buy?" in one sentence: at how many comparisons a pretrained
+    model beats its scratch twin with a Holm-adjusted p < 0.05 (what the table bolds)."""
     effects = pretraining_effects(comparisons)
     if not effects:
         return []
-    better = [e for e in effects if e["low"] > 0]
-    worse = [e for e in effects if e["high"] < 0]
-    text = (f"<b>Pretraining is significantly better than scratch at {len(better)} of {len(effects)} comparisons</b> "
-            f"(same architecture trained from random init; AUROC difference pretrained - scratch with its {level}% "
-            f"paired-bootstrap CI above 0{_holm_count(better)})" if better
-            else "<b>At no finding, label budget or site group is the pretrained model significantly better than "
-                 f"scratch in this evaluation</b> ({len(effects)} paired comparisons)")
+    better, worse = _holm_better(effects)
+    text = (f"<b>Pretraining beats scratch at {len(better)} of {len(effects)} comparisons</b> (the same architecture "
+            "from random init; Holm-adjusted p &lt; 0.05, as the table bolds)")
     if worse:
-        text += f"; scratch is significantly better at {len(worse)}: {_esc(_places(worse))}"
+        text += f"; scratch is better at {len(worse)}: {_esc(_places(worse))}"
     return [f"<p>{text}.</p>"]
 
 
@@ -571,7 +564,7 @@ def _operating_points(evaluation: Evaluation, level: int) -> list[str]:
                      "very scans it is judged on, and set again in every bootstrap replicate. Expect sensitivity and PPV "
                      f"to be lower on new scans. Thresholds marked <b>{_esc(THRESHOLD_ON_VALIDATION)}</b> were fixed before "
                      "these scans were seen.</p>")
-    short = {THRESHOLD_ON_TEST: "test set (optimistic)", THRESHOLD_ON_VALIDATION: "validation"}
+    short = {THRESHOLD_ON_TEST: "test set, on the score (optimistic)", THRESHOLD_ON_VALIDATION: "validation, on the probability"}
     for finding, group, rows in _by_finding_and_group(evaluation.operating_points, lines):
         fraction, shots = largest_budget(rows)
         table = []
@@ -586,7 +579,7 @@ def _operating_points(evaluation: Evaluation, level: int) -> list[str]:
                           *[_with_ci(r, name) for name in M.OPERATING_POINT_NAMES]]
             table.append(cells)
         lines += [_group_heading(rows, finding, group).replace("</h3>", f", label budget {_esc(budget_name(fraction, shots))}</h3>"),
-                  _table(["model (arm)", "target specificity", "threshold on score", "threshold chosen on", "sensitivity",
+                  _table(["model (arm)", "target specificity", "threshold", "threshold chosen on", "sensitivity",
                           "specificity", "PPV", "NPV"], table, numeric={1, 2, 4, 5, 6, 7})]
     return lines
 
@@ -673,10 +666,9 @@ def _comparison_tables(comparisons: list[dict], level: int, holm: bool) -> list[
 
 
 def _examples(examples: list[dict]) -> list[str]:
+    if not examples:  # none of the predictions folders holds saliency/<scan_id>/<finding>.png
+        return []
     lines = [_heading("examples")]
-    if not examples:
-        return lines + ["<p>No saliency images are available: none of the predictions folders holds "
-                        "<code>saliency/&lt;scan_id&gt;/&lt;finding&gt;.png</code>.</p>"]
     lines.append(f"<p>Scans called positive at the {100 * SALIENCY_TARGET:.0f}%-specificity threshold, the highest scores "
                  f"first, up to {EXAMPLES_PER_KIND} true and {EXAMPLES_PER_KIND} false positives per finding and site group: "
                  "where the detector looked when it was right, and when it was wrong.</p>")
@@ -724,14 +716,8 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes], examples: lis
     """The report page as one HTML string with the figures (and saliency ``examples`` of
     :func:`saliency_examples`) inlined."""
     level = int(round(100 * evaluation.settings.get("level", 0.95)))
-    toc = "".join(f"<li><a href='#{key}'>{_esc(title)}</a></li>" for key, title in SECTIONS.items())
     learning = [_image(n, data) for n, data in figures.items() if n.startswith("learning_curve_")]
-    parts = [
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fmct report</title><style>{CSS}</style></head><body>",
-        "<h1>fmct report</h1>",
-        f"<p class='muted'>{len(evaluation.runs)} predictions folder(s); {level}% CIs from a patient-level bootstrap. "
-        "ID: in-distribution test split; OOD: test scans of held-out sites.</p>",
-        f"<nav class='toc'><b>Contents</b><ol>{toc}</ol></nav>",
+    sections = [
         *_summary(evaluation, level),
         *_cohort(evaluation),
         *_metrics(evaluation, level),
@@ -747,10 +733,30 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes], examples: lis
         *_id_vs_ood(evaluation),
         *_comparisons(evaluation, level),
         *_examples(list(examples)),
-        _heading("learning-curves"),
-        *(learning or ["<p>No pretraining log was given (fmct report --pretraining RUN|MODEL).</p>"]),
+        *([_heading("learning-curves"), *learning] if learning else []),
         *_methods(evaluation, level),
         *_provenance(evaluation),
-        "</body></html>",
     ]
-    return "\n".join(parts)
+    # The contents list the sections on the page: one with nothing to show is left out of both.
+    shown = [key for key in SECTIONS if any(line.startswith(f"<h2 id='{key}'>") for line in sections)]
+    toc = "".join(f"<li><a href='#{key}'>{_esc(SECTIONS[key])}</a></li>" for key in shown)
+    return "\n".join([
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fmct report</title><style>{CSS}</style></head><body>",
+        "<h1>fmct report</h1>",
+        *_synthetic_notice(evaluation),
+        f"<p class='muted'>{len(evaluation.runs)} predictions folder(s); {level}% CIs from a patient-level bootstrap. "
+        "ID: in-distribution test split; OOD: test scans of held-out sites.</p>",
+        f"<nav class='toc'><b>Contents</b><ol>{toc}</ol></nav>",
+        *sections,
+        "</body></html>",
+    ])
+
+
+def _synthetic_notice(evaluation: Evaluation) -> list[str]:
+    """A banner when any evaluated cohort was drawn by ``fmct synth`` (its run.json says ``synthetic``)."""
+    synthetic = [run["path"] for run in evaluation.runs if run.get("run", {}).get("synthetic")]
+    if not synthetic:
+        return []
+    return ["<p class='note'><b>Synthetic data, not for clinical use.</b> The scans behind "
+            f"{len(synthetic)} of {len(evaluation.runs)} predictions folder(s) are <code>fmct synth</code> phantoms: "
+            "these figures show the pipeline at work, not how a model does on real CT.</p>"]

@@ -8,10 +8,7 @@ Every figure draws the rows of an :class:`fmct.eval.evaluate.Evaluation` as they
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
-from pathlib import Path
 
 import matplotlib
 
@@ -240,17 +237,6 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
 
 
 # ---------------------------------------------------------------------------------- pretraining
-def read_training_log(path: str | os.PathLike) -> list[dict]:
-    """The lines of a pretraining log.jsonl as dicts (a torn last line is left out)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def learning_curve_figure(records: list[dict], title: str):
     """Three panels by step: the loss terms; the teacher's head-output cosine between scans (near 1 for a
     collapsed DINO head) and its entropy; the online validation k-NN and linear AUROC per finding (left

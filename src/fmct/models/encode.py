@@ -19,6 +19,16 @@ from fmct.models.classifier import pooled_features
 from fmct.models.vit3d import ViT3D
 
 FEATURES = ("cls", "patch_mean", "patch_max")
+# A feature set is features side by side, in this order (a probe and the probe detector built from it read
+# the same): each feature alone, ``concat`` (``cls`` | ``patch_mean``, DINOv2's linear evaluation) and
+# ``cls_mean_max`` (``cls`` | ``patch_mean`` | ``patch_max``).
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "cls": ("cls",),
+    "patch_mean": ("patch_mean",),
+    "patch_max": ("patch_max",),
+    "concat": ("cls", "patch_mean"),
+    "cls_mean_max": ("cls", "patch_mean", "patch_max"),
+}
 
 
 def scan_features(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -32,7 +42,7 @@ def scan_features(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def encode(model: ViT3D, x: torch.Tensor,
            forward_features: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
     """The :data:`FEATURES` (:func:`scan_features`), each float32 (B, embed_dim), of model inputs ``x``
-    (B, channels, *img_size): whole volumes resized and windowed (:func:`fmct.data.embed_transform`).
+    (B, channels, *img_size): whole volumes resized and windowed (:func:`fmct.models.windows.model_input`).
 
     The forward pass runs under :func:`fmct.devices.autocast` (bf16 on CUDA, fp32 on the CPU) on ``x``'s
     device; ``forward_features`` replaces the model's own (e.g. a compiled one).

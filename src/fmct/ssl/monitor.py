@@ -4,19 +4,19 @@ the collapse warning."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from fmct.atomic import atomic_write_text
+from fmct.tables import read_jsonl
 from fmct.ssl.collapse import collapse_reason
 from fmct.ssl.config import EngineConfig
 from fmct.distributed import DistEnv, all_reduce_mean
 from fmct.ssl.run_folder import LOG_FILE
 from fmct.ssl.schedules import StepValues
+from fmct.log import logger, progress_bar
 
 
 class Monitor:
@@ -41,8 +41,8 @@ class Monitor:
         self.bar = None
         if env.is_main:
             self._drop_lines_after(start_step)
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
-                            disable=not engine.progress or start_step >= total_steps)
+            self.bar = progress_bar(total=total_steps, initial=start_step, desc="pretrain", unit="step",
+                                    enabled=engine.progress and start_step < total_steps)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -55,10 +55,10 @@ class Monitor:
         # the resumed run logs those steps again.
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
-        if len(kept) != len(lines):
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        records = read_jsonl(self.path)
+        kept = [record for record in records if isinstance(record.get("step"), int) and record["step"] <= step]
+        if len(kept) != len(self.path.read_text().splitlines()):
+            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         """Accumulate one step's metrics (0-d device tensors)."""
@@ -88,7 +88,7 @@ class Monitor:
         reason = collapse_reason(record, self.n_prototypes, teacher_warm=step >= self.teacher_warm_step)
         if reason and not self.warned_collapse:
             self.warned_collapse = True
-            tqdm.write(f"WARNING: pretrain step {step}: {reason}", file=sys.stderr)
+            logger.warning(f"WARNING: pretrain step {step}: {reason}")
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.update(step - self.bar.n)
 
@@ -109,11 +109,3 @@ class Monitor:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def _logged_step(line: str) -> int | None:
-    """The step of a log.jsonl line, None for a line that is not whole JSON (cut short by a kill)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None

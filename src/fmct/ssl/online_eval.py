@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from fmct.data import StoreVolumes, embed_transform
+from fmct.data import StoreVolumes
 from fmct.datasets import load_labels, match_to_store
 from fmct.eval.classifiers import C_GRID, LogisticProbe, choose_features, fit_knn, fit_logistic_probe
 from fmct.eval.embeddings import AUTO, Embeddings
@@ -42,8 +41,10 @@ from fmct.eval.metrics import auroc
 from fmct.eval.splits import assign_splits
 from fmct.models import ViT3D
 from fmct.models.encode import FEATURES, encode
+from fmct.models.windows import model_input
 from fmct.store import Store
 from fmct.errors import InputError
+from fmct.log import logger
 
 # A finding is scored only when each half holds at least this many positives and negatives (and the
 # linear probe's fitting part, the fitting half less its validation split, at least one of each).
@@ -117,7 +118,7 @@ class OnlineEvaluator:
         backbone.eval()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
         for start in range(0, len(self.hu), self.batch_size):
-            x = embed_transform(self.hu[start:start + self.batch_size].to(self.device), backbone.config.img_size, self.windows)
+            x = model_input(self.hu[start:start + self.batch_size].to(self.device), backbone.config.img_size, self.windows)
             for name, values in encode(backbone, x).items():
                 parts[name].append(values.cpu().numpy())
         backbone.train(was_training)
@@ -182,5 +183,5 @@ def build_online_evaluator(config, pretrain_store: Path, device: torch.device) -
         return None
     evaluator = OnlineEvaluator(online.store or pretrain_store, online.labels, online.findings, online.max_scans,
                                 online.knn_k, config.data.exclude_sites, config.augment.windows, device)
-    print(f"pretrain: {evaluator.describe()}", file=sys.stderr)
+    logger.info(f"pretrain: {evaluator.describe()}")
     return evaluator

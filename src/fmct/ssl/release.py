@@ -1,17 +1,15 @@
 """Package a finished pretraining run as a shipped checkpoint: the teacher backbone (safetensors +
 config.json), the run's log.jsonl and resolved config, and a model card (README.md) written from them.
 
-``python -m fmct.ssl.release RUN OUT --name NAME --data "..." --command "..."`` (``make foundation``
+``fmct release RUN --out OUT --name NAME --data "..." --command "..."`` (``make foundation``
 calls it). A folder of ``src/fmct/weights/`` is loadable by name wherever a model folder is accepted
 (:func:`fmct.hub.resolve_model_dir`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
@@ -20,14 +18,12 @@ from fmct import hub
 from fmct.errors import CheckpointError
 from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
 from fmct.atomic import atomic_write_text
+from fmct.paths import without_machine_paths
+from fmct.card import SYNTHETIC_DATASET, render_card
+from fmct.tables import read_jsonl
 
 RECIPE_FILE = "recipe.yaml"
 METHOD_NAMES = {"dino": "DINO + iBOT + KoLeo", "mae": "masked autoencoding, MAE"}
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    """The lines of ``RUN/log.jsonl``."""
-    return [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines() if line.strip()]
 
 
 def online_curve_table(records: list[dict]) -> str:
@@ -68,7 +64,7 @@ def wall_seconds(records: list[dict], global_batch: int) -> float:
 
 def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, results: str = "") -> str:
     """The model card (Markdown) of run ``run_dir`` shipped as ``name``."""
-    records = read_log(run_dir)
+    records = read_jsonl(run_dir / LOG_FILE)
     config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
     optim, model = config["optim"], config["model"]
     steps = max(r["step"] for r in records)
@@ -83,59 +79,51 @@ def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, 
     losses = ", ".join(f"{key.removesuffix('_loss')} {last[key]:.3f}" for key in sorted(last) if key.endswith("_loss"))
     collapse = (f"; teacher head-output cosine between scans {last['teacher_cosine']:.3f} (1 = collapsed), teacher entropy "
                 f"{last.get('teacher_entropy', float('nan')):.3f} nats" if "teacher_cosine" in last else "")
-    return f"""# {name}
-
-A self-supervised 3D ViT backbone for head CT from `fmct pretrain` ({method}), pretrained on
-**synthetic** head CT only. It exists so that fmct's demo, tests and tutorials have a real foundation
-checkpoint to fine-tune and probe; it is not a clinical model.
-
-## Model
-- ViT3D: {embedding}; {model['depth']} blocks, width {model['embed_dim']}, {model['n_heads']} heads, patch {model['patch_size']} voxels,
+    model_text = f"""- ViT3D: {embedding}; {model['depth']} blocks, width {model['embed_dim']}, {model['n_heads']} heads, patch {model['patch_size']} voxels,
   input {model['img_size']} voxels of {len(config['augment']['windows'])} HU windows
   {config['augment']['windows']} (level, width), {model['n_registers']} register token(s); {parameters:,} parameters.
 - Expects the canonical grid of fmct's demo stores: 64^3 voxels of 3 mm (RAS), the whole volume
-  resized to the input size (`fmct embed` and `fmct finetune` do so).
+  resized to the input size (`fmct embed` and `fmct finetune` do so; `ViT3DModel.preprocess` in Python).
 - Features: the CLS token and the mean and max of the patch tokens (`fmct embed` writes all three;
-  `fmct probe` chooses CLS, CLS + mean or CLS + mean + max on the validation split).
-
-## Data
-{data}
-
-## Recipe and budget
-- Config: `{RECIPE_FILE}` (the resolved config of the run; the source is `fmct/configs/pretrain_synth_tiny.yaml`).
+  `fmct probe` chooses CLS, CLS + mean or CLS + mean + max on the validation split)."""
+    recipe = f"""- Config: `{RECIPE_FILE}` (the resolved config of the run; the source is `fmct/configs/pretrain_synth_tiny.yaml`).
 - Reproduce: `{command}`
 - {steps:,} steps x {global_batch} volumes = {steps * global_batch:,} volume passes; {seconds / 60:.0f} min of training on {machine}.
-- Last logged losses: total {last['loss']:.3f} ({losses}){collapse}.
-
-## Online evaluation during pretraining
-The backbone's features (the teacher's, for DINO) of a separate labelled synthetic validation cohort
+- Last logged losses: total {last['loss']:.3f} ({losses}){collapse}."""
+    online = f"""The backbone's features (the teacher's, for DINO) of a separate labelled synthetic validation cohort
 (never its test split): k-NN on the CLS token, and `fmct probe`'s linear probe with its feature choice,
 fitted on one half and scored on the other, split by patient; step 0 is the random initialisation. Small
 halves (about 78 scans each): differences under about 0.1 AUROC are noise.
 
 {online_curve_table(records)}
 
-{online_change(records)}
-
-## Results
-{results or "Not measured yet."}
-
-## Intended use
-Demonstrating and testing fmct's pipeline (embed, probe, fine-tune, evaluate, report) on synthetic
-cohorts; a starting point to compare recipes against.
-
-## Limits
-- Trained only on procedural phantoms (MNI152-based anatomy, simulated scanners of two sites): features
+{online_change(records)}"""
+    limits = """- Trained only on procedural phantoms (MNI152-based anatomy, simulated scanners of two sites): features
   learned here need not transfer to real CT. Never use it for a clinical decision.
 - Tiny model and CPU budget; at 3 mm voxels small lesions span one or two voxels.
 - How it compares with training from scratch and with the random-init and HU-histogram floors is
-  measured in fmct's BENCHMARKS.md and printed by `make demo`.
-"""
+  measured in fmct's BENCHMARKS.md and printed by `make demo`."""
+    return render_card(
+        name,
+        f"A self-supervised 3D ViT backbone for head CT from `fmct pretrain` ({method}), pretrained on **synthetic** "
+        "head CT only. It exists so that fmct's demo, tests and tutorials have a real foundation checkpoint to "
+        "fine-tune and probe; it is not a clinical model.",
+        [("Model", model_text), ("Data", data), ("Recipe and budget", recipe), ("Online evaluation during pretraining", online),
+         ("Results", results or "Not measured yet."),
+         ("Intended use", "Demonstrating and testing fmct's pipeline (embed, probe, fine-tune, evaluate, report) on "
+                          "synthetic cohorts; a starting point to compare recipes against."),
+         ("Limits", limits)],
+        tags=["head-ct", "3d-vit", "medical-imaging", "self-supervised", "synthetic-data"],
+        datasets=[SYNTHETIC_DATASET],
+    )
 
 
 def package(run_dir: Path, out_dir: Path, name: str, data: str, command: str, machine: str, results: str = "") -> Path:
     """Copy the run's backbone, log and config into ``out_dir`` and write its model card; return ``out_dir``."""
     backbone = hub.resolve_model_dir(run_dir)
+    for needed in (run_dir / LOG_FILE, run_dir / CONFIG_FILE):
+        if not needed.is_file():
+            raise CheckpointError(f"{needed}: missing; not a finished pretraining run")
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(backbone / hub.WEIGHTS_FILE, out_dir / hub.WEIGHTS_FILE)
     shutil.copyfile(run_dir / LOG_FILE, out_dir / LOG_FILE)
@@ -146,36 +134,3 @@ def package(run_dir: Path, out_dir: Path, name: str, data: str, command: str, ma
     atomic_write_text(out_dir / RECIPE_FILE, yaml.safe_dump(without_machine_paths(recipe), sort_keys=False))
     atomic_write_text(out_dir / "README.md", model_card(name, run_dir, data, command, machine, results))
     return out_dir
-
-
-def without_machine_paths(value):
-    """``value`` (JSON-like) with every absolute path string replaced by its last component."""
-    if isinstance(value, dict):
-        return {key: without_machine_paths(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_machine_paths(item) for item in value]
-    if isinstance(value, str) and Path(value).is_absolute():
-        return Path(value).name
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fmct.ssl.release", description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="finished pretraining run folder")
-    parser.add_argument("out", type=Path, help="checkpoint folder to write, e.g. src/fmct/weights/fmct-synth-tiny")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--data", required=True, help="what the model was pretrained on (Markdown)")
-    parser.add_argument("--command", required=True, help="the command that reproduces the run")
-    parser.add_argument("--machine", default="a 2-core CPU (fp32)", help="where it was trained")
-    parser.add_argument("--results", default="", help="what the checkpoint was measured to do downstream (Markdown)")
-    args = parser.parse_args(argv)
-    try:
-        print(package(args.run, args.out, args.name, args.data, args.command, args.machine, args.results))
-    except (CheckpointError, FileNotFoundError) as error:
-        print(f"release: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -47,7 +46,8 @@ from fmct.ssl.monitor import Monitor
 from fmct.ssl.online_eval import OnlineEvaluator, build_online_evaluator
 from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, check_resumable, config_digest, export_backbone
 from fmct.ssl.schedules import Schedules
-from fmct.store import Store
+from fmct.store import Store, store_identity
+from fmct.log import logger
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -172,8 +172,7 @@ def pretraining_scan_ids(store: Path, data: DataConfig) -> list[str] | None:
     matched, _ = match_to_store(load_labels(data.labels), rows)
     excluded = {row["scan_id"] for row in matched if row.get("site") in data.exclude_sites}
     kept = [row["scan_id"] for row in rows if row["scan_id"] not in excluded]
-    print(f"pretrain: {len(excluded)} scans of sites {', '.join(data.exclude_sites)} left out, {len(kept)} used",
-          file=sys.stderr)
+    logger.info(f"pretrain: {len(excluded)} scans of sites {', '.join(data.exclude_sites)} left out, {len(kept)} used")
     return kept
 
 
@@ -193,8 +192,8 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     except InputError as error:  # an empty store, a labels file that does not fit it, a bad shard index
         raise ConfigError(str(error)) from None
     if dataset.skipped and env.is_main:
-        print(f"pretrain: {len(dataset.skipped)} scans of another grid left out, e.g. {dataset.skipped[0][0]}: "
-              f"{dataset.skipped[0][1]}", file=sys.stderr)
+        logger.warning(f"pretrain: {len(dataset.skipped)} scans of another grid left out, e.g. {dataset.skipped[0][0]}: "
+                       f"{dataset.skipped[0][1]}")
     global_batch = optim.batch_size * env.world_size
     if len(dataset) < global_batch:
         raise ConfigError(f"{store}: {len(dataset)} usable scans do not fill one global batch of {global_batch} "
@@ -208,9 +207,9 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     step = load_checkpoint(checkpoint_path, **state_parts) if resuming else 0
     last_checkpoint = step if resuming else None
     if resuming and env.is_main and step < total_steps:
-        print(f"pretrain: resuming {run_dir} from its checkpoint at step {step} of {total_steps}", file=sys.stderr)
+        logger.info(f"pretrain: resuming {run_dir} from its checkpoint at step {step} of {total_steps}")
     meta = {"config_sha256": config_sha256, "method": config.method, "world_size": env.world_size}
-    export_extra = {"method": config.method, "store": str(store), "config_sha256": config_sha256,
+    export_extra = {"method": config.method, "store": store_identity(store), "config_sha256": config_sha256,
                     "windows": [list(w) for w in config.augment.windows], "input_size": config.augment.global_size}
 
     monitor = Monitor(run_dir, env, engine, start_step=step, total_steps=total_steps, global_batch=global_batch,
@@ -251,7 +250,7 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
             break
     monitor.close()
     if step >= total_steps and env.is_main and not monitor.logged_any:
-        print(f"pretrain: {run_dir} is already complete ({step} of {total_steps} steps)", file=sys.stderr)
+        logger.info(f"pretrain: {run_dir} is already complete ({step} of {total_steps} steps)")
     teacher = unwrap(trainer.teacher) if trainer.teacher is not None else None
     return {"step": step, "total_steps": total_steps, "rank": env.rank, "student": unwrap(trainer.student),
             "teacher": teacher, "last": monitor.last}

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.uid import generate_uid
-from tqdm import tqdm
 
 from fmct.io.dicom_write import write_series
 from fmct.io.nifti import write_nifti
@@ -34,6 +33,15 @@ from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.sites import SITES, SiteProfile
 from fmct.synth.subject import Subject, SyntheticScan
 from fmct.errors import UsageError
+from fmct.log import progress_bar
+
+SETTINGS_FILE = "synth.json"  # beside labels.csv: how the cohort was drawn, and that it is synthetic
+
+
+def made_by_synth(labels_path: str | os.PathLike) -> bool:
+    """True when a labels file is one ``fmct synth`` wrote (its cohort's settings lie beside it): the
+    scans behind it are synthetic, and what is measured on them says nothing about real CT."""
+    return (Path(labels_path).parent / SETTINGS_FILE).is_file()
 
 FORMATS = ("dicom", "nifti")
 LAYOUTS = ("plain", "cq500", "rsna")
@@ -105,11 +113,11 @@ def generate_cohort(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n": n, "sites": [p.name for p in profiles], "format": fmt, "layout": layout, "seed": seed, "matrix": matrix}
-    atomic_write_text(out / "synth.json", json.dumps(settings, indent=1))
+    atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=1))
     done_folder = out / ".cases"
     todo = [i for i in range(n) if not (done_folder / f"{_case_id(i)}.json").exists()]
     jobs = [(out, i, scan_seed(seed, i), profiles[i % len(profiles)], fmt, layout, preview, matrix) for i in todo]
-    progress = tqdm(total=len(jobs), desc="synth", unit="case", disable=None)
+    progress = progress_bar(total=len(jobs), desc="synth", unit="case")
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             _write_case(*job)
