@@ -227,7 +227,7 @@ def test_config_from_overrides_and_bad_inputs_give_clear_errors():
         AugmentConfig(global_scale=(0.0, 1.0))
     with pytest.raises(ConfigError, match="windows"):
         AugmentConfig(windows=[(40.0, 0.0)])
-    with pytest.raises(ValueError, match="expected an HU batch"):
+    with pytest.raises(InputError, match="expected an HU batch"):
         MultiCropAugment()(torch.zeros(2, 16, 16, 16, dtype=torch.int16))
 
 

@@ -10,6 +10,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from fmct.datasets import load_labels, match_to_store, write_labels
 from fmct.io.dicom import discover
+from fmct.log import configure as configure_logging
 
 
 def test_generic_csv_with_renaming_and_unknowns(tmp_path):
@@ -32,6 +33,18 @@ def test_generic_csv_with_renaming_and_unknowns(tmp_path):
         load_labels(str(path))
     with pytest.raises(InputError, match="no column 'Bleed'"):
         load_labels("generic:" + str(tmp_path / "out.csv"), rename={"Bleed": "ich"})
+
+
+def test_an_unknown_finding_column_is_used_with_one_warning_naming_the_closest(tmp_path, capsys):
+    configure_logging(0)  # as fmct's CLI does: the fmct logger's lines on stderr
+    path = tmp_path / "labels.csv"
+    path.write_text("scan_id,patient_id,ihc,sdh,my_finding\na,p1,1,0,1\nb,p2,0,1,0\n")
+    labels = load_labels(str(path))
+    assert labels.findings == ["ihc", "sdh", "my_finding"] and [row["ihc"] for row in labels.rows] == [1, 0]
+    warnings = capsys.readouterr().err.splitlines()
+    assert f"{path}: ihc: not a known finding; did you mean ich? (used as a finding of its own)" in warnings
+    assert sum("my_finding: not a known finding; known findings: ich, iph" in line for line in warnings) == 1
+    assert not any(line.startswith(f"{path}: sdh") for line in warnings) and len(warnings) == 2
 
 
 def test_cq500_majority_of_three_readers_and_study_folders(tmp_path):

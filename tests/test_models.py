@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fmct.errors import ConfigError
+from fmct.errors import ConfigError, InputError
 import torch
 
 from fmct.config import load_config
@@ -87,7 +87,7 @@ def test_local_crop_and_anisotropic_inputs_run():
     assert out["patch"].shape == (1, 64, 192)
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         model(torch.randn(1, 3, 50, 48, 48))
-    with pytest.raises(ValueError, match=r"expected volumes \(B, 3, D, H, W\)"):
+    with pytest.raises(InputError, match=r"expected volumes \(B, 3, D, H, W\)"):
         model(torch.randn(1, 1, 48, 48, 48))
 
 

@@ -314,9 +314,18 @@ def test_fsdp2_sharding_trains_like_ddp(store, ddp_run, tmp_path):
     fsdp_run = run_two_processes(store, tmp_path / "run", "fsdp")
     expected, actual = read_checkpoint(ddp_run / "checkpoint.pt"), read_checkpoint(fsdp_run / "checkpoint.pt")
     assert actual["step"] == 4
-    worst = max(float((actual[part][name] - tensor).abs().max())
-                for part in ("student", "teacher") for name, tensor in expected[part].items())
-    assert worst < 1e-5, worst  # the same sums in another order at most; 0.0 on this machine
+    # FSDP sums the gradients in another order than DDP: a relative difference of a few float32 ulps. Adam
+    # normalises each parameter's step, so that difference moves a parameter by a few ulps of its step too,
+    # except where a gradient sum nearly cancels: there the sign can flip and the step differs by up to 2 lr.
+    # Such parameters are few, so over all parameters the runs must agree far better than two runs that
+    # differ in substance (other data, a wrong reduction), which differ by about as much as training moved
+    # the weights. The bound: a mean absolute difference under 1 % of the mean absolute movement.
+    initial = DINOModel(tiny_config()).state_dict()
+    for part in ("student", "teacher"):
+        names = [name for name in expected[part] if expected[part][name].is_floating_point()]
+        difference = torch.cat([(actual[part][n] - expected[part][n]).abs().flatten() for n in names]).mean()
+        moved = torch.cat([(expected[part][n] - initial[n]).abs().flatten() for n in names if n in initial]).mean()
+        assert float(moved) > 0 and float(difference) < 0.01 * float(moved), (part, float(difference), float(moved))
     assert sorted(expected["optimizer"]["state"]) == sorted(actual["optimizer"]["state"])
 
 

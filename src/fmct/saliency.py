@@ -38,8 +38,8 @@ from fmct.detector import Detector, load_detector, resolve_detector
 from fmct.devices import autocast, default_device
 from fmct.preprocess import sample_on_grid
 from fmct.store import Store
+from fmct.models.windows import BRAIN_WINDOW, display_range
 
-BRAIN_WINDOW = (0.0, 80.0)  # HU shown black .. white under the heatmap (level 40, width 80)
 
 
 def integrated_gradients(detector: Detector, x: torch.Tensor, steps: int = 16, batch_size: int = 16) -> torch.Tensor:
@@ -114,7 +114,7 @@ def overlay_png(canonical_hu: np.ndarray, canonical_map: np.ndarray, world_mm: n
               "sagittal": (canonical_hu.shape[1] - 1 - peak[1], canonical_hu.shape[2] - 1 - peak[2])}
     for ax, (name, plane), (_, heat) in zip(axes, _radiological_planes(canonical_hu, peak),
                                            _radiological_planes(canonical_map, peak)):
-        ax.imshow(plane, cmap="gray", vmin=BRAIN_WINDOW[0], vmax=BRAIN_WINDOW[1], interpolation="bilinear")
+        ax.imshow(plane, cmap="gray", vmin=display_range(BRAIN_WINDOW)[0], vmax=display_range(BRAIN_WINDOW)[1], interpolation="bilinear")
         if top > 0:
             ax.imshow(np.ma.masked_less_equal(heat, 0.5 * top), cmap="hot", vmin=0.0, vmax=top, alpha=0.5,
                       interpolation="bilinear")

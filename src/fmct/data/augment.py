@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fmct.errors import ConfigError
+from fmct.errors import ConfigError, InputError
 from fmct.models.windows import DEFAULT_WINDOWS, apply_windows
 
 
@@ -249,7 +249,7 @@ class MultiCropAugment:
         volumes get in a single process holding the whole global batch.
         """
         if hu.dim() != 5 or hu.shape[1] != 1:
-            raise ValueError(f"expected an HU batch (B, 1, X, Y, Z), got shape {list(hu.shape)}")
+            raise InputError(f"expected an HU batch (B, 1, X, Y, Z), got shape {list(hu.shape)}")
         config = self.config
         batch = hu.shape[0]
         global_batch = batch if global_batch is None else global_batch

@@ -1,5 +1,5 @@
 """Batches of whole int16 HU volumes of a store, read ahead by threads, and their copy to the device:
-what embedding, fine-tuning and prediction feed their models (pretraining crops instead, through
+what embedding and fine-tuning feed their models (pretraining crops instead, through
 :func:`fmct.data.make_loader`)."""
 
 from __future__ import annotations

@@ -15,9 +15,12 @@ from pathlib import Path
 from fmct.atomic import atomic_write_text
 from fmct.tables import rows_to_csv
 from fmct.errors import InputError
+from fmct.log import logger
 
 KEY_COLUMNS = ("scan_id", "source")
 META_COLUMNS = ("patient_id", "site", "split")
+# The findings fmct knows by name (what synth draws and the dataset adapters map to). A labels column of
+# another name is still used, with a warning, since a typo (ihc) would otherwise be a new finding unseen.
 FINDINGS = (
     "ich", "iph", "ivh", "sdh", "edh", "sah", "infarct", "hydrocephalus", "atrophy", "mass", "midline_shift", "fracture",
 )
@@ -36,6 +39,28 @@ class Labels:
     findings: list[str]
     origin: str = ""
     notes: list[str] = field(default_factory=list)
+
+
+def unknown_finding(name: str) -> str:
+    """The warning for a labels column that is not one of :data:`FINDINGS`, with the closest known name:
+    ``ihc: not a known finding; did you mean ich? (used as a finding of its own)``."""
+    distance, closest = min((_edit_distance(name.lower(), known), known) for known in FINDINGS)
+    guess = f"did you mean {closest}?" if distance <= max(1, len(name) // 3) else f"known findings: {', '.join(FINDINGS)}"
+    return f"{name}: not a known finding; {guess} (used as a finding of its own)"
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) from ``a`` to ``b``: a typo such as ihc for
+    ich is one swap."""
+    previous, row = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (a[i - 1] != b[j - 1]))
+            if previous is not None and i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                current[j] = min(current[j], previous[j - 2] + 1)
+        previous, row = row, current
+    return row[len(b)]
 
 
 def parse_label(value: str, where: str) -> int | None:
@@ -73,6 +98,9 @@ def read_generic(path: str | os.PathLike, rename: dict[str, str] | None = None) 
     findings = [c for c in header if c not in KEY_COLUMNS + META_COLUMNS]
     if not findings:
         raise InputError(f"{path}: no finding column")
+    for finding in findings:
+        if finding not in FINDINGS:
+            logger.warning(f"{path}: {unknown_finding(finding)}")
     rows = []
     for line, values in enumerate(raw_rows, start=2):
         if len(values) != len(header) or any(v is None for v in values):

@@ -291,7 +291,7 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
         if k not in finished:  # another rank's
             arrays = _load_chunk(chunk_paths[k], [volumes.scan_ids[i] for i in chunks[k]], fingerprint)
             if arrays is None:
-                raise ValueError(f"{chunk_paths[k]}: missing or not of this run after rank {k % env.world_size} finished; "
+                raise InputError(f"{chunk_paths[k]}: missing or not of this run after rank {k % env.world_size} finished; "
                                  f"is {out} on storage that every rank sees?")
             finished[k] = arrays
     ordered = [finished[k] for k in range(len(chunks))]

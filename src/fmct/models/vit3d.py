@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmct.errors import ConfigError
+from fmct.errors import ConfigError, InputError
 
 # embed_dim, depth, n_heads for each named size; the MLP hidden width is mlp_ratio * embed_dim.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -320,7 +320,8 @@ class ViT3D(nn.Module):
         visible token sees into a hidden patch through a kernel that crosses its border.
         """
         if x.ndim != 5 or x.shape[1] != self.config.in_chans:
-            raise ValueError(f"expected volumes (B, {self.config.in_chans}, D, H, W), got shape {tuple(x.shape)}")
+            raise InputError(f"expected volumes (B, {self.config.in_chans}, D, H, W) of windowed channels, got shape "
+                             f"{tuple(x.shape)}; canonical HU volumes (B, 1, X, Y, Z) go through preprocess(hu) first")
         if masks is not None and keep_idx is not None:
             raise ValueError("pass either masks (iBOT) or keep_idx (MAE), not both")
         grid = grid_of(x.shape[2:], self.config.patch_size)

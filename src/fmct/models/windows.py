@@ -15,7 +15,16 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fmct.errors import InputError
+
 DEFAULT_WINDOWS = [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)]  # (level, width) HU: brain, subdural, bone
+BRAIN_WINDOW, SUBDURAL_WINDOW, BONE_WINDOW = DEFAULT_WINDOWS  # also how fmct's images show a slice (display_range)
+
+
+def display_range(window: tuple[float, float]) -> tuple[float, float]:
+    """The HU shown black .. white in a (level, width) window: the brain window (40, 80) -> (0, 80)."""
+    level, width = window
+    return level - width / 2, level + width / 2
 
 
 def apply_windows(hu: torch.Tensor, level: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
@@ -48,7 +57,7 @@ def model_input(
     (align_corners=False, the same sampling as a full-volume crop of :class:`fmct.data.MultiCropAugment`).
     """
     if hu.dim() != 5 or hu.shape[1] != 1:
-        raise ValueError(f"expected an HU batch (B, 1, X, Y, Z), got shape {list(hu.shape)}")
+        raise InputError(f"expected an HU batch (B, 1, X, Y, Z), got shape {list(hu.shape)}")
     size = (size,) * 3 if isinstance(size, int) else tuple(size)
     with torch.autocast(hu.device.type, enabled=False):
         resized = F.interpolate(hu.float(), size=size, mode="trilinear", align_corners=False)

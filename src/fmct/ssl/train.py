@@ -142,7 +142,7 @@ def pretrain(store: str | os.PathLike, run_dir: str | os.PathLike, config: Pretr
     "last": the last logged metrics}``. Raises :class:`PretrainError` when a loss turns NaN or infinite
     (the last good checkpoint is kept), ``ConfigError`` when a resumed run's config differs in more than
     :data:`fmct.ssl.config.RESUMABLE_KEYS` or the store cannot fill a batch,
-    :class:`fmct.ssl.checkpoint.TrainStateError` for an unusable checkpoint and ``FileNotFoundError``
+    :class:`fmct.errors.TrainStateError` for an unusable checkpoint and :class:`fmct.errors.InputError`
     for a folder that is not a store.
     """
     env = init_distributed(config.engine.device)

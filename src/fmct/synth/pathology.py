@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fmct.datasets.generic import FINDINGS
 from fmct.synth.anatomy import LANDMARKS, ORIGIN_MM, SHAPE, SPACING_MM, HeadTemplate, Tissues
 
-FINDINGS = (
-    "ich", "iph", "ivh", "sdh", "edh", "sah", "infarct", "hydrocephalus", "atrophy", "mass", "midline_shift", "fracture",
-)
 HAEMORRHAGES = ("iph", "ivh", "sdh", "edh", "sah")
 STRUCTURES = ("falx",)
 # One bit per finding, then the structures the tests and previews need (the falx measures the shift).

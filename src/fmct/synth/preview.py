@@ -10,9 +10,8 @@ import numpy as np
 from fmct.atomic import atomic_write_bytes
 from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.subject import SyntheticScan
+from fmct.models.windows import BONE_WINDOW, BRAIN_WINDOW, display_range
 
-BRAIN_WINDOW = (0.0, 80.0)  # HU shown black .. white (level 40, width 80)
-BONE_WINDOW = (-800.0, 2000.0)  # level 600, width 2800
 OUTLINED = [f for f in FINDINGS if f not in ("ich", "midline_shift")]
 COLOURS = dict(zip(OUTLINED, ["#ff3030", "#ffa500", "#ffff00", "#00e0ff", "#ff00ff", "#a0ff40", "#4080ff", "#c080ff",
                               "#ff8080", "#00ffa0"]))
@@ -54,7 +53,7 @@ def preview_png(scan: SyntheticScan, title: str = "") -> bytes:
     planes = _planes(scan)
     figure, axes = plt.subplots(2, 3, figsize=(9.0, 6.4), facecolor="black")
     for column, (name, hu, bits, aspect) in enumerate(planes):
-        for row, (low, high) in enumerate((BRAIN_WINDOW, BONE_WINDOW)):
+        for row, (low, high) in enumerate(display_range(window) for window in (BRAIN_WINDOW, BONE_WINDOW)):
             ax = axes[row, column]
             ax.imshow(hu, cmap="gray", vmin=low, vmax=high, aspect=aspect, interpolation="bilinear")
             for finding in OUTLINED if row == 0 else ON_BONE_WINDOW:
