@@ -51,7 +51,8 @@ def test_random_init_floor_is_the_like_architecture_with_seeded_random_weights(c
     embeddings = read_embeddings(root / "emb_random")
     meta = embeddings.meta
     assert meta["arm"] == "random-init" and meta["model"] == "run" and meta["init_seed"] == 0
-    assert meta["like"] == "backbone" and meta["model_path"] == ""  # a bare name: embeddings hold no machine path and meta["windows_hu"] == WINDOWS
+    # Paths relative to the embeddings folder: the table holds no machine path.
+    assert (root / "emb_random" / meta["like"]).resolve() == (run / "backbone").resolve() and meta["model_path"] == "" and meta["windows_hu"] == WINDOWS
 
     model = hub.random_init(hub.read_architecture(run / "backbone"), seed=0)
     with torch.no_grad():

@@ -1,15 +1,20 @@
 """`fmct ingest` end to end: DICOM/NIfTI in, canonical store out; geometry, privacy, resume, bad inputs."""
 
+import csv
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from fmct.cli import main
 from fmct.config import IngestConfig, load_config
@@ -28,6 +33,9 @@ IDENTIFIERS = {
     "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.11111111111",
     "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.22222222222",
 }
+
+
+GRID = ["canonical.shape=[48,48,48]", "canonical.spacing_mm=4.5"]  # small: these tests are about reasons
 
 
 def quiet_config(**overrides) -> IngestConfig:
@@ -200,3 +208,59 @@ def test_a_malformed_header_value_is_a_reason_not_a_crash(tmp_path):
     assert summary.stored == 1
     (error,) = Store(tmp_path / "store").errors()
     assert "odd" in local_sources()[error["source"]] and "unreadable DICOM header" in error["reason"]
+
+
+# ------------------------------------------------------------------ reasons that say what happened
+def test_a_folder_that_cannot_be_listed_is_named_with_permission_denied(tmp_path, monkeypatch):
+    write_head(tmp_path / "in" / "good", PatientID="G")
+    write_head(tmp_path / "in" / "locked_Doe_Jane", PatientID="L")  # a subfolder the walk cannot enter
+    (tmp_path / "locked_Smith").mkdir()  # a source folder that cannot be listed
+    listing = os.scandir
+
+    def scandir(path="."):  # as chmod 000 does for anyone but root (tests may run as root)
+        if Path(path).name.startswith("locked"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = ingest([tmp_path / "in", tmp_path / "locked_Smith"], tmp_path / "store", load_config(IngestConfig, None, GRID), progress=False)
+    assert (summary.stored, summary.skipped) == (1, 2)
+    real = local_sources()
+    reasons = {real[error["source"]]: error["reason"] for error in Store(tmp_path / "store").errors()}
+    for folder in (tmp_path / "in" / "locked_Doe_Jane", tmp_path / "locked_Smith"):
+        name = next(name for name, path in real.items() if path == str(folder))
+        assert reasons[str(folder)] == f"folder {name}: cannot list its files (permission denied)"
+    assert "Doe" not in (tmp_path / "store" / "errors.csv").read_text()
+
+
+def test_a_lone_truncated_slice_says_it_is_truncated(tmp_path):
+    """pydicom-data's 693_UNCI.dcm (a CQ500 head CT slice) cut in half: the series of its one slice is
+    rejected for its size, and the reason says why it is that small."""
+    data = Path(get_testdata_file("693_UNCI.dcm")).read_bytes()
+    (tmp_path / "in").mkdir()
+    cut = tmp_path / "in" / "Doe_Jane.dcm"
+    cut.write_bytes(data[: len(data) // 2])
+    summary = ingest([cut], tmp_path / "store", load_config(IngestConfig, None, GRID), progress=False)
+    (error,) = Store(tmp_path / "store").errors()
+    match = re.fullmatch(r"1 slices, fewer than min_slices 20; its folder holds 1 unreadable DICOM files, such as file "
+                         r"([0-9a-f]{16}) \(pixel data is truncated \(\d+ of 524288 bytes\)\)", error["reason"])
+    assert match, error["reason"]
+    assert local_sources()[match.group(1)] == str(cut) and summary.skipped == 1
+    assert "Doe" not in (tmp_path / "store" / "errors.csv").read_text()
+
+
+def test_the_skipped_count_is_the_rows_of_errors_csv(tmp_path, capsys):
+    """A file given as a source that is no scan has one reason, its own, not a second "nothing found here"
+    that would overwrite it in errors.csv and be counted twice."""
+    write_head(tmp_path / "in" / "good", PatientID="G")
+    (tmp_path / "notes.txt").write_text("not a scan")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "nothing").mkdir()
+    sources = [tmp_path / "in", tmp_path / "notes.txt", tmp_path / "empty.dcm", tmp_path / "nothing"]
+    assert main(["ingest", *map(str, sources), "--out", str(tmp_path / "store"), *GRID]) == 0
+    with open(tmp_path / "store" / "errors.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert f"skipped {len(rows)} inputs (+0 from earlier runs" in capsys.readouterr().out and len(rows) == 3
+    assert sorted(row["reason"] for row in rows) == [
+        "empty file (0 bytes)", "neither DICOM (no 'DICM' marker at byte 128) nor NIfTI (.nii, .nii.gz)",
+        "no DICOM series or NIfTI file found here"]

@@ -21,7 +21,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-import fmct.ingest.scan
+import fmct.scans.job
 from fmct.config import IngestConfig, load_config
 from fmct.ingest import ingest
 from fmct.io.dicom_write import write_series
@@ -125,7 +125,8 @@ def build_bad(bad: Path) -> dict[str, str]:
     files = series("no_series_uid", small_head(shape=(56, 56, 20)))
     edit(files[:1], SeriesInstanceUID=None)
     expected["no_series_uid/IM00001.dcm"] = r"^unreadable DICOM header: no SeriesInstanceUID"
-    expected["no_series_uid"] = r"^gap of 12\.00 mm|^19 slices, fewer than min_slices 20$"
+    expected["no_series_uid"] = (rf"^(gap of 12\.00 mm .*|19 slices, fewer than min_slices 20); its folder holds 1 unreadable "
+                                 rf"DICOM files, such as file {PSEUDONYM} \(unreadable DICOM header: no SeriesInstanceUID")
     files = series("rgb")
     ds = pydicom.dcmread(files[3])
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
@@ -274,7 +275,7 @@ def test_bad_input_corpus_in_one_run_beside_good_series(tmp_path, monkeypatch):
     assert len(kinds) + len(notes) + 1 >= 40
 
     config = load_config(IngestConfig, None, GRID)
-    monkeypatch.setattr(fmct.ingest.scan, "read_series", aborting_read_series(fmct.ingest.scan.read_series))
+    monkeypatch.setattr(fmct.scans.job, "read_series", aborting_read_series(fmct.scans.job.read_series))
     summary = ingest([corpus, tmp_path / "empty_source"], tmp_path / "store", config, workers=2, progress=False)
     store = Store(tmp_path / "store")
     real = local_sources()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import fmct.ingest.scan
+import fmct.scans.job
 from fmct.config import IngestConfig, load_config
 from fmct.ingest import ingest
 from fmct.store import Store
@@ -25,7 +25,7 @@ GRID = ["canonical.shape=[48,48,48]", "canonical.spacing_mm=4.5"]
 
 def abort_on(description: str):
     """A series reader that aborts its process natively (SIGABRT, as a C decoder does) for one series."""
-    original = fmct.ingest.scan.read_series
+    original = fmct.scans.job.read_series
 
     def read(info, config=None):
         if info.series_description == description:
@@ -42,7 +42,7 @@ def test_a_worker_that_aborts_costs_only_its_scan(tmp_path, monkeypatch, workers
     for name in ("a", "b", "c"):
         write_head(tmp_path / "in" / name, PatientID=f"P-{name}", SeriesDescription=f"HEAD {name}")
     config = load_config(IngestConfig, None, GRID)
-    monkeypatch.setattr(fmct.ingest.scan, "read_series", abort_on("HEAD b"))
+    monkeypatch.setattr(fmct.scans.job, "read_series", abort_on("HEAD b"))
     summary = ingest([tmp_path / "in"], tmp_path / "store", config, workers=workers, progress=False)
     assert (summary.stored, summary.skipped) == (2, 1)  # the batch went on past the crash, in order or not
     (error,) = Store(tmp_path / "store").errors()
@@ -77,7 +77,7 @@ def _alive(pid: int) -> bool:
 # `fmct ingest` whose scans each take a minute: a worker can only end quickly by dying with its parent.
 SLOW_INGEST = """
 import sys, time
-import fmct.ingest.scan as scan
+import fmct.scans.job as scan
 from fmct.cli import main
 original = scan.read_series
 def slow(info, config=None):

@@ -4,7 +4,13 @@ the saliency peak against planted bleeds, `fmct export` to ONNX, and Hugging Fac
 from __future__ import annotations
 
 import csv
+import faulthandler
+import io
 import json
+import tempfile
+import multiprocessing
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import fmct.scans.job
 from fmct import hub
 from fmct.cli import main
 from fmct.config import CanonicalConfig, IngestConfig, save_config
@@ -24,7 +31,8 @@ from fmct.eval.finetune import FinetuneConfig, run_finetune
 from fmct.eval.probe import ProbeConfig, run_probe
 from fmct.io import read_series, write_series
 from fmct.models import ViT3DConfig
-from fmct.predict import predict
+from fmct.predict import PredictConfig, predict
+from fmct.pseudonym import load_key
 from fmct.saliency import integrated_gradients, on_canonical_grid, peak_voxel, write_examples
 from fmct.store import Store
 from test_embed import BLOB_HU, BLOB_RADIUS, TINY, save_tiny_run, write_blob_store
@@ -81,12 +89,13 @@ def test_a_finetune_fit_is_a_detector_that_reproduces_its_scores(finetuned):
     val = [f"s{i:03d}" for i in range(20, 28)]
     val_scores, val_labels = _store_scores(detector, store, val), np.array([labels[s] for s in val])
     ich = config["per_finding"]["ich"]
+    val_probabilities = detector.calibrated(torch.from_numpy(val_scores[:, None])).numpy()[:, 0]
     for name, target in (("spec90", 0.9), ("spec95", 0.95)):
-        point = ich["operating_points"][name]
-        specificity = np.mean(val_scores[val_labels == 0] < point["threshold"])
+        point = ich["operating_points"][name]  # its threshold is on the probability
+        specificity = np.mean(val_probabilities[val_labels == 0] < point["threshold"])
         assert specificity >= target and point["val_specificity"] == pytest.approx(specificity)
-        assert 0 < point["probability"] < 1
-    assert ich["calibration"]["method"] == "platt" and ich["calibration"]["a"] >= 0
+        assert 0 < point["threshold"] < 1
+    assert ich["calibration"]["method"] in ("platt", "none") and ich["calibration"]["a"] > 0
     probabilities = detector.calibrated(torch.from_numpy(scores[:, None])).numpy()
     assert np.all((probabilities > 0) & (probabilities < 1))
     assert np.corrcoef(probabilities[:, 0], scores)[0, 1] > 0.99  # monotone: the ranking is kept
@@ -141,7 +150,10 @@ def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys)
     assert 0 <= float(normal["probability"]) < float(bleed["probability"]) <= 1
     assert bleed["positive_spec90"] == "1" and normal["positive_spec95"] == "0"
     assert float(bleed["threshold_spec90"]) == pytest.approx(
-        json.loads((ft / "fits" / "fraction1-seed0" / "config.json").read_text())["per_finding"]["ich"]["operating_points"]["spec90"]["probability"])
+        json.loads((ft / "fits" / "fraction1-seed0" / "config.json").read_text())["per_finding"]["ich"]["operating_points"]["spec90"]["threshold"])
+    for row in rows:  # a decision follows from the probability and threshold beside it
+        for point in ("spec90", "spec95"):
+            assert row[f"positive_{point}"] == str(int(float(row["probability"]) >= float(row[f"threshold_{point}"])))
     text = (out / "predictions.csv").read_text() + (out / "errors.csv").read_text()
     assert all(len(r["scan_id"]) == 16 and int(r["scan_id"], 16) >= 0 for r in rows)
     assert "Doe" not in text and "31337" not in text and str(tmp_path) not in text
@@ -207,6 +219,34 @@ def test_the_saliency_peak_falls_inside_planted_bleeds_far_more_often_than_chanc
     assert np.median(gaps) < 0.1
 
 
+def test_a_detector_no_better_than_chance_is_warned_of_or_refused(finetuned, tmp_path, capsys):
+    root, store, ft = finetuned
+    folder = tmp_path / "chance"
+    shutil.copytree(resolve_detector(ft), folder)
+    config = json.loads((folder / "config.json").read_text())
+    # As the demo's midline_shift detector: a validation AUROC of 0.21, its CI not above 0.5.
+    config["per_finding"]["ich"]["validation"].update(
+        auroc=0.21, auroc_lo=0.05, auroc_hi=0.52, validated=False,
+        reason="no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5")
+    (folder / "config.json").write_text(json.dumps(config))
+    scan = tmp_path / "scan"
+    _phantom_dicom(scan, np.array([4.0, -20.0, 35.0]), bleed=True, seed=13)
+
+    assert main(["predict", "--model", str(folder), "--out", str(tmp_path / "refused"), str(scan), "--require-validated"]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert refused[-1].startswith("fmct predict: ") and "not validated, refused (--require-validated): ich: no better than " \
+        "chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5" in refused[-1]
+    assert not (tmp_path / "refused" / "predictions.csv").exists()
+
+    assert main(["predict", "--model", str(folder), "--out", str(tmp_path / "warned"), str(scan)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert warned == ["predict: WARNING: ich: no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5; "
+                      "its probabilities are not to be trusted"]
+    recorded = json.loads((tmp_path / "warned" / "predict.json").read_text())
+    assert recorded["warnings"] == ["ich: no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5"]
+    assert len(list(csv.DictReader(open(tmp_path / "warned" / "predictions.csv")))) == 1
+
+
 def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(tmp_path):
     store, _ = write_blob_store(tmp_path, n_scans=24, seed=3)
     run = save_tiny_run(tmp_path / "run")
@@ -223,7 +263,9 @@ def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(t
     head = load_file(out / "fits" / "fraction1-seed0" / "head.safetensors")
     assert {k: tuple(v.shape) for k, v in head.items()} == {"mean": (1, 128), "scale": (1, 128), "coef": (1, 128), "intercept": (1,)}
     config = json.loads((out / "fits" / "fraction1-seed0" / "config.json").read_text())
-    assert config["backbone"]["path"] == str((run / "backbone").resolve()) and config["backbone"]["sha256"]
+    # A frozen backbone by reference: a path relative to the detector folder, found again from it.
+    assert not Path(config["backbone"]["path"]).is_absolute() and config["backbone"]["sha256"]
+    assert (out / "fits" / "fraction1-seed0" / config["backbone"]["path"]).resolve() == (run / "backbone").resolve()
     assert config["provenance"]["budget"] == {"label_fraction": 1.0, "shots": None}
 
     detector = Detector.from_pretrained(out)  # huggingface_hub's mixin; a local folder never touches the network
@@ -321,6 +363,55 @@ def test_predict_names_scans_like_ingest_under_the_same_key(finetuned, tmp_path,
     assert list(csv.DictReader(open(tmp_path / "other" / "predictions.csv")))[0]["scan_id"] != stored[0]  # another key
 
 
+def _abort_on(folder_name: str):
+    """A series reader that aborts its process natively (SIGABRT, as a C decoder does) for the series in ``folder_name``."""
+    original = fmct.scans.job.read_series
+
+    def read(info, config=None):
+        if Path(info.source.rpartition("#")[0]).name == folder_name:
+            faulthandler.disable()  # pytest's handler would print the worker's stack
+            os.abort()
+        return original(info, config)
+
+    return read
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the hook reaches workers by fork")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reader_that_crashes_costs_predict_only_its_scan(finetuned, tmp_path, monkeypatch, workers):
+    for seed, name in enumerate(("first", "crash", "third")):
+        _phantom_dicom(tmp_path / name, np.zeros(3), bleed=False, seed=seed)
+    paths = [tmp_path / name for name in ("first", "crash", "third")]
+    monkeypatch.setattr(fmct.scans.job, "read_series", _abort_on("crash"))
+    config = PredictConfig(workers=workers, batch_size=2)
+    summary = predict(finetuned[2], paths, tmp_path / "out", config, progress=False)
+    assert summary.n_scans == 2  # the scans before and after the crash are scored
+    assert [row["input"] for row in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))] == ["1", "3"]
+    (error,) = csv.DictReader(open(tmp_path / "out" / "errors.csv"))
+    assert error["input"] == "2" and len(error["scan_id"]) == 16
+    assert error["reason"] == ("the worker process reading this scan died (killed by SIGABRT): a crash in native code such as an "
+                               "image decoder, or out of memory; the batch went on without it (a re-run tries it again)")
+    monkeypatch.undo()
+    again = predict(finetuned[2], paths, tmp_path / "out", config, progress=False)
+    assert (again.n_scans, again.n_reused, again.errors) == (3, 2, [])
+
+
+def test_predict_names_the_unreadable_slice_behind_a_gap(finetuned, tmp_path, pseudonym_key_file):
+    folder = tmp_path / "Doe_Jane_MRN31337"
+    _phantom_dicom(folder, np.zeros(3), bleed=False, seed=3)
+    broken = sorted(folder.iterdir())[20]
+    broken.write_bytes(broken.read_bytes()[:300])  # its header cut: no slice of the series, a gap in its place
+    predict(finetuned[2], [folder], tmp_path / "out", progress=False)
+    text = (tmp_path / "out" / "errors.csv").read_text()
+    scan, header = sorted(csv.DictReader(io.StringIO(text)), key=lambda row: row["scan_id"] == "")
+    name = load_key(pseudonym_key_file).pseudonym("source", str(broken))
+    assert re.fullmatch(rf"gap of 4\.00 mm at -?[\d.]+ mm along the slice normal, after slice \d+ of 41 \(median 2\.00 mm\); "
+                        rf"its folder holds 1 unreadable DICOM files, such as file {name} \(unreadable DICOM header: .+\)",
+                        scan["reason"]), scan["reason"]
+    assert header["scan_id"] == "" and header["reason"].startswith("unreadable DICOM header")
+    assert "Doe" not in text and broken.name not in text and str(tmp_path) not in text
+
+
 def _hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
     """Lay ``folder`` out as huggingface_hub's cache holds a downloaded repo (refs/main -> snapshots/<commit>/)."""
     commit = "0" * 40
@@ -345,9 +436,27 @@ def test_saliency_examples_beside_the_predictions_in_the_layout_the_report_reads
     out = tmp_path / "ft"
     shutil.copytree(ft, out)
     rows = [{**r, "label": int(r["label"]), "score": float(r["score"]), "seed": int(r["seed"]),
-             "label_fraction": float(r["label_fraction"]), "threshold_spec90": float(r["threshold_spec90"])}
+             "label_fraction": float(r["label_fraction"]), "threshold_spec90": float(r["threshold_spec90"]),
+             "probability": float(r["probability"])}
             for r in csv.DictReader(open(out / "predictions.csv"))]
     assert write_examples(out, rows, store, per_kind=2) == len(list(out.glob("saliency/*/ich.png"))) >= 1
-    called = {r["scan_id"]: r for r in rows if r["score"] >= r["threshold_spec90"]}
+    called = {r["scan_id"]: r for r in rows if r["probability"] >= r["threshold_spec90"]}
     for png in out.glob("saliency/*/ich.png"):  # fmct report: saliency/<scan_id>/<finding>.png
         assert png.parent.name in called and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _absolute_paths(folder: Path, roots: list[str]) -> list[str]:
+    """Every file under ``folder`` (text or binary) holding one of ``roots`` (absolute path prefixes)."""
+    return [f"{path}: {root}" for path in sorted(folder.rglob("*")) if path.is_file()
+            for root in roots if root.encode() in path.read_bytes()]
+
+
+def test_no_machine_path_in_a_detector_folder_or_the_shipped_checkpoint(finetuned, tmp_path):
+    root, store, ft = finetuned
+    roots = [str(root.resolve()), str(Path(tempfile.gettempdir()).resolve()), str(Path.home()), str(Path.cwd())]
+    for folder in sorted((ft / "fits").iterdir()):  # a fine-tuned detector, with its own backbone/
+        assert _absolute_paths(folder, roots) == []
+        assert (folder / "backbone" / "config.json").is_file()
+    shipped = hub.SHIPPED_DIR / "fmct-synth-tiny"
+    assert _absolute_paths(shipped, ["/home/", "/root/", "/tmp/", "/work/", "/Users/", "C:\\"]) == []
+    assert json.loads((shipped / "config.json").read_text())["store"] == "store"  # a bare name

@@ -568,6 +568,9 @@ def _predict_parser(sub) -> None:
                         help="per scan and finding a heatmap (Integrated Gradients) as NIfTI on the scan's own grid and a PNG")
     parser.add_argument("--key", metavar="FILE", help="pseudonym key naming the scans, as fmct ingest's --key (default: "
                                                       "$FMCT_KEY_FILE, else ~/.config/fmct/pseudonym.key)")
+    parser.add_argument("--require-validated", action="store_true",
+                        help="refuse (exit 2) a detector with a finding its validation split cannot tell from chance; "
+                             "without it, such a finding gets a warning line")
     parser.add_argument("--batch-size", type=int, help="scans per forward pass")
     parser.add_argument("--workers", type=int, help="threads reading scans ahead of the model")
     parser.add_argument("--config", help=_CONFIG_HELP)
@@ -584,7 +587,8 @@ def _predict_run(args) -> int:
     paths = [item for item in args.inputs if not _OVERRIDE.match(item)]
     if not paths:
         raise UsageError("no PATH given")
-    flags = {"batch_size": args.batch_size, "workers": args.workers, "saliency": args.saliency or None}
+    flags = {"batch_size": args.batch_size, "workers": args.workers, "saliency": args.saliency or None,
+             "require_validated": args.require_validated or None}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     config = load_config(PredictConfig, args.config, overrides)
     summary = predict(args.model, paths, args.out, config, fit=args.fit, key_file=args.key)

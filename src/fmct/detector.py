@@ -59,7 +59,7 @@ from fmct.paths import located, relative_to, without_machine_paths
 from fmct.store import Store
 
 FORMAT = "fmct-detector"
-VERSION = 1
+VERSION = 2  # 2: thresholds on the probability, validation status per finding
 CONFIG_FILE = "config.json"
 HEAD_FILE = "head.safetensors"
 CARD_FILE = "README.md"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -35,7 +36,7 @@ from huggingface_hub import ModelHubMixin, snapshot_download
 
 from fmct.card import render_card
 from fmct.paths import without_machine_paths
-from fmct.models.windows import DEFAULT_WINDOWS
+from fmct.models.windows import DEFAULT_WINDOWS, hu_batch, model_input
 from fmct.devices import unwrap
 from fmct.errors import CheckpointError, ConfigError, UsageError
 from fmct.fingerprint import file_sha256
@@ -245,6 +246,18 @@ class ViT3DModel(ViT3D, ModelHubMixin, library_name="fmct", license="apache-2.0"
 
     hub_extra: dict = {}
 
+    @property
+    def windows(self) -> list[tuple[float, float]]:
+        """The (level, width) HU windows of its input channels, as recorded with its weights (else the defaults)."""
+        return _windows(self.hub_extra.get("windows"), "the model's extra metadata")
+
+    def preprocess(self, hu: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The model input of canonical HU volumes (on fmct's canonical grid, as ingest writes them): float32
+        (B, C, *img_size) in [0, 1] on the model's device, the whole volume resized and windowed
+        (:func:`fmct.models.windows.model_input`). ``hu``: (X, Y, Z), (B, X, Y, Z) or (B, 1, X, Y, Z), numpy
+        or torch, any dtype."""
+        return model_input(hu_batch(hu).to(self.pos_embed.device), self.config.img_size, self.windows)
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", **hub_kwargs) -> "ViT3DModel":
         """The model of a model folder, a pretraining run or a shipped name (read here, never from the
@@ -268,7 +281,11 @@ class ViT3DModel(ViT3D, ModelHubMixin, library_name="fmct", license="apache-2.0"
 def model_windows(model_dir: str | os.PathLike) -> list[tuple[float, float]]:
     """The (level, width) HU windows a model was trained with: ``extra["windows"]`` of its ``config.json``
     (as ``fmct pretrain`` records them), or :data:`fmct.models.windows.DEFAULT_WINDOWS` when none was recorded."""
-    recorded = read_extra(model_dir).get("windows")
+    return _windows(read_extra(model_dir).get("windows"), str(Path(model_dir) / CONFIG_FILE))
+
+
+def _windows(recorded, where: str) -> list[tuple[float, float]]:
+    """Recorded windows as (level, width) HU pairs (:data:`DEFAULT_WINDOWS` when none); CheckpointError if malformed."""
     if recorded is None:
         return list(DEFAULT_WINDOWS)
     try:
@@ -276,7 +293,7 @@ def model_windows(model_dir: str | os.PathLike) -> list[tuple[float, float]]:
     except (TypeError, ValueError):
         windows = []
     if not windows or any(width <= 0 for _, width in windows):
-        raise CheckpointError(f"{Path(model_dir) / CONFIG_FILE}: extra.windows must be a list of [level, width] HU with width > 0")
+        raise CheckpointError(f"{where}: extra.windows must be a list of [level, width] HU with width > 0")
     return windows
 
 

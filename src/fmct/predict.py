@@ -1,11 +1,12 @@
-"""``fmct predict``: a detector on new scans, each read through ingest's own path in memory.
+"""``fmct predict``: a detector on new scans, each planned and read in memory as ``fmct ingest`` reads it.
 
-Each PATH (a DICOM folder, DICOM files, NIfTI files) is discovered and its series selected as ``fmct
-ingest`` does (:func:`fmct.io.discover`, :func:`fmct.io.select_series` with the detector's recorded
-selection rules), read (:func:`fmct.io.read_series`, :func:`fmct.io.read_nifti`) and resampled to the
-canonical grid the detector was trained on (:func:`fmct.preprocess.canonical`); nothing is written to a
-store. Reader processes prepare scans ahead of the model (one thread each, as ingest's); the detector
-scores them in batches on the device (CUDA with bf16 autocast when present, else the CPU in fp32).
+The PATHs (DICOM folders, DICOM files, NIfTI files) are planned as ``fmct ingest`` plans its sources
+(:func:`fmct.scans.plan_scans`, with the detector's recorded selection rules), and each scan is read and
+resampled to the canonical grid the detector was trained on (:func:`fmct.scans.read_canonical`); nothing
+is written to a store. Reader processes (ingest's crash-isolated :class:`fmct.scans.WorkerPool`, one
+thread each) prepare scans ahead of the model: a reader that dies (a native crash in a decoder, out of
+memory) costs its scan only, which gets its reason in ``errors.csv`` as in ingest. The detector scores the
+scans in batches on the device (CUDA with bf16 autocast when present, else the CPU in fp32).
 
 Scans are named by pseudonym, never by a path or a header value: ``scan_id`` is the keyed pseudonym of
 the series UID (of the resolved file path for NIfTI) under the pseudonym key (:mod:`fmct.pseudonym`:
@@ -17,9 +18,13 @@ Outputs in ``OUT``:
 
 - ``predictions.csv``: one row per scan and finding: ``scan_id, input, finding, probability`` (calibrated,
   in [0, 1]), ``score`` (the logit), and per operating point of the detector (``spec90``, ``spec95``:
-  thresholds set on the validation split) ``threshold_<point>`` (in probability) and ``positive_<point>``
-  (1 when score >= the point's score threshold); with ``--saliency`` also the heatmap peak in RAS mm and
-  the paths of its files.
+  thresholds set on the validation split) ``threshold_<point>`` (a probability) and ``positive_<point>``
+  (1 when probability >= threshold, so a decision follows from the columns beside it); with
+  ``--saliency`` also the heatmap peak in RAS mm and the paths of its files.
+- ``predict.json``: the detector (by a path relative to ``OUT``, and its fingerprint), the counts, and
+  ``warnings``: one line per finding that the detector's validation split could not tell from chance
+  (:func:`fmct.detector.unvalidated_findings`), also logged as a warning. ``--require-validated`` refuses
+  such a detector instead (exit 2).
 - ``errors.csv``: ``input, scan_id, reason``: one line per input or scan that could not be used; the
   others go on.
 - ``saliency/<scan_id>/<finding>.nii.gz`` (the heatmap on the source scan's own grid and affine) and
@@ -34,30 +39,27 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import deque
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fmct import detector as detectors
 from fmct import saliency
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import IngestConfig, save_config
 from fmct.data.batches import to_device
-from fmct.devices import autocast, default_device, setup_volume_worker
-from fmct.errors import FileScanError, ScanError, UsageError
+from fmct.devices import autocast, default_device
+from fmct.errors import UsageError
 from fmct.fingerprint import file_sha256, settings_sha256
-from fmct.io import discover, is_nifti, read_nifti, read_series, select_series
-from fmct.io.dicom import walk_files
 from fmct.io.nifti import write_nifti
+from fmct.log import logger
 from fmct.io.volume import Volume
-from fmct.preprocess import canonical
-from fmct.pseudonym import PseudonymKey, load_key, scrubbed_reason
+from fmct.paths import relative_to
+from fmct.pseudonym import PseudonymKey, load_key
+from fmct.scans import ScanJob, ScanResult, WorkerPool, died, failed, plan_scans, read_canonical
 from fmct.tables import rows_to_csv
 
 ERROR_COLUMNS = ["input", "scan_id", "reason"]
@@ -71,20 +73,11 @@ class PredictConfig:
     saliency: bool = False  # write a heatmap per scan and finding (Integrated Gradients, fmct.saliency)
     saliency_steps: int = 16  # steps along the Integrated Gradients path (forward + backward passes per scan)
     saliency_sigma_mm: float = 8.0  # Gaussian smoothing (mm) of the heatmap on the canonical grid: a bleed is a region
+    require_validated: bool = False  # refuse a detector with a finding its validation split cannot tell from chance
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.workers, self.saliency_steps) < 1 or self.saliency_sigma_mm < 0:
             raise UsageError("batch_size, workers and saliency_steps must be at least 1, saliency_sigma_mm at least 0")
-
-
-@dataclass
-class ScanJob:
-    """One scan to predict: its pseudonym, the position of the PATH it came from (1, 2, ...), and what
-    the reader reads (a discovered DICOM series, or a NIfTI file)."""
-
-    scan_id: str
-    input: int
-    source: object
 
 
 @dataclass
@@ -108,70 +101,15 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------- the inputs
-def plan_scans(paths: list[str | os.PathLike], selection, key: PseudonymKey) -> tuple[list[ScanJob], list[dict]]:
-    """The scans under ``paths`` as ``fmct ingest`` finds them (the DICOM files of all PATHs discovered
-    together, so a series given file by file is one scan; series selected by ``selection``; NIfTI files),
-    each once and attributed to the first PATH holding one of its files, and an error row per input or
-    series not used."""
-    errors, input_of = [], {}
-    for ordinal, path in enumerate(paths, start=1):
-        if not Path(path).exists():
-            errors.append({"input": ordinal, "scan_id": "", "reason": "no such file or folder"})
-            continue
-        found = walk_files([path])
-        if not found:
-            errors.append({"input": ordinal, "scan_id": "", "reason": "no DICOM series or NIfTI file found here"})
-        for file in found:  # a file under two PATHs belongs to the first
-            input_of.setdefault(str(file), ordinal)
-    files = [Path(f) for f in input_of]
-    series, unreadable = discover([f for f in files if not is_nifti(f)])
-    kept, rejected = select_series(series, selection)
-    why_rejected, kept_ids = dict(rejected), {id(info) for info in kept}
-    jobs, used = [], set()
-    for info in series:
-        ordinal = min(input_of.get(str(f), len(paths)) for f in info.files)
-        if id(info) in kept_ids:
-            jobs.append(ScanJob(key.pseudonym("series", info.series_uid), ordinal, info))
-        elif info.source in why_rejected:  # (a repeat of a kept series is dropped silently, as in ingest)
-            errors.append({"input": ordinal, "scan_id": "", "reason": why_rejected[info.source]})
-        used.add(ordinal)
-    for file in files:
-        if is_nifti(file):
-            jobs.append(ScanJob(key.pseudonym("series", str(file.resolve())), input_of[str(file)], file))
-            used.add(input_of[str(file)])
-    for path, reason in unreadable:
-        errors.append({"input": input_of.get(path, 0), "scan_id": "", "reason": reason})
-        used.add(input_of.get(path, 0))
-    errors += [{"input": ordinal, "scan_id": "", "reason": "no DICOM series or NIfTI file found here"}
-               for ordinal in sorted(set(input_of.values()) - used)]
-    seen, unique = set(), []
-    for job in jobs:  # the same scan twice (a NIfTI named by two PATHs): kept once
-        if job.scan_id not in seen:
-            seen.add(job.scan_id)
-            unique.append(job)
-    return sorted(unique, key=lambda job: job.input), sorted(errors, key=lambda error: error["input"])
-
-
-def read_canonical(job: ScanJob, config: IngestConfig) -> tuple[Volume, np.ndarray, tuple[int, int, int]]:
-    """The scan of ``job`` on the canonical grid (int16 HU, its voxel -> world affine; no identifiers), and
-    the source's affine and shape (for saliency maps)."""
-    volume = read_nifti(job.source) if isinstance(job.source, Path) else read_series(job.source, config.selection)
-    result = canonical(volume, config.canonical)
-    return Volume(hu=result.hu, affine=result.affine), volume.affine, volume.shape
-
-
-def _read_job(job: ScanJob, config: IngestConfig, key: PseudonymKey):
-    """(canonical Volume, source affine, source shape) of ``job``, or the one-line reason it cannot be used:
-    a file it names by the pseudonym of its path, as ingest's reasons do."""
+# ------------------------------------------------------------------------------------- the readers
+def _read_job(job: ScanJob, config: IngestConfig, key: PseudonymKey) -> tuple[Volume, np.ndarray, tuple] | ScanResult:
+    """(the scan on the canonical grid: int16 HU and its voxel -> world affine, no identifiers; the source's
+    affine and shape, for saliency maps) of ``job``, or the :class:`ScanResult` saying why it cannot be used."""
     try:
-        return read_canonical(job, config)
-    except FileScanError as error:
-        return error.reason if Path(error.path) == job.source else f"file {key.pseudonym('source', str(error.path))}: {error.reason}"
-    except ScanError as error:
-        return str(error)
+        volume, result = read_canonical(job, config)
     except Exception as error:  # a bad scan must never stop the batch, as in ingest
-        return f"unexpected {type(error).__name__}: {scrubbed_reason(error)}"
+        return failed(job, error, key)
+    return Volume(hu=result.hu, affine=result.affine), volume.affine, volume.shape
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -198,24 +136,26 @@ def predict(
     out, device, config = Path(out), default_device(device), config or PredictConfig()
     key = load_key(key_file, outside=out)
     folder = detectors.resolve_detector(model, fit)
-    # The readers fork before the model (and any CUDA context) exists in this process.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    executor = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method), initializer=setup_volume_worker)
-    try:
-        executor.submit(int).result()  # start the workers now
-        return _predict(folder, executor, paths, out, config, key, device, started, progress)
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+    recorded = detectors.read_detector_config(folder)
+    warnings = [f"{finding}: {reason}" for finding, reason in detectors.unvalidated_findings(recorded).items()]
+    if warnings and config.require_validated:
+        raise UsageError(f"{folder}: not validated, refused (--require-validated): {'; '.join(warnings)}")
+    for warning in warnings:
+        logger.warning(f"predict: WARNING: {warning}; its probabilities are not to be trusted")
+    ingest_config = IngestConfig(selection=detectors.selection_config(recorded), canonical=detectors.canonical_config(recorded))
+    with WorkerPool(partial(_read_job, config=ingest_config, key=key), config.workers) as readers:
+        readers.start(config.workers)  # forked before the model (and any CUDA context) exists in this process
+        return _predict(folder, readers, ingest_config, paths, out, config, key, device, started, progress, warnings)
 
 
-def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, config: PredictConfig, key: PseudonymKey,
-             device: torch.device, started: float, progress: bool) -> PredictSummary:
+def _predict(folder: Path, readers: WorkerPool, ingest_config: IngestConfig, paths, out: Path, config: PredictConfig,
+             key: PseudonymKey, device: torch.device, started: float, progress: bool, warnings: list[str]) -> PredictSummary:
     detector = detectors.load_detector(folder, device)
-    ingest_config = IngestConfig(selection=detectors.selection_config(detector.config),
-                                 canonical=detectors.canonical_config(detector.config))
     fingerprint = _detector_fingerprint(folder, detector.config)
     save_config(config, out / "config.yaml")
-    jobs, errors = plan_scans(list(paths), ingest_config.selection, key)
+    plan = plan_scans(list(paths), ingest_config.selection, key)
+    jobs = plan.jobs
+    errors = [{"input": skipped.input, "scan_id": "", "reason": skipped.reason} for skipped in plan.skipped]
     scrub = _path_scrubber(paths)
 
     summary = PredictSummary(out, errors=errors)
@@ -229,27 +169,19 @@ def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, conf
             records[job.scan_id] = record
             summary.n_reused += 1
     run = _Run(detector, folder, fingerprint, config, out, device)
-    with tqdm(total=len(todo), unit="scan", desc="predict", disable=not progress or not todo, dynamic_ncols=True) as bar:
-        pending = deque()
-        batch = []
-        queue = iter(todo)
-        for job in _take(queue, config.batch_size + config.workers):
-            pending.append((job, executor.submit(_read_job, job, ingest_config, key)))
-        while pending:
-            job, future = pending.popleft()
-            following = next(queue, None)
-            if following is not None:
-                pending.append((following, executor.submit(_read_job, following, ingest_config, key)))
-            result = future.result()
-            if isinstance(result, str):
-                errors.append({"input": job.input, "scan_id": job.scan_id, "reason": result})
-                bar.update()
-            else:
-                batch.append((job, *result))
-            if batch and (len(batch) == config.batch_size or not pending):
-                records.update(run.batch(batch))
-                bar.update(len(batch))
-                batch = []
+    on_death = partial(died, key=key, retry="a re-run tries it again")
+    batch = []
+    for job, result in readers.run(todo, on_death=on_death, desc="predict", progress=progress):
+        if isinstance(result, ScanResult):
+            errors.append({"input": job.input, "scan_id": job.scan_id, "reason": result.reason})
+        else:
+            batch.append((job, *result))
+        if len(batch) == config.batch_size:
+            records.update(run.batch(batch))
+            batch = []
+    if batch:
+        records.update(run.batch(batch))
+    errors.sort(key=lambda error: (error["input"], error["scan_id"]))  # scans finish in any order
 
     rows = []
     for job in jobs:
@@ -257,13 +189,14 @@ def _predict(folder: Path, executor: ProcessPoolExecutor, paths, out: Path, conf
             rows += [{**row, "input": job.input} for row in records[job.scan_id]["rows"]]
     summary.n_scans = len(records)
     columns = ["scan_id", "input", "finding", "probability", "score"]
-    columns += [f"{kind}_{point}" for point in detectors.OPERATING_POINTS for kind in ("threshold", "positive")]
+    points = dict.fromkeys(point for finding in detector.findings for point in detector.operating_points(finding))
+    columns += [f"{kind}_{point}" for point in points for kind in ("threshold", "positive")]
     columns += SALIENCY_COLUMNS if config.saliency else []
     atomic_write_text(out / "predictions.csv", rows_to_csv(rows, columns))
     atomic_write_text(out / "errors.csv", rows_to_csv([{**e, "reason": scrub(e["reason"])} for e in errors], ERROR_COLUMNS))
     atomic_write_text(out / "predict.json", json.dumps({
-        "detector": str(folder.resolve()), "detector_fingerprint": fingerprint, "findings": detector.findings,
-        "n_scans": summary.n_scans, "n_errors": len(errors), "device": str(device),
+        "detector": relative_to(folder, out), "detector_fingerprint": fingerprint, "findings": detector.findings,
+        "warnings": warnings, "n_scans": summary.n_scans, "n_errors": len(errors), "device": str(device),
         "pseudonym_key_fingerprint": key.fingerprint}, indent=2))
     summary.seconds = time.perf_counter() - started
     return summary
@@ -281,10 +214,6 @@ def _path_scrubber(paths: list[str | os.PathLike]):
         return reason
 
     return scrub
-
-
-def _take(iterator, n: int) -> list:
-    return [item for _, item in zip(range(n), iterator)]
 
 
 def _finished(out: Path, scan_id: str, fingerprint: str, with_saliency: bool) -> dict | None:
@@ -329,8 +258,8 @@ class _Run:
                 row = {"scan_id": job.scan_id, "finding": finding, "probability": float(probabilities[b, f]),
                        "score": float(scores[b, f]), **extra[f]}
                 for point, values in self.points[finding].items():
-                    row[f"threshold_{point}"] = values["probability"]
-                    row[f"positive_{point}"] = int(scores[b, f] >= values["threshold"])
+                    row[f"threshold_{point}"] = values["threshold"]
+                    row[f"positive_{point}"] = int(row["probability"] >= values["threshold"])
                 rows.append(row)
             record = {"scan_id": job.scan_id, "detector": self.fingerprint, "saliency": self.config.saliency, "rows": rows}
             atomic_write_text(self.out / "scans" / f"{job.scan_id}.json", json.dumps(record))  # last: the scan is done

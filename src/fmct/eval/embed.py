@@ -142,9 +142,19 @@ def resolve_encoder(model: str, like: str | None, config: EmbedConfig, device: t
     backbone = source.build(device, config.init_seed)
     if source.is_random_init:
         return _backbone_encoder(backbone, source, "random-init", {"weights_sha256": weights_sha256(backbone)},
-                                 {"model_path": "", "like": source.like_dir.resolve().name, "init_seed": config.init_seed}, config)
+                                 {"model_path": "", "like": str(source.like_dir.resolve()), "init_seed": config.init_seed}, config)
     return _backbone_encoder(backbone, source, "pretrained", {"checkpoint_sha256": source.sha256},
-                             {"model_path": source.model_dir.resolve().name}, config)
+                             {"model_path": str(source.model_dir.resolve())}, config)
+
+
+def _recorded_model(path: str, out: Path) -> str:
+    """How the embeddings table names a model folder: a shipped model by its name, any other relative to
+    ``out`` (:func:`fmct.paths.relative_to`), none as ""."""
+    if not path:
+        return ""
+    if Path(path).parent == hub.SHIPPED_DIR.resolve():
+        return Path(path).name
+    return relative_to(path, out)
 
 
 def _backbone_encoder(model: ViT3D, source: hub.ModelSource, arm: str, weights: dict, meta: dict,
@@ -307,7 +317,9 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
         "default_feature": encoder.default_feature,
         **encoder.fingerprint,
         **encoder.meta,
-        "store": relative_to(volumes.store.path, out),  # the probe finds it again from here
+        # Found again from the embeddings folder by the probe; no machine path in the table.
+        **{key: _recorded_model(encoder.meta[key], out) for key in ("model_path", "like") if key in encoder.meta},
+        "store": relative_to(volumes.store.path, out),
         "n_scans": int(len(scan_ids)),
         "n_skipped": len(skipped),
     }

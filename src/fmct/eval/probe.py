@@ -107,7 +107,7 @@ def run_probe(
     labels_record = {"spec": labels_spec, "sha256": file_sha256(Path(cohort.origin))}
     folder = Path(embeddings_path) if Path(embeddings_path).is_dir() else Path(embeddings_path).parent
     store = store_path or (located(embeddings.meta["store"], folder) if embeddings.meta.get("store") else None)
-    target, no_detector = _detector_target(embeddings, feature, config, store)
+    target, no_detector = _detector_target(embeddings, folder, feature, config, store)
     notes = cohort.notes + [note for note in (no_detector and f"no detector folders: {no_detector}", candidates_note) if note]
     _remove_earlier_detectors(out)
     predictions, fits, n_detectors = [], [], 0
@@ -173,7 +173,7 @@ def _remove_earlier_detectors(out: Path) -> None:
             shutil.rmtree(folder)
 
 
-def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
+def _detector_target(embeddings: Embeddings, embeddings_folder: Path, feature: str, config: ProbeConfig,
                      store: str | os.PathLike | None) -> tuple[dict | None, str]:
     """What every detector of this run shares (backbone reference, windows, input size, grid; not the
     feature set, which ``auto`` chooses per fit), or None and the reason no detector can be saved."""
@@ -186,8 +186,9 @@ def _detector_target(embeddings: Embeddings, feature: str, config: ProbeConfig,
         return None, f"feature {feature!r} is not a backbone's"
     if store is None or not Path(store).is_dir():
         return None, f"the store the embeddings were made from is not found ({store or 'not recorded'}); pass --store"
+    recorded = located(model_path, embeddings_folder)  # a shipped model is recorded by its name
     try:
-        source = hub.resolve_model(model_path)
+        source = hub.resolve_model(recorded if recorded.exists() else model_path)
     except CheckpointError as error:
         return None, f"the embeddings' backbone cannot be loaded: {error}"
     if embeddings.meta.get("checkpoint_sha256") and source.sha256 != embeddings.meta["checkpoint_sha256"]:

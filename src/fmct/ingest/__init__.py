@@ -1,9 +1,9 @@
 """``fmct ingest``: DICOM series and NIfTI files -> a store of canonical int16 HU volumes (``fmct.store``).
 
 The run, step by step: check the paths, load the pseudonym key (kept outside the store), claim the
-store (one grid, one key), plan from the file tree (:mod:`fmct.ingest.plan`), record every input that is
-no scan, then read the scans in crash-isolated workers (:mod:`fmct.ingest.pool`, each scan by
-:mod:`fmct.ingest.scan`) and rebuild the tables. Resumable: scans already stored are skipped, and inputs
+store (one grid, one key), plan from the file tree (:func:`fmct.scans.plan_scans`), record every input
+that is no scan, then read the scans in crash-isolated workers (:class:`fmct.scans.WorkerPool`, each scan
+by :mod:`fmct.ingest.scan`) and rebuild the tables. Resumable: scans already stored are skipped, and inputs
 that failed before unless ``retry_failed``. No identifier is written: see :mod:`fmct.pseudonym`.
 """
 
@@ -17,10 +17,9 @@ from pathlib import Path
 
 from fmct.config import IngestConfig, save_config, to_dict
 from fmct.errors import ConfigError
-from fmct.ingest.plan import IngestPlan, plan_ingest
-from fmct.ingest.pool import WorkerPool
-from fmct.ingest.scan import ScanJob, ScanResult, ingest_scan
+from fmct.ingest.scan import ingest_scan
 from fmct.pseudonym import PseudonymKey, load_key
+from fmct.scans import ScanJob, ScanPlan, ScanResult, WorkerPool, died, plan_scans
 from fmct.store import claim_store, clear_error, rebuild_tables, write_error
 
 __all__ = ["IngestSummary", "ingest"]
@@ -83,7 +82,7 @@ def ingest(
     key = load_key(key_file, create=not (store_path / "store.json").exists(), outside=store_path)
     claim_store(store_path, to_dict(config.canonical), key.fingerprint)
     save_config(config, store_path / "config.yaml")
-    plan = plan_ingest(sources, config.selection, key)
+    plan = plan_scans(sources, config.selection, key)
     if config.source_map:
         key.record_sources(plan.source_names(key))
     summary = IngestSummary(store=store_path, source_map=key.source_map_path if config.source_map else None)
@@ -91,7 +90,9 @@ def ingest(
     todo = _not_done(plan.jobs, store_path, retry_failed, summary)
     try:
         with WorkerPool(partial(ingest_scan, store_path=store_path, config=config, key=key), workers) as pool:
-            for result in pool.run(todo, on_death=partial(_worker_died, key=key), progress=progress):
+            # A scan whose worker died is recorded as failed, so that a re-run does not crash on it again.
+            on_death = partial(died, key=key, retry="--retry-failed tries it again")
+            for _, result in pool.run(todo, on_death=on_death, desc="ingest", progress=progress):
                 _record_result(store_path, result, key if config.source_map else None, summary)
     finally:
         rebuild_tables(store_path)
@@ -111,10 +112,11 @@ def _check_paths(sources: list[str | os.PathLike], store_path: Path, workers: in
         raise ConfigError(f"--workers must be at least 1, got {workers}")
 
 
-def _record_skipped(store_path: Path, plan: IngestPlan, key: PseudonymKey, summary: IngestSummary) -> None:
-    for source, reason in plan.skipped:
-        name = key.pseudonym("source", source)
-        write_error(store_path, name, name, reason)
+def _record_skipped(store_path: Path, plan: ScanPlan, key: PseudonymKey, summary: IngestSummary) -> None:
+    """One row of errors.csv per skipped input (the plan names each once), counted as it is written."""
+    for skipped in plan.skipped:
+        name = key.pseudonym("source", skipped.source)
+        write_error(store_path, name, name, skipped.reason)
         summary.skipped += 1
 
 
@@ -143,9 +145,3 @@ def _record_result(store_path: Path, result: ScanResult, key: PseudonymKey | Non
         key.record_sources(result.named)
     summary.skipped += 1
 
-
-def _worker_died(job: ScanJob, what: str, key: PseudonymKey) -> ScanResult:
-    """The result of a scan whose worker process died: recorded, so a re-run does not crash on it again."""
-    reason = (f"the worker process reading this scan died ({what}): a crash in native code such as an image decoder, "
-              f"or out of memory; the batch went on without it (--retry-failed tries it again)")
-    return ScanResult(job.scan_id, key.pseudonym("source", job.source), reason)

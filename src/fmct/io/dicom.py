@@ -148,11 +148,12 @@ def discover(paths: Iterable[str | Path]) -> tuple[list[SeriesInfo], list[tuple[
 
     Returns:
         (series, errors): series sorted by source; errors as (path or series source, one-line reason
-        without the path) for DICOM files whose header cannot be read (truncated, corrupt, no
-        SeriesInstanceUID) and series with a malformed header value.
+        without the path) for folders that cannot be listed, DICOM files whose header cannot be read
+        (truncated, corrupt, no SeriesInstanceUID) and series with a malformed header value.
     """
-    series, errors, _ = discover_files(walk_files(paths))
-    return series, errors
+    files, unlisted = walk_files(paths)
+    series, errors, _ = discover_files(files)
+    return series, unlisted + errors
 
 
 def discover_files(files: list[Path]) -> tuple[list[SeriesInfo], list[tuple[str, str]], set[Path]]:
@@ -195,17 +196,36 @@ def unused_file_reason(path: str | Path) -> str:
     return "neither DICOM (no 'DICM' marker at byte 128) nor NIfTI (.nii, .nii.gz)"
 
 
-def walk_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Every regular file under ``paths``, each once, in a stable order."""
+def truncated_files(info: SeriesInfo) -> list[tuple[str, str]]:
+    """(file, one-line reason without the path) of each classic file of ``info`` that is too short for the
+    pixel values its header announces (cut by a copy or a transfer). From file sizes alone, so a series
+    rejected before it is read can still say which of its files is broken, in the words reading would use."""
+    cut = []
+    for path, parsed in info.parsed.items():
+        present = max(0, _size(path) - parsed.pixel_offset - parsed.element_bytes)
+        if present < parsed.n_bytes:
+            cut.append((str(path), f"pixel data is truncated ({present} of {parsed.n_bytes} bytes)"))
+    return cut
+
+
+def walk_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every regular file under ``paths``, each once, in a stable order; and (folder, one-line reason
+    without the path) for every folder whose files cannot be listed (permission denied, say), which a
+    plain walk would pass over as if it were empty."""
     seen: set[Path] = set()
     files: list[Path] = []
+    unlisted: list[tuple[str, str]] = []
+
+    def note(error: OSError) -> None:
+        unlisted.append((str(error.filename), f"cannot list its files ({(error.strerror or type(error).__name__).lower()})"))
+
     for root in paths:
         root = Path(root)
         candidates: Iterable[Path]
         if root.is_dir():
             candidates = (
                 Path(folder) / name
-                for folder, subfolders, names in sorted(os.walk(root))
+                for folder, subfolders, names in sorted(os.walk(root, onerror=note))
                 for name in sorted(names)
             )
         else:
@@ -215,7 +235,7 @@ def walk_files(paths: Iterable[str | Path]) -> list[Path]:
             if resolved not in seen and resolved.is_file():
                 seen.add(resolved)
                 files.append(path)
-    return files
+    return files, unlisted
 
 
 def _read_header(path: Path) -> tuple[Dataset | None, int, str]:
@@ -571,6 +591,16 @@ class ParsedSlice:
     dtype: str  # of the stored values, e.g. "<i2"
     bits_stored: int
 
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of the PixelData element before its values: tag, (VR, reserved,) value length."""
+        return 12 if self.explicit_vr else 8
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes of the pixel values the header announces (one frame)."""
+        return self.rows * self.columns * np.dtype(self.dtype).itemsize
+
 
 @dataclass
 class _Instance:
@@ -627,24 +657,21 @@ def _read_instance(path: Path, parsed: ParsedSlice | None, copies: list[Path], n
 def _plain_frames(path: Path, parsed: ParsedSlice) -> np.ndarray | None:
     """The stored values (1, rows, columns) of a classic file at the PixelData element discovery found, or
     None when it is not there as found (a file changed or cut since): the file is then read in full."""
-    dtype = np.dtype(parsed.dtype)
-    n_bytes = parsed.rows * parsed.columns * dtype.itemsize
-    element_bytes = 12 if parsed.explicit_vr else 8  # tag, (VR, reserved,) value length
     try:
         with open(path, "rb") as handle:
             handle.seek(parsed.pixel_offset)
-            element = handle.read(element_bytes)
-            data = handle.read(n_bytes)
+            element = handle.read(parsed.element_bytes)
+            data = handle.read(parsed.n_bytes)
     except OSError:
         return None
-    if len(element) < element_bytes or element[:4] != _PIXEL_DATA_TAG or len(data) < n_bytes:
+    if len(element) < parsed.element_bytes or element[:4] != _PIXEL_DATA_TAG or len(data) < parsed.n_bytes:
         return None
     if parsed.explicit_vr and element[4:6] not in (b"OB", b"OW"):
         return None
     length = struct.unpack("<I", element[-4:])[0]
-    if length < n_bytes or length == 0xFFFFFFFF:  # undefined length: encapsulated, not plain values
+    if length < parsed.n_bytes or length == 0xFFFFFFFF:  # undefined length: encapsulated, not plain values
         return None
-    values = _without_high_bits(np.frombuffer(data, dtype=dtype), parsed.bits_stored)
+    values = _without_high_bits(np.frombuffer(data, dtype=np.dtype(parsed.dtype)), parsed.bits_stored)
     return values.reshape(1, parsed.rows, parsed.columns)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,18 @@ def window_channels(hu: torch.Tensor, windows: Sequence[tuple[float, float]] = D
     table = torch.tensor(windows, dtype=hu.dtype, device=hu.device)
     n = hu.shape[0]
     return apply_windows(hu, table[:, 0].expand(n, -1), table[:, 1].expand(n, -1))
+
+
+def hu_batch(hu: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """HU volumes as a batch (B, 1, X, Y, Z): a numpy or torch (X, Y, Z), (B, X, Y, Z) or (B, 1, X, Y, Z)."""
+    hu = torch.as_tensor(hu)
+    if hu.dim() == 3:
+        return hu[None, None]
+    if hu.dim() == 4:
+        return hu[:, None]
+    if hu.dim() == 5 and hu.shape[1] == 1:
+        return hu
+    raise InputError(f"expected HU volumes (X, Y, Z), (B, X, Y, Z) or (B, 1, X, Y, Z), got shape {list(hu.shape)}")
 
 
 @torch.no_grad()

@@ -4,7 +4,11 @@ A decoder written in C or Rust can abort the process it runs in (an allocation i
 corrupt stream), and no ``try`` catches that. Each job therefore runs in a worker process, one job at a
 time, and the pool watches each worker's pipe and its process sentinel together: a result arrives, or
 the worker is gone, its job is reported through ``on_death`` and a fresh worker takes the next job.
-``concurrent.futures.ProcessPoolExecutor`` instead breaks the whole pool on one death.
+``concurrent.futures.ProcessPoolExecutor`` instead breaks the whole pool on one death. Ingest and
+predict read their scans through this one pool.
+
+It is also their read-ahead: a worker is handed its next job before its result goes to the caller, so
+every worker prepares a scan while the caller stores or scores the last one.
 
 Workers end with the main process: on Linux the kernel sends them SIGKILL when it dies
 (``PR_SET_PDEATHSIG``), elsewhere they poll their parent's pid; an idle worker also ends when its pipe
@@ -50,7 +54,9 @@ class WorkerPool:
     """``workers`` processes, each running ``work(job)`` for one job at a time (``work`` must not raise).
 
     Use as a context manager; :meth:`run` yields results as they come. Workers are forked where the
-    platform can (milliseconds, everything already imported), spawned elsewhere.
+    platform can (milliseconds, everything already imported), spawned elsewhere. A worker that replaces a
+    dead one is forked mid-run, from whatever the caller holds by then (a CUDA context, say): it only
+    runs ``work``, which must not touch the device.
     """
 
     def __init__(self, work: Callable[[Any], Any], workers: int):
@@ -77,12 +83,18 @@ class WorkerPool:
             worker.connection.close()
         self._pool = []
 
-    def run(self, jobs: list, on_death: Callable[[Any, str], Any], progress: bool = True, desc: str = "ingest") -> Iterator:
-        """Yield ``work(job)`` for every job, in the order they finish; for a job whose worker died,
-        ``on_death(job, what happened)`` instead. The workers start before the progress bar."""
-        pending = deque(jobs)
-        while len(self._pool) < min(self.workers, len(jobs)):
+    def start(self, jobs: int) -> None:
+        """Start the workers that ``jobs`` jobs need (at most ``workers``) now: before the caller makes
+        what a fork should not copy (a CUDA context). :meth:`run` starts any that are still missing."""
+        while len(self._pool) < min(self.workers, jobs):
             self._pool.append(self._start())
+
+    def run(self, jobs: list, on_death: Callable[[Any, str], Any], desc: str, progress: bool = True) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(job, work(job))`` for every job, in the order they finish; for a job whose worker died,
+        ``(job, on_death(job, what happened))``. The worker has its next job before the caller gets the
+        result. The workers start before the progress bar (``desc`` names it)."""
+        pending = deque(jobs)
+        self.start(len(jobs))
         with _Bar(total=len(jobs), unit="scan", desc=desc, disable=not progress or not jobs, dynamic_ncols=True) as bar:
             for worker in self._pool:
                 self._give(worker, pending)
@@ -91,9 +103,10 @@ class WorkerPool:
                 ready = set(wait([w.connection for w in busy] + [w.process.sentinel for w in busy]))
                 for worker in busy:
                     if worker.connection in ready or worker.process.sentinel in ready:
-                        yield self._collect(worker, on_death)
-                        bar.update()
+                        finished = self._collect(worker, on_death)
                         self._give(worker, pending)
+                        bar.update()
+                        yield finished
 
     def _start(self) -> _Worker:
         parent_end, child_end = self._context.Pipe()
@@ -107,12 +120,13 @@ class WorkerPool:
             worker.job = pending.popleft()
             _send(worker.connection, worker.job)
 
-    def _collect(self, worker: _Worker, on_death: Callable[[Any, str], Any]):
-        """The result of the worker's job, or, when the worker died, ``on_death``'s (the worker is replaced)."""
+    def _collect(self, worker: _Worker, on_death: Callable[[Any, str], Any]) -> tuple[Any, Any]:
+        """(job, result) of the worker's job, or, when the worker died, (job, ``on_death``'s result); a
+        dead worker is replaced."""
         job, worker.job = worker.job, None
         try:
             if worker.connection.poll():
-                return worker.connection.recv()
+                return job, worker.connection.recv()
         except (EOFError, OSError):
             pass  # the pipe closed: the worker died before it could answer
         worker.process.join(timeout=5)
@@ -123,7 +137,7 @@ class WorkerPool:
         worker.connection.close()
         replacement = self._start()
         worker.process, worker.connection = replacement.process, replacement.connection
-        return on_death(job, what)
+        return job, on_death(job, what)
 
 
 def _send(connection: Connection, message) -> None:
