@@ -460,3 +460,65 @@ def test_no_machine_path_in_a_detector_folder_or_the_shipped_checkpoint(finetune
     shipped = hub.SHIPPED_DIR / "fmct-synth-tiny"
     assert _absolute_paths(shipped, ["/home/", "/root/", "/tmp/", "/work/", "/Users/", "C:\\"]) == []
     assert json.loads((shipped / "config.json").read_text())["store"] == "store"  # a bare name
+
+
+def readme_python_snippets() -> list[str]:
+    """Every ```python block of the README, in order."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def test_every_python_snippet_of_the_readme_runs(finetuned, tmp_path, monkeypatch, capsys):
+    """The README's snippets, in order and in one namespace, in a folder holding what they name: a finetune
+    output ``ft``, a ``store`` ingested from ``scans/``: a DICOM series ``series_a`` and a NIfTI
+    ``scan_b.nii.gz``, and ``detector.onnx``."""
+    import nibabel as nib
+
+    from fmct.export import export_onnx
+
+    root, store, ft = finetuned
+    snippets = readme_python_snippets()
+    assert len(snippets) >= 5
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ft, "ft")
+    centre = np.array([4.0, -20.0, 35.0])
+    _phantom_dicom(Path("scans/series_a"), centre, bleed=True, seed=21)
+    volume = Detector.from_pretrained("ft").canonical_hu("scans/series_a")
+    spacing = json.loads((resolve_detector("ft") / "config.json").read_text())["canonical"]["spacing_mm"]
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), np.diag([spacing] * 3 + [1.0])), "scans/scan_b.nii.gz")
+    export_onnx("ft", "detector.onnx")
+    assert main(["ingest", "scans", "--out", "store", "--workers", "1"]) == 0
+    namespace: dict = {}
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102  (our own README)
+    printed = capsys.readouterr().out
+    assert "'probability'" in printed and "torch.Size([1, 128])" in printed and "(1, 1)" in printed
+    result = namespace["result"]["ich"]
+    assert 0 < result["probability"] < 1 and set(result) == {"probability", "score", "positive_spec90", "positive_spec95", "validated"}
+
+
+def test_detector_predict_takes_a_path_a_volume_or_an_array_and_refuses_another_grid(finetuned, tmp_path):
+    from fmct.io import read_scan
+    from fmct.errors import InputError
+
+    root, store, ft = finetuned
+    detector = Detector.from_pretrained(ft)
+    _phantom_dicom(tmp_path / "series", np.array([4.0, -20.0, 35.0]), bleed=True, seed=22)
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(ft), "--out", str(out), str(tmp_path / "series")]) == 0
+    (row,) = list(csv.DictReader(open(out / "predictions.csv")))
+
+    by_path = detector.predict(tmp_path / "series")["ich"]
+    assert by_path["probability"] == pytest.approx(float(row["probability"]), abs=1e-6)  # what fmct predict says
+    assert by_path["positive_spec90"] == (row["positive_spec90"] == "1")
+    volume = read_scan(tmp_path / "series")
+    assert detector.predict(volume)["ich"]["probability"] == pytest.approx(by_path["probability"], abs=1e-6)
+    by_array = detector.predict(volume.hu, affine=volume.affine)["ich"]
+    assert by_array["probability"] == pytest.approx(by_path["probability"], abs=1e-6)
+    as_tensor = detector.predict(torch.from_numpy(detector.canonical_hu(volume)))["ich"]  # on the grid: no affine needed
+    assert as_tensor["probability"] == pytest.approx(by_path["probability"], abs=1e-6)
+
+    with pytest.raises(InputError, match=r"a volume of \[128, 128, 128\] voxels is not on this detector's canonical grid"):
+        detector.predict(np.zeros((128, 128, 128), np.int16))
+    with pytest.raises(InputError, match="no scan to predict"):
+        detector.predict(tmp_path / "out")

@@ -51,11 +51,14 @@ from fmct.card import SYNTHETIC_DATASET, model_index_entry, render_card
 from fmct.config import CanonicalConfig, IngestConfig, SelectionConfig, load_config, to_dict
 from fmct.errors import CheckpointError, InputError
 from fmct.fingerprint import file_sha256
+from fmct.io.volume import Volume
 from fmct.models.classifier import Classifier
 from fmct.models.encode import FEATURE_SETS, scan_features
 from fmct.models.vit3d import ViT3D
 from fmct.models.windows import model_input
 from fmct.paths import located, relative_to, without_machine_paths
+from fmct.preprocess import canonical
+from fmct.scans import read_one_scan
 from fmct.store import Store
 
 FORMAT = "fmct-detector"
@@ -203,6 +206,52 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
     def forward(self, hu: torch.Tensor) -> torch.Tensor:
         """Float32 calibrated probabilities (B, F) of canonical HU volumes (B, 1, X, Y, Z)."""
         return self.calibrated(self.scores(hu)).float()
+
+    @torch.no_grad()
+    def predict(self, scan: str | os.PathLike | Volume | np.ndarray | torch.Tensor,
+                affine: np.ndarray | None = None) -> dict[str, dict]:
+        """What ``fmct predict`` says of one scan, per finding: ``probability``, ``score`` (the logit),
+        ``positive_<point>`` (probability >= the point's threshold) per operating point, and ``validated``
+        (False: its validation split could not tell it from chance, see :func:`unvalidated_findings`).
+
+        ``scan``: a DICOM series folder or file, or a NIfTI file (read and resampled as ``fmct ingest``
+        does, with the series selection the detector was trained with); a :class:`fmct.io.Volume`; or HU
+        (X, Y, Z) as numpy or torch with its 4x4 voxel -> RAS mm ``affine`` (resampled as ingest does).
+        Without an affine, an array is taken as already on the detector's canonical grid (a store's
+        volume) and refused with :class:`InputError` when its shape is another.
+        """
+        hu = self.canonical_hu(scan, affine)
+        device = self.calibration_a.device
+        scores = self.scores(torch.from_numpy(hu)[None, None].to(device))
+        probabilities = self.calibrated(scores)[0].cpu().numpy()
+        not_validated = unvalidated_findings(self.config)
+        results = {}
+        for f, finding in enumerate(self.findings):
+            probability = float(probabilities[f])
+            results[finding] = {"probability": probability, "score": float(scores[0, f]),
+                                **{f"positive_{name}": probability >= point["threshold"]
+                                   for name, point in self.operating_points(finding).items()},
+                                "validated": finding not in not_validated}
+        return results
+
+    def canonical_hu(self, scan: str | os.PathLike | Volume | np.ndarray | torch.Tensor,
+                     affine: np.ndarray | None = None) -> np.ndarray:
+        """``scan`` (as :meth:`predict` takes it) as int16 HU on the detector's canonical grid (X, Y, Z)."""
+        canonical_grid = canonical_config(self.config)
+        if isinstance(scan, (str, os.PathLike)):
+            return canonical(read_one_scan(scan, selection_config(self.config)), canonical_grid).hu
+        if isinstance(scan, Volume):
+            return canonical(scan, canonical_grid).hu
+        hu = np.asarray(scan.detach().cpu() if isinstance(scan, torch.Tensor) else scan)
+        if hu.ndim != 3:
+            raise InputError(f"expected one HU volume (X, Y, Z), got shape {list(hu.shape)}")
+        if affine is not None:
+            return canonical(Volume(hu=hu.astype(np.float32), affine=np.asarray(affine, dtype=np.float64)), canonical_grid).hu
+        if tuple(hu.shape) != tuple(canonical_grid.shape):
+            raise InputError(f"a volume of {list(hu.shape)} voxels is not on this detector's canonical grid "
+                             f"({list(canonical_grid.shape)} voxels of {canonical_grid.spacing_mm} mm, RAS); pass its "
+                             "affine to resample it, or a DICOM folder or NIfTI path")
+        return hu
 
     def operating_points(self, finding: str) -> dict[str, dict]:
         """The operating points of ``finding``: {name: {"threshold" (a probability), "score_threshold",

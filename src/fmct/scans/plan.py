@@ -6,15 +6,17 @@ listed is a skipped input too. Each skipped input is recorded once: one row per 
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from fmct.config import SelectionConfig
-from fmct.io import SeriesInfo, is_nifti, select_series
+from fmct.errors import InputError
+from fmct.io import ScanError, SeriesInfo, Volume, is_nifti, read_nifti, read_series, select_series
 from fmct.io.dicom import discover_files, truncated_files, unused_file_reason, walk_files
 from fmct.pseudonym import PseudonymKey
-from fmct.scans.job import ScanJob, unreadable_note
+from fmct.scans.job import ScanJob, failed, unreadable_note
 
 NOTHING_HERE = "no DICOM series or NIfTI file found here"
 
@@ -104,3 +106,21 @@ def _each_once(jobs: list[ScanJob]) -> list[ScanJob]:
     for job in jobs:
         unique.setdefault(job.scan_id, job)
     return sorted(unique.values(), key=lambda job: job.input)
+
+
+def read_one_scan(path: str | os.PathLike, selection: SelectionConfig) -> Volume:
+    """The one scan under ``path`` (a DICOM series folder or file, or a NIfTI file), read as ``fmct ingest``
+    reads it, for a caller that wants it in memory (``Detector.predict``). :class:`InputError` naming the
+    path when it holds no usable scan (with the first reason) or several."""
+    key = PseudonymKey(secrets.token_bytes(32), Path(os.devnull))  # names nothing that outlives this call
+    plan = plan_scans([path], selection, key)
+    if not plan.jobs:
+        reason = plan.skipped[0].reason if plan.skipped else NOTHING_HERE
+        raise InputError(f"{path}: no scan to predict ({reason})")
+    if len(plan.jobs) > 1:
+        raise InputError(f"{path}: holds {len(plan.jobs)} scans that the selection keeps; pass one series folder or file")
+    job = plan.jobs[0]
+    try:
+        return read_nifti(job.nifti) if job.nifti else read_series(job.series, selection)
+    except ScanError as error:
+        raise InputError(f"{path}: {failed(job, error, key).reason}") from None
