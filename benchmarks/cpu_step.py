@@ -83,20 +83,30 @@ def main() -> None:
     config = load_config(PretrainConfig, args.config, ["engine.device=cpu", "engine.compile=false"])
     hu = head_batch(config.optim.batch_size, args.store_size)
     variants = ("eager", "compiled_blocks", "compiled_stem", "channels_last", "threads_1")
-    timings = timed_steps({variant: build_trainer(config, variant) for variant in variants}, hu, args.steps, args.warmup)
+    timings = timed_steps(
+        {variant: build_trainer(config, variant) for variant in variants}, hu, args.steps, args.warmup
+    )
     batch = config.optim.batch_size
-    print(json.dumps({
-        "benchmark": "cpu_step",
-        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "config": args.config,
-        "method": config.method,
-        "batch": batch,
-        "reference": "eager",
-        **{f"{variant}_seconds_per_step": round(seconds, 3) for variant, seconds in timings.items()},
-        **{f"{variant}_volumes_per_s": round(batch / seconds, 2) for variant, seconds in timings.items()},
-        **{f"{variant}_speedup": round(timings["eager"] / seconds, 2) for variant, seconds in timings.items() if variant != "eager"},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "cpu_step",
+                "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+                "torch": torch.__version__,
+                "config": args.config,
+                "method": config.method,
+                "batch": batch,
+                "reference": "eager",
+                **{f"{variant}_seconds_per_step": round(seconds, 3) for variant, seconds in timings.items()},
+                **{f"{variant}_volumes_per_s": round(batch / seconds, 2) for variant, seconds in timings.items()},
+                **{
+                    f"{variant}_speedup": round(timings["eager"] / seconds, 2)
+                    for variant, seconds in timings.items()
+                    if variant != "eager"
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

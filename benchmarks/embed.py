@@ -62,8 +62,13 @@ def build_store(path: Path, n_scans: int, n_distinct: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(n_scans):
         scan_id = f"b{i:06d}"
-        row = {"scan_id": scan_id, "patient_key": f"p{i:06d}", "source": f"/bench/{scan_id}",
-               "store_shape": list(STORE_SHAPE), "store_spacing_mm": [1.5] * 3}
+        row = {
+            "scan_id": scan_id,
+            "patient_key": f"p{i:06d}",
+            "source": f"/bench/{scan_id}",
+            "store_shape": list(STORE_SHAPE),
+            "store_spacing_mm": [1.5] * 3,
+        }
         if i < n_distinct:
             write_scan(path, head_volume(rng), row)
         else:  # a hard link: a separate scan file to read, without writing its bytes again
@@ -133,29 +138,35 @@ def main() -> None:
     warmup = min(2 * args.batch_size, args.scans)
     subset_store(root / "store", root / "store_warmup", warmup)
 
-    config = EmbedConfig(batch_size=args.batch_size, workers=args.workers, chunk_size=4 * args.batch_size, compile=args.compile)
+    config = EmbedConfig(
+        batch_size=args.batch_size, workers=args.workers, chunk_size=4 * args.batch_size, compile=args.compile
+    )
     timed_embed(model_dir, root / "store_warmup", root / "emb_warmup", config, device)  # page cache, compile caches
     t_quarter = timed_embed(model_dir, root / "store_quarter", root / "emb_quarter", config, device)
     t_full = timed_embed(model_dir, root / "store", root / "emb", config, device)
     forward_rate = forward_only(model.to(device).eval(), args.batch_size, 20 if cuda else 3, args.compile, device)
 
-    print(json.dumps({
-        "benchmark": "embed",
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "model": f"vit-{size} 96^3 patch 12, 4 registers",
-        "precision": "bf16" if cuda else "fp32",
-        "compile": args.compile,
-        "batch": args.batch_size,
-        "workers": args.workers,
-        "scans": args.scans,
-        "store_volume": f"128^3 int16 in {DEFAULT_CODEC}, warm page cache",
-        "end_to_end_s": round(t_full, 2),
-        "end_to_end_scans_per_s": round(args.scans / t_full, 1),
-        "steady_scans_per_s": round((args.scans - quarter) / max(t_full - t_quarter, 1e-9), 1),
-        "forward_only_volumes_per_s": round(forward_rate, 1),
-        "cpu_threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "embed",
+                "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "model": f"vit-{size} 96^3 patch 12, 4 registers",
+                "precision": "bf16" if cuda else "fp32",
+                "compile": args.compile,
+                "batch": args.batch_size,
+                "workers": args.workers,
+                "scans": args.scans,
+                "store_volume": f"128^3 int16 in {DEFAULT_CODEC}, warm page cache",
+                "end_to_end_s": round(t_full, 2),
+                "end_to_end_scans_per_s": round(args.scans / t_full, 1),
+                "steady_scans_per_s": round((args.scans - quarter) / max(t_full - t_quarter, 1e-9), 1),
+                "forward_only_volumes_per_s": round(forward_rate, 1),
+                "cpu_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

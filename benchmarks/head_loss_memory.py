@@ -79,8 +79,9 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, flo
     return peak, time.perf_counter() - start, result
 
 
-def loss_memory(name: str, loss_of: Callable[[int], torch.Tensor], logits: torch.Tensor, chunk: int,
-                device: torch.device) -> dict:
+def loss_memory(
+    name: str, loss_of: Callable[[int], torch.Tensor], logits: torch.Tensor, chunk: int, device: torch.device
+) -> dict:
     """Loss forward + backward, whole and in ``chunk``: peak MB, seconds, largest differences."""
     results = {}
     for label, size in (("whole", 0), ("chunked", chunk)):
@@ -95,7 +96,9 @@ def loss_memory(name: str, loss_of: Callable[[int], torch.Tensor], logits: torch
         results[label] = (peak, seconds, loss, logits.grad.detach().clone())
         logits.grad = None
     (peak_whole, seconds_whole, loss_whole, grad_whole), (peak_chunked, seconds_chunked, loss_chunked, grad_chunked) = (
-        results["whole"], results["chunked"])
+        results["whole"],
+        results["chunked"],
+    )
     return {
         f"{name}_chunk": chunk,
         f"{name}_loss_peak_mb_whole": round(peak_whole / 2**20, 1),
@@ -129,13 +132,16 @@ def main() -> None:
 
     # Once, small and unmeasured: the first checkpointed backward imports modules, which count as resident memory.
     tiny = torch.zeros(4, 8, device=device, requires_grad=True)
-    iBOTPatchLoss(8, STUDENT_TEMP, 2)(tiny, torch.full((4, 8), 1 / 8, device=device), torch.ones(1, 4, dtype=torch.bool,
-                                                                                                device=device)).backward()
+    iBOTPatchLoss(8, STUDENT_TEMP, 2)(
+        tiny, torch.full((4, 8), 1 / 8, device=device), torch.ones(1, 4, dtype=torch.bool, device=device)
+    ).backward()
     masks = sample_ibot_masks(N_GLOBAL * args.batch, GRID, (0.1, 0.5), 0.5, torch.Generator().manual_seed(0)).to(device)
     n_masked, k = int(masks.sum()), args.prototypes
     figures = {
         "benchmark": "head_loss_memory",
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if cuda
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "dtypes": "bf16 logits, fp32 targets and loss arithmetic (as under autocast)",
         "batch": args.batch,
@@ -150,17 +156,29 @@ def main() -> None:
     del teacher_patch
     figures.update(ibot_targets_peak_mb=round(peak / 2**20, 1), ibot_targets_seconds=round(seconds, 3))
     student_patch = logits(n_masked, k, requires_grad=True)
-    figures.update(loss_memory(
-        "ibot", lambda chunk: iBOTPatchLoss(k, STUDENT_TEMP, chunk)(student_patch, patch_targets, masks),
-        student_patch, args.ibot_chunk_rows, device))
+    figures.update(
+        loss_memory(
+            "ibot",
+            lambda chunk: iBOTPatchLoss(k, STUDENT_TEMP, chunk)(student_patch, patch_targets, masks),
+            student_patch,
+            args.ibot_chunk_rows,
+            device,
+        )
+    )
     del student_patch, patch_targets
 
     teacher_cls = logits(N_GLOBAL * args.batch, k)
     cls_targets = sinkhorn_knopp(teacher_cls, TEACHER_TEMP).view(N_GLOBAL, args.batch, k)
     student_cls = logits(N_GLOBAL + N_LOCAL, args.batch, k, requires_grad=True)
-    figures.update(loss_memory(
-        "dino", lambda chunk: DINOLoss(k, STUDENT_TEMP, chunk)(student_cls, cls_targets), student_cls,
-        args.dino_chunk_size, device))
+    figures.update(
+        loss_memory(
+            "dino",
+            lambda chunk: DINOLoss(k, STUDENT_TEMP, chunk)(student_cls, cls_targets),
+            student_cls,
+            args.dino_chunk_size,
+            device,
+        )
+    )
     print(json.dumps(figures))
 
 

@@ -29,8 +29,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fmct.config import IngestConfig
-from fmct.io.dicom_write import write_series
 from fmct.ingest import ingest
+from fmct.io.dicom_write import write_series
 from fmct.store import Store
 
 BEAD_WORLD = np.array([12.0, -20.0, 35.0])  # RAS mm

@@ -29,8 +29,15 @@ from fmct.hub import training_log
 from fmct.ssl.release import RECIPE_FILE, read_log, wall_seconds
 
 SETTINGS = [
-    "n_scans=660", "seed=7", "test_fraction=0.3", "findings=ich,sdh,fracture", "label_fractions=0.01,0.1,1",
-    "finetune_label_fractions=0.01,0.1", "finetune_findings=ich,sdh,fracture", "seeds=2", "finetune_seeds=2",
+    "n_scans=660",
+    "seed=7",
+    "test_fraction=0.3",
+    "findings=ich,sdh,fracture",
+    "label_fractions=0.01,0.1,1",
+    "finetune_label_fractions=0.01,0.1",
+    "finetune_findings=ich,sdh,fracture",
+    "seeds=2",
+    "finetune_seeds=2",
 ]
 FOUNDATION = "fmct-synth-tiny"  # the demo's default pretrained arm
 
@@ -41,8 +48,13 @@ def pretraining_budget(model: str) -> dict:
     records = read_log(log.parent)
     batch = yaml.safe_load((log.parent / RECIPE_FILE).read_text())["optim"]["batch_size"]
     steps = max(r["step"] for r in records)
-    return {"model": model, "steps": steps, "batch": batch, "volume_passes": steps * batch,
-            "training_minutes": round(wall_seconds(records, batch) / 60, 1)}
+    return {
+        "model": model,
+        "steps": steps,
+        "batch": batch,
+        "volume_passes": steps * batch,
+        "training_minutes": round(wall_seconds(records, batch) / 60, 1),
+    }
 
 
 def main() -> int:
@@ -55,21 +67,32 @@ def main() -> int:
     if status != 0:
         return status
     evaluation = read_evaluation(Path(args.out) / "evaluation")
-    cells = [{key: row[key] for key in ("model", "arm", "finding", "label_fraction", "group", "n_scans", "n_pos")}
-             | {key: round(float(row[key]), 3) for key in ("auroc", "auroc_lo", "auroc_hi")}
-             for row in evaluation.metrics]
+    cells = [
+        {key: row[key] for key in ("model", "arm", "finding", "label_fraction", "group", "n_scans", "n_pos")}
+        | {key: round(float(row[key]), 3) for key in ("auroc", "auroc_lo", "auroc_hi")}
+        for row in evaluation.metrics
+    ]
     effects = [dict(e, versus="scratch") for e in pretraining_effects(evaluation.comparisons)]
     for floor in FLOORS:
         effects += [dict(e, versus=floor) for e in arm_effects(evaluation.comparisons, floor, same_model=False)]
     effects += [dict(e, versus="ceiling") for e in ceiling_effects(evaluation.comparisons)]
-    print(json.dumps({
-        "benchmark": "label_efficiency", "settings": SETTINGS + args.overrides, "machine": platform.processor() or platform.machine(),
-        "wall_s": round(time.perf_counter() - start, 1), "pretraining": pretraining_budget(FOUNDATION),
-        "fits": [{k: fit[k] for k in ("model", "arm", "label_fraction", "seed", "ended_by", "steps", "best_step")}
-                 for fit in evaluation.fits],
-        "auroc": cells,
-        "effects": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()} for e in effects],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "label_efficiency",
+                "settings": SETTINGS + args.overrides,
+                "machine": platform.processor() or platform.machine(),
+                "wall_s": round(time.perf_counter() - start, 1),
+                "pretraining": pretraining_budget(FOUNDATION),
+                "fits": [
+                    {k: fit[k] for k in ("model", "arm", "label_fraction", "seed", "ended_by", "steps", "best_step")}
+                    for fit in evaluation.fits
+                ],
+                "auroc": cells,
+                "effects": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()} for e in effects],
+            }
+        )
+    )
     return 0
 
 

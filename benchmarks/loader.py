@@ -51,7 +51,9 @@ VARIANTS = {
     "zstd5_shuffle": dict(codec=blosc2.Codec.ZSTD, clevel=5, filters=[blosc2.Filter.SHUFFLE]),
     "zstd1_bitshuffle": dict(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.BITSHUFFLE]),
     "zstd3_bitshuffle": dict(codec=blosc2.Codec.ZSTD, clevel=3, filters=[blosc2.Filter.BITSHUFFLE]),
-    "zstd1_shuffle_bytedelta": dict(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE, blosc2.Filter.BYTEDELTA]),
+    "zstd1_shuffle_bytedelta": dict(
+        codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE, blosc2.Filter.BYTEDELTA]
+    ),
     "lz4_bitshuffle": dict(codec=blosc2.Codec.LZ4, clevel=5, filters=[blosc2.Filter.BITSHUFFLE]),
     "lz4hc5_bitshuffle": dict(codec=blosc2.Codec.LZ4HC, clevel=5, filters=[blosc2.Filter.BITSHUFFLE]),
     "lz4hc9_shuffle": dict(codec=blosc2.Codec.LZ4HC, clevel=9, filters=[blosc2.Filter.SHUFFLE]),
@@ -66,9 +68,27 @@ def build_reference_store(out: Path, n_scans: int) -> Path:
         return store
     shutil.rmtree(out, ignore_errors=True)
     # The two public verbs, as a user runs them: `fmct synth`, then `fmct ingest` with codec npy.
-    assert fmct(["synth", "--out", str(out / "cohort"), "--n", str(n_scans), "--format", "nifti", "--seed", "13",
-                 "--workers", "2"]) == 0
-    assert fmct(["ingest", str(out / "cohort" / "nifti"), "--out", str(store), "--workers", "2", "store.codec=npy"]) == 0
+    assert (
+        fmct(
+            [
+                "synth",
+                "--out",
+                str(out / "cohort"),
+                "--n",
+                str(n_scans),
+                "--format",
+                "nifti",
+                "--seed",
+                "13",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        fmct(["ingest", str(out / "cohort" / "nifti"), "--out", str(store), "--workers", "2", "store.codec=npy"]) == 0
+    )
     assert len(Store(store)) == n_scans
     return store
 
@@ -107,8 +127,11 @@ def measure_variant(volumes: list[np.ndarray], cparams: dict, repeats: int) -> d
     out = np.empty_like(volumes[0])
     decode_rate, _ = best_rates(repeats, len(frames), lambda: [decode(f, out) for f in frames])
     encode_rate, _ = best_rates(max(1, repeats // 2), len(volumes), lambda: [compress(hu, params) for hu in volumes])
-    return {"compression_ratio": round(sum(v.nbytes for v in volumes) / sum(map(len, frames)), 3),
-            "decode_volumes_per_s_per_core": round(decode_rate, 1), "encode_volumes_per_s_per_core": round(encode_rate, 1)}
+    return {
+        "compression_ratio": round(sum(v.nbytes for v in volumes) / sum(map(len, frames)), 3),
+        "decode_volumes_per_s_per_core": round(decode_rate, 1),
+        "encode_volumes_per_s_per_core": round(encode_rate, 1),
+    }
 
 
 def rounded(rates: tuple[float, float], name: str) -> dict:
@@ -128,9 +151,13 @@ def main() -> None:
         reference = Store(build_reference_store(args.out, args.scans))
     volumes = [reference.read(scan_id) for scan_id in reference.scan_ids]
     raw_bytes = volume_bytes(reference)
-    figures = {"benchmark": "loader", "volume": f"{list(volumes[0].shape)} int16", "scans": len(volumes),
-               "default_codec": DEFAULT_CODEC,
-               **rounded(measure_store(reference, args.repeats), "npy_decode_volumes_per_s")}
+    figures = {
+        "benchmark": "loader",
+        "volume": f"{list(volumes[0].shape)} int16",
+        "scans": len(volumes),
+        "default_codec": DEFAULT_CODEC,
+        **rounded(measure_store(reference, args.repeats), "npy_decode_volumes_per_s"),
+    }
     for codec in BLOSC2_CODECS:
         path = args.out / f"store-{codec}"
         shutil.rmtree(path, ignore_errors=True)
@@ -141,23 +168,32 @@ def main() -> None:
         figures[f"{codec}_compression_ratio"] = round(raw_bytes / volume_bytes(store), 3)
         figures.update(rounded(measure_store(store, args.repeats), f"{codec}_decode_volumes_per_s"))
         figures[f"{codec}_encode_volumes_per_s_per_core"] = round(
-            best_rates(max(1, args.repeats // 2), len(volumes), lambda: [encode(hu, codec) for hu in volumes])[0], 1)
+            best_rates(max(1, args.repeats // 2), len(volumes), lambda: [encode(hu, codec) for hu in volumes])[0], 1
+        )
 
     shards = args.out / "shards"
     shutil.rmtree(shards, ignore_errors=True)
     pack_store(args.out / f"store-{DEFAULT_CODEC}", shards, scans_per_shard=2, progress=False)
     stream = ShardVolumes(shards, shuffle_shards=2)
     steps = 8 * stream.steps_per_epoch(4)
-    cpu_rate, wall_rate = best_rates(args.repeats, 4 * steps, lambda: sum(1 for _ in stream.batches(
-        4, workers=1, total_steps=steps, pin_memory=False)), cpu_clock=time.process_time)
-    figures["shards_stream_volumes_per_cpu_s"], figures["shards_stream_volumes_per_s_wall"] = round(cpu_rate, 1), round(wall_rate, 1)
+    cpu_rate, wall_rate = best_rates(
+        args.repeats,
+        4 * steps,
+        lambda: sum(1 for _ in stream.batches(4, workers=1, total_steps=steps, pin_memory=False)),
+        cpu_clock=time.process_time,
+    )
+    figures["shards_stream_volumes_per_cpu_s"], figures["shards_stream_volumes_per_s_wall"] = (
+        round(cpu_rate, 1),
+        round(wall_rate, 1),
+    )
 
     figures["variants"] = {name: measure_variant(volumes, cparams, args.repeats) for name, cparams in VARIANTS.items()}
     figures["compression_ratio"] = figures[f"{DEFAULT_CODEC}_compression_ratio"]
     figures["decode_volumes_per_s_per_core"] = figures[f"{DEFAULT_CODEC}_decode_volumes_per_s_per_core"]
     figures["target"] = {"compression_ratio": TARGET_RATIO, "decode_volumes_per_s_per_core": TARGET_PER_CORE}
-    figures["meets_target"] = bool(figures["compression_ratio"] >= TARGET_RATIO
-                                   and figures["decode_volumes_per_s_per_core"] >= TARGET_PER_CORE)
+    figures["meets_target"] = bool(
+        figures["compression_ratio"] >= TARGET_RATIO and figures["decode_volumes_per_s_per_core"] >= TARGET_PER_CORE
+    )
     figures["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, one thread used; blosc2 {blosc2.__version__}"
     figures["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs on the machine, for the record
     print(json.dumps(figures))

@@ -29,14 +29,14 @@ from fmct import detector as detectors
 from fmct import hub
 from fmct.config import CanonicalConfig, IngestConfig, SelectionConfig, to_dict
 from fmct.data import StoreVolumes
-from fmct.models.windows import DEFAULT_WINDOWS
 from fmct.data.batches import read_hu_batches
 from fmct.fingerprint import file_sha256
+from fmct.ingest import ingest
 from fmct.io import write_series
 from fmct.models import ViT3DConfig
 from fmct.models.classifier import Classifier
+from fmct.models.windows import DEFAULT_WINDOWS
 from fmct.predict import PredictConfig, predict
-from fmct.ingest import ingest
 
 GRID = CanonicalConfig(spacing_mm=3.0, shape=(64, 64, 64))
 FINDINGS = ["ich", "fracture"]
@@ -48,8 +48,13 @@ def write_phantoms(folder: Path, n: int, matrix: int, slices: int) -> list[Path]
     pixel, thickness = 240.0 / matrix, 2.5
     affine = np.diag([-pixel, -pixel, thickness, 1.0])
     affine[:3, 3] = [120.0, 120.0, -80.0]
-    x, y, z = np.meshgrid((np.arange(matrix) - matrix / 2) * pixel, (np.arange(matrix) - matrix / 2) * pixel,
-                          (np.arange(slices) - slices / 2) * thickness, indexing="ij", sparse=True)
+    x, y, z = np.meshgrid(
+        (np.arange(matrix) - matrix / 2) * pixel,
+        (np.arange(matrix) - matrix / 2) * pixel,
+        (np.arange(slices) - slices / 2) * thickness,
+        indexing="ij",
+        sparse=True,
+    )
     radius = np.sqrt((x / 72) ** 2 + (y / 88) ** 2 + (z / 78) ** 2)
     paths = []
     for i in range(n):
@@ -66,23 +71,67 @@ def write_phantoms(folder: Path, n: int, matrix: int, slices: int) -> list[Path]
 def write_detector(folder: Path) -> Path:
     """A finetune-kind detector folder of a random ViT-tiny with a linear head (thresholds at 0, Platt 1, 0)."""
     torch.manual_seed(0)
-    backbone = hub.random_init(ViT3DConfig(size="tiny", img_size=(48, 48, 48), patch_size=(8, 8, 8), embed_dim=128, depth=4,
-                                           n_heads=4, n_registers=1, layerscale_init=None), seed=0)
+    backbone = hub.random_init(
+        ViT3DConfig(
+            size="tiny",
+            img_size=(48, 48, 48),
+            patch_size=(8, 8, 8),
+            embed_dim=128,
+            depth=4,
+            n_heads=4,
+            n_registers=1,
+            layerscale_init=None,
+        ),
+        seed=0,
+    )
     classifier = Classifier(backbone, len(FINDINGS)).eval()
     hub.save(backbone, folder / detectors.BACKBONE_DIR, extra={"windows": [list(w) for w in DEFAULT_WINDOWS]})
-    point = {"specificity_target": 0.9, "threshold": 0.0, "probability": 0.5, "val_sensitivity": 0.5, "val_specificity": 0.9}
-    per_finding = {f: {"calibration": {"method": "platt", "a": 1.0, "b": 0.0}, "operating_points": {"spec90": point, "spec95": point},
-                       "validation": {"n_pos": 1, "n_neg": 1, "auroc": 0.5}} for f in FINDINGS}
+    point = {
+        "specificity_target": 0.9,
+        "threshold": 0.0,
+        "probability": 0.5,
+        "val_sensitivity": 0.5,
+        "val_specificity": 0.9,
+    }
+    per_finding = {
+        f: {
+            "calibration": {"method": "platt", "a": 1.0, "b": 0.0},
+            "operating_points": {"spec90": point, "spec95": point},
+            "validation": {"n_pos": 1, "n_neg": 1, "auroc": 0.5},
+        }
+        for f in FINDINGS
+    }
     config = {
-        "kind": "finetune", "head": "linear", "feature": "", "scorer_outputs": FINDINGS, "findings": FINDINGS,
-        "backbone": {"path": detectors.BACKBONE_DIR, "name": "bench", "shipped": False,
-                     "sha256": file_sha256(folder / detectors.BACKBONE_DIR / hub.WEIGHTS_FILE)},
-        "windows_hu": [list(w) for w in DEFAULT_WINDOWS], "input_size": [48, 48, 48],
-        "canonical": to_dict(GRID), "selection": to_dict(SelectionConfig()), "grid_source": "benchmark",
-        "per_finding": per_finding, "left_out": {},
-        "provenance": {"verb": "benchmark", "labels": {"spec": "none", "sha256": ""}, "store": "", "scans_per_split": {},
-                       "ood_sites": [], "seed": 0, "budget": {"label_fraction": 1.0, "shots": None},
-                       "n_train": {f: {"pos": 0, "neg": 0} for f in FINDINGS}, "metrics": {}, "recipe": {}},
+        "kind": "finetune",
+        "head": "linear",
+        "feature": "",
+        "scorer_outputs": FINDINGS,
+        "findings": FINDINGS,
+        "backbone": {
+            "path": detectors.BACKBONE_DIR,
+            "name": "bench",
+            "shipped": False,
+            "sha256": file_sha256(folder / detectors.BACKBONE_DIR / hub.WEIGHTS_FILE),
+        },
+        "windows_hu": [list(w) for w in DEFAULT_WINDOWS],
+        "input_size": [48, 48, 48],
+        "canonical": to_dict(GRID),
+        "selection": to_dict(SelectionConfig()),
+        "grid_source": "benchmark",
+        "per_finding": per_finding,
+        "left_out": {},
+        "provenance": {
+            "verb": "benchmark",
+            "labels": {"spec": "none", "sha256": ""},
+            "store": "",
+            "scans_per_split": {},
+            "ood_sites": [],
+            "seed": 0,
+            "budget": {"label_fraction": 1.0, "shots": None},
+            "n_train": {f: {"pos": 0, "neg": 0} for f in FINDINGS},
+            "metrics": {},
+            "recipe": {},
+        },
     }
     head = {k: v for k, v in classifier.state_dict().items() if not k.startswith("backbone.")}
     return detectors.write_detector(folder, config, head)
@@ -125,20 +174,35 @@ def main() -> None:
 
     n_saliency = min(2, args.scans)
     started = time.perf_counter()
-    predict(folder, series[:n_saliency], args.out / "saliency", PredictConfig(batch_size=args.batch_size, workers=args.workers,
-                                                                             saliency=True), key_file=key, progress=False)
+    predict(
+        folder,
+        series[:n_saliency],
+        args.out / "saliency",
+        PredictConfig(batch_size=args.batch_size, workers=args.workers, saliency=True),
+        key_file=key,
+        progress=False,
+    )
     saliency_s = (time.perf_counter() - started) / n_saliency  # per scan, model load included
 
-    print(json.dumps({
-        "benchmark": "predict", "scans": args.scans, "series": f"{args.matrix}x{args.matrix}x{args.slices}",
-        "grid": list(GRID.shape), "model": "ViT-tiny 48^3 p8 w128 d4", "findings": len(FINDINGS),
-        "predict_scans_per_s": round(args.scans / predict_s, 3),
-        "reference_ingest_then_score_scans_per_s": round(args.scans / (ingest_s + score_s), 3),
-        "reference_ingest_s": round(ingest_s, 2), "reference_score_s": round(score_s, 2),
-        "predict_with_saliency_s_per_scan": round(saliency_s, 2),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "predict",
+                "scans": args.scans,
+                "series": f"{args.matrix}x{args.matrix}x{args.slices}",
+                "grid": list(GRID.shape),
+                "model": "ViT-tiny 48^3 p8 w128 d4",
+                "findings": len(FINDINGS),
+                "predict_scans_per_s": round(args.scans / predict_s, 3),
+                "reference_ingest_then_score_scans_per_s": round(args.scans / (ingest_s + score_s), 3),
+                "reference_ingest_s": round(ingest_s, 2),
+                "reference_score_s": round(score_s, 2),
+                "predict_with_saliency_s_per_scan": round(saliency_s, 2),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+                f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

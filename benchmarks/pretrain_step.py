@@ -31,8 +31,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fmct.config import load_config
-from fmct.ssl.config import PretrainConfig
 from fmct.distributed import DistEnv
+from fmct.ssl.config import PretrainConfig
 from fmct.ssl.schedules import Schedules
 from fmct.ssl.train import Trainer, compile_blocks, configure_torch
 
@@ -78,7 +78,9 @@ def whole_loss_peak_gb(trainer: Trainer, hu: torch.Tensor, step: int, device: to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "small", "base", "large"], help="ViT size (default: base on CUDA, tiny on CPU)")
+    parser.add_argument(
+        "--model", choices=["tiny", "small", "base", "large"], help="ViT size (default: base on CUDA, tiny on CPU)"
+    )
     parser.add_argument("--batch", type=int, help="volumes per step (default: 64 on CUDA, 2 on CPU)")
     parser.add_argument("--steps", type=int, help="timed steps (default: 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
@@ -99,10 +101,18 @@ def main() -> None:
     compiled = cuda and not args.no_compile
     chunks = [f"ibot.chunk_rows={args.ibot_chunk_rows}"] if args.ibot_chunk_rows is not None else []
     chunks += [f"dino.chunk_size={args.dino_chunk_size}"] if args.dino_chunk_size is not None else []
-    config = load_config(PretrainConfig, None, [
-        f"model.size={model}", f"dino.n_prototypes={prototypes}", f"optim.batch_size={batch}",
-        f"engine.device={device}", "engine.compile=false", *chunks,
-    ])
+    config = load_config(
+        PretrainConfig,
+        None,
+        [
+            f"model.size={model}",
+            f"dino.n_prototypes={prototypes}",
+            f"optim.batch_size={batch}",
+            f"engine.device={device}",
+            "engine.compile=false",
+            *chunks,
+        ],
+    )
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
     configure_torch(config.engine, device)
     # A long run's schedules: every timed step is in the ordinary regime (prototypes trained, LR warm).
@@ -115,7 +125,7 @@ def main() -> None:
     axis = torch.linspace(-1, 1, size)
     radius = torch.sqrt(sum(a**2 for a in torch.meshgrid(axis, axis, axis, indexing="ij")))
     head = torch.where(radius < 0.9, torch.where(radius < 0.8, 35, 1200), -1000).to(torch.int16)
-    hu = (head + torch.randint(-10, 11, (batch, 1, size, size, size), dtype=torch.int16))
+    hu = head + torch.randint(-10, 11, (batch, 1, size, size, size), dtype=torch.int16)
     hu = hu.pin_memory() if cuda else hu
 
     step = 2000
@@ -137,35 +147,43 @@ def main() -> None:
     loss = float(metrics["loss"].detach())
     memory = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if cuda:
-        memory = {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-                  "peak_memory_gb_whole_losses": whole_loss_peak_gb(trainer, hu, step + 1, device)}
+        memory = {
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "peak_memory_gb_whole_losses": whole_loss_peak_gb(trainer, hu, step + 1, device),
+        }
 
     achieved = flops_per_step / seconds_per_step / 1e12
     peak = peak_tflops(device)
     augment = config.augment
-    print(json.dumps({
-        "benchmark": "pretrain_step",
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "model": f"ViT-{model} {config.model.img_size[0]}^3 patch {config.model.patch_size[0]}",
-        "parameters_m": round(n_params / 1e6, 1),
-        "crops": f"{augment.n_global} x {augment.global_size}^3 + {augment.n_local} x {augment.local_size}^3",
-        "prototypes": prototypes,
-        "ibot_chunk_rows": config.ibot.chunk_rows,
-        "dino_chunk_size": config.dino.chunk_size,
-        "batch": batch,
-        "dtype": "bf16 autocast" if cuda else "fp32",
-        "compiled": compiled,
-        "seconds_per_step": round(seconds_per_step, 4),
-        "volumes_per_s": round(batch / seconds_per_step, 2),
-        "tflop_per_step": round(flops_per_step / 1e12, 3),
-        "achieved_tflops": round(achieved, 2),
-        "peak_tflops": peak,
-        "mfu": round(achieved / peak, 3) if peak else None,
-        **memory,
-        "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
-        "references": REFERENCES,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "pretrain_step",
+                "device": torch.cuda.get_device_name(device)
+                if cuda
+                else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+                "torch": torch.__version__,
+                "model": f"ViT-{model} {config.model.img_size[0]}^3 patch {config.model.patch_size[0]}",
+                "parameters_m": round(n_params / 1e6, 1),
+                "crops": f"{augment.n_global} x {augment.global_size}^3 + {augment.n_local} x {augment.local_size}^3",
+                "prototypes": prototypes,
+                "ibot_chunk_rows": config.ibot.chunk_rows,
+                "dino_chunk_size": config.dino.chunk_size,
+                "batch": batch,
+                "dtype": "bf16 autocast" if cuda else "fp32",
+                "compiled": compiled,
+                "seconds_per_step": round(seconds_per_step, 4),
+                "volumes_per_s": round(batch / seconds_per_step, 2),
+                "tflop_per_step": round(flops_per_step / 1e12, 3),
+                "achieved_tflops": round(achieved, 2),
+                "peak_tflops": peak,
+                "mfu": round(achieved / peak, 3) if peak else None,
+                **memory,
+                "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
+                "references": REFERENCES,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

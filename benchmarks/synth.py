@@ -57,22 +57,26 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
     total = np.add(subject_s, scan_s)
-    print(json.dumps({
-        "benchmark": "synth",
-        "machine": platform.processor() or platform.machine(),
-        "threads": 1,
-        "template_build_s": round(template_s, 2),
-        "scan_shapes": shapes,
-        "subject_s_median": round(float(np.median(subject_s)), 3),
-        "reconstruct_s_median": round(float(np.median(scan_s)), 3),
-        "scan_total_s_median": round(float(np.median(total)), 3),
-        "scan_total_s_max": round(float(np.max(total)), 3),
-        "scan_cpu_s_median": round(float(np.median(cpu_s)), 3),
-        "cohort_cases": args.cohort,
-        "cohort_dicom_s_per_case": round(cohort_s / args.cohort, 3),
-        "cohort_cpu_s_per_case": round(cohort_cpu_s / args.cohort, 3),
-        "cohort_dicom_mb_per_case": round(dicom_mb / args.cohort, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "synth",
+                "machine": platform.processor() or platform.machine(),
+                "threads": 1,
+                "template_build_s": round(template_s, 2),
+                "scan_shapes": shapes,
+                "subject_s_median": round(float(np.median(subject_s)), 3),
+                "reconstruct_s_median": round(float(np.median(scan_s)), 3),
+                "scan_total_s_median": round(float(np.median(total)), 3),
+                "scan_total_s_max": round(float(np.max(total)), 3),
+                "scan_cpu_s_median": round(float(np.median(cpu_s)), 3),
+                "cohort_cases": args.cohort,
+                "cohort_dicom_s_per_case": round(cohort_s / args.cohort, 3),
+                "cohort_cpu_s_per_case": round(cohort_cpu_s / args.cohort, 3),
+                "cohort_dicom_mb_per_case": round(dicom_mb / args.cohort, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def test_validation_status_flags_chance_and_too_few_positives():
     few = validation_status(np.array([1, 1, 1] + [0] * 37), np.r_[[5.0, 5.0, 5.0], rng.normal(size=37)], patients)
     assert not few["validated"] and "too few validation scans" in few["reason"] and "3 positives" in few["reason"]
 
-    config = {"findings": ["ich", "sdh"], "per_finding": {"ich": {"validation": separated},
-                                                          "sdh": {"validation": chance}}}
+    config = {
+        "findings": ["ich", "sdh"],
+        "per_finding": {"ich": {"validation": separated}, "sdh": {"validation": chance}},
+    }
     assert list(unvalidated_findings(config)) == ["sdh"]

@@ -69,8 +69,12 @@ def test_every_verb_shows_an_example(verb):
 
 @pytest.mark.parametrize(
     ("verb", "option", "value"),
-    [("probe", "--seeds", ProbeConfig().seeds), ("finetune", "--seeds", FinetuneConfig().seeds),
-     ("probe", "--label-fractions", ProbeConfig().label_fractions), ("embed", "--batch-size", EmbedConfig().batch_size)],
+    [
+        ("probe", "--seeds", ProbeConfig().seeds),
+        ("finetune", "--seeds", FinetuneConfig().seeds),
+        ("probe", "--label-fractions", ProbeConfig().label_fractions),
+        ("embed", "--batch-size", EmbedConfig().batch_size),
+    ],
 )
 def test_defaults_that_live_in_a_config_are_read_from_it(verb, option, value, capsys):
     spelled = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)

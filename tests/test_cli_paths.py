@@ -38,7 +38,9 @@ def test_out_naming_a_file_or_a_path_under_a_file(tmp_path, a_file, capsys):
     report_dir = tmp_path / "report_dir"
     report_dir.mkdir()
     one_line_exit_2(capsys, ["report", str(tmp_path / "none"), "--out", str(report_dir)], "is a folder")
-    one_line_exit_2(capsys, ["report", str(tmp_path / "none"), "--out", str(a_file / "report.html")], f"{a_file} is a file")
+    one_line_exit_2(
+        capsys, ["report", str(tmp_path / "none"), "--out", str(a_file / "report.html")], f"{a_file} is a file"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt", "in", "report_dir"]  # nothing made
     assert list(report_dir.iterdir()) == []
 
@@ -48,8 +50,11 @@ def test_out_naming_a_file_or_a_path_under_a_file(tmp_path, a_file, capsys):
 def test_bootstrap_needs_a_positive_number_of_resamples(tmp_path, capsys, verb, resamples):
     inputs = ["--predictions", str(tmp_path / "none")] if verb == "evaluate" else [str(tmp_path / "none")]
     out = tmp_path / ("evaluation" if verb == "evaluate" else "report.html")
-    one_line_exit_2(capsys, [verb, *inputs, "--out", str(out), "--bootstrap", resamples],
-                    f"--bootstrap must be a positive number of resamples, got {resamples}")
+    one_line_exit_2(
+        capsys,
+        [verb, *inputs, "--out", str(out), "--bootstrap", resamples],
+        f"--bootstrap must be a positive number of resamples, got {resamples}",
+    )
     assert not out.exists()
 
 
@@ -72,6 +77,9 @@ def test_ingest_config_errors_before_any_work(tmp_path, capsys, override, messag
 
 def test_workers_below_one(tmp_path, capsys):
     (tmp_path / "in").mkdir()
-    one_line_exit_2(capsys, ["ingest", str(tmp_path / "in"), "--out", str(tmp_path / "store"), "--workers", "0"],
-                    "--workers must be at least 1")
+    one_line_exit_2(
+        capsys,
+        ["ingest", str(tmp_path / "in"), "--out", str(tmp_path / "store"), "--workers", "0"],
+        "--workers must be at least 1",
+    )
     assert not (tmp_path / "store").exists()

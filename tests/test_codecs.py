@@ -6,10 +6,10 @@ import importlib.metadata
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 from fmct.io import read_series
 
@@ -18,7 +18,7 @@ GPL = re.compile(r"\b(A?GPL|GNU General Public|GNU Affero)", re.IGNORECASE)
 
 # Run before pydicom is imported: as if pylibjpeg-libjpeg (GPL-3) were not installed, so that pydicom
 # finds neither its module nor its pylibjpeg plugin entry point.
-WITHOUT_GPL = '''
+WITHOUT_GPL = """
 import importlib.abc, importlib.metadata as metadata, sys
 
 class NoGPL(importlib.abc.MetaPathFinder):
@@ -31,14 +31,14 @@ entry_points = metadata.entry_points
 metadata.entry_points = lambda **selection: (
     metadata.EntryPoints(ep for ep in entry_points(**selection) if not ep.value.startswith("libjpeg"))
     if selection else entry_points())
-'''
-READ_ALL = '''
+"""
+READ_ALL = """
 import numpy as np
 from fmct.io import read_series
 folders = sys.argv[1:-1]
 np.savez(sys.argv[-1], **{str(i): read_series(folder).hu for i, folder in enumerate(folders)})
 assert "libjpeg" not in sys.modules
-'''
+"""
 CT = {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}
 # The NM images carry no patient geometry: give them an axial one.
 AXIAL = {"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "ImagePositionPatient": [0, 0, 0], "PixelSpacing": [1, 1]}
@@ -61,20 +61,35 @@ def _licence_text(distribution: str) -> str:
 def test_core_dependencies_carry_no_gpl_and_the_gpl_codec_is_an_extra():
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     core = [re.split(r"[<>=!~\[ ;]", spec)[0] for spec in project["dependencies"]]
-    assert "pylibjpeg-libjpeg" not in core and {"pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls", "python-gdcm"} <= set(core)
+    assert "pylibjpeg-libjpeg" not in core and {
+        "pylibjpeg-openjpeg",
+        "pylibjpeg-rle",
+        "pyjpegls",
+        "python-gdcm",
+    } <= set(core)
     assert project["optional-dependencies"]["gpl-codecs"] == ["pylibjpeg-libjpeg>=2.2"]
     licensed_gpl = [name for name in core if GPL.search(_licence_text(name))]
     assert licensed_gpl == []
     # The check does see a GPL licence, in each form PyPI metadata gives one (libjpeg's among them).
-    for gpl in ("License :: OSI Approved :: GNU General Public License v3 (GPLv3)", "GPL-3.0-or-later", "AGPL-3.0-only"):
+    for gpl in (
+        "License :: OSI Approved :: GNU General Public License v3 (GPLv3)",
+        "GPL-3.0-or-later",
+        "AGPL-3.0-only",
+    ):
         assert GPL.search(gpl), gpl
 
 
 def test_every_compressed_syntax_decodes_without_the_gpl_codec(real_slice_series, tmp_path):
-    folders = [real_slice_series(name, n_slices=3, spacing_mm=2.0, tags=CT | (AXIAL if name.startswith("JPEG") else {}))
-               for name in SYNTAXES]
-    result = subprocess.run([sys.executable, "-c", WITHOUT_GPL + READ_ALL, *map(str, folders), str(tmp_path / "hu.npz")],
-                            capture_output=True, text=True, timeout=300)
+    folders = [
+        real_slice_series(name, n_slices=3, spacing_mm=2.0, tags=CT | (AXIAL if name.startswith("JPEG") else {}))
+        for name in SYNTAXES
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_GPL + READ_ALL, *map(str, folders), str(tmp_path / "hu.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(tmp_path / "hu.npz") as decoded:
         for index, (name, folder) in enumerate(zip(SYNTAXES, folders)):

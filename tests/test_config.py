@@ -10,7 +10,9 @@ from fmct.errors import ConfigError
 def test_defaults_yaml_and_overrides(tmp_path):
     path = tmp_path / "ingest.yaml"
     path.write_text("canonical:\n  spacing_mm: 1.0\nselection:\n  min_slices: 10\n")
-    config = load_config(IngestConfig, path, ["canonical.shape=[96,96,96]", "selection.series=all", "canonical.spacing_mm=2"])
+    config = load_config(
+        IngestConfig, path, ["canonical.shape=[96,96,96]", "selection.series=all", "canonical.spacing_mm=2"]
+    )
     assert config.canonical.spacing_mm == 2.0 and isinstance(config.canonical.spacing_mm, float)
     assert config.canonical.shape == (96, 96, 96)
     assert config.selection.min_slices == 10 and config.selection.series == "all"
@@ -41,8 +43,11 @@ def test_bad_overrides_say_why(override, message):
 def test_a_scalar_fills_a_tuple_of_one_element_type():
     from fmct.ssl.config import PretrainConfig
 
-    config = load_config(PretrainConfig, None, ["model.patch_size=8", "model.img_size=32", "augment.global_size=32",
-                                                "augment.local_size=16"])
+    config = load_config(
+        PretrainConfig,
+        None,
+        ["model.patch_size=8", "model.img_size=32", "augment.global_size=32", "augment.local_size=16"],
+    )
     assert config.model.patch_size == (8, 8, 8) and config.model.img_size == (32, 32, 32)
     config = load_config(IngestConfig, None, ["canonical.shape=96"])
     assert config.canonical.shape == (96, 96, 96)
@@ -83,21 +88,24 @@ def test_derived_values_follow_an_override():
     assert load_config(Outer, None, ["model.size=tiny"]).model.embed_dim == 192
 
 
-@pytest.mark.parametrize("config_class, override, message", [
-    ("fmct.ssl.config:PretrainConfig", "dino.centering=mean", "dino: centering must be one of"),
-    ("fmct.ssl.config:PretrainConfig", "ibot.mask_ratio=[0.6,0.2]", "ibot: mask_ratio"),
-    ("fmct.ssl.config:PretrainConfig", "engine.log_every=0", "engine: checkpoint_every and log_every"),
-    ("fmct.ssl.config:PretrainConfig", "online_eval.knn_k=0", "online_eval: every must be"),
-    ("fmct.ssl.config:PretrainConfig", "optim.epochs=0", "optim: batch_size and epoch_length"),
-    ("fmct.ssl.config:PretrainConfig", "data.exclude_sites=[C]", "data: exclude_sites needs labels"),
-    ("fmct.ssl.config:PretrainConfig", "model.size=huge", "model: unknown ViT size"),
-    ("fmct.ssl.config:PretrainConfig", "augment.blur_prob=2", "augment: probabilities"),
-    ("fmct.eval.probe:ProbeConfig", "method=svm", "probe method 'svm'"),
-    ("fmct.eval.probe:ProbeConfig", "label_fractions=[0,1]", "label_fractions must lie in"),
-    ("fmct.eval.finetune:FinetuneConfig", "head=mlp", "head 'mlp'"),
-    ("fmct.eval.embed:EmbedConfig", "chunk_size=0", "chunk_size"),
-    ("fmct.demo:DemoConfig", "test_fraction=1.5", "test_fraction in"),
-])
+@pytest.mark.parametrize(
+    "config_class, override, message",
+    [
+        ("fmct.ssl.config:PretrainConfig", "dino.centering=mean", "dino: centering must be one of"),
+        ("fmct.ssl.config:PretrainConfig", "ibot.mask_ratio=[0.6,0.2]", "ibot: mask_ratio"),
+        ("fmct.ssl.config:PretrainConfig", "engine.log_every=0", "engine: checkpoint_every and log_every"),
+        ("fmct.ssl.config:PretrainConfig", "online_eval.knn_k=0", "online_eval: every must be"),
+        ("fmct.ssl.config:PretrainConfig", "optim.epochs=0", "optim: batch_size and epoch_length"),
+        ("fmct.ssl.config:PretrainConfig", "data.exclude_sites=[C]", "data: exclude_sites needs labels"),
+        ("fmct.ssl.config:PretrainConfig", "model.size=huge", "model: unknown ViT size"),
+        ("fmct.ssl.config:PretrainConfig", "augment.blur_prob=2", "augment: probabilities"),
+        ("fmct.eval.probe:ProbeConfig", "method=svm", "probe method 'svm'"),
+        ("fmct.eval.probe:ProbeConfig", "label_fractions=[0,1]", "label_fractions must lie in"),
+        ("fmct.eval.finetune:FinetuneConfig", "head=mlp", "head 'mlp'"),
+        ("fmct.eval.embed:EmbedConfig", "chunk_size=0", "chunk_size"),
+        ("fmct.demo:DemoConfig", "test_fraction=1.5", "test_fraction in"),
+    ],
+)
 def test_every_config_checks_its_fields_where_they_are_declared(config_class, override, message):
     """One style everywhere: a section's __post_init__ raises ConfigError; load_config names the section."""
     import importlib

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from fmct.distributed import DistEnv
 from fmct.ssl.checkpoint import read_checkpoint
 from fmct.ssl.distributed import full_tensor, shard
-from fmct.ssl.schedules import Schedules
 from fmct.ssl.meta_arch import DINOModel
+from fmct.ssl.schedules import Schedules
 from fmct.ssl.train import Trainer, build_optimizer, compile_blocks
 from test_multinode import subprocess_env
 from test_pretrain import cli_command, make_store, tiny_config
@@ -59,7 +59,9 @@ def test_a_bf16_step_runs_the_blocks_in_bf16_and_the_losses_in_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     block_dtypes = []
     bf16, fp32 = trainer(cuda_config()), trainer(cuda_config("engine.bf16=false", "engine.tf32=false"))
-    bf16.student.backbone.blocks[0].register_forward_hook(lambda module, inputs, output: block_dtypes.append(output.dtype))
+    bf16.student.backbone.blocks[0].register_forward_hook(
+        lambda module, inputs, output: block_dtypes.append(output.dtype)
+    )
     hu = hu_batch()
     low, full = bf16.step(hu, STEP), fp32.step(hu, STEP)
     assert block_dtypes and set(block_dtypes) == {torch.bfloat16}
@@ -78,7 +80,9 @@ def test_fused_adamw_steps_like_the_plain_implementation():
     reference = deepcopy(model)
     fused = build_optimizer(model, config, CUDA)
     assert fused.defaults["fused"] is True
-    groups = reference.param_groups(config.optim.weight_decay, config.optim.layer_decay, config.optim.patch_embed_lr_mult)
+    groups = reference.param_groups(
+        config.optim.weight_decay, config.optim.layer_decay, config.optim.patch_embed_lr_mult
+    )
     plain = torch.optim.AdamW(groups, lr=0.0, betas=config.optim.betas, fused=False, foreach=False)
     for optimizer in (fused, plain):
         for group in optimizer.param_groups:
@@ -141,7 +145,9 @@ def test_fsdp2_on_one_gpu_steps_like_the_unsharded_model():
         for model in ("student", "teacher"):
             pairs = zip(getattr(plain, model).named_parameters(), getattr(sharded, model).parameters(), strict=True)
             for (name, p), q in pairs:
-                torch.testing.assert_close(full_tensor(q.detach()), p.detach(), rtol=1e-4, atol=1e-5, msg=f"{model}.{name}")
+                torch.testing.assert_close(
+                    full_tensor(q.detach()), p.detach(), rtol=1e-4, atol=1e-5, msg=f"{model}.{name}"
+                )
     finally:
         dist.destroy_process_group()
 
@@ -150,8 +156,11 @@ def test_a_cuda_run_stopped_and_resumed_reaches_the_weights_of_one_that_never_st
     """Deterministic kernels on (engine.deterministic): 8 steps in one go, and 4 + 4 in two processes."""
     settings = ["engine.device=cuda", "engine.deterministic=true"]
     reference, run = tmp_path / "reference", tmp_path / "run"
-    for command in (cli_command(store, reference, *settings), cli_command(store, run, *settings, "engine.stop_at_step=4"),
-                    cli_command(store, run, *settings)):
+    for command in (
+        cli_command(store, reference, *settings),
+        cli_command(store, run, *settings, "engine.stop_at_step=4"),
+        cli_command(store, run, *settings),
+    ):
         result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     expected, actual = read_checkpoint(reference / "checkpoint.pt"), read_checkpoint(run / "checkpoint.pt")

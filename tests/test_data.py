@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from fmct.errors import ConfigError, InputError, ScanError
 import torch
 
 from fmct.config import load_config
@@ -16,9 +14,10 @@ from fmct.data.augment import (
     crop_major_rows,
     sample_crops,
 )
-from fmct.models.windows import model_input, window_channels
 from fmct.data.dataset import StepBatchSampler, StoreVolumes, make_loader, step_generator
 from fmct.data.masking import block_mask_3d, sample_ibot_masks
+from fmct.errors import ConfigError, InputError, ScanError
+from fmct.models.windows import model_input, window_channels
 from fmct.store import write_scan
 
 torch.set_num_threads(1)
@@ -139,8 +138,16 @@ def test_model_input_is_the_full_volume_crop():
 def test_noise_jitter_and_gamma_stay_in_their_ranges():
     hu = torch.zeros((2, 1, 16, 16, 16), dtype=torch.int16)
     config = AugmentConfig(
-        global_size=8, n_local=4, local_size=6, windows=[(0.0, 2000.0)], intensity_prob=1.0, blur_prob=0.0,
-        noise_std_hu=20.0, window_level_jitter_hu=0.0, window_width_jitter=0.0, gamma_range=(1.0, 1.0),
+        global_size=8,
+        n_local=4,
+        local_size=6,
+        windows=[(0.0, 2000.0)],
+        intensity_prob=1.0,
+        blur_prob=0.0,
+        noise_std_hu=20.0,
+        window_level_jitter_hu=0.0,
+        window_width_jitter=0.0,
+        gamma_range=(1.0, 1.0),
     )
     _, local_crops = MultiCropAugment(config)(hu, torch.Generator().manual_seed(2))
     noise_hu = (local_crops - 0.5) * 2000  # 0 HU sits at 0.5 in a (0, 2000) window
@@ -148,8 +155,14 @@ def test_noise_jitter_and_gamma_stay_in_their_ranges():
     assert float(std.max()) <= 20.0 * 1.2 and float(std.max()) > 5.0
     # Gamma alone: a 40 HU volume at 0.5 in the brain window becomes 0.5 ** gamma, gamma in range.
     config = AugmentConfig(
-        global_size=6, n_local=0, windows=[(40.0, 80.0)], intensity_prob=1.0, noise_std_hu=0.0,
-        window_level_jitter_hu=0.0, window_width_jitter=0.0, gamma_range=(0.8, 1.25),
+        global_size=6,
+        n_local=0,
+        windows=[(40.0, 80.0)],
+        intensity_prob=1.0,
+        noise_std_hu=0.0,
+        window_level_jitter_hu=0.0,
+        window_width_jitter=0.0,
+        gamma_range=(0.8, 1.25),
     )
     global_crops, _ = MultiCropAugment(config)(torch.full((4, 1, 8, 8, 8), 40, dtype=torch.int16))
     gamma = torch.log(global_crops.flatten(1)) / np.log(0.5)
@@ -157,8 +170,14 @@ def test_noise_jitter_and_gamma_stay_in_their_ranges():
     assert float(gamma.min()) >= 0.8 - 1e-5 and float(gamma.max()) <= 1.25 + 1e-5 and float(gamma.std()) > 0.01
     # Window jitter alone: 40 HU at the brain window's level moves by at most 5 HU / (80 * 0.9).
     config = AugmentConfig(
-        global_size=6, n_local=0, windows=[(40.0, 80.0)], intensity_prob=1.0, noise_std_hu=0.0,
-        window_level_jitter_hu=5.0, window_width_jitter=0.1, gamma_range=(1.0, 1.0),
+        global_size=6,
+        n_local=0,
+        windows=[(40.0, 80.0)],
+        intensity_prob=1.0,
+        noise_std_hu=0.0,
+        window_level_jitter_hu=5.0,
+        window_width_jitter=0.1,
+        gamma_range=(1.0, 1.0),
     )
     global_crops, _ = MultiCropAugment(config)(torch.full((4, 1, 8, 8, 8), 40, dtype=torch.int16))
     shift = (global_crops - 0.5).abs()
@@ -167,8 +186,15 @@ def test_noise_jitter_and_gamma_stay_in_their_ranges():
 
 def test_blur_smooths_and_keeps_constants():
     config = AugmentConfig(
-        global_size=8, n_local=0, windows=[(0.0, 4000.0)], intensity_prob=0.0, blur_prob=1.0,
-        blur_sigma=(1.0, 1.0), rotation_deg=0.0, global_scale=(1.0, 1.0), flip_prob=(0.0, 0.0, 0.0),
+        global_size=8,
+        n_local=0,
+        windows=[(0.0, 4000.0)],
+        intensity_prob=0.0,
+        blur_prob=1.0,
+        blur_sigma=(1.0, 1.0),
+        rotation_deg=0.0,
+        global_scale=(1.0, 1.0),
+        flip_prob=(0.0, 0.0, 0.0),
     )
     noise = torch.randint(-1000, 1000, (1, 1, 8, 8, 8), dtype=torch.int16)
     sharp, _ = MultiCropAugment(AugmentConfig(**{**config.__dict__, "blur_prob": 0.0}))(noise)
@@ -199,8 +225,13 @@ def test_a_global_batch_split_over_ranks_gets_the_crops_of_one_process():
     whole = augment(hu, torch.Generator().manual_seed(5), return_boxes=True)
     assert crop_major_rows(2, 4, 2, 2).tolist() == [2, 3, 6, 7]
     for rank in range(2):
-        part = augment(hu[2 * rank: 2 * rank + 2], torch.Generator().manual_seed(5), return_boxes=True,
-                       first_volume=2 * rank, global_batch=4)
+        part = augment(
+            hu[2 * rank : 2 * rank + 2],
+            torch.Generator().manual_seed(5),
+            return_boxes=True,
+            first_volume=2 * rank,
+            global_batch=4,
+        )
         for n_crops, crops, reference in ((2, part[0], whole[0]), (3, part[1], whole[1])):
             rows = crop_major_rows(n_crops, 4, 2 * rank, 2)
             assert torch.equal(crops, reference[rows]), (rank, n_crops)

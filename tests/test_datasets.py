@@ -3,12 +3,11 @@
 import numpy as np
 import pydicom
 import pytest
-
-from fmct.errors import InputError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from fmct.datasets import load_labels, match_to_store, write_labels
+from fmct.errors import InputError
 from fmct.io.dicom import discover
 from fmct.log import configure as configure_logging
 
@@ -19,7 +18,9 @@ def test_generic_csv_with_renaming_and_unknowns(tmp_path):
     labels = load_labels(str(path), rename={"PatientID": "patient_id", "Hemorrhage": "ich"})
     assert labels.findings == ["ich", "fracture"]
     assert [(r["scan_id"], r["patient_id"], r["ich"], r["fracture"]) for r in labels.rows] == [
-        ("abc", "P1", 1, None), ("def", "P1", 0, 1), ("ghi", "", 0, 0),
+        ("abc", "P1", 1, None),
+        ("def", "P1", 0, 1),
+        ("ghi", "", 0, 0),
     ]
     write_labels(labels, tmp_path / "out.csv")
     again = load_labels(str(tmp_path / "out.csv"))
@@ -48,7 +49,18 @@ def test_an_unknown_finding_column_is_used_with_one_warning_naming_the_closest(t
 
 
 def test_cq500_majority_of_three_readers_and_study_folders(tmp_path):
-    findings = ["ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "BleedLocation-Left", "Fracture", "MassEffect", "MidlineShift"]
+    findings = [
+        "ICH",
+        "IPH",
+        "IVH",
+        "SDH",
+        "EDH",
+        "SAH",
+        "BleedLocation-Left",
+        "Fracture",
+        "MassEffect",
+        "MidlineShift",
+    ]
     header = ["name", "Category"] + [f"R{r}:{f}" for r in (1, 2, 3) for f in findings]
 
     def reads(r1, r2, r3):  # each: the readers' ICH, SDH, Fracture votes; others 0

@@ -8,13 +8,23 @@ from fmct.demo import DemoConfig, demo_summary
 from fmct.eval.evaluate import evaluate, write_evaluation, write_predictions
 from test_report import signal_predictions
 
-ARMS = ("vit (pretrained)", "vit (scratch)", "vit-linear-probe (pretrained)", "vit-linear-probe (random-init)",
-        "hu-histogram (hu-histogram)")
+ARMS = (
+    "vit (pretrained)",
+    "vit (scratch)",
+    "vit-linear-probe (pretrained)",
+    "vit-linear-probe (random-init)",
+    "hu-histogram (hu-histogram)",
+)
 
 
 def test_demo_summary_shows_the_floors_and_a_verdict_per_floor(tmp_path):
-    systems = {("vit", "pretrained"): 1.0, ("vit", "scratch"): 1.0, ("vit-linear-probe", "pretrained"): 2.5,
-               ("vit-linear-probe", "random-init"): 0.0, ("hu-histogram", "hu-histogram"): 4.0}
+    systems = {
+        ("vit", "pretrained"): 1.0,
+        ("vit", "scratch"): 1.0,
+        ("vit-linear-probe", "pretrained"): 2.5,
+        ("vit-linear-probe", "random-init"): 0.0,
+        ("hu-histogram", "hu-histogram"): 4.0,
+    }
     rows = signal_predictions(systems, n=160, fractions=("0.5", "1.0"), splits=("test", "ood"))
     write_predictions(tmp_path / "pred", rows, {})
     write_evaluation(evaluate([tmp_path / "pred"], n_bootstrap=200), tmp_path / "evaluation")
@@ -31,8 +41,15 @@ def test_demo_summary_shows_the_floors_and_a_verdict_per_floor(tmp_path):
 def test_reduced_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     overrides = [
-        "n_scans=36", "matrix=128", "seeds=1", "label_fractions=0.5,1", "finetune_label_fractions=0.5",
-        "finetune_max_steps=6", "finetune_eval_every=3", "finetune_patience=1", "finetune_batch_size=4",
+        "n_scans=36",
+        "matrix=128",
+        "seeds=1",
+        "label_fractions=0.5,1",
+        "finetune_label_fractions=0.5",
+        "finetune_max_steps=6",
+        "finetune_eval_every=3",
+        "finetune_patience=1",
+        "finetune_batch_size=4",
         "findings=ich,hydrocephalus",
         "pretrain=[optim.epoch_length=5, optim.epochs=2, optim.batch_size=4, engine.checkpoint_every=5]",
         "pretrain_stop_at_step=4",
@@ -46,7 +63,16 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert "resuming" in captured.err and (out / "pretrain" / "backbone").is_dir()
     assert "The pretrained arm is the shipped checkpoint fmct-synth-tiny" in printed
     assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]
-    for section in ("summary", "learning-curves", "roc", "label-efficiency", "id-vs-ood", "comparisons", "metrics", "provenance"):
+    for section in (
+        "summary",
+        "learning-curves",
+        "roc",
+        "label-efficiency",
+        "id-vs-ood",
+        "comparisons",
+        "metrics",
+        "provenance",
+    ):
         assert f"<h2 id='{section}'>" in html
     for arm in (*ARMS, "vit (ceiling)"):
         assert arm in printed

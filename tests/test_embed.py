@@ -16,20 +16,28 @@ from sklearn.metrics import roc_auc_score
 from fmct import hub
 from fmct.cli import main
 from fmct.data import StoreVolumes
-from fmct.models.windows import model_input
 from fmct.data.batches import read_hu_batches
 from fmct.eval.embed import EmbedConfig, embed_store
 from fmct.eval.embeddings import read_embeddings
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.probe import ProbeConfig, run_probe
 from fmct.models import ViT3DConfig, build_vit3d
+from fmct.models.windows import model_input
 from fmct.store import Store, rebuild_tables, write_scan
 
 torch.set_num_threads(1)
 
 WINDOWS = [[40, 80], [80, 200], [600, 2800]]
-TINY = dict(size="tiny", embed_dim=64, depth=2, n_heads=4, img_size=(32, 32, 32), patch_size=(8, 8, 8), n_registers=1,
-            layerscale_init=None)
+TINY = dict(
+    size="tiny",
+    embed_dim=64,
+    depth=2,
+    n_heads=4,
+    img_size=(32, 32, 32),
+    patch_size=(8, 8, 8),
+    n_registers=1,
+    layerscale_init=None,
+)
 BLOB_HU, BLOB_RADIUS = 100.0, 10  # HU, voxels (15 mm at 1.5 mm): a large bright haematoma
 
 
@@ -44,8 +52,16 @@ def save_tiny_run(run: Path, seed: int = 0) -> Path:
     return run
 
 
-def write_blob_store(root: Path, n_scans: int = 36, size: int = 48, seed: int = 0, splits=None, sites=None,
-                     blob_hu: float = BLOB_HU, blob_radius: float = BLOB_RADIUS):
+def write_blob_store(
+    root: Path,
+    n_scans: int = 36,
+    size: int = 48,
+    seed: int = 0,
+    splits=None,
+    sites=None,
+    blob_hu: float = BLOB_HU,
+    blob_radius: float = BLOB_RADIUS,
+):
     """A store of ``size``^3 int16 heads (1.5 mm): skull 1000 HU, brain 35 HU, noise 8 HU; every other scan
     (in a random order) holds a bright blob (``blob_hu``, radius ``blob_radius`` voxels) somewhere in the brain.
 
@@ -64,8 +80,13 @@ def write_blob_store(root: Path, n_scans: int = 36, size: int = 48, seed: int = 
             centre = rng.uniform(-8, 8, size=3)
             hu[np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < blob_radius] = blob_hu
         hu += rng.normal(0, 8, size=hu.shape)
-        row = {"scan_id": f"s{i:03d}", "patient_key": f"p{i:03d}", "source": f"/data/scan{i}", "store_shape": [size] * 3,
-               "store_spacing_mm": [1.5] * 3}
+        row = {
+            "scan_id": f"s{i:03d}",
+            "patient_key": f"p{i:03d}",
+            "source": f"/data/scan{i}",
+            "store_shape": [size] * 3,
+            "store_spacing_mm": [1.5] * 3,
+        }
         write_scan(store, np.round(hu).astype(np.int16), row)
     rebuild_tables(store)
     with open(root / "labels.csv", "w", newline="") as handle:
@@ -86,7 +107,9 @@ def blob_store(tmp_path_factory):
 def test_embed_one_row_per_scan_equal_to_a_direct_forward_pass(blob_store, tmp_path):
     root, store, _ = blob_store
     run = save_tiny_run(tmp_path / "run")
-    summary = embed_store(run, store, tmp_path / "emb", EmbedConfig(batch_size=5, chunk_size=8, workers=2), progress=False)
+    summary = embed_store(
+        run, store, tmp_path / "emb", EmbedConfig(batch_size=5, chunk_size=8, workers=2), progress=False
+    )
     assert summary.n_embedded == 24 and summary.n_chunks == 3 and not summary.skipped  # chunk 8 -> 10 (two batches)
     embeddings = read_embeddings(tmp_path / "emb")
     assert embeddings.scan_ids.tolist() == [f"s{i:03d}" for i in range(24)]
@@ -95,7 +118,9 @@ def test_embed_one_row_per_scan_equal_to_a_direct_forward_pass(blob_store, tmp_p
     meta = embeddings.meta
     assert meta["model"] == "run" and meta["arm"] == "pretrained" and meta["windows_hu"] == WINDOWS
     assert meta["default_feature"] == "auto"
-    assert meta["checkpoint_sha256"] == hashlib.sha256((run / "backbone" / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        meta["checkpoint_sha256"] == hashlib.sha256((run / "backbone" / "model.safetensors").read_bytes()).hexdigest()
+    )
 
     model = hub.load(run / "backbone")
     hu = torch.stack([torch.from_numpy(Store(store).read(f"s{i:03d}"))[None] for i in (0, 7, 23)])
@@ -103,16 +128,24 @@ def test_embed_one_row_per_scan_equal_to_a_direct_forward_pass(blob_store, tmp_p
         tokens = model.forward_features(model_input(hu, 32, WINDOWS))
     rows = [0, 7, 23]
     np.testing.assert_allclose(embeddings.features["cls"][rows], tokens["cls"].numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(embeddings.features["patch_mean"][rows], tokens["patch"].mean(1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        embeddings.features["patch_mean"][rows], tokens["patch"].mean(1).numpy(), rtol=1e-4, atol=1e-5
+    )
     # patch_max: per channel, the largest of the 64 patch tokens (4^3 patches of 8^3 voxels).
     assert tokens["patch"].shape == (3, 64, 64)
-    np.testing.assert_allclose(embeddings.features["patch_max"][rows], tokens["patch"].max(dim=1).values.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        embeddings.features["patch_max"][rows], tokens["patch"].max(dim=1).values.numpy(), rtol=1e-4, atol=1e-5
+    )
     assert (embeddings.features["patch_max"] > embeddings.features["patch_mean"]).all()
 
-    again = embed_store(run, store, tmp_path / "emb2", EmbedConfig(batch_size=3, chunk_size=100, workers=1), progress=False)
+    again = embed_store(
+        run, store, tmp_path / "emb2", EmbedConfig(batch_size=3, chunk_size=100, workers=1), progress=False
+    )
     assert again.n_chunks == 1
     second = read_embeddings(tmp_path / "emb2")
-    np.testing.assert_allclose(second.features["cls"], embeddings.features["cls"], rtol=1e-5, atol=1e-6)  # batch size is irrelevant
+    np.testing.assert_allclose(
+        second.features["cls"], embeddings.features["cls"], rtol=1e-5, atol=1e-6
+    )  # batch size is irrelevant
     first_bytes = (tmp_path / "emb" / "embeddings.npz").read_bytes()
     embed_store(run, store, tmp_path / "emb3", EmbedConfig(batch_size=5, chunk_size=8, workers=2), progress=False)
     assert (tmp_path / "emb3" / "embeddings.npz").read_bytes() == first_bytes  # deterministic to the bit
@@ -176,7 +209,11 @@ def test_unreadable_scan_is_skipped_with_a_reason(tmp_path):
     Store(store).scan_file("s002").write_bytes(b"not a volume file")
     run = save_tiny_run(tmp_path / "run")
     summary = embed_store(run, store, tmp_path / "emb", EmbedConfig(batch_size=4, workers=2), progress=False)
-    assert summary.n_embedded == 5 and summary.skipped[0][0] == "s002" and "s002.b2nd: cannot read" in summary.skipped[0][1]
+    assert (
+        summary.n_embedded == 5
+        and summary.skipped[0][0] == "s002"
+        and "s002.b2nd: cannot read" in summary.skipped[0][1]
+    )
     assert "s002" not in read_embeddings(tmp_path / "emb").scan_ids.tolist()
     assert "s002" in (tmp_path / "emb" / "errors.csv").read_text()
 
@@ -194,11 +231,29 @@ def test_reader_yields_batches_in_order_with_exact_bytes(blob_store):
 def test_probe_on_embeddings_of_the_blob_store_beats_chance(tmp_path):
     store, ich = write_blob_store(tmp_path, n_scans=48, seed=3)
     run = save_tiny_run(tmp_path / "run")
-    code = main(["embed", "--model", str(run), "--store", str(store), "--out", str(tmp_path / "emb"), "--batch-size", "8",
-                 "--workers", "2"])
+    code = main(
+        [
+            "embed",
+            "--model",
+            str(run),
+            "--store",
+            str(store),
+            "--out",
+            str(tmp_path / "emb"),
+            "--batch-size",
+            "8",
+            "--workers",
+            "2",
+        ]
+    )
     assert code == 0
-    summary = run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), tmp_path / "probe",
-                        ProbeConfig(features="concat", label_fractions=(1.0,), seeds=1), store_path=store)
+    summary = run_probe(
+        tmp_path / "emb",
+        str(tmp_path / "labels.csv"),
+        tmp_path / "probe",
+        ProbeConfig(features="concat", label_fractions=(1.0,), seeds=1),
+        store_path=store,
+    )
     assert summary.findings == ["ich"]
     columns = read_predictions(tmp_path / "probe").columns
     auc = roc_auc_score(columns["label"].astype(int), columns["score"].astype(float))

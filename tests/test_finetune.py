@@ -14,8 +14,8 @@ from fmct import hub
 from fmct.cli import main
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.finetune import FinetuneConfig, balanced_batches, run_finetune
-from fmct.models.classifier import Classifier
 from fmct.models import ViT3DConfig
+from fmct.models.classifier import Classifier
 from test_embed import TINY, save_tiny_run, tiny_model, write_blob_store
 
 torch.set_num_threads(1)
@@ -34,8 +34,20 @@ def cohort(tmp_path_factory):
 
 
 def quick(**overrides) -> FinetuneConfig:
-    settings = dict(label_fractions=(1.0,), seeds=1, batch_size=8, max_steps=60, eval_every=20, patience=2, warmup_steps=5,
-                    lr=1e-3, layer_decay=0.75, workers=2, ood_sites=("B",), model=ViT3DConfig(**TINY))
+    settings = dict(
+        label_fractions=(1.0,),
+        seeds=1,
+        batch_size=8,
+        max_steps=60,
+        eval_every=20,
+        patience=2,
+        warmup_steps=5,
+        lr=1e-3,
+        layer_decay=0.75,
+        workers=2,
+        ood_sites=("B",),
+        model=ViT3DConfig(**TINY),
+    )
     settings.update(overrides)
     return FinetuneConfig(**settings)
 
@@ -67,9 +79,32 @@ def test_scratch_fine_tune_separates_the_blob_and_evaluate_reads_it(cohort, tmp_
 def test_fine_tune_from_a_checkpoint_via_cli_then_resume(cohort, tmp_path, capsys):
     root, store, _ = cohort
     run = save_tiny_run(tmp_path / "run")
-    argv = ["finetune", "--model", str(run), "--store", str(store), "--labels", str(root / "labels.csv"),
-            "--out", str(tmp_path / "ft"), "--label-fractions", "0.5,1", "--seeds", "1", "--max-steps", "20",
-            "--batch-size", "4", "--lr", "0.001", "--ood-sites", "B", "--trainable-blocks", "1", "eval_every=10"]
+    argv = [
+        "finetune",
+        "--model",
+        str(run),
+        "--store",
+        str(store),
+        "--labels",
+        str(root / "labels.csv"),
+        "--out",
+        str(tmp_path / "ft"),
+        "--label-fractions",
+        "0.5,1",
+        "--seeds",
+        "1",
+        "--max-steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.001",
+        "--ood-sites",
+        "B",
+        "--trainable-blocks",
+        "1",
+        "eval_every=10",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     assert "2 fits (0 reused)" in capsys.readouterr().out
     columns = read_predictions(tmp_path / "ft").columns
@@ -93,8 +128,13 @@ def test_fine_tune_from_a_checkpoint_via_cli_then_resume(cohort, tmp_path, capsy
 def test_attentive_probe_on_frozen_patch_tokens(cohort, tmp_path):
     root, store, _ = cohort
     run = save_tiny_run(tmp_path / "run")
-    summary = run_finetune(str(run), store, str(root / "labels.csv"), tmp_path / "attn",
-                           quick(head="attentive", trainable_blocks=0, max_steps=60, lr=3e-3))
+    summary = run_finetune(
+        str(run),
+        store,
+        str(root / "labels.csv"),
+        tmp_path / "attn",
+        quick(head="attentive", trainable_blocks=0, max_steps=60, lr=3e-3),
+    )
     columns = read_predictions(tmp_path / "attn").columns
     test = columns["split"] == "test"
     auc = roc_auc_score(columns["label"][test].astype(int), columns["score"][test].astype(float))
@@ -136,8 +176,16 @@ def test_the_cpu_scale_backbone_learns_a_small_faint_bleed_from_scratch(tmp_path
     splits = ["train"] * 72 + ["val"] * 24 + ["test"] * 24
     store, _ = write_blob_store(tmp_path, n_scans=120, size=64, seed=3, splits=splits, blob_hu=70.0, blob_radius=3.0)
     architecture = load_config(PretrainConfig, "pretrain_synth_tiny").model
-    config = quick(head="pooled", max_steps=400, eval_every=25, patience=6, warmup_steps=20, layer_decay=1.0,
-                   ood_sites=(), model=architecture)
+    config = quick(
+        head="pooled",
+        max_steps=400,
+        eval_every=25,
+        patience=6,
+        warmup_steps=20,
+        layer_decay=1.0,
+        ood_sites=(),
+        model=architecture,
+    )
     out = tmp_path / "ft"
     run_finetune("scratch", store, str(tmp_path / "labels.csv"), out, config)
     columns = read_predictions(out).columns

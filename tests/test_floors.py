@@ -12,10 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from fmct import hub
 from fmct.cli import main
-from fmct.models.windows import model_input
 from fmct.eval.embeddings import read_embeddings
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.radiomics import FEATURE_COLUMNS, first_order_features
+from fmct.models.windows import model_input
 from fmct.store import Store
 from test_embed import WINDOWS, save_tiny_run, write_blob_store
 
@@ -33,12 +33,34 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("floors")
     store, _ = write_blob_store(root, n_scans=44, seed=3, splits=SPLITS)
     run = save_tiny_run(root / "run", seed=5)
-    arms = {"": ["--model", str(run)], "_random": ["--model", "scratch", "--like", str(run)], "_hu": ["--model", "hu-histogram"]}
+    arms = {
+        "": ["--model", str(run)],
+        "_random": ["--model", "scratch", "--like", str(run)],
+        "_hu": ["--model", "hu-histogram"],
+    }
     for suffix, model in arms.items():
         embeddings = str(root / f"emb{suffix}")
         assert main(["embed", *model, "--store", str(store), "--out", embeddings, "--batch-size", "8"]) == 0
-        assert main(["probe", "--embeddings", embeddings, "--labels", str(root / "labels.csv"), "--store", str(store),
-                     "--out", str(root / f"probe{suffix}"), "--label-fractions", "0.5,1", "--seeds", "2"]) == 0
+        assert (
+            main(
+                [
+                    "probe",
+                    "--embeddings",
+                    embeddings,
+                    "--labels",
+                    str(root / "labels.csv"),
+                    "--store",
+                    str(store),
+                    "--out",
+                    str(root / f"probe{suffix}"),
+                    "--label-fractions",
+                    "0.5,1",
+                    "--seeds",
+                    "2",
+                ]
+            )
+            == 0
+        )
     return root, store, run
 
 
@@ -52,7 +74,11 @@ def test_random_init_floor_is_the_like_architecture_with_seeded_random_weights(c
     meta = embeddings.meta
     assert meta["arm"] == "random-init" and meta["model"] == "run" and meta["init_seed"] == 0
     # Paths relative to the embeddings folder: the table holds no machine path.
-    assert (root / "emb_random" / meta["like"]).resolve() == (run / "backbone").resolve() and meta["model_path"] == "" and meta["windows_hu"] == WINDOWS
+    assert (
+        (root / "emb_random" / meta["like"]).resolve() == (run / "backbone").resolve()
+        and meta["model_path"] == ""
+        and meta["windows_hu"] == WINDOWS
+    )
 
     model = hub.random_init(hub.read_architecture(run / "backbone"), seed=0)
     with torch.no_grad():
@@ -78,11 +104,18 @@ def test_random_init_floor_is_the_like_architecture_with_seeded_random_weights(c
 def test_hu_histogram_floor_is_probed_like_any_embeddings(cohort):
     root, store, _ = cohort
     embeddings = read_embeddings(root / "emb_hu")
-    assert list(embeddings.features) == ["first_order"] and embeddings.features["first_order"].shape == (44, len(FEATURE_COLUMNS))
+    assert list(embeddings.features) == ["first_order"] and embeddings.features["first_order"].shape == (
+        44,
+        len(FEATURE_COLUMNS),
+    )
     meta = embeddings.meta
-    assert meta["arm"] == "hu-histogram" and meta["model"] == "hu-histogram" and meta["default_feature"] == "first_order"
+    assert (
+        meta["arm"] == "hu-histogram" and meta["model"] == "hu-histogram" and meta["default_feature"] == "first_order"
+    )
     assert meta["feature_columns"] == FEATURE_COLUMNS
-    np.testing.assert_array_equal(embeddings.features["first_order"][[3]], first_order_features(_hu(store, ["s003"])).numpy())
+    np.testing.assert_array_equal(
+        embeddings.features["first_order"][[3]], first_order_features(_hu(store, ["s003"])).numpy()
+    )
 
     columns = read_predictions(root / "probe_hu").columns  # probed without --features: the table's own
     assert read_predictions(root / "probe_hu").run["features"] == "first_order"
@@ -107,7 +140,10 @@ def test_report_names_both_floors_and_whether_the_pretrained_arm_clears_them(coh
 
 def test_floor_usage_errors_are_one_line(cohort, capsys):
     root, store, run = cohort
-    for model, message in ((["--model", "scratch"], "needs --like"), (["--model", str(run), "--like", str(run)], "--like only")):
+    for model, message in (
+        (["--model", "scratch"], "needs --like"),
+        (["--model", str(run), "--like", str(run)], "--like only"),
+    ):
         assert main(["embed", *model, "--store", str(store), "--out", str(root / "bad")]) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1

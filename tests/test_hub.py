@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from pathlib import Path
 
 from fmct import hub
 from fmct.errors import CheckpointError
@@ -94,11 +94,19 @@ def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log()
     size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     assert size_mb <= 25
     card = (folder / "README.md").read_text()
-    for heading in ("## Data", "## Recipe and budget", "## Online evaluation during pretraining", "## Intended use", "## Limits"):
+    for heading in (
+        "## Data",
+        "## Recipe and budget",
+        "## Online evaluation during pretraining",
+        "## Intended use",
+        "## Limits",
+    ):
         assert heading in card
     assert "site C" in card and hub.training_log("fmct-synth-tiny") == folder / "log.jsonl"
     extra = hub.read_extra(folder)
     assert extra["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]] and extra["method"] == "mae"
     # Shipped folders carry no path of the machine they were made on.
-    recipe_values = [line.split(":", 1)[1].strip() for line in (folder / "recipe.yaml").read_text().splitlines() if ":" in line]
+    recipe_values = [
+        line.split(":", 1)[1].strip() for line in (folder / "recipe.yaml").read_text().splitlines() if ":" in line
+    ]
     assert not Path(extra["store"]).is_absolute() and not any(value.startswith("/") for value in recipe_values)

@@ -6,6 +6,7 @@ An edge from a module to one of its own parent packages is left out: importing `
 always runs ``fmct/synth/__init__.py`` first, whatever the module says, so that edge is Python's, not
 a layer that points upwards.
 """
+
 import ast
 from pathlib import Path
 
@@ -16,8 +17,25 @@ PACKAGE_ROOT = Path(fmct.__file__).parent
 # Lowest first. A unit is a top-level module or package of fmct; every unit has a layer, and a module may
 # import its own layer and those below.
 LAYERS = [
-    ("core", {"fmct", "fmct.errors", "fmct.atomic", "fmct.codec", "fmct.tables", "fmct.fingerprint", "fmct.log",
-              "fmct.devices", "fmct.distributed", "fmct.schedules", "fmct.pseudonym", "fmct.config", "fmct.card", "fmct.paths"}),
+    (
+        "core",
+        {
+            "fmct",
+            "fmct.errors",
+            "fmct.atomic",
+            "fmct.codec",
+            "fmct.tables",
+            "fmct.fingerprint",
+            "fmct.log",
+            "fmct.devices",
+            "fmct.distributed",
+            "fmct.schedules",
+            "fmct.pseudonym",
+            "fmct.config",
+            "fmct.card",
+            "fmct.paths",
+        },
+    ),
     ("io", {"fmct.io", "fmct.preprocess", "fmct.store", "fmct.scans"}),
     ("models", {"fmct.models", "fmct.hub"}),
     ("data", {"fmct.data", "fmct.datasets", "fmct.synth"}),
@@ -80,7 +98,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 colour[path.pop()] = 2
                 stack.pop()
             elif colour[nxt] == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif colour[nxt] == 0:
                 colour[nxt] = 1
                 path.append(nxt)
@@ -100,8 +118,12 @@ def layer_of(module: str) -> int:
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     """Every import of a module from a higher layer, as "importer -> imported (layer -> layer)"."""
-    return sorted(f"{source} -> {target} ({LAYERS[layer_of(source)][0]} -> {LAYERS[layer_of(target)][0]})"
-                  for source, targets in graph.items() for target in targets if layer_of(target) > layer_of(source))
+    return sorted(
+        f"{source} -> {target} ({LAYERS[layer_of(source)][0]} -> {LAYERS[layer_of(target)][0]})"
+        for source, targets in graph.items()
+        for target in targets
+        if layer_of(target) > layer_of(source)
+    )
 
 
 def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:

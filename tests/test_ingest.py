@@ -17,13 +17,13 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from fmct.cli import main
+from fmct.codec import read_volume
 from fmct.config import IngestConfig, load_config
 from fmct.ingest import ingest
+from fmct.io.volume import Volume
 from fmct.pseudonym import local_sources
 from fmct.store import Store
 from phantoms import BEADS, bead_positions, rotation, small_head, write_head
-from fmct.codec import read_volume
-from fmct.io.volume import Volume
 
 IDENTIFIERS = {
     "PatientName": "DOE^JANE",
@@ -82,7 +82,9 @@ def test_no_identifier_leaves_ingest(tmp_path, capsys):
     write_head(tmp_path / "in" / "mr", **bad)
     assert main(["ingest", str(tmp_path / "in"), "--out", str(tmp_path / "store")]) == 0
     printed = capsys.readouterr()
-    texts = [printed.out, printed.err] + [p.read_bytes().decode("latin-1") for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    texts = [printed.out, printed.err] + [
+        p.read_bytes().decode("latin-1") for p in (tmp_path / "store").rglob("*") if p.is_file()
+    ]
     for value in IDENTIFIERS.values():
         for text in texts:
             assert value not in text and value.replace("^", " ") not in text
@@ -121,8 +123,12 @@ def test_series_selection_prefers_soft_kernel_thin_slices(tmp_path):
     study = dict(PatientID="P7", StudyInstanceUID="1.2.3.4.5.6.7")
     thin = small_head(spacing=(4.0, 4.0, 3.0), shape=(56, 56, 64))
     write_head(tmp_path / "in" / "thick_soft", ConvolutionKernel="H30s", SeriesInstanceUID="1.2.3.4.5.6.7.1", **study)
-    write_head(tmp_path / "in" / "thin_bone", thin, ConvolutionKernel="H70h", SeriesInstanceUID="1.2.3.4.5.6.7.2", **study)
-    write_head(tmp_path / "in" / "thin_soft", thin, ConvolutionKernel="H30s", SeriesInstanceUID="1.2.3.4.5.6.7.3", **study)
+    write_head(
+        tmp_path / "in" / "thin_bone", thin, ConvolutionKernel="H70h", SeriesInstanceUID="1.2.3.4.5.6.7.2", **study
+    )
+    write_head(
+        tmp_path / "in" / "thin_soft", thin, ConvolutionKernel="H30s", SeriesInstanceUID="1.2.3.4.5.6.7.3", **study
+    )
     ingest([tmp_path / "in"], tmp_path / "preferred", IngestConfig(), progress=False)
     rows = Store(tmp_path / "preferred").rows
     assert len(rows) == 1 and rows[0]["kernel"] == "H30s" and rows[0]["original_shape"][2] == 64
@@ -132,7 +138,11 @@ def test_series_selection_prefers_soft_kernel_thin_slices(tmp_path):
 
 def test_resume_after_kill_loses_nothing(tmp_path):
     for index in range(6):
-        write_head(tmp_path / "in" / f"s{index}", small_head(spacing=(1.6, 1.6, 3.0), shape=(140, 140, 64)), PatientID=f"P{index}")
+        write_head(
+            tmp_path / "in" / f"s{index}",
+            small_head(spacing=(1.6, 1.6, 3.0), shape=(140, 140, 64)),
+            PatientID=f"P{index}",
+        )
     command = [sys.executable, "-m", "fmct.cli", "ingest", str(tmp_path / "in"), "--out", str(tmp_path / "store")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -192,7 +202,9 @@ def test_synth_labels_match_the_store_from_any_working_directory(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     ingest(["cohort/dicom"], tmp_path / "store", IngestConfig(), progress=False)
     monkeypatch.chdir(tmp_path / "cohort")  # somewhere else entirely
-    matched, unmatched = match_to_store(load_labels(str(tmp_path / "cohort" / "labels.csv")), Store(tmp_path / "store").rows)
+    matched, unmatched = match_to_store(
+        load_labels(str(tmp_path / "cohort" / "labels.csv")), Store(tmp_path / "store").rows
+    )
     assert unmatched == 0 and len({row["scan_id"] for row in matched}) == 3
 
 
@@ -223,7 +235,12 @@ def test_a_folder_that_cannot_be_listed_is_named_with_permission_denied(tmp_path
         return listing(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    summary = ingest([tmp_path / "in", tmp_path / "locked_Smith"], tmp_path / "store", load_config(IngestConfig, None, GRID), progress=False)
+    summary = ingest(
+        [tmp_path / "in", tmp_path / "locked_Smith"],
+        tmp_path / "store",
+        load_config(IngestConfig, None, GRID),
+        progress=False,
+    )
     assert (summary.stored, summary.skipped) == (1, 2)
     real = local_sources()
     reasons = {real[error["source"]]: error["reason"] for error in Store(tmp_path / "store").errors()}
@@ -242,8 +259,11 @@ def test_a_lone_truncated_slice_says_it_is_truncated(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     summary = ingest([cut], tmp_path / "store", load_config(IngestConfig, None, GRID), progress=False)
     (error,) = Store(tmp_path / "store").errors()
-    match = re.fullmatch(r"1 slices, fewer than min_slices 20; its folder holds 1 unreadable DICOM files, such as file "
-                         r"([0-9a-f]{16}) \(pixel data is truncated \(\d+ of 524288 bytes\)\)", error["reason"])
+    match = re.fullmatch(
+        r"1 slices, fewer than min_slices 20; its folder holds 1 unreadable DICOM files, such as file "
+        r"([0-9a-f]{16}) \(pixel data is truncated \(\d+ of 524288 bytes\)\)",
+        error["reason"],
+    )
     assert match, error["reason"]
     assert local_sources()[match.group(1)] == str(cut) and summary.skipped == 1
     assert "Doe" not in (tmp_path / "store" / "errors.csv").read_text()
@@ -262,5 +282,7 @@ def test_the_skipped_count_is_the_rows_of_errors_csv(tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert f"skipped {len(rows)} inputs (+0 from earlier runs" in capsys.readouterr().out and len(rows) == 3
     assert sorted(row["reason"] for row in rows) == [
-        "empty file (0 bytes)", "neither DICOM (no 'DICM' marker at byte 128) nor NIfTI (.nii, .nii.gz)",
-        "no DICOM series or NIfTI file found here"]
+        "empty file (0 bytes)",
+        "neither DICOM (no 'DICM' marker at byte 128) nor NIfTI (.nii, .nii.gz)",
+        "no DICOM series or NIfTI file found here",
+    ]

@@ -29,8 +29,9 @@ from fmct.pseudonym import local_sources
 from fmct.store import Store
 from phantoms import small_head, write_head
 
-pytestmark = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
-                                reason="the aborting worker inherits the test's hook by fork")
+pytestmark = pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="the aborting worker inherits the test's hook by fork"
+)
 
 # A small grid keeps the run short; the good series are checked against a clean ingest on the same grid.
 GRID = ["canonical.shape=[48,48,48]", "canonical.spacing_mm=4.5"]
@@ -96,7 +97,9 @@ def build_bad(bad: Path) -> dict[str, str]:
     expected["sagittal_series"] = r"^not axial: slice normal 90 degrees from the S-I axis$"
     files = series("mixed_orientation_even")
     edit(files[::2], ImageOrientationPatient=[1, 0, 0, 0, 0.9397, -0.3420])
-    expected["mixed_orientation_even"] = r"^mixed orientations in one series \(2 distinct ImageOrientationPatient, none held by most"
+    expected["mixed_orientation_even"] = (
+        r"^mixed orientations in one series \(2 distinct ImageOrientationPatient, none held by most"
+    )
     files = series("different_image_same_place")
     ds = pydicom.dcmread(files[5])
     ds.SOPInstanceUID = generate_uid()
@@ -104,18 +107,24 @@ def build_bad(bad: Path) -> dict[str, str]:
     ds.save_as(bad / "different_image_same_place" / "extra.dcm")
     expected["different_image_same_place"] = r"^duplicate slice positions: different images at -?\d+\.\d\d mm"
     series("missing_slice")[12].unlink()
-    expected["missing_slice"] = r"^gap of 12\.00 mm at -?\d+\.\d mm along the slice normal, after slice 12 of 31 \(median 6\.00 mm\)$"
+    expected["missing_slice"] = (
+        r"^gap of 12\.00 mm at -?\d+\.\d mm along the slice normal, after slice 12 of 31 \(median 6\.00 mm\)$"
+    )
     files = series("header_cut_in_folder")
     files[12].write_bytes(files[12].read_bytes()[:300])
-    expected["header_cut_in_folder"] = (rf"^gap of 12\.00 mm .*; its folder holds 1 unreadable DICOM files, such as file {PSEUDONYM} "
-                                        r"\(unreadable DICOM header: .*\)$")
+    expected["header_cut_in_folder"] = (
+        rf"^gap of 12\.00 mm .*; its folder holds 1 unreadable DICOM files, such as file {PSEUDONYM} "
+        r"\(unreadable DICOM header: .*\)$"
+    )
     expected["header_cut_in_folder/IM00013.dcm"] = r"^unreadable DICOM header: "
     for path in series("undecodable"):
         encapsulated(path, "1.2.840.10008.1.2.4.100", b"\x00garbage" * 64)  # MPEG-2: no decoder for it
     expected["undecodable"] = rf"^file {PSEUDONYM}: cannot decode transfer syntax MPEG2 Main Profile / Main Level: "
     files = series("decoder_bomb")
     encapsulated(files[0], pydicom.uid.RLELossless, bytes(64), Rows=65535, Columns=65535)
-    expected["decoder_bomb"] = rf"^file {PSEUDONYM}: implausible image size: 65535x65535 pixels x 1 frames would decode to 8\.0 GiB"
+    expected["decoder_bomb"] = (
+        rf"^file {PSEUDONYM}: implausible image size: 65535x65535 pixels x 1 frames would decode to 8\.0 GiB"
+    )
     files = series("malformed_header_value")
     ds = pydicom.dcmread(files[0])
     tag = pydicom.tag.Tag("NumberOfFrames")  # "1A", as in one of pydicom's own test files: not a number
@@ -125,8 +134,10 @@ def build_bad(bad: Path) -> dict[str, str]:
     files = series("no_series_uid", small_head(shape=(56, 56, 20)))
     edit(files[:1], SeriesInstanceUID=None)
     expected["no_series_uid/IM00001.dcm"] = r"^unreadable DICOM header: no SeriesInstanceUID"
-    expected["no_series_uid"] = (rf"^(gap of 12\.00 mm .*|19 slices, fewer than min_slices 20); its folder holds 1 unreadable "
-                                 rf"DICOM files, such as file {PSEUDONYM} \(unreadable DICOM header: no SeriesInstanceUID")
+    expected["no_series_uid"] = (
+        rf"^(gap of 12\.00 mm .*|19 slices, fewer than min_slices 20); its folder holds 1 unreadable "
+        rf"DICOM files, such as file {PSEUDONYM} \(unreadable DICOM header: no SeriesInstanceUID"
+    )
     files = series("rgb")
     ds = pydicom.dcmread(files[3])
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
@@ -157,8 +168,10 @@ def build_bad(bad: Path) -> dict[str, str]:
     series("no_air", no_air)
     expected["no_air"] = r"^not CT in HU: under 1% of voxels are air"
     series("worker_abort", SeriesDescription="ABORT ME")
-    expected["worker_abort"] = (r"^the worker process reading this scan died \(killed by SIGABRT\): a crash in native code "
-                                r"such as an image decoder, or out of memory; the batch went on without it")
+    expected["worker_abort"] = (
+        r"^the worker process reading this scan died \(killed by SIGABRT\): a crash in native code "
+        r"such as an image decoder, or out of memory; the batch went on without it"
+    )
     return expected | build_bad_files(bad)
 
 
@@ -209,7 +222,9 @@ def build_good(good: Path) -> None:
     write_head(good / "plain", PatientID="P-good-1")
     study = generate_uid()
     write_head(good / "study" / "soft", PatientID="P-good-2", StudyInstanceUID=study, ConvolutionKernel="H30s")
-    write_head(good / "formula_manufacturer", PatientID="P-good-3", Manufacturer="=1+1", ManufacturerModelName="@SUM(A1)")
+    write_head(
+        good / "formula_manufacturer", PatientID="P-good-3", Manufacturer="=1+1", ManufacturerModelName="@SUM(A1)"
+    )
     head = small_head()
     write_series(good / "jpeg2000", head.hu, head.affine, tags={"PatientID": "P-good-4"}, transfer_syntax="jpeg2000")
     write_series(good / "rle", head.hu, head.affine, tags={"PatientID": "P-good-5"}, transfer_syntax="rle")
@@ -246,22 +261,30 @@ def build_recovered(corpus: Path, clean: Path) -> dict[str, str]:
             if kind == "localizer_inside":
                 ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
             ds.save_as(corpus / "recovered" / kind / "AAA_extra.dcm")
-            notes[kind] = "1 localizer images set aside" if kind == "localizer_inside" else "1 frames in another orientation set aside"
+            notes[kind] = (
+                "1 localizer images set aside"
+                if kind == "localizer_inside"
+                else "1 frames in another orientation set aside"
+            )
     return notes
 
 
 # -------------------------------------------------------------------------------------------- test
 def aborting_read_series(original):
     """The series reader, except that a series described "ABORT ME" aborts its process natively."""
+
     def read(info, config=None):
         if info.series_description == "ABORT ME":
             faulthandler.disable()  # pytest's handler would print this worker's stack; the abort is the point
             os.abort()
         return original(info, config)
+
     return read
 
 
-@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # pydicom's own warning on the bad value written on purpose
+@pytest.mark.filterwarnings(
+    "ignore:Invalid value for VR IS"
+)  # pydicom's own warning on the bad value written on purpose
 def test_bad_input_corpus_in_one_run_beside_good_series(tmp_path, monkeypatch):
     corpus, clean = tmp_path / "corpus", tmp_path / "clean"
     build_good(corpus / "good")
@@ -309,15 +332,18 @@ def test_bad_input_corpus_in_one_run_beside_good_series(tmp_path, monkeypatch):
 def _assert_same_as_a_clean_ingest(tmp_path, corpus, clean, config, store, by_path) -> None:
     """Good series: volume file and manifest row byte-identical to a clean ingest of them alone (same
     paths, same key); recovered series: volume file byte-identical to a clean twin without the oddity."""
-    good_sources = [corpus / "good" / name for name in ("plain", "study", "formula_manufacturer", "jpeg2000", "rle", "nifti")]
+    good_sources = [
+        corpus / "good" / name for name in ("plain", "study", "formula_manufacturer", "jpeg2000", "rle", "nifti")
+    ]
     ingest(good_sources, tmp_path / "clean_store", config, progress=False)
     ingest([clean], tmp_path / "clean_twins", config, progress=False)
     good_store, twins = Store(tmp_path / "clean_store"), Store(tmp_path / "clean_twins")
     assert len(good_store) == 6 and len(twins) == 4
     for scan_id in good_store.scan_ids:
         assert store.scan_file(scan_id).read_bytes() == good_store.scan_file(scan_id).read_bytes(), scan_id
-        assert (tmp_path / "store" / "scans" / f"{scan_id}.json").read_bytes() == \
-            (tmp_path / "clean_store" / "scans" / f"{scan_id}.json").read_bytes(), scan_id
+        assert (tmp_path / "store" / "scans" / f"{scan_id}.json").read_bytes() == (
+            tmp_path / "clean_store" / "scans" / f"{scan_id}.json"
+        ).read_bytes(), scan_id
     for scan_id in twins.scan_ids:
         assert store.scan_file(scan_id).read_bytes() == twins.scan_file(scan_id).read_bytes(), scan_id
     assert set(good_store.scan_ids) | set(twins.scan_ids) == set(store.scan_ids)
@@ -330,6 +356,8 @@ def _assert_no_formula_cells(store_path: Path) -> None:
     for table in ("manifest.csv", "errors.csv"):
         with open(store_path / table, newline="") as handle:
             cells = [cell for row in csv.reader(handle) for cell in row]
-        assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) or re.match(r"^-[^\d]", cell) for cell in cells), table
+        assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) or re.match(r"^-[^\d]", cell) for cell in cells), (
+            table
+        )
     manifest = (store_path / "manifest.csv").read_text()
     assert "'=1+1" in manifest and "'@SUM(A1)" in manifest

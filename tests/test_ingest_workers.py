@@ -91,8 +91,18 @@ sys.exit(main(sys.argv[1:]))
 def test_killing_ingest_with_sigkill_ends_its_workers(tmp_path):
     for index in range(4):
         write_head(tmp_path / "in" / f"s{index}", PatientID=f"P{index}")
-    command = [sys.executable, "-c", SLOW_INGEST, "ingest", str(tmp_path / "in"), "--out", str(tmp_path / "store"),
-               "--workers", "2", *GRID]
+    command = [
+        sys.executable,
+        "-c",
+        SLOW_INGEST,
+        "ingest",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "store"),
+        "--workers",
+        "2",
+        *GRID,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     workers: list[int] = []

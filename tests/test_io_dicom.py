@@ -40,7 +40,9 @@ def sitk_read(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 def dcm2niix_volumes(folder: Path, out: Path) -> dict[str, nib.Nifti1Image]:
     """Run the dcm2niix CLI; its NIfTI outputs by suffix ('' plain, '_Tilt_1' tilt-corrected, '_Eq_1' equidistant)."""
     out.mkdir()
-    subprocess.run([str(DCM2NIIX), "-z", "n", "-f", "vol", "-o", str(out), str(folder)], check=True, capture_output=True)
+    subprocess.run(
+        [str(DCM2NIIX), "-z", "n", "-f", "vol", "-o", str(out), str(folder)], check=True, capture_output=True
+    )
     return {path.stem[3:]: nib.load(path) for path in out.glob("vol*.nii")}
 
 
@@ -62,7 +64,11 @@ def header_world_of_brightest_pixel(folder: Path) -> np.ndarray:
             row, column = np.unravel_index(np.argmax(pixels), pixels.shape)
             iop = np.array(ds.ImageOrientationPatient, dtype=float)
             spacing = np.array(ds.PixelSpacing, dtype=float)
-            lps = np.array(ds.ImagePositionPatient, dtype=float) + column * spacing[1] * iop[:3] + row * spacing[0] * iop[3:]
+            lps = (
+                np.array(ds.ImagePositionPatient, dtype=float)
+                + column * spacing[1] * iop[:3]
+                + row * spacing[0] * iop[3:]
+            )
             best = (pixels.max(), lps * [-1, -1, 1])
     return best[1]
 
@@ -135,7 +141,9 @@ def test_gantry_tilt_landmark_found_at_its_world_position(tmp_path, head_phantom
     write_series(tmp_path / "dcm", hu, affine, rescale=(1.0, 0.0))  # dcm2niix corrects tilt of int16 data only
     volume = read_series(tmp_path / "dcm")
     assert volume.metadata["gantry_tilt_deg"] == pytest.approx(15.0, abs=1e-3)
-    assert float(pydicom.dcmread(next((tmp_path / "dcm").iterdir())).GantryDetectorTilt) == pytest.approx(15.0, abs=1e-3)
+    assert float(pydicom.dcmread(next((tmp_path / "dcm").iterdir())).GantryDetectorTilt) == pytest.approx(
+        15.0, abs=1e-3
+    )
 
     found = volume.world(np.argwhere(volume.hu > 2000)[0])
     assert np.linalg.norm(found - bead_world) < 0.5
@@ -185,7 +193,9 @@ def test_small_uneven_gap_is_interpolated_and_large_gap_rejected(tmp_path, head_
     np.testing.assert_allclose(volume.affine[:3, 2], [0, 0, 2.0], atol=1e-6)
 
     missing = np.delete(np.arange(12), 6)  # slice 6 (at 12 mm) lost: a 4 mm gap
-    write_series(tmp_path / "gap", hu[:, :, missing], affine, slice_positions_mm=np.c_[np.zeros((11, 2)), missing * 2.0])
+    write_series(
+        tmp_path / "gap", hu[:, :, missing], affine, slice_positions_mm=np.c_[np.zeros((11, 2)), missing * 2.0]
+    )
     with pytest.raises(ScanError, match=r"^gap of 4\.00 mm at 10\.0 mm .*\(median 2\.00 mm\)$"):
         read_series(tmp_path / "gap")
     filled = read_series(tmp_path / "gap", SelectionConfig(reject_gaps=False))
@@ -206,7 +216,13 @@ def test_per_slice_rescale_and_padding(tmp_path, head_phantom, ras_affine):
     positions = nib.affines.apply_affine(affine, np.c_[np.zeros((10, 2)), np.arange(10)])
     write_series(tmp_path, hu[:, :, :5], affine, tags=tags, slice_positions_mm=positions[:5], file_names="uid")
     write_series(
-        tmp_path, hu[:, :, 5:], affine, tags=tags, slice_positions_mm=positions[5:], rescale=(2.0, -1000.0), file_names="uid"
+        tmp_path,
+        hu[:, :, 5:],
+        affine,
+        tags=tags,
+        slice_positions_mm=positions[5:],
+        rescale=(2.0, -1000.0),
+        file_names="uid",
     )
     volume = read_series(tmp_path)
     expected = hu.copy()
@@ -394,7 +410,9 @@ def test_frames_in_another_orientation_are_set_aside_and_an_even_split_refused(g
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9397, -0.3420]
         ds.save_as(path)
     reason = _reason(folder)
-    assert reason.startswith("mixed orientations in one series (3 distinct ImageOrientationPatient, none held by most of its 9")
+    assert reason.startswith(
+        "mixed orientations in one series (3 distinct ImageOrientationPatient, none held by most of its 9"
+    )
     _assert_private(reason, tags)
 
 
@@ -414,7 +432,9 @@ def test_a_localizer_filed_under_the_series_is_set_aside(good_series):
     ds.Rows, ds.Columns, ds.PixelData = 12, 20, bytes(12 * 20 * 2)
     ds.save_as(folder / "AAA_scout.dcm")  # first in name order, as a scout often is
     (info,) = discover([folder])[0]
-    assert info.image_type == ("ORIGINAL", "PRIMARY", "AXIAL") and [p.name for p, _ in info.set_aside] == ["AAA_scout.dcm"]
+    assert info.image_type == ("ORIGINAL", "PRIMARY", "AXIAL") and [p.name for p, _ in info.set_aside] == [
+        "AAA_scout.dcm"
+    ]
     volume = read_series(info)
     np.testing.assert_array_equal(volume.hu, read_series_without(folder, "AAA_scout.dcm"))
     assert volume.metadata["notes"] == ["1 localizer images set aside"]
@@ -446,7 +466,9 @@ def test_a_decoder_bomb_is_refused_before_any_decoder_runs(good_series):
     ds["PixelData"].is_undefined_length = True
     ds.save_as(paths[0], enforce_file_format=True)
     reason = _reason(folder)
-    assert reason.startswith("IM00001.dcm: implausible image size: 65535x65535 pixels x 1 frames would decode to 8.0 GiB")
+    assert reason.startswith(
+        "IM00001.dcm: implausible image size: 65535x65535 pixels x 1 frames would decode to 8.0 GiB"
+    )
 
 
 def test_duplicate_positions(good_series):
@@ -537,10 +559,20 @@ def test_discover_reads_headers_only(tmp_path, head_phantom, monkeypatch):
 # -------------------------------------------------------------------------------------- selection
 def _info(name: str, study: str = "study1", **fields) -> SeriesInfo:
     values = dict(
-        series_uid=name, study_uid=study, patient_id="p1", files=[], modality="CT",
-        image_type=("ORIGINAL", "PRIMARY", "AXIAL"), n_slices=120, slice_thickness_mm=1.0, kernel="STANDARD",
-        orientation=np.array([1.0, 0, 0, 0, 1, 0]), series_description="", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        number_of_frames=1, source=f"/data/{name}#0",
+        series_uid=name,
+        study_uid=study,
+        patient_id="p1",
+        files=[],
+        modality="CT",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        n_slices=120,
+        slice_thickness_mm=1.0,
+        kernel="STANDARD",
+        orientation=np.array([1.0, 0, 0, 0, 1, 0]),
+        series_description="",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        number_of_frames=1,
+        source=f"/data/{name}#0",
     )
     values.update(fields)
     return SeriesInfo(**values)
@@ -585,7 +617,9 @@ def test_select_series_prefers_soft_kernel_then_thin_then_most_slices():
     ]
     kept, skipped = select_series(study, SelectionConfig())
     assert sorted(info.series_uid for info in kept) == ["other_study", "soft_1mm_long"]
-    assert len(skipped) == 3 and all(reason.startswith("another series of the study is preferred") for _, reason in skipped)
+    assert len(skipped) == 3 and all(
+        reason.startswith("another series of the study is preferred") for _, reason in skipped
+    )
     kept, _ = select_series(study, SelectionConfig(prefer_kernel="bone"))
     assert sorted(info.series_uid for info in kept) == ["bone_thin", "other_study"]
     kept, skipped = select_series(study, SelectionConfig(series="all"))
@@ -595,11 +629,32 @@ def test_select_series_prefers_soft_kernel_then_thin_then_most_slices():
 @pytest.mark.parametrize(
     "kernel, expected",
     [
-        ("STANDARD", "soft"), ("SOFT", "soft"), ("BONE", "bone"), ("BONEPLUS", "bone"), ("LUNG", "bone"), ("DETAIL", "bone"),
-        ("H30s", "soft"), ("Hr40", "soft"), ("Qr40\\3", "soft"), ("J45s", "soft"),
-        ("H60s", "bone"), ("J70h", "bone"), ("Hr52", "unknown"),
-        ("UA", "soft"), ("UB", "soft"), ("UC", "soft"), ("YC", "bone"), ("YD", "bone"), ("D", "bone"), ("E", "bone"),
-        ("FC21", "soft"), ("FC26", "soft"), ("FC30", "bone"), ("FC35", "bone"), ("", "unknown"), ("XYZ", "unknown"),
+        ("STANDARD", "soft"),
+        ("SOFT", "soft"),
+        ("BONE", "bone"),
+        ("BONEPLUS", "bone"),
+        ("LUNG", "bone"),
+        ("DETAIL", "bone"),
+        ("H30s", "soft"),
+        ("Hr40", "soft"),
+        ("Qr40\\3", "soft"),
+        ("J45s", "soft"),
+        ("H60s", "bone"),
+        ("J70h", "bone"),
+        ("Hr52", "unknown"),
+        ("UA", "soft"),
+        ("UB", "soft"),
+        ("UC", "soft"),
+        ("YC", "bone"),
+        ("YD", "bone"),
+        ("D", "bone"),
+        ("E", "bone"),
+        ("FC21", "soft"),
+        ("FC26", "soft"),
+        ("FC30", "bone"),
+        ("FC35", "bone"),
+        ("", "unknown"),
+        ("XYZ", "unknown"),
     ],
 )
 def test_kernel_class(kernel, expected):

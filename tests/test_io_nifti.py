@@ -16,7 +16,9 @@ from fmct.io import ScanError, read_nifti, read_scan, read_series, write_series
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
 
 
-def _save(path: Path, data: np.ndarray, affine: np.ndarray, *, sform_code: int = 1, qform: np.ndarray | None = None) -> Path:
+def _save(
+    path: Path, data: np.ndarray, affine: np.ndarray, *, sform_code: int = 1, qform: np.ndarray | None = None
+) -> Path:
     image = nib.Nifti1Image(data, None)  # no image affine: nibabel would overwrite both forms with it on save
     image.header.set_sform(affine, code=sform_code)
     image.header.set_qform(affine if qform is None else qform, code=1)
@@ -72,7 +74,9 @@ def test_values_below_air_become_air(tmp_path, head_phantom):
 def test_4d_with_one_volume_is_squeezed_and_true_4d_rejected(tmp_path, head_phantom):
     hu = head_phantom((16, 16, 4))
     assert read_nifti(_save(tmp_path / "one.nii", hu[..., None], np.eye(4))).hu.shape == (16, 16, 4)
-    with pytest.raises(ScanError, match=r"^four\.nii: 4D image \(shape \(16, 16, 4, 3\)\), only 3D volumes are supported$"):
+    with pytest.raises(
+        ScanError, match=r"^four\.nii: 4D image \(shape \(16, 16, 4, 3\)\), only 3D volumes are supported$"
+    ):
         read_nifti(_save(tmp_path / "four.nii", np.stack([hu] * 3, axis=-1), np.eye(4)))
     with pytest.raises(ScanError, match=r"^flat\.nii: 2D image"):
         read_nifti(_save(tmp_path / "flat.nii", hu[:, :, 0], np.eye(4)))

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from fmct.errors import InputError
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from fmct.errors import InputError
 from fmct.eval import metrics as M
 from fmct.eval.splits import assign_splits, training_subset
 
@@ -15,7 +14,9 @@ HM_ABNORMAL_COUNTS = [3, 2, 2, 11, 33]  # 51 truly abnormal
 
 
 def _hanley_mcneil():
-    scores = np.concatenate([np.repeat(np.arange(1, 6), HM_NORMAL_COUNTS), np.repeat(np.arange(1, 6), HM_ABNORMAL_COUNTS)])
+    scores = np.concatenate(
+        [np.repeat(np.arange(1, 6), HM_NORMAL_COUNTS), np.repeat(np.arange(1, 6), HM_ABNORMAL_COUNTS)]
+    )
     labels = np.concatenate([np.zeros(58), np.ones(51)])
     return labels, scores.astype(float)
 
@@ -41,13 +42,19 @@ def test_metrics_match_sklearn_with_ties_and_weights():
         labels[:2] = [0, 1]
         scores = rng.integers(0, 6, n) / 5.0 if trial % 2 else rng.normal(size=n)
         assert float(M.auroc(labels, scores)) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-        assert float(M.average_precision(labels, scores)) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        assert float(M.average_precision(labels, scores)) == pytest.approx(
+            average_precision_score(labels, scores), abs=1e-12
+        )
         fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
         for specificity in (0.90, 0.95):
             expected = tpr[fpr <= 1 - specificity + 1e-12].max()
-            assert float(M.sensitivity_at_specificity(labels, scores, specificity)) == pytest.approx(expected, abs=1e-12)
+            assert float(M.sensitivity_at_specificity(labels, scores, specificity)) == pytest.approx(
+                expected, abs=1e-12
+            )
         weights = rng.integers(1, 4, n).astype(float)
-        assert float(M.auroc(labels, scores, weights)) == pytest.approx(roc_auc_score(labels, scores, sample_weight=weights), abs=1e-12)
+        assert float(M.auroc(labels, scores, weights)) == pytest.approx(
+            roc_auc_score(labels, scores, sample_weight=weights), abs=1e-12
+        )
 
 
 def test_sensitivity_at_specificity_by_hand():
@@ -124,14 +131,21 @@ def test_operating_points_by_hand_and_with_bootstrap_weights():
     scores = np.array([9, 8, 7, 6, 5, 4, 3, 3, 3, 2, 2, 1, 1, 1, 0], dtype=float)
     # Threshold 7: called 9, 8, 7 = two true positives, one false positive, of 5 positives and 10 negatives.
     point = M.operating_point(labels, scores, 7.0)
-    assert {k: float(v) for k, v in point.items()} == pytest.approx({"sensitivity": 2 / 5, "specificity": 9 / 10, "ppv": 2 / 3, "npv": 9 / 12})
+    assert {k: float(v) for k, v in point.items()} == pytest.approx(
+        {"sensitivity": 2 / 5, "specificity": 9 / 10, "ppv": 2 / 3, "npv": 9 / 12}
+    )
     # 90% specificity allows one false positive: the lowest such threshold is 5 (tp 4, fp 1).
     chosen = M.operating_point_at_specificity(labels, scores, 0.90)
     assert {k: float(v) for k, v in chosen.items()} == pytest.approx(
-        {"sensitivity": 4 / 5, "specificity": 9 / 10, "ppv": 4 / 5, "npv": 9 / 10, "threshold": 5.0})
+        {"sensitivity": 4 / 5, "specificity": 9 / 10, "ppv": 4 / 5, "npv": 9 / 10, "threshold": 5.0}
+    )
     assert float(chosen["sensitivity"]) == float(M.sensitivity_at_specificity(labels, scores, 0.90))
     strict = M.operating_point_at_specificity(labels, scores, 0.95)  # no false positive allowed: threshold 8
-    assert float(strict["threshold"]) == 8.0 and float(strict["ppv"]) == 1.0 and float(strict["npv"]) == pytest.approx(10 / 13)
+    assert (
+        float(strict["threshold"]) == 8.0
+        and float(strict["ppv"]) == 1.0
+        and float(strict["npv"]) == pytest.approx(10 / 13)
+    )
     nothing = M.operating_point(labels, scores, 10.0)  # no positive call: PPV undefined, NPV the share of negatives
     assert np.isnan(nothing["ppv"]) and float(nothing["npv"]) == pytest.approx(10 / 15)
 
@@ -143,7 +157,9 @@ def test_operating_points_by_hand_and_with_bootstrap_weights():
         one = M.operating_point_at_specificity(labels, scores, 0.90, weights[r])
         assert float(one["threshold"]) == batched["threshold"][r]
         np.testing.assert_allclose(float(one["sensitivity"]), batched["sensitivity"][r], equal_nan=True)
-        np.testing.assert_allclose(float(M.operating_point(labels, scores, 6.0, weights[r])["npv"]), fixed["npv"][r], equal_nan=True)
+        np.testing.assert_allclose(
+            float(M.operating_point(labels, scores, 6.0, weights[r])["npv"]), fixed["npv"][r], equal_nan=True
+        )
         assert batched["specificity"][r] >= 0.9 - 1e-12 or np.isnan(batched["specificity"][r])
 
 
@@ -159,7 +175,7 @@ def test_expected_calibration_error_by_hand_and_for_calibrated_probabilities():
     p = rng.random(20000)
     calibrated = (rng.random(20000) < p).astype(float)
     assert float(M.expected_calibration_error(calibrated, p)) < 0.02
-    assert float(M.expected_calibration_error(calibrated, p ** 3)) > 0.15  # overconfident negatives
+    assert float(M.expected_calibration_error(calibrated, p**3)) > 0.15  # overconfident negatives
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         M.expected_calibration_error(calibrated, p + 1)
 

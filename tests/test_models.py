@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from fmct.errors import ConfigError, InputError
 import torch
 
 from fmct.config import load_config
+from fmct.errors import ConfigError, InputError
 from fmct.models import DINOHead, ViT3D, ViT3DConfig, build_vit3d, interpolate_pos_embed, sincos_pos_embed_3d
 
 torch.set_num_threads(1)
@@ -50,9 +49,20 @@ def test_sincos_embedding_values():
     assert embed.shape == (24, 12)
     # Patch (d, h, w) = (1, 2, 3) is row 1*12 + 2*4 + 3 = 23; frequencies 1 and 1/100.
     d, h, w = 1.0, 2.0, 3.0
-    expected = [math.sin(d), math.sin(d / 100), math.cos(d), math.cos(d / 100),
-                math.sin(h), math.sin(h / 100), math.cos(h), math.cos(h / 100),
-                math.sin(w), math.sin(w / 100), math.cos(w), math.cos(w / 100)]
+    expected = [
+        math.sin(d),
+        math.sin(d / 100),
+        math.cos(d),
+        math.cos(d / 100),
+        math.sin(h),
+        math.sin(h / 100),
+        math.cos(h),
+        math.cos(h / 100),
+        math.sin(w),
+        math.sin(w / 100),
+        math.cos(w),
+        math.cos(w / 100),
+    ]
     assert torch.allclose(embed[23], torch.tensor(expected), atol=1e-6)
     # A width that is not a multiple of 6 pads with zero channels.
     assert torch.all(sincos_pos_embed_3d((2, 2, 2), 1024)[:, 1020:] == 0)
@@ -77,7 +87,11 @@ def test_local_crop_and_anisotropic_inputs_run():
     with torch.no_grad():
         local = model.forward_features(torch.randn(2, 3, 48, 48, 48))
         tokens = model.prepare_tokens(torch.zeros(1, 3, 48, 48, 48))
-    assert local["cls"].shape == (2, 192) and local["patch"].shape == (2, 64, 192) and local["registers"].shape == (2, 4, 192)
+    assert (
+        local["cls"].shape == (2, 192)
+        and local["patch"].shape == (2, 64, 192)
+        and local["registers"].shape == (2, 4, 192)
+    )
     # Zero input: patch tokens are the conv bias (0) plus the pos-embed interpolated from 8^3 to 4^3.
     expected_pos = interpolate_pos_embed(model.pos_embed, (8, 8, 8), (4, 4, 4))
     assert torch.allclose(tokens[:, 5:], expected_pos, atol=1e-6)
@@ -104,7 +118,9 @@ def test_mask_token_replaces_exactly_the_masked_patches():
         masked = model.prepare_tokens(x, masks=masks)
     changed = (plain != masked).any(dim=-1)
     assert torch.equal(changed[:, 5:], masks) and not changed[:, :5].any()
-    assert torch.allclose(masked[:, 5:][masks], (model.mask_token + model.pos_embed[0])[masks.nonzero()[:, 1]], atol=1e-6)
+    assert torch.allclose(
+        masked[:, 5:][masks], (model.mask_token + model.pos_embed[0])[masks.nonzero()[:, 1]], atol=1e-6
+    )
 
 
 def test_keep_idx_encodes_only_the_visible_patches():
@@ -154,8 +170,16 @@ def test_param_groups_layer_decay_and_no_decay_rules():
     assert by_name["blocks.0.attn.qkv.weight"]["lr_scale"] == 0.25
     assert by_name["blocks.1.mlp.fc2.weight"]["lr_scale"] == 0.5
     assert by_name["norm.weight"]["lr_scale"] == 1.0
-    for name in ["pos_embed", "cls_token", "register_tokens", "mask_token", "blocks.0.norm1.weight",
-                 "blocks.0.attn.qkv.bias", "blocks.1.ls2.gamma", "patch_embed.proj.bias"]:
+    for name in [
+        "pos_embed",
+        "cls_token",
+        "register_tokens",
+        "mask_token",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.bias",
+        "blocks.1.ls2.gamma",
+        "patch_embed.proj.bias",
+    ]:
         assert by_name[name]["wd_scale"] == 0.0 and by_name[name]["weight_decay"] == 0.0, name
     assert by_name["blocks.0.attn.proj.weight"]["weight_decay"] == pytest.approx(0.04)
     torch.optim.AdamW(groups, lr=1e-3)  # the groups are valid optimizer input
@@ -192,8 +216,17 @@ def test_dino_head_is_weight_normalised_and_last_layer_freezes():
 
 def conv_stem(**overrides) -> ViT3D:
     """The CPU-scale backbone's shape, narrow: a 3-stage stem (patch 8) under 2 blocks."""
-    config = dict(size="tiny", depth=2, embed_dim=48, n_heads=4, img_size=(32, 32, 32), patch_size=(8, 8, 8), n_registers=1,
-                  layerscale_init=None, stem_channels=(4, 8, 8))
+    config = dict(
+        size="tiny",
+        depth=2,
+        embed_dim=48,
+        n_heads=4,
+        img_size=(32, 32, 32),
+        patch_size=(8, 8, 8),
+        n_registers=1,
+        layerscale_init=None,
+        stem_channels=(4, 8, 8),
+    )
     return ViT3D(ViT3DConfig(**{**config, **overrides})).eval()
 
 

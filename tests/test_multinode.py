@@ -30,7 +30,7 @@ from fmct.eval.embeddings import read_embeddings
 from fmct.ssl.checkpoint import read_checkpoint
 from fmct.ssl.meta_arch import DINOModel
 from fmct.ssl.train import pretrain
-from test_pretrain import log_lines, make_store, tiny_config, TINY
+from test_pretrain import TINY, log_lines, make_store, tiny_config
 
 torch.set_num_threads(1)
 
@@ -54,8 +54,12 @@ def free_port() -> int:
 def subprocess_env() -> dict:
     """One thread per process, and this checkout's fmct first on the path."""
     src = str(Path(fmct.__file__).resolve().parents[1])
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def torchrun_nodes(n_nodes: int, nproc_per_node: int, args: list[str], timeout_s: float = 180) -> list[str]:
@@ -64,9 +68,24 @@ def torchrun_nodes(n_nodes: int, nproc_per_node: int, args: list[str], timeout_s
     port = free_port()
     launchers = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", f"--nnodes={n_nodes}", f"--nproc-per-node={nproc_per_node}",
-             f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "fmct.cli", *args],
-            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nnodes={n_nodes}",
+                f"--nproc-per-node={nproc_per_node}",
+                f"--node-rank={node}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "fmct.cli",
+                *args,
+            ],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in range(n_nodes)
     ]
     outputs = []
@@ -89,15 +108,20 @@ def store(tmp_path_factory) -> Path:
 
 def test_two_nodes_reach_the_weights_of_one_process_with_the_same_global_batch(store, tmp_path):
     two_nodes = tmp_path / "two_nodes"
-    torchrun_nodes(2, 1, ["pretrain", "--store", str(store), "--out", str(two_nodes), *TINY, *RUN, "optim.batch_size=2"])
+    torchrun_nodes(
+        2, 1, ["pretrain", "--store", str(store), "--out", str(two_nodes), *TINY, *RUN, "optim.batch_size=2"]
+    )
     one = tmp_path / "one_process"
     pretrain(store, one, tiny_config(*RUN, "optim.batch_size=4"))
 
     expected, actual = read_checkpoint(one / "checkpoint.pt"), read_checkpoint(two_nodes / "checkpoint.pt")
     assert actual["step"] == expected["step"] == 4
     assert actual["meta"]["world_size"] == 2 and expected["meta"]["world_size"] == 1
-    worst = max(float((actual[part][name] - tensor).abs().max())
-                for part in ("student", "teacher") for name, tensor in expected[part].items())
+    worst = max(
+        float((actual[part][name] - tensor).abs().max())
+        for part in ("student", "teacher")
+        for name, tensor in expected[part].items()
+    )
     assert worst <= ATOL, f"largest weight difference {worst:.3g} (tolerance {ATOL})"
     # The weights did move (from the seed's initial model): the comparison is not of two untrained models.
     config = tiny_config()
@@ -140,9 +164,16 @@ def test_the_slurm_recipe_trains_on_two_nodes_and_resumes(store, tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     script = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "pretrain.sbatch"
-    env = {**subprocess_env(), "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "NPROC_PER_NODE": "1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = {
+        **subprocess_env(),
+        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "4242",
+        "NPROC_PER_NODE": "1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
     run = tmp_path / "run"
     args = ["bash", str(script), str(store), str(run), *TINY, *RUN, "optim.batch_size=2"]
     first = subprocess.run([*args, "engine.stop_at_step=2"], env=env, capture_output=True, text=True, timeout=300)
@@ -160,10 +191,25 @@ def test_embed_sharded_over_two_ranks_writes_the_table_of_one_process(store, tmp
     from fmct.models import ViT3DConfig, build_vit3d
 
     torch.manual_seed(0)
-    model = hub.save(build_vit3d(ViT3DConfig(size="tiny", depth=2, embed_dim=32, n_heads=2, img_size=(16, 16, 16),
-                                             patch_size=(8, 8, 8))), tmp_path / "model")
+    model = hub.save(
+        build_vit3d(
+            ViT3DConfig(size="tiny", depth=2, embed_dim=32, n_heads=2, img_size=(16, 16, 16), patch_size=(8, 8, 8))
+        ),
+        tmp_path / "model",
+    )
     # 8 scans in chunks of 2: 4 chunks, two per rank.
-    args = ["embed", "--model", str(model), "--store", str(store), "--batch-size", "2", "--workers", "1", "chunk_size=2"]
+    args = [
+        "embed",
+        "--model",
+        str(model),
+        "--store",
+        str(store),
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "chunk_size=2",
+    ]
     (output,) = torchrun_nodes(1, 2, [*args, "--out", str(tmp_path / "sharded")])
     assert "embed: 8 scans" in output and "on 2 ranks" in output and "(0 of 4 chunks reused)" in output
     config = EmbedConfig(batch_size=2, workers=1, chunk_size=2)

@@ -18,8 +18,17 @@ torch.set_num_threads(1)
 
 
 def _evaluator(store, labels) -> OnlineEvaluator:
-    return OnlineEvaluator(store, str(labels), ["ich"], max_scans=256, knn_k=5, excluded_sites=(),
-                           windows=[tuple(w) for w in WINDOWS], device=torch.device("cpu"), batch_size=7)
+    return OnlineEvaluator(
+        store,
+        str(labels),
+        ["ich"],
+        max_scans=256,
+        knn_k=5,
+        excluded_sites=(),
+        windows=[tuple(w) for w in WINDOWS],
+        device=torch.device("cpu"),
+        batch_size=7,
+    )
 
 
 def test_online_features_are_the_embed_tables(tmp_path):
@@ -39,8 +48,9 @@ def test_online_features_are_the_embed_tables(tmp_path):
 def test_online_linear_probe_finds_a_finding_only_the_max_pooled_feature_carries(tmp_path):
     store, _ = write_blob_store(tmp_path, n_scans=90, size=16, seed=4)  # scans to hold; their features are made below
     features, labels = max_only_features(90, seed=6)
-    (tmp_path / "labels.csv").write_text("scan_id,patient_id,ich\n" + "".join(
-        f"s{i:03d},p{i // 2:03d},{label}\n" for i, label in enumerate(labels)))
+    (tmp_path / "labels.csv").write_text(
+        "scan_id,patient_id,ich\n" + "".join(f"s{i:03d},p{i // 2:03d},{label}\n" for i, label in enumerate(labels))
+    )
     evaluator = _evaluator(store, tmp_path / "labels.csv")
     # The linear probe's validation split: a third of the fitting half, whole patients, never a scored scan.
     fitting, scored = evaluator.half == "train", evaluator.half == "val"

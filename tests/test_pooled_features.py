@@ -26,8 +26,9 @@ from test_embed import tiny_model
 torch.set_num_threads(1)
 
 
-def max_only_features(n_scans: int, seed: int = 0, n_patches: int = 64, dim: int = 16, channels: int = 4,
-                      bump: float = 6.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def max_only_features(
+    n_scans: int, seed: int = 0, n_patches: int = 64, dim: int = 16, channels: int = 4, bump: float = 6.0
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features (:data:`FEATURES`, pooled by :func:`scan_features`) of scans whose finding lives only in the
     max over patch tokens, and their 0/1 labels (40 % positive).
 
@@ -90,7 +91,9 @@ def test_max_only_features_carry_the_finding_in_the_max_alone():
 # ---------------------------------------------------------------------------- feature sets
 def test_feature_sets_concatenate_in_a_fixed_order_and_old_tables_still_load(tmp_path):
     cls, mean, top = np.eye(3)[:2], np.ones((2, 2)), np.full((2, 1), 7.0)
-    write_embeddings(tmp_path / "new", ["a", "b"], {"cls": cls, "patch_mean": mean, "patch_max": top}, {"default_feature": "auto"})
+    write_embeddings(
+        tmp_path / "new", ["a", "b"], {"cls": cls, "patch_mean": mean, "patch_max": top}, {"default_feature": "auto"}
+    )
     new = read_embeddings(tmp_path / "new")
     np.testing.assert_array_equal(new.feature_matrix("cls_mean_max"), np.hstack([cls, mean, top]))
     np.testing.assert_array_equal(new.feature_matrix("concat"), np.hstack([cls, mean]))
@@ -131,7 +134,9 @@ def test_choose_features_keeps_the_best_mean_validation_auroc_and_the_earlier_on
     assert choice.val_auroc == pytest.approx({"a": 0.6, "b": 0.7, "c": 0.7})
     assert choice.record() == {"features": "b", "features_val_auroc": choice.val_auroc, "features_chosen_on": "val"}
 
-    unscored = choose_features(candidates, lambda x: [math.nan], lambda auc: auc)  # no validation split with both classes
+    unscored = choose_features(
+        candidates, lambda x: [math.nan], lambda auc: auc
+    )  # no validation split with both classes
     assert unscored.name == "a" and unscored.chosen_on == "default"
     late = choose_features(candidates, lambda x: [math.nan if x[0, 0] < 2 else 0.4], lambda auc: auc)
     assert late.name == "c" and late.chosen_on == "val"  # a scored candidate beats unscored ones, whatever its AUROC
@@ -151,8 +156,12 @@ def test_auto_finds_a_finding_only_the_max_pooled_feature_carries(tmp_path):
     assert _test_auroc(tmp_path / "auto") > 0.9
 
     for features, low, high in (("cls", 0.3, 0.7), ("concat", 0.3, 0.7), ("patch_max", 0.9, 1.0)):
-        run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), tmp_path / features,
-                  ProbeConfig(label_fractions=(1.0,), seeds=1, features=features))
+        run_probe(
+            tmp_path / "emb",
+            str(tmp_path / "labels.csv"),
+            tmp_path / features,
+            ProbeConfig(label_fractions=(1.0,), seeds=1, features=features),
+        )
         assert low < _test_auroc(tmp_path / features) <= high, features
         assert {fit["features"] for fit in read_predictions(tmp_path / features).run["fits"]} == {features}
     assert np.mean(labels) == pytest.approx(0.4)
@@ -167,10 +176,13 @@ def test_auto_chooses_on_validation_only_never_on_the_evaluated_scans(tmp_path):
     table = read_embeddings(tmp_path / "emb")
     rows = np.isin(table.scan_ids, list(evaluated))
     rng = np.random.default_rng(1)
-    scrambled = {name: np.where(rows[:, None], rng.normal(size=values.shape), values) for name, values in table.features.items()}
+    scrambled = {
+        name: np.where(rows[:, None], rng.normal(size=values.shape), values) for name, values in table.features.items()
+    }
     write_embeddings(tmp_path / "emb", table.scan_ids, scrambled, table.meta)
     run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), tmp_path / "second", config)
     first, second = (json.loads((tmp_path / name / "run.json").read_text())["fits"] for name in ("first", "second"))
     assert [(f["features"], f["features_val_auroc"], f["C"]) for f in first] == [
-        (f["features"], f["features_val_auroc"], f["C"]) for f in second]
+        (f["features"], f["features_val_auroc"], f["C"]) for f in second
+    ]
     assert _test_auroc(tmp_path / "second") < 0.7  # the test scans did change

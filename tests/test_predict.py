@@ -7,11 +7,11 @@ import csv
 import faulthandler
 import io
 import json
-import tempfile
 import multiprocessing
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +53,23 @@ def finetuned(tmp_path_factory):
     store, _ = write_blob_store(root, n_scans=40, seed=1, splits=SPLITS, sites=SITES)
     # The grid the store's heads sit on, as ingest would record it: the head centred in the cube, so its
     # top (0.44 x 72 mm above the centre) lies 4.2 mm below the cube's top face.
-    save_config(IngestConfig(canonical=CanonicalConfig(spacing_mm=SPACING, shape=(SIZE,) * 3, vertex_margin_mm=4.2)),
-                store / "config.yaml")
-    config = FinetuneConfig(label_fractions=(1.0,), seeds=1, batch_size=8, max_steps=60, eval_every=20, patience=2,
-                            warmup_steps=5, lr=1e-3, workers=2, ood_sites=("B",), model=ViT3DConfig(**TINY))
+    save_config(
+        IngestConfig(canonical=CanonicalConfig(spacing_mm=SPACING, shape=(SIZE,) * 3, vertex_margin_mm=4.2)),
+        store / "config.yaml",
+    )
+    config = FinetuneConfig(
+        label_fractions=(1.0,),
+        seeds=1,
+        batch_size=8,
+        max_steps=60,
+        eval_every=20,
+        patience=2,
+        warmup_steps=5,
+        lr=1e-3,
+        workers=2,
+        ood_sites=("B",),
+        model=ViT3DConfig(**TINY),
+    )
     run_finetune("scratch", store, str(root / "labels.csv"), root / "ft", config)
     return root, store, root / "ft"
 
@@ -71,18 +84,35 @@ def test_a_finetune_fit_is_a_detector_that_reproduces_its_scores(finetuned):
     root, store, out = finetuned
     folder = resolve_detector(out)
     assert folder == out / "fits" / "fraction1-seed0"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "backbone", "config.json", "fit.json", "head.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "backbone",
+        "config.json",
+        "fit.json",
+        "head.safetensors",
+    ]
     config = json.loads((folder / "config.json").read_text())
-    assert config["format"] == "fmct-detector" and config["findings"] == ["ich"] and config["backbone"]["path"] == "backbone"
-    assert config["canonical"]["vertex_margin_mm"] == 4.2 and config["grid_source"] == "the training store's ingest settings"
+    assert (
+        config["format"] == "fmct-detector"
+        and config["findings"] == ["ich"]
+        and config["backbone"]["path"] == "backbone"
+    )
+    assert (
+        config["canonical"]["vertex_margin_mm"] == 4.2
+        and config["grid_source"] == "the training store's ingest settings"
+    )
     detector = load_detector(folder)
     columns = read_predictions(out).columns
     scores = _store_scores(detector, store, list(columns["scan_id"]))
     np.testing.assert_allclose(scores, columns["score"], atol=1e-4)  # the same model as the evaluated one
     # The predictions carry the detector's calibrated probabilities and validation thresholds (for evaluate and report).
     with torch.no_grad():
-        np.testing.assert_allclose(columns["probability"], detector.calibrated(torch.from_numpy(scores[:, None])).numpy()[:, 0], atol=1e-5)
-    assert np.all(columns["threshold_spec90"] == config["per_finding"]["ich"]["operating_points"]["spec90"]["threshold"])
+        np.testing.assert_allclose(
+            columns["probability"], detector.calibrated(torch.from_numpy(scores[:, None])).numpy()[:, 0], atol=1e-5
+        )
+    assert np.all(
+        columns["threshold_spec90"] == config["per_finding"]["ich"]["operating_points"]["spec90"]["threshold"]
+    )
 
     # Operating points: chosen on the validation scans, where they reach their specificity.
     labels = {row["scan_id"]: int(row["ich"]) for row in csv.DictReader(open(root / "labels.csv"))}
@@ -102,7 +132,15 @@ def test_a_finetune_fit_is_a_detector_that_reproduces_its_scores(finetuned):
     metrics = config["provenance"]["metrics"]["ich"]["ID"]
     assert metrics["n_scans"] == 8 and metrics["auroc_lo"] <= metrics["auroc"] <= metrics["auroc_hi"]
     card = (folder / "README.md").read_text()
-    for heading in ("## Model", "## Data", "## Recipe", "## Metrics", "## Operating points", "## Intended use", "## Limits"):
+    for heading in (
+        "## Model",
+        "## Data",
+        "## Recipe",
+        "## Metrics",
+        "## Operating points",
+        "## Intended use",
+        "## Limits",
+    ):
         assert heading in card
 
 
@@ -139,8 +177,19 @@ def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys)
     _phantom_dicom(dicom / "normal", centre, bleed=False, seed=12)
     (tmp_path / "broken.nii.gz").write_bytes(b"not a NIfTI file")
     out = tmp_path / "out"
-    argv = ["predict", "--model", str(ft), "--out", str(out), str(dicom / "bleed"), str(dicom / "normal"),
-            str(tmp_path / "broken.nii.gz"), "--saliency", "--batch-size", "2"]
+    argv = [
+        "predict",
+        "--model",
+        str(ft),
+        "--out",
+        str(out),
+        str(dicom / "bleed"),
+        str(dicom / "normal"),
+        str(tmp_path / "broken.nii.gz"),
+        "--saliency",
+        "--batch-size",
+        "2",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     assert "2 scans (0 reused)" in capsys.readouterr().out
 
@@ -150,7 +199,10 @@ def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys)
     assert 0 <= float(normal["probability"]) < float(bleed["probability"]) <= 1
     assert bleed["positive_spec90"] == "1" and normal["positive_spec95"] == "0"
     assert float(bleed["threshold_spec90"]) == pytest.approx(
-        json.loads((ft / "fits" / "fraction1-seed0" / "config.json").read_text())["per_finding"]["ich"]["operating_points"]["spec90"]["threshold"])
+        json.loads((ft / "fits" / "fraction1-seed0" / "config.json").read_text())["per_finding"]["ich"][
+            "operating_points"
+        ]["spec90"]["threshold"]
+    )
     for row in rows:  # a decision follows from the probability and threshold beside it
         for point in ("spec90", "spec95"):
             assert row[f"positive_{point}"] == str(int(float(row["probability"]) >= float(row[f"threshold_{point}"])))
@@ -171,9 +223,14 @@ def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys)
     peak_world = source.world(np.array(np.unravel_index(np.argmax(data), data.shape)))
     peak_row = np.array([float(bleed[f"peak_{axis}_mm"]) for axis in "xyz"])
     with capsys.disabled():
-        print(f"saliency peak on the unseen DICOM series: {np.linalg.norm(peak_row - bleed_centre):.1f} mm from the bleed's centre "
-              f"(canonical grid), {np.linalg.norm(peak_world - bleed_centre):.1f} mm (source grid); bleed radius {BLOB_RADIUS * SPACING:g} mm")
-    assert np.linalg.norm(peak_world - bleed_centre) < BLOB_RADIUS * SPACING, (peak_world, bleed_centre)  # inside the bleed
+        print(
+            f"saliency peak on the unseen DICOM series: {np.linalg.norm(peak_row - bleed_centre):.1f} mm from the bleed's centre "
+            f"(canonical grid), {np.linalg.norm(peak_world - bleed_centre):.1f} mm (source grid); bleed radius {BLOB_RADIUS * SPACING:g} mm"
+        )
+    assert np.linalg.norm(peak_world - bleed_centre) < BLOB_RADIUS * SPACING, (
+        peak_world,
+        bleed_centre,
+    )  # inside the bleed
     assert np.linalg.norm(peak_row - bleed_centre) < BLOB_RADIUS * SPACING
     png = (out / bleed["saliency_png"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -213,8 +270,10 @@ def test_the_saliency_peak_falls_inside_planted_bleeds_far_more_often_than_chanc
         hits.append(bool(mask[peak_voxel(heat)]))
         chance.append(mask.sum() / brain.sum())  # a peak drawn uniformly in the brain
     hit_rate, chance_rate = float(np.mean(hits)), float(np.mean(chance))
-    print(f"saliency peak inside the bleed: {hit_rate:.2f} of 16 scans; chance {chance_rate:.2f}; "
-          f"completeness gap median {np.median(gaps):.3f}")
+    print(
+        f"saliency peak inside the bleed: {hit_rate:.2f} of 16 scans; chance {chance_rate:.2f}; "
+        f"completeness gap median {np.median(gaps):.3f}"
+    )
     assert hit_rate >= 0.75 and hit_rate >= 3 * chance_rate, (hit_rate, chance_rate)
     assert np.median(gaps) < 0.1
 
@@ -226,22 +285,35 @@ def test_a_detector_no_better_than_chance_is_warned_of_or_refused(finetuned, tmp
     config = json.loads((folder / "config.json").read_text())
     # As the demo's midline_shift detector: a validation AUROC of 0.21, its CI not above 0.5.
     config["per_finding"]["ich"]["validation"].update(
-        auroc=0.21, auroc_lo=0.05, auroc_hi=0.52, validated=False,
-        reason="no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5")
+        auroc=0.21,
+        auroc_lo=0.05,
+        auroc_hi=0.52,
+        validated=False,
+        reason="no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5",
+    )
     (folder / "config.json").write_text(json.dumps(config))
     scan = tmp_path / "scan"
     _phantom_dicom(scan, np.array([4.0, -20.0, 35.0]), bleed=True, seed=13)
 
-    assert main(["predict", "--model", str(folder), "--out", str(tmp_path / "refused"), str(scan), "--require-validated"]) == 2
+    assert (
+        main(["predict", "--model", str(folder), "--out", str(tmp_path / "refused"), str(scan), "--require-validated"])
+        == 2
+    )
     refused = capsys.readouterr().err.strip().splitlines()
-    assert refused[-1].startswith("fmct predict: ") and "not validated, refused (--require-validated): ich: no better than " \
-        "chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5" in refused[-1]
+    assert (
+        refused[-1].startswith("fmct predict: ")
+        and "not validated, refused (--require-validated): ich: no better than "
+        "chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5"
+        in refused[-1]
+    )
     assert not (tmp_path / "refused" / "predictions.csv").exists()
 
     assert main(["predict", "--model", str(folder), "--out", str(tmp_path / "warned"), str(scan)]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
-    assert warned == ["predict: WARNING: ich: no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5; "
-                      "its probabilities are not to be trusted"]
+    assert warned == [
+        "predict: WARNING: ich: no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5; "
+        "its probabilities are not to be trusted"
+    ]
     recorded = json.loads((tmp_path / "warned" / "predict.json").read_text())
     assert recorded["warnings"] == ["ich: no better than chance on validation: AUROC 0.21 [0.05, 0.52] includes 0.5"]
     assert len(list(csv.DictReader(open(tmp_path / "warned" / "predictions.csv")))) == 1
@@ -252,16 +324,29 @@ def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(t
     run = save_tiny_run(tmp_path / "run")
     embed_store(run, store, tmp_path / "emb", progress=False)
     out = tmp_path / "probe"
-    run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out,
-              ProbeConfig(label_fractions=(0.5, 1.0), seeds=2, features="concat", val_fraction=0.25, test_fraction=0.25))
+    run_probe(
+        tmp_path / "emb",
+        str(tmp_path / "labels.csv"),
+        out,
+        ProbeConfig(label_fractions=(0.5, 1.0), seeds=2, features="concat", val_fraction=0.25, test_fraction=0.25),
+    )
     assert sorted(p.name for p in (out / "fits").iterdir()) == [
-        "fraction0.5-seed0", "fraction0.5-seed1", "fraction1-seed0", "fraction1-seed1"]
+        "fraction0.5-seed0",
+        "fraction0.5-seed1",
+        "fraction1-seed0",
+        "fraction1-seed1",
+    ]
     assert resolve_detector(out) == out / "fits" / "fraction1-seed0"
     assert resolve_detector(out, fit="fraction0.5-seed1") == out / "fits" / "fraction0.5-seed1"
     from safetensors.torch import load_file
 
     head = load_file(out / "fits" / "fraction1-seed0" / "head.safetensors")
-    assert {k: tuple(v.shape) for k, v in head.items()} == {"mean": (1, 128), "scale": (1, 128), "coef": (1, 128), "intercept": (1,)}
+    assert {k: tuple(v.shape) for k, v in head.items()} == {
+        "mean": (1, 128),
+        "scale": (1, 128),
+        "coef": (1, 128),
+        "intercept": (1,),
+    }
     config = json.loads((out / "fits" / "fraction1-seed0" / "config.json").read_text())
     # A frozen backbone by reference: a path relative to the detector folder, found again from it.
     assert not Path(config["backbone"]["path"]).is_absolute() and config["backbone"]["sha256"]
@@ -271,22 +356,36 @@ def test_probe_fits_are_detectors_and_the_seed0_fit_with_most_labels_is_picked(t
     detector = Detector.from_pretrained(out)  # huggingface_hub's mixin; a local folder never touches the network
     columns = read_predictions(out).columns
     mine = (columns["label_fraction"] == "1.0") & (columns["seed"] == "0")
-    np.testing.assert_allclose(_store_scores(detector, store, list(columns["scan_id"][mine])), columns["score"][mine], atol=1e-3)
+    np.testing.assert_allclose(
+        _store_scores(detector, store, list(columns["scan_id"][mine])), columns["score"][mine], atol=1e-3
+    )
     detector.save_pretrained(tmp_path / "shared")  # self-contained: the referenced backbone is copied in
     copy = Detector.from_pretrained(tmp_path / "shared")
     assert json.loads((tmp_path / "shared" / "config.json").read_text())["backbone"]["path"] == "backbone"
-    np.testing.assert_allclose(_store_scores(copy, store, ["s000", "s001"]), _store_scores(detector, store, ["s000", "s001"]), atol=1e-6)
+    np.testing.assert_allclose(
+        _store_scores(copy, store, ["s000", "s001"]), _store_scores(detector, store, ["s000", "s001"]), atol=1e-6
+    )
 
     run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out, ProbeConfig(label_fractions=(0.5,), seeds=1))
     assert sorted(p.name for p in (out / "fits").iterdir()) == ["fraction0.5-seed0"]  # the earlier run's fits are gone
 
-    run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), tmp_path / "knn", ProbeConfig(method="knn", label_fractions=(1.0,), seeds=1))
+    run_probe(
+        tmp_path / "emb",
+        str(tmp_path / "labels.csv"),
+        tmp_path / "knn",
+        ProbeConfig(method="knn", label_fractions=(1.0,), seeds=1),
+    )
     assert not (tmp_path / "knn" / "fits").exists()
-    assert "k-NN probes are not saved" in json.dumps(json.loads((tmp_path / "knn" / "run.json").read_text())["labels"]["notes"])
+    assert "k-NN probes are not saved" in json.dumps(
+        json.loads((tmp_path / "knn" / "run.json").read_text())["labels"]["notes"]
+    )
 
-    (run / "backbone" / "model.safetensors").write_bytes(hub.safetensors_bytes(
-        {k: v + 1 for k, v in hub.load(run / "backbone").state_dict().items()}))
-    assert main(["predict", "--model", str(out), "--out", str(tmp_path / "p"), str(tmp_path)]) == 2  # the backbone changed
+    (run / "backbone" / "model.safetensors").write_bytes(
+        hub.safetensors_bytes({k: v + 1 for k, v in hub.load(run / "backbone").state_dict().items()})
+    )
+    assert (
+        main(["predict", "--model", str(out), "--out", str(tmp_path / "p"), str(tmp_path)]) == 2
+    )  # the backbone changed
 
 
 def test_a_probe_detector_rebuilds_the_feature_set_its_fit_chose(tmp_path):
@@ -297,8 +396,12 @@ def test_a_probe_detector_rebuilds_the_feature_set_its_fit_chose(tmp_path):
     embed_store(run, store, tmp_path / "emb", progress=False)
     for features in ("", "patch_max", "cls_mean_max"):
         out = tmp_path / (features or "auto")
-        run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out,
-                  ProbeConfig(label_fractions=(1.0,), seeds=1, features=features, val_fraction=0.25, test_fraction=0.25))
+        run_probe(
+            tmp_path / "emb",
+            str(tmp_path / "labels.csv"),
+            out,
+            ProbeConfig(label_fractions=(1.0,), seeds=1, features=features, val_fraction=0.25, test_fraction=0.25),
+        )
         predictions = read_predictions(out)
         assert predictions.run["features"] == (features or "auto")
         (chosen,) = {fit["features"] for fit in predictions.run["fits"]}
@@ -308,7 +411,9 @@ def test_a_probe_detector_rebuilds_the_feature_set_its_fit_chose(tmp_path):
         detector = Detector.from_pretrained(out)
         assert detector.scorer.coef.shape == (1, 64 * len(FEATURE_SETS[chosen]))
         columns = predictions.columns
-        np.testing.assert_allclose(_store_scores(detector, store, list(columns["scan_id"])), columns["score"], atol=1e-3)
+        np.testing.assert_allclose(
+            _store_scores(detector, store, list(columns["scan_id"])), columns["score"], atol=1e-3
+        )
 
 
 def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):
@@ -317,7 +422,9 @@ def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):
     assert main(["export", "--model", str(ft), "--out", str(tmp_path / "detector.onnx")]) == 0, capsys.readouterr().err
     session = ort.InferenceSession(str(tmp_path / "detector.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["findings"] == "ich"
-    hu = np.stack([np.asarray(Store(store)[i][0]) for i in (28, 29, 30)])[:, None].astype(np.float32)  # batch 3: dynamic
+    hu = np.stack([np.asarray(Store(store)[i][0]) for i in (28, 29, 30)])[:, None].astype(
+        np.float32
+    )  # batch 3: dynamic
     runtime = session.run(["probability"], {"hu": hu})[0]
     with torch.no_grad():
         reference = load_detector(resolve_detector(ft))(torch.from_numpy(hu)).numpy()
@@ -329,7 +436,12 @@ def test_hugging_face_style_folders_load_and_save(finetuned, tmp_path):
     assert model.hub_extra["method"] == "mae"
     model.save_pretrained(tmp_path / "backbone")
     flat = json.loads((tmp_path / "backbone" / "config.json").read_text())
-    assert flat["version"] == 2 and flat["embed_dim"] == 128 and "config" not in flat and flat["windows"][0] == [40.0, 80.0]
+    assert (
+        flat["version"] == 2
+        and flat["embed_dim"] == 128
+        and "config" not in flat
+        and flat["windows"][0] == [40.0, 80.0]
+    )
     assert "## Intended use" in (tmp_path / "backbone" / "README.md").read_text()
     again = hub.ViT3DModel.from_pretrained(tmp_path / "backbone")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
@@ -359,7 +471,9 @@ def test_predict_names_scans_like_ingest_under_the_same_key(finetuned, tmp_path,
     files = sorted((tmp_path / "dicom").iterdir())  # the series given file by file is still one scan
     assert predict(finetuned[2], files, tmp_path / "by_file", progress=False).n_scans == 1
     assert [r["scan_id"] for r in csv.DictReader(open(tmp_path / "by_file" / "predictions.csv"))] == stored
-    predict(finetuned[2], [tmp_path / "dicom"], tmp_path / "other", key_file=tmp_path / "keys" / "other.key", progress=False)
+    predict(
+        finetuned[2], [tmp_path / "dicom"], tmp_path / "other", key_file=tmp_path / "keys" / "other.key", progress=False
+    )
     assert list(csv.DictReader(open(tmp_path / "other" / "predictions.csv")))[0]["scan_id"] != stored[0]  # another key
 
 
@@ -389,8 +503,10 @@ def test_a_reader_that_crashes_costs_predict_only_its_scan(finetuned, tmp_path, 
     assert [row["input"] for row in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))] == ["1", "3"]
     (error,) = csv.DictReader(open(tmp_path / "out" / "errors.csv"))
     assert error["input"] == "2" and len(error["scan_id"]) == 16
-    assert error["reason"] == ("the worker process reading this scan died (killed by SIGABRT): a crash in native code such as an "
-                               "image decoder, or out of memory; the batch went on without it (a re-run tries it again)")
+    assert error["reason"] == (
+        "the worker process reading this scan died (killed by SIGABRT): a crash in native code such as an "
+        "image decoder, or out of memory; the batch went on without it (a re-run tries it again)"
+    )
     monkeypatch.undo()
     again = predict(finetuned[2], paths, tmp_path / "out", config, progress=False)
     assert (again.n_scans, again.n_reused, again.errors) == (3, 2, [])
@@ -405,9 +521,11 @@ def test_predict_names_the_unreadable_slice_behind_a_gap(finetuned, tmp_path, ps
     text = (tmp_path / "out" / "errors.csv").read_text()
     scan, header = sorted(csv.DictReader(io.StringIO(text)), key=lambda row: row["scan_id"] == "")
     name = load_key(pseudonym_key_file).pseudonym("source", str(broken))
-    assert re.fullmatch(rf"gap of 4\.00 mm at -?[\d.]+ mm along the slice normal, after slice \d+ of 41 \(median 2\.00 mm\); "
-                        rf"its folder holds 1 unreadable DICOM files, such as file {name} \(unreadable DICOM header: .+\)",
-                        scan["reason"]), scan["reason"]
+    assert re.fullmatch(
+        rf"gap of 4\.00 mm at -?[\d.]+ mm along the slice normal, after slice \d+ of 41 \(median 2\.00 mm\); "
+        rf"its folder holds 1 unreadable DICOM files, such as file {name} \(unreadable DICOM header: .+\)",
+        scan["reason"],
+    ), scan["reason"]
     assert header["scan_id"] == "" and header["reason"].startswith("unreadable DICOM header")
     assert "Doe" not in text and broken.name not in text and str(tmp_path) not in text
 
@@ -428,17 +546,27 @@ def test_hub_repo_ids_load_through_huggingface_hub_from_its_cache(finetuned, tmp
     detector = Detector.from_pretrained("fmct/tiny-detector", cache_dir=tmp_path / "cache", local_files_only=True)
     backbone = hub.ViT3DModel.from_pretrained("fmct/tiny-backbone", cache_dir=tmp_path / "cache", local_files_only=True)
     assert detector.findings == ["ich"] and backbone.config == detector.backbone.config
-    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), detector.backbone.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), detector.backbone.state_dict().values())
+    )
 
 
 def test_saliency_examples_beside_the_predictions_in_the_layout_the_report_reads(finetuned, tmp_path):
     root, store, ft = finetuned
     out = tmp_path / "ft"
     shutil.copytree(ft, out)
-    rows = [{**r, "label": int(r["label"]), "score": float(r["score"]), "seed": int(r["seed"]),
-             "label_fraction": float(r["label_fraction"]), "threshold_spec90": float(r["threshold_spec90"]),
-             "probability": float(r["probability"])}
-            for r in csv.DictReader(open(out / "predictions.csv"))]
+    rows = [
+        {
+            **r,
+            "label": int(r["label"]),
+            "score": float(r["score"]),
+            "seed": int(r["seed"]),
+            "label_fraction": float(r["label_fraction"]),
+            "threshold_spec90": float(r["threshold_spec90"]),
+            "probability": float(r["probability"]),
+        }
+        for r in csv.DictReader(open(out / "predictions.csv"))
+    ]
     assert write_examples(out, rows, store, per_kind=2) == len(list(out.glob("saliency/*/ich.png"))) >= 1
     called = {r["scan_id"]: r for r in rows if r["probability"] >= r["threshold_spec90"]}
     for png in out.glob("saliency/*/ich.png"):  # fmct report: saliency/<scan_id>/<finding>.png
@@ -447,8 +575,13 @@ def test_saliency_examples_beside_the_predictions_in_the_layout_the_report_reads
 
 def _absolute_paths(folder: Path, roots: list[str]) -> list[str]:
     """Every file under ``folder`` (text or binary) holding one of ``roots`` (absolute path prefixes)."""
-    return [f"{path}: {root}" for path in sorted(folder.rglob("*")) if path.is_file()
-            for root in roots if root.encode() in path.read_bytes()]
+    return [
+        f"{path}: {root}"
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+        for root in roots
+        if root.encode() in path.read_bytes()
+    ]
 
 
 def test_no_machine_path_in_a_detector_folder_or_the_shipped_checkpoint(finetuned, tmp_path):
@@ -494,12 +627,18 @@ def test_every_python_snippet_of_the_readme_runs(finetuned, tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert "'probability'" in printed and "torch.Size([1, 128])" in printed and "(1, 1)" in printed
     result = namespace["result"]["ich"]
-    assert 0 < result["probability"] < 1 and set(result) == {"probability", "score", "positive_spec90", "positive_spec95", "validated"}
+    assert 0 < result["probability"] < 1 and set(result) == {
+        "probability",
+        "score",
+        "positive_spec90",
+        "positive_spec95",
+        "validated",
+    }
 
 
 def test_detector_predict_takes_a_path_a_volume_or_an_array_and_refuses_another_grid(finetuned, tmp_path):
-    from fmct.io import read_scan
     from fmct.errors import InputError
+    from fmct.io import read_scan
 
     root, store, ft = finetuned
     detector = Detector.from_pretrained(ft)
@@ -515,10 +654,14 @@ def test_detector_predict_takes_a_path_a_volume_or_an_array_and_refuses_another_
     assert detector.predict(volume)["ich"]["probability"] == pytest.approx(by_path["probability"], abs=1e-6)
     by_array = detector.predict(volume.hu, affine=volume.affine)["ich"]
     assert by_array["probability"] == pytest.approx(by_path["probability"], abs=1e-6)
-    as_tensor = detector.predict(torch.from_numpy(detector.canonical_hu(volume)))["ich"]  # on the grid: no affine needed
+    as_tensor = detector.predict(torch.from_numpy(detector.canonical_hu(volume)))[
+        "ich"
+    ]  # on the grid: no affine needed
     assert as_tensor["probability"] == pytest.approx(by_path["probability"], abs=1e-6)
 
-    with pytest.raises(InputError, match=r"a volume of \[128, 128, 128\] voxels is not on this detector's canonical grid"):
+    with pytest.raises(
+        InputError, match=r"a volume of \[128, 128, 128\] voxels is not on this detector's canonical grid"
+    ):
         detector.predict(np.zeros((128, 128, 128), np.int16))
     with pytest.raises(InputError, match="no scan to predict"):
         detector.predict(tmp_path / "out")

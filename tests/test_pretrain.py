@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+import fmct.ssl.meta_arch as meta_arch
+import fmct.ssl.train as train
 from fmct import hub
 from fmct.cli import main
 from fmct.config import load_config
 from fmct.data import sample_ibot_masks
 from fmct.ssl.checkpoint import read_checkpoint
-from fmct.ssl.config import PretrainConfig
-import fmct.ssl.meta_arch as meta_arch
-import fmct.ssl.train as train
 from fmct.ssl.collapse import collapse_reason, teacher_statistics
+from fmct.ssl.config import PretrainConfig
 from fmct.ssl.meta_arch import DINOMethod, DINOModel, update_teacher
 from fmct.ssl.monitor import Monitor
 from fmct.ssl.train import pretrain
@@ -33,12 +33,31 @@ torch.set_num_threads(1)
 
 # Depth 2, width 64, 32^3 global crops and 16^3 local crops with patch 8 (64 and 8 tokens), 256 prototypes.
 TINY = [
-    "model.size=tiny", "model.depth=2", "model.embed_dim=64", "model.n_heads=2", "model.img_size=32",
-    "model.patch_size=8", "model.n_registers=1", "augment.global_size=32", "augment.local_size=16",
-    "augment.n_local=2", "dino.n_prototypes=256", "dino.head_hidden_dim=128", "dino.head_bottleneck_dim=32",
-    "dino.teacher_temp_warmup_epochs=1", "optim.batch_size=2", "optim.epoch_length=4", "optim.epochs=2", "optim.warmup_epochs=1",
-    "optim.base_lr=0.05", "optim.layer_decay=1.0", "engine.device=cpu", "engine.workers=0",
-    "engine.progress=false", "engine.log_every=1", "engine.checkpoint_every=4",
+    "model.size=tiny",
+    "model.depth=2",
+    "model.embed_dim=64",
+    "model.n_heads=2",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.n_registers=1",
+    "augment.global_size=32",
+    "augment.local_size=16",
+    "augment.n_local=2",
+    "dino.n_prototypes=256",
+    "dino.head_hidden_dim=128",
+    "dino.head_bottleneck_dim=32",
+    "dino.teacher_temp_warmup_epochs=1",
+    "optim.batch_size=2",
+    "optim.epoch_length=4",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "optim.base_lr=0.05",
+    "optim.layer_decay=1.0",
+    "engine.device=cpu",
+    "engine.workers=0",
+    "engine.progress=false",
+    "engine.log_every=1",
+    "engine.checkpoint_every=4",
 ]
 
 
@@ -94,7 +113,9 @@ def test_objective_wires_dino_ibot_koleo_and_the_ema_is_exact(separate_head):
     global_crops, local_crops = torch.rand(4, 3, 32, 32, 32), torch.rand(4, 3, 16, 16, 16)
     masks = sample_ibot_masks(4, (4, 4, 4), (0.1, 0.5), 0.5, generator=torch.Generator().manual_seed(0))
     masked_index = masks.flatten().nonzero().squeeze(1)
-    metrics = method.objective(student, teacher, global_crops, local_crops, masks, masked_index, teacher_temp=0.04, dino_weight=1.0)
+    metrics = method.objective(
+        student, teacher, global_crops, local_crops, masks, masked_index, teacher_temp=0.04, dino_weight=1.0
+    )
     terms = {name: float(metrics[name].detach()) for name in ("loss", "dino_loss", "ibot_loss", "koleo_loss")}
     assert all(np.isfinite(v) for v in terms.values()), terms
     assert terms["loss"] == pytest.approx(terms["dino_loss"] + terms["ibot_loss"] + 0.1 * terms["koleo_loss"], rel=1e-6)
@@ -106,8 +127,16 @@ def test_objective_wires_dino_ibot_koleo_and_the_ema_is_exact(separate_head):
     assert (student.ibot_head is not None) == separate_head
     # Without masked crops the iBOT term is exactly 0.
     none = torch.zeros_like(masks)
-    metrics = method.objective(student, teacher, global_crops, None, none, none.flatten().nonzero().squeeze(1), teacher_temp=0.04,
-                        dino_weight=1.0)
+    metrics = method.objective(
+        student,
+        teacher,
+        global_crops,
+        None,
+        none,
+        none.flatten().nonzero().squeeze(1),
+        teacher_temp=0.04,
+        dino_weight=1.0,
+    )
     assert float(metrics["ibot_loss"].detach()) == 0.0 and float(metrics["dino_loss"].detach()) > 0
 
     # Optimizer groups name each parameter as the model (and so the checkpoint) does.
@@ -141,9 +170,23 @@ def test_a_tiny_run_logs_every_term_and_exports_the_teacher(store, tmp_path, mon
     assert result["step"] == result["total_steps"] == 8  # 2 epochs of 4 steps
     lines = log_lines(run)
     assert [line["step"] for line in lines] == list(range(1, 9))
-    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "weight_decay", "teacher_momentum",
-                "teacher_temp", "teacher_entropy", "teacher_entropy_ibot", "teacher_top_mass", "teacher_cosine",
-                "grad_norm_backbone", "grad_norm_dino_head", "volumes_per_s"):
+    for key in (
+        "loss",
+        "dino_loss",
+        "ibot_loss",
+        "koleo_loss",
+        "lr",
+        "weight_decay",
+        "teacher_momentum",
+        "teacher_temp",
+        "teacher_entropy",
+        "teacher_entropy_ibot",
+        "teacher_top_mass",
+        "teacher_cosine",
+        "grad_norm_backbone",
+        "grad_norm_dino_head",
+        "volumes_per_s",
+    ):
         assert all(np.isfinite(line[key]) for line in lines), key
     assert lines[0]["teacher_temp"] == pytest.approx(0.04) and lines[-1]["teacher_temp"] == pytest.approx(0.07)
     assert lines[0]["lr"] == 0.0 and lines[4]["lr"] == pytest.approx(0.05 * np.sqrt(2 / 1024))
@@ -155,7 +198,9 @@ def test_a_tiny_run_logs_every_term_and_exports_the_teacher(store, tmp_path, mon
         assert all(0.2 - 1 / 64 <= r <= 0.4 + 1 / 64 for r in ratios[ratios > 0].tolist())
     # The teacher is an EMA of the student, not a copy; the exported backbone is the teacher's.
     student, teacher = result["student"], result["teacher"]
-    differences = [float((s - t).abs().max()) for s, t in zip(student.state_dict().values(), teacher.state_dict().values())]
+    differences = [
+        float((s - t).abs().max()) for s, t in zip(student.state_dict().values(), teacher.state_dict().values())
+    ]
     assert max(differences) > 1e-6
     exported = hub.load(run / "backbone")
     for name, tensor in exported.state_dict().items():
@@ -173,8 +218,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(store, tmp_path):
     subprocess.run(cli_command(store, reference, *settings), env=SUBPROCESS_ENV, check=True, capture_output=True)
 
     run = tmp_path / "killed"
-    process = subprocess.Popen(cli_command(store, run, *settings), env=SUBPROCESS_ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        cli_command(store, run, *settings), env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     log = run / "log.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -255,8 +301,11 @@ def test_a_nan_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(store, tmp_p
 
 def test_the_mae_objective_trains_through_the_same_loop(store, tmp_path):
     run = tmp_path / "mae"
-    result = pretrain(store, run, tiny_config("method=mae", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
-                                "optim.epochs=3"))
+    result = pretrain(
+        store,
+        run,
+        tiny_config("method=mae", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2", "optim.epochs=3"),
+    )
     lines = log_lines(run)
     assert result["teacher"] is None and len(lines) == 12
     assert all(np.isfinite(line["mae_loss"]) for line in lines) and "teacher_temp" not in lines[0]
@@ -269,7 +318,9 @@ def test_the_mae_objective_trains_through_the_same_loop(store, tmp_path):
 
 # ------------------------------------------------------------------------------------ distributed
 def _worker(rank: int, store: str, run: str, port: int, sharding: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     result = pretrain(store, run, tiny_config(f"engine.sharding={sharding}", "optim.epoch_length=2"))
     if sharding == "ddp":  # every rank holds whole replicas: keep this rank's to compare
@@ -306,7 +357,9 @@ def test_two_gloo_processes_end_with_identical_weights(ddp_run):
     assert read_checkpoint(ddp_run / "checkpoint.pt")["step"] == 4
     assert [line["step"] for line in log_lines(ddp_run)] == [1, 2, 3, 4]
     initial = DINOModel(tiny_config()).state_dict()
-    moved = (rank0["student.backbone.patch_embed.proj.weight"] - initial["backbone.patch_embed.proj.weight"]).abs().max()
+    moved = (
+        (rank0["student.backbone.patch_embed.proj.weight"] - initial["backbone.patch_embed.proj.weight"]).abs().max()
+    )
     assert float(moved) > 1e-5
 
 
@@ -352,19 +405,29 @@ def test_collapse_is_recognised_from_teacher_statistics():
 
 
 def test_the_monitor_warns_of_collapse_once_and_drops_torn_lines(tmp_path, capsys):
-    from fmct.ssl.config import EngineConfig
     from fmct.distributed import DistEnv
+    from fmct.ssl.config import EngineConfig
     from fmct.ssl.schedules import StepValues
 
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    monitor = Monitor(tmp_path, env, EngineConfig(progress=False), start_step=1, total_steps=10,
-                            global_batch=16, steps_per_epoch=5, n_prototypes=256, teacher_warm_step=5)
+    monitor = Monitor(
+        tmp_path,
+        env,
+        EngineConfig(progress=False),
+        start_step=1,
+        total_steps=10,
+        global_batch=16,
+        steps_per_epoch=5,
+        n_prototypes=256,
+        teacher_warm_step=5,
+    )
     assert [line["step"] for line in log_lines(tmp_path)] == [1]
     collapsed = torch.zeros(32, 256)
     collapsed[:, 3] = 1.0
-    values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.996, teacher_temp=0.05, freeze_last_layer=False,
-                         dino_weight=1.0)
+    values = StepValues(
+        lr=1e-3, weight_decay=0.04, teacher_momentum=0.996, teacher_temp=0.05, freeze_last_layer=False, dino_weight=1.0
+    )
     for step in (2, 3):
         monitor.add({"loss": torch.tensor(5.0), **teacher_statistics(collapsed)})
         monitor.log(step, values)
@@ -387,9 +450,20 @@ def test_a_short_cpu_pretraining_lowers_the_loss_without_collapse(tmp_path):
     """
     store = make_store(tmp_path / "store", n=32, size=48, seed=1)
     run = tmp_path / "run"
-    pretrain(store, run, tiny_config("optim.batch_size=8", "optim.epochs=40", "optim.warmup_epochs=4",
-                                     "optim.base_lr=0.044", "dino.teacher_temp_warmup_epochs=10", "engine.log_every=4",
-                                     "engine.checkpoint_every=1000", "dino.n_prototypes=1024"))
+    pretrain(
+        store,
+        run,
+        tiny_config(
+            "optim.batch_size=8",
+            "optim.epochs=40",
+            "optim.warmup_epochs=4",
+            "optim.base_lr=0.044",
+            "dino.teacher_temp_warmup_epochs=10",
+            "engine.log_every=4",
+            "engine.checkpoint_every=1000",
+            "dino.n_prototypes=1024",
+        ),
+    )
     lines = log_lines(run)
 
     def mean(key: str, part: slice) -> float:
@@ -411,10 +485,21 @@ def test_pretraining_on_a_synth_cohort_lowers_the_loss_without_collapse(tmp_path
     config = load_config(IngestConfig, None, ["canonical.shape=[48,48,48]", "canonical.spacing_mm=4.0"])
     ingest([tmp_path / "cohort" / "nifti"], tmp_path / "store", config, progress=False)
     run = tmp_path / "run"
-    pretrain(tmp_path / "store", run, tiny_config(
-        "optim.batch_size=8", "optim.epoch_length=3", "optim.epochs=54", "optim.warmup_epochs=6", "optim.base_lr=0.044",
-        "dino.teacher_temp_warmup_epochs=10", "engine.log_every=4", "engine.checkpoint_every=1000",
-        "dino.n_prototypes=1024"))
+    pretrain(
+        tmp_path / "store",
+        run,
+        tiny_config(
+            "optim.batch_size=8",
+            "optim.epoch_length=3",
+            "optim.epochs=54",
+            "optim.warmup_epochs=6",
+            "optim.base_lr=0.044",
+            "dino.teacher_temp_warmup_epochs=10",
+            "engine.log_every=4",
+            "engine.checkpoint_every=1000",
+            "dino.n_prototypes=1024",
+        ),
+    )
     lines = log_lines(run)
     first, last = lines[:3], lines[-3:]
     assert np.mean([line["loss"] for line in last]) < np.mean([line["loss"] for line in first]) - 0.5
@@ -440,8 +525,8 @@ def test_a_held_out_site_is_left_out_of_pretraining(store, tmp_path):
 
 # ----------------------------------------------------------------------------------- online evaluation
 def test_rankme_and_output_cosine_hand_examples():
-    from fmct.ssl.online_eval import rankme
     from fmct.ssl.collapse import output_cosine
+    from fmct.ssl.online_eval import rankme
 
     assert rankme(np.eye(4)) == pytest.approx(4.0, rel=1e-5)  # four equal singular values
     assert rankme(np.ones((4, 6))) == pytest.approx(1.0, abs=1e-4)  # one direction only
@@ -463,16 +548,33 @@ def test_online_metrics_appear_in_the_log_from_step_0(tmp_path):
     from fmct.ssl.online_eval import OnlineEvaluator
 
     store, labels = labelled_store(tmp_path)
-    evaluator = OnlineEvaluator(store, str(labels), ["ich"], max_scans=64, knn_k=5, excluded_sites=(),
-                                windows=[(40.0, 80.0)], device=torch.device("cpu"))
+    evaluator = OnlineEvaluator(
+        store,
+        str(labels),
+        ["ich"],
+        max_scans=64,
+        knn_k=5,
+        excluded_sites=(),
+        windows=[(40.0, 80.0)],
+        device=torch.device("cpu"),
+    )
     assert "scan014" not in evaluator.scan_ids and "scan015" not in evaluator.scan_ids  # never the test split
     assert len(evaluator.scan_ids) == 14 and evaluator.scored == [(0, "ich")]
     halves = dict(zip(evaluator.scan_ids, evaluator.half))
     assert all(halves[f"scan{2 * p:03d}"] == halves[f"scan{2 * p + 1:03d}"] for p in range(7))  # by patient
 
     run = tmp_path / "run"
-    pretrain(store, run, tiny_config("online_eval.every=4", f"online_eval.labels={labels}", "optim.epochs=2",
-                                     "engine.log_every=2", "online_eval.knn_k=5"))
+    pretrain(
+        store,
+        run,
+        tiny_config(
+            "online_eval.every=4",
+            f"online_eval.labels={labels}",
+            "optim.epochs=2",
+            "engine.log_every=2",
+            "online_eval.knn_k=5",
+        ),
+    )
     lines = log_lines(run)
     online = [line for line in lines if "online_rankme" in line]
     assert [line["step"] for line in online] == [0, 4, 8]
@@ -508,7 +610,9 @@ def test_pretraining_raises_the_online_knn_auroc_above_random_init(tmp_path):
     for i in range(n):
         coarse = i % 2
         radius = np.sqrt(sum((a / r) ** 2 for a, r in zip(axes, rng.uniform(0.7, 0.9, 3))))
-        texture = gaussian_filter(rng.normal(size=(size,) * 3), sigma=rng.uniform(3.0, 4.0) if coarse else rng.uniform(1.0, 1.8))
+        texture = gaussian_filter(
+            rng.normal(size=(size,) * 3), sigma=rng.uniform(3.0, 4.0) if coarse else rng.uniform(1.0, 1.8)
+        )
         hu = np.full((size,) * 3, -1000, np.int16)
         hu[radius < 0.95] = 1200
         brain = radius < 0.85
@@ -518,11 +622,25 @@ def test_pretraining_raises_the_online_knn_auroc_above_random_init(tmp_path):
     rebuild_tables(store)
     labels.write_text("scan_id,patient_id,coarse\n" + "".join(rows))
     run = tmp_path / "run"
-    pretrain(store, run, tiny_config(
-        "model.layerscale_init=null", "optim.batch_size=8", "optim.epoch_length=30", "optim.epochs=20",
-        "optim.warmup_epochs=1", "optim.base_lr=0.004", "dino.start_epochs=1", "dino.teacher_temp_warmup_epochs=3",
-        "engine.log_every=10", "engine.checkpoint_every=1000", "online_eval.every=150", f"online_eval.labels={labels}",
-        "online_eval.knn_k=10"))
+    pretrain(
+        store,
+        run,
+        tiny_config(
+            "model.layerscale_init=null",
+            "optim.batch_size=8",
+            "optim.epoch_length=30",
+            "optim.epochs=20",
+            "optim.warmup_epochs=1",
+            "optim.base_lr=0.004",
+            "dino.start_epochs=1",
+            "dino.teacher_temp_warmup_epochs=3",
+            "engine.log_every=10",
+            "engine.checkpoint_every=1000",
+            "online_eval.every=150",
+            f"online_eval.labels={labels}",
+            "online_eval.knn_k=10",
+        ),
+    )
     online = [line for line in log_lines(run) if "online_knn_auroc_coarse" in line]
     assert [line["step"] for line in online] == [0, 150, 300, 450, 600]
     at_init, trained = online[0]["online_knn_auroc_coarse"], online[-1]["online_knn_auroc_coarse"]
@@ -542,10 +660,21 @@ def test_mae_on_the_conv_stem_raises_the_online_bleed_auroc_above_random_init(tm
 
     write_blob_store(tmp_path, n_scans=96, size=64, seed=5, blob_hu=70.0, blob_radius=3.0)
     run = tmp_path / "run"
-    config = load_config(PretrainConfig, "pretrain_synth_tiny", [
-        "engine.device=cpu", "optim.epoch_length=20", "optim.epochs=15", "optim.warmup_epochs=1", "engine.log_every=20",
-        "engine.checkpoint_every=1000", "online_eval.every=150", f"online_eval.labels={tmp_path / 'labels.csv'}",
-        "online_eval.findings=[ich]"])
+    config = load_config(
+        PretrainConfig,
+        "pretrain_synth_tiny",
+        [
+            "engine.device=cpu",
+            "optim.epoch_length=20",
+            "optim.epochs=15",
+            "optim.warmup_epochs=1",
+            "engine.log_every=20",
+            "engine.checkpoint_every=1000",
+            "online_eval.every=150",
+            f"online_eval.labels={tmp_path / 'labels.csv'}",
+            "online_eval.findings=[ich]",
+        ],
+    )
     pretrain(tmp_path / "store", run, config)
     online = [line for line in log_lines(run) if "online_linear_auroc_ich" in line]
     assert [line["step"] for line in online] == [0, 150, 300]
@@ -573,7 +702,10 @@ def test_a_run_stopped_at_a_step_resumes_to_the_weights_of_one_that_never_stoppe
         assert torch.equal(tensor, hub.load(halves / "backbone").state_dict()[name]), name
     card = (folder / "README.md").read_text()
     assert "# fmct-test" in card and "8 steps x 2 volumes = 16 volume passes" in card and "## Limits" in card
-    assert hub.training_log(folder) == folder / "log.jsonl" and hub.training_log(halves / "backbone") == halves / "log.jsonl"
+    assert (
+        hub.training_log(folder) == folder / "log.jsonl"
+        and hub.training_log(halves / "backbone") == halves / "log.jsonl"
+    )
     # No folder of this machine leaves in the shipped files, only bare names.
     for file in ("config.json", "recipe.yaml"):
         assert str(tmp_path) not in (folder / file).read_text(), file

@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
-
-from fmct.errors import InputError
 from sklearn.metrics import roc_auc_score
 
 from fmct.cli import main
+from fmct.errors import InputError
 from fmct.eval.embeddings import read_embeddings, write_embeddings
 from fmct.eval.evaluate import evaluate, read_predictions
 from fmct.eval.probe import ProbeConfig, run_probe
@@ -27,8 +26,12 @@ def _cohort(tmp_path, n_patients=120, dim=24, seed=0):
     features[:, :4] += 2.0 * ich[:, None]
     features[sites == "B"] += 0.3
     scan_ids = [f"s{i:04d}" for i in range(len(patients))]
-    write_embeddings(tmp_path / "emb", scan_ids, {"cls": features, "patch_mean": rng.normal(size=(len(patients), 8))},
-                     meta={"model": "tiny-vit", "arm": "pretrained", "checkpoint_sha256": "ab" * 32})
+    write_embeddings(
+        tmp_path / "emb",
+        scan_ids,
+        {"cls": features, "patch_mean": rng.normal(size=(len(patients), 8))},
+        meta={"model": "tiny-vit", "arm": "pretrained", "checkpoint_sha256": "ab" * 32},
+    )
     with open(tmp_path / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["scan_id", "patient_id", "site", "split", "ich", "edh"])
@@ -69,9 +72,15 @@ def test_probe_on_separable_embeddings_beats_chance_clearly(tmp_path, method):
     full = [f for f in run["fits"] if f["label_fraction"] == 1.0]
     tenth = [f for f in run["fits"] if f["label_fraction"] == 0.1]
     shots = [f for f in run["fits"] if f["shots"] == 4]
-    train_pos, train_neg = run["labels_per_split"]["ich"]["train"]["pos"], run["labels_per_split"]["ich"]["train"]["neg"]
+    train_pos, train_neg = (
+        run["labels_per_split"]["ich"]["train"]["pos"],
+        run["labels_per_split"]["ich"]["train"]["neg"],
+    )
     assert full[0]["n_train_pos"] == train_pos and full[0]["n_train_neg"] == train_neg
-    assert tenth[0]["n_train_pos"] == max(1, round(0.1 * train_pos)) and shots[0]["n_train_pos"] == 4 == shots[0]["n_train_neg"]
+    assert (
+        tenth[0]["n_train_pos"] == max(1, round(0.1 * train_pos))
+        and shots[0]["n_train_pos"] == 4 == shots[0]["n_train_neg"]
+    )
     # No patient in two splits: both scans of every evaluated patient are evaluated, none trained on.
     evaluated = set(columns["scan_id"])
     evaluated_patients = {p for s, p in zip(scan_ids, patients) if s in evaluated}
@@ -95,7 +104,11 @@ def test_probe_maps_source_labels_through_the_store(tmp_path):
     scan_ids, patients, sites, ich = _cohort(tmp_path, n_patients=60)
     store = tmp_path / "store"
     for i, scan_id in enumerate(scan_ids):
-        row = {"scan_id": scan_id, "patient_key": f"key{i // 2}", "source": str(tmp_path / "dicom" / f"study{i}" / "series1")}
+        row = {
+            "scan_id": scan_id,
+            "patient_key": f"key{i // 2}",
+            "source": str(tmp_path / "dicom" / f"study{i}" / "series1"),
+        }
         write_scan(store, np.zeros((2, 2, 2), np.int16), row)
     rebuild_tables(store)
     with open(tmp_path / "by_source.csv", "w", newline="") as handle:
@@ -119,11 +132,29 @@ def test_probe_maps_source_labels_through_the_store(tmp_path):
 
 def test_probe_cli(tmp_path, capsys):
     _cohort(tmp_path, n_patients=60)
-    code = main([
-        "probe", "--embeddings", str(tmp_path / "emb"), "--labels", str(tmp_path / "labels.csv"),
-        "--out", str(tmp_path / "out"), "--label-fractions", "0.5,1", "--seeds", "2", "--features", "concat",
-        "--findings", "ich", "--ood-sites", "B", "--arm", "scratch",
-    ])
+    code = main(
+        [
+            "probe",
+            "--embeddings",
+            str(tmp_path / "emb"),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--out",
+            str(tmp_path / "out"),
+            "--label-fractions",
+            "0.5,1",
+            "--seeds",
+            "2",
+            "--features",
+            "concat",
+            "--findings",
+            "ich",
+            "--ood-sites",
+            "B",
+            "--arm",
+            "scratch",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "predictions for ich" in capsys.readouterr().out
     columns = read_predictions(tmp_path / "out").columns
@@ -131,7 +162,17 @@ def test_probe_cli(tmp_path, capsys):
     assert (tmp_path / "out" / "config.yaml").exists()
 
     (tmp_path / "bad.csv").write_text("scan_id,ich\ns0000,maybe\n")
-    code = main(["probe", "--embeddings", str(tmp_path / "emb"), "--labels", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o2")])
+    code = main(
+        [
+            "probe",
+            "--embeddings",
+            str(tmp_path / "emb"),
+            "--labels",
+            str(tmp_path / "bad.csv"),
+            "--out",
+            str(tmp_path / "o2"),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2 and "bad.csv:2 column ich" in error and "Traceback" not in error
 
@@ -142,7 +183,9 @@ def test_the_labels_split_column_can_be_set_aside_for_the_configured_fractions(t
 
     labels = tmp_path / "labels.csv"
     # Every scan marked train by the file; 100 patients of one scan each, half positive.
-    labels.write_text("scan_id,patient_id,split,ich\n" + "".join(f"s{i:03d},p{i:03d},train,{i % 2}\n" for i in range(100)))
+    labels.write_text(
+        "scan_id,patient_id,split,ich\n" + "".join(f"s{i:03d},p{i:03d},train,{i % 2}\n" for i in range(100))
+    )
     scan_ids = [f"s{i:03d}" for i in range(100)]
     kept = load_cohort(str(labels), scan_ids, "the test", ProbeConfig())
     assert set(kept.split) == {"train"}

@@ -33,7 +33,9 @@ def test_features_match_numpy_on_a_noisy_volume_and_do_not_depend_on_the_batch()
         brain = volume[(volume >= 0) & (volume <= 100)].astype(np.float64)
         expected = [brain.mean(), brain.std(), *np.percentile(brain, PERCENTILES, method="inverted_cdf")]
         np.testing.assert_allclose(features[b, 41:], expected, rtol=1e-5)
-        np.testing.assert_array_equal(first_order_features(torch.from_numpy(volumes[b : b + 1]))[0].numpy(), features[b])
+        np.testing.assert_array_equal(
+            first_order_features(torch.from_numpy(volumes[b : b + 1]))[0].numpy(), features[b]
+        )
 
 
 def test_statistics_are_nan_without_a_voxel_in_their_range():

@@ -12,8 +12,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fmct.cli import main
-from fmct.eval import metrics as M
 from fmct.errors import InputError
+from fmct.eval import metrics as M
 from fmct.eval.cohort import Budget
 from fmct.eval.evaluate import evaluate, read_evaluation, write_evaluation, write_predictions
 from fmct.eval.report import SECTIONS, load_evaluation, render_html, saliency_examples
@@ -33,12 +33,22 @@ def _peer_rows():
                     if column in (id_column, "label"):
                         continue
                     model, percent = column.rsplit("_", 1)
-                    rows.append({
-                        "scan_id": f"{site}/{record[id_column]}", "patient_id": "", "site": site, "split": split,
-                        "finding": "abnormal", "label": record["label"], "score": float(value), "model": model,
-                        "arm": "scratch" if model == "baseline" else "pretrained",
-                        "label_fraction": int(percent.removesuffix("pct")) / 100, "seed": 0, "probability": float(value),
-                    })
+                    rows.append(
+                        {
+                            "scan_id": f"{site}/{record[id_column]}",
+                            "patient_id": "",
+                            "site": site,
+                            "split": split,
+                            "finding": "abnormal",
+                            "label": record["label"],
+                            "score": float(value),
+                            "model": model,
+                            "arm": "scratch" if model == "baseline" else "pretrained",
+                            "label_fraction": int(percent.removesuffix("pct")) / 100,
+                            "seed": 0,
+                            "probability": float(value),
+                        }
+                    )
     return rows
 
 
@@ -55,20 +65,25 @@ def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
 
     for (name, id_column, _, _), group in zip(SETS, ("ID", "OOD")):
         labels, scores = _peer_column(name, id_column, "ct_fm_10pct")
-        row = next(m for m in evaluation.metrics if (m["model"], m["label_fraction"], m["group"]) == ("ct_fm", "0.1", group))
+        row = next(
+            m for m in evaluation.metrics if (m["model"], m["label_fraction"], m["group"]) == ("ct_fm", "0.1", group)
+        )
         assert row["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)  # ties included
         assert row["auroc_lo"] < row["auroc"] < row["auroc_hi"] and row["auroc_hi"] - row["auroc_lo"] < 0.12
         assert row["n_scans"] == len(labels) and row["n_pos"] == int(labels.sum())
 
     # Paired comparison at 100% labels, in-distribution: CT-FM vs scratch, on the same 978 scans.
     comparison = next(
-        c for c in evaluation.comparisons
+        c
+        for c in evaluation.comparisons
         if (c["group"], c["label_fraction"], c["model_a"], c["model_b"]) == ("ID", "1.0", "ct_fm", "baseline")
     )
     labels, ct_fm = _peer_column("SinoCT", "patient_id", "ct_fm_100pct")
     _, baseline = _peer_column("SinoCT", "patient_id", "baseline_100pct")
     assert comparison["n_scans"] == 978
-    assert comparison["auroc_diff"] == pytest.approx(roc_auc_score(labels, ct_fm) - roc_auc_score(labels, baseline), abs=1e-12)
+    assert comparison["auroc_diff"] == pytest.approx(
+        roc_auc_score(labels, ct_fm) - roc_auc_score(labels, baseline), abs=1e-12
+    )
     assert comparison["auroc_diff_lo"] < comparison["auroc_diff"] < comparison["auroc_diff_hi"]
     # One method for CI and p-value: every comparison's CI excludes 0 exactly when its p is below 0.05.
     for c in evaluation.comparisons:
@@ -92,12 +107,17 @@ def test_evaluate_and_report_on_real_peer_predictions(tmp_path):
         shown = section not in ("examples", "learning-curves")
         assert (f"<h2 id='{section}'>" in page) == shown and (f"<a href='#{section}'>" in page) == shown, section
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)  # ROC, label efficiency, calibration
+    assert len(images) == 3 and all(
+        base64.b64decode(i).startswith(b"\x89PNG") for i in images
+    )  # ROC, label efficiency, calibration
     assert "f58c89a" in page and "cq500" in page and "sinoct" in page
     assert sorted(p.name for p in (tmp_path / "report_figures").iterdir()) == [
-        "calibration_abnormal.png", "label_efficiency_abnormal.png", "roc_abnormal.png"]
+        "calibration_abnormal.png",
+        "label_efficiency_abnormal.png",
+        "roc_abnormal.png",
+    ]
     # No run.json records the cohort: it is told from the predictions, scanners not recorded.
-    cohort = page[page.index("<h2 id='cohort'>"):page.index("<h2 id='metrics'>")]
+    cohort = page[page.index("<h2 id='cohort'>") : page.index("<h2 id='metrics'>")]
     assert "predictions.csv (evaluated splits only)" in cohort and "not recorded" in cohort
     assert "<td>test (ID)</td><td>sinoct</td><td class='num'>978</td>" in cohort
     # Nor the training-set sizes: label efficiency stands on the label fraction.
@@ -112,16 +132,36 @@ def test_evaluate_cli_with_seeds_shots_and_a_missing_column(tmp_path, capsys):
         for seed in range(3):
             scores = signal * labels + rng.normal(size=80)
             for i in range(80):
-                rows.append({
-                    "scan_id": f"s{i}", "patient_id": f"p{i // 2}", "site": "A", "split": "test", "finding": "ich",
-                    "label": labels[i], "score": scores[i], "model": "vit", "arm": arm, "label_fraction": "", "seed": seed, "shots": 8,
-                })
+                rows.append(
+                    {
+                        "scan_id": f"s{i}",
+                        "patient_id": f"p{i // 2}",
+                        "site": "A",
+                        "split": "test",
+                        "finding": "ich",
+                        "label": labels[i],
+                        "score": scores[i],
+                        "model": "vit",
+                        "arm": arm,
+                        "label_fraction": "",
+                        "seed": seed,
+                        "shots": 8,
+                    }
+                )
     write_predictions(tmp_path / "pred", rows, {"method": "logistic"})
-    assert main(["evaluate", "--predictions", str(tmp_path / "pred"), "--out", str(tmp_path / "eval"), "--bootstrap", "100"]) == 0
+    assert (
+        main(
+            ["evaluate", "--predictions", str(tmp_path / "pred"), "--out", str(tmp_path / "eval"), "--bootstrap", "100"]
+        )
+        == 0
+    )
     evaluation = read_evaluation(tmp_path / "eval")
     pretrained = next(m for m in evaluation.metrics if m["arm"] == "pretrained")
     assert pretrained["budget"] == "8 shots" and pretrained["n_seeds"] == 3 and pretrained["n_patients"] == 40
-    per_seed = [roc_auc_score(labels, [r["score"] for r in rows if r["arm"] == "pretrained" and r["seed"] == s]) for s in range(3)]
+    per_seed = [
+        roc_auc_score(labels, [r["score"] for r in rows if r["arm"] == "pretrained" and r["seed"] == s])
+        for s in range(3)
+    ]
     assert pretrained["auroc"] == pytest.approx(np.mean(per_seed), abs=1e-12)
     assert pretrained["auroc_seed_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
     (comparison,) = evaluation.comparisons
@@ -140,18 +180,30 @@ def test_report_skips_a_finding_without_positives_in_a_group(tmp_path):
         for i in range(60):
             split = "test" if i < 30 else "ood"
             label = 0 if split == "test" else int(i % 3 == 0)  # no positive in-distribution
-            rows.append({
-                "scan_id": f"s{i}", "patient_id": f"p{i}", "site": "A" if split == "test" else "C", "split": split,
-                "finding": "mass", "label": label, "score": label + rng.normal(), "model": "vit", "arm": "pretrained",
-                "label_fraction": fraction, "seed": 0, "shots": "",
-            })
+            rows.append(
+                {
+                    "scan_id": f"s{i}",
+                    "patient_id": f"p{i}",
+                    "site": "A" if split == "test" else "C",
+                    "split": split,
+                    "finding": "mass",
+                    "label": label,
+                    "score": label + rng.normal(),
+                    "model": "vit",
+                    "arm": "pretrained",
+                    "label_fraction": fraction,
+                    "seed": 0,
+                    "shots": "",
+                }
+            )
     write_predictions(tmp_path / "pred", rows, {"method": "logistic"})
     assert main(["report", str(tmp_path / "pred"), "--out", str(tmp_path / "report.html"), "--bootstrap", "50"]) == 0
     assert (tmp_path / "report_figures" / "label_efficiency_mass.png").exists()  # drawn for OOD alone
 
 
-def signal_predictions(systems: dict[tuple[str, str], float], n: int = 120, fractions=("0.1",), splits=("test",),
-                       seed: int = 2) -> list[dict]:
+def signal_predictions(
+    systems: dict[tuple[str, str], float], n: int = 120, fractions=("0.1",), splits=("test",), seed: int = 2
+) -> list[dict]:
     """Predictions of ich by each (model, arm) system on the same ``n`` scans, one seed, at each label fraction:
     score = signal x label + N(0, 1) noise. Scan i has split ``splits[i % len(splits)]`` (site C for ood, else A)."""
     rng = np.random.default_rng(seed)
@@ -161,11 +213,23 @@ def signal_predictions(systems: dict[tuple[str, str], float], n: int = 120, frac
     for (model, arm), signal in systems.items():
         for fraction in fractions:
             scores = signal * labels + rng.normal(size=n)
-            rows += [{
-                "scan_id": f"s{i}", "patient_id": f"p{i}", "site": "C" if split[i] == "ood" else "A", "split": split[i],
-                "finding": "ich", "label": labels[i], "score": scores[i], "model": model, "arm": arm,
-                "label_fraction": fraction, "seed": 0, "shots": "",
-            } for i in range(n)]
+            rows += [
+                {
+                    "scan_id": f"s{i}",
+                    "patient_id": f"p{i}",
+                    "site": "C" if split[i] == "ood" else "A",
+                    "split": split[i],
+                    "finding": "ich",
+                    "label": labels[i],
+                    "score": scores[i],
+                    "model": model,
+                    "arm": arm,
+                    "label_fraction": fraction,
+                    "seed": 0,
+                    "shots": "",
+                }
+                for i in range(n)
+            ]
     return rows
 
 
@@ -191,26 +255,43 @@ def test_report_summary_says_whether_the_pretrained_arms_clear_each_floor(tmp_pa
     assert "<b>Pretrained beats the random-init floor at 1 of 1 comparisons</b>" in text
     assert "<b>Pretrained beats the hu-histogram floor at 0 of 1 comparisons</b>" in text
     assert "the floor is better at 1: vit ich ID 0.1." in text
-    assert "<td>vit vs hu-histogram (hu-histogram)</td><td>ich</td><td>ID</td><td class='num'><span class='down'>" in text
+    assert (
+        "<td>vit vs hu-histogram (hu-histogram)</td><td>ich</td><td>ID</td><td class='num'><span class='down'>" in text
+    )
 
     text = summary({("vit", "pretrained"): 2.5, ("weak", "pretrained"): 0.0, ("vit", "random-init"): 0.0})
     assert "<b>Pretrained beats the random-init floor at 1 of 2 comparisons</b>" in text
     assert "<td>weak vs vit (random-init)</td><td>ich</td><td>ID</td><td class='num'><span class='flat'>" in text
-    assert "<b>No pretrained arm is checked against the hu-histogram floor</b>" in text and "not in this evaluation" in text
+    assert (
+        "<b>No pretrained arm is checked against the hu-histogram floor</b>" in text
+        and "not in this evaluation" in text
+    )
 
 
 def test_report_draws_the_learning_curves_of_a_pretraining_log(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     records = [{"step": 0, "online_rankme": 3.0, "online_knn_auroc_ich": 0.52, "online_linear_auroc_ich": 0.50}]
-    records += [{"step": s, "loss": 9.0 - s / 100, "dino_loss": 5.5, "ibot_loss": 2.5, "koleo_loss": 1.0,
-                 "teacher_cosine": 1.0 - s / 400, "teacher_entropy": 5.5 - s / 200} for s in (10, 20, 100)]
+    records += [
+        {
+            "step": s,
+            "loss": 9.0 - s / 100,
+            "dino_loss": 5.5,
+            "ibot_loss": 2.5,
+            "koleo_loss": 1.0,
+            "teacher_cosine": 1.0 - s / 400,
+            "teacher_entropy": 5.5 - s / 200,
+        }
+        for s in (10, 20, 100)
+    ]
     records.append({"step": 100, "online_rankme": 20.0, "online_knn_auroc_ich": 0.70, "online_linear_auroc_ich": 0.66})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 11')  # a torn line
     rows = signal_predictions({("vit", "pretrained"): 1.0}, n=60)
     write_predictions(tmp_path / "pred", rows, {})
     out = tmp_path / "report.html"
-    assert main(["report", str(tmp_path / "pred"), "--out", str(out), "--bootstrap", "20", "--pretraining", str(run)]) == 0
+    assert (
+        main(["report", str(tmp_path / "pred"), "--out", str(out), "--bootstrap", "20", "--pretraining", str(run)]) == 0
+    )
     html = out.read_text()
     section = html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]
     assert "<img" in section and (tmp_path / "report_figures" / "learning_curve_run.png").stat().st_size > 10_000
@@ -226,10 +307,24 @@ def _section(page: str, section: str) -> str:
 
 
 def _rows(labels, scores, model="vit", arm="pretrained", split="test", site="A", seed=0, fraction="1.0", **extra):
-    return [{"scan_id": f"{split}{i}", "patient_id": f"p{split}{i // 2}", "site": site, "split": split, "finding": "ich",
-             "label": int(y), "score": float(s), "model": model, "arm": arm, "label_fraction": fraction, "seed": seed,
-             "shots": "", **{k: (v[i] if isinstance(v, np.ndarray) else v) for k, v in extra.items()}}
-            for i, (y, s) in enumerate(zip(labels, scores))]
+    return [
+        {
+            "scan_id": f"{split}{i}",
+            "patient_id": f"p{split}{i // 2}",
+            "site": site,
+            "split": split,
+            "finding": "ich",
+            "label": int(y),
+            "score": float(s),
+            "model": model,
+            "arm": arm,
+            "label_fraction": fraction,
+            "seed": seed,
+            "shots": "",
+            **{k: (v[i] if isinstance(v, np.ndarray) else v) for k, v in extra.items()},
+        }
+        for i, (y, s) in enumerate(zip(labels, scores))
+    ]
 
 
 def test_cohort_table_per_site_and_split_with_scanners_from_the_store(tmp_path):
@@ -237,40 +332,70 @@ def test_cohort_table_per_site_and_split_with_scanners_from_the_store(tmp_path):
 
     store = tmp_path / "store"
     (store / "scans").mkdir(parents=True)
-    scanners = {"s0": ("GE", "LightSpeed16"), "s1": ("GE", "LightSpeed16"), "s2": ("GE", "LightSpeed16"), "s3": ("", ""),
-                "s4": ("SIEMENS", "Definition AS"), "s5": ("SIEMENS", "Definition AS"), "s6": ("GE", "Revolution"),
-                "s7": ("GE", "Revolution"), "s8": ("GE", "Revolution"), "s9": ("GE", "Revolution")}
+    scanners = {
+        "s0": ("GE", "LightSpeed16"),
+        "s1": ("GE", "LightSpeed16"),
+        "s2": ("GE", "LightSpeed16"),
+        "s3": ("", ""),
+        "s4": ("SIEMENS", "Definition AS"),
+        "s5": ("SIEMENS", "Definition AS"),
+        "s6": ("GE", "Revolution"),
+        "s7": ("GE", "Revolution"),
+        "s8": ("GE", "Revolution"),
+        "s9": ("GE", "Revolution"),
+    }
     for scan_id, (manufacturer, model) in scanners.items():
-        (store / "scans" / f"{scan_id}.json").write_text(json.dumps(
-            {"scan_id": scan_id, "patient_key": f"k{scan_id}", "source": f"dicom/{scan_id}", "manufacturer": manufacturer,
-             "model": model}))
+        (store / "scans" / f"{scan_id}.json").write_text(
+            json.dumps(
+                {
+                    "scan_id": scan_id,
+                    "patient_key": f"k{scan_id}",
+                    "source": f"dicom/{scan_id}",
+                    "manufacturer": manufacturer,
+                    "model": model,
+                }
+            )
+        )
     labels = tmp_path / "labels.csv"
-    labels.write_text("scan_id,patient_id,site,split,ich\n"
-                      "s0,P1,A,train,1\ns1,P1,A,train,1\ns2,P2,A,train,0\ns3,P3,A,train,0\n"
-                      "s4,P4,A,test,1\ns5,P5,A,test,\n"
-                      "s6,P6,B,test,0\ns7,P7,B,test,1\ns8,P8,B,test,0\ns9,P8,B,test,0\n")
+    labels.write_text(
+        "scan_id,patient_id,site,split,ich\n"
+        "s0,P1,A,train,1\ns1,P1,A,train,1\ns2,P2,A,train,0\ns3,P3,A,train,0\n"
+        "s4,P4,A,test,1\ns5,P5,A,test,\n"
+        "s6,P6,B,test,0\ns7,P7,B,test,1\ns8,P8,B,test,0\ns9,P8,B,test,0\n"
+    )
     cohort = load_cohort(str(labels), list(scanners), "the store", CohortConfig(), store)
     table = cohort.split_counts()["cohort"]
     assert [(r["site"], r["split"], r["all_sites"], r["n_scans"], r["n_patients"]) for r in table] == [
-        ("A", "train", False, 4, 3), ("A", "test", False, 2, 2), ("B", "test", False, 4, 3), ("", "test", True, 6, 5)]
+        ("A", "train", False, 4, 3),
+        ("A", "test", False, 2, 2),
+        ("B", "test", False, 4, 3),
+        ("", "test", True, 6, 5),
+    ]
     assert table[0]["scanners"] == {"GE LightSpeed16": 3, "not recorded": 1}
     assert table[0]["labels"] == {"ich": {"pos": 2, "neg": 2}} and table[1]["labels"] == {"ich": {"pos": 1, "neg": 0}}
     assert "P1" not in json.dumps(table)  # patients are counted, never named
 
-    rows = [cohort.prediction(i, 0, float(i), "vit", "pretrained", Budget(fraction=1.0), 0)
-            for i in cohort.rows(0, ("test", "ood"))]
+    rows = [
+        cohort.prediction(i, 0, float(i), "vit", "pretrained", Budget(fraction=1.0), 0)
+        for i in cohort.rows(0, ("test", "ood"))
+    ]
     write_predictions(tmp_path / "pred", rows, {**cohort.split_counts(), "store": str(store)})
     page = render_html(evaluate([tmp_path / "pred"], n_bootstrap=20), {})
     section = _section(page, "cohort")
-    assert ("<tr><td>train</td><td>A</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE LightSpeed16 (3); not recorded (1)</td>"
-            "<td class='num'>2 / 4 (50%)</td></tr>") in section
+    assert (
+        "<tr><td>train</td><td>A</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE LightSpeed16 (3); not recorded (1)</td>"
+        "<td class='num'>2 / 4 (50%)</td></tr>"
+    ) in section
     assert "<tr class=total><td>test (ID)</td><td>all sites</td><td class='num'>6</td><td class='num'>5</td>" in section
     assert "from run.json" in section
 
     # Without the cohort record, the evaluated splits are told from the predictions, scanners from the store run.json names.
     write_predictions(tmp_path / "bare", rows, {"store": str(store)})
     section = _section(render_html(evaluate([tmp_path / "bare"], n_bootstrap=20), {}), "cohort")
-    assert "<td>B</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE Revolution (4)</td><td class='num'>1 / 4 (25%)</td>" in section
+    assert (
+        "<td>B</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE Revolution (4)</td><td class='num'>1 / 4 (25%)</td>"
+        in section
+    )
     assert "<td>train</td>" not in section and "predictions.csv (evaluated splits only)" in section
 
 
@@ -285,18 +410,25 @@ def test_rows_with_fewer_than_five_of_a_class_are_not_estimable(tmp_path):
     write_predictions(tmp_path / "pred", rows, {})
     evaluation = evaluate([tmp_path / "pred"], n_bootstrap=50)
     ood = [m for m in evaluation.metrics if m["group"] == "OOD"]
-    assert len(ood) == 2 and all(m["note"] == "not estimable: 4 positives (fewer than 5)" and math.isnan(m["auroc"]) for m in ood)
+    assert len(ood) == 2 and all(
+        m["note"] == "not estimable: 4 positives (fewer than 5)" and math.isnan(m["auroc"]) for m in ood
+    )
     assert all(not m["note"] and 0.5 < m["auroc"] <= 1 for m in evaluation.metrics if m["group"] == "ID")
     (ood_comparison,) = [c for c in evaluation.comparisons if c["group"] == "OOD"]
     assert ood_comparison["note"].startswith("not estimable") and math.isnan(ood_comparison["p_holm"])
-    assert not [r for r in evaluation.roc if r["group"] == "OOD"] and not [r for r in evaluation.calibration if r["group"] == "OOD"]
+    assert not [r for r in evaluation.roc if r["group"] == "OOD"] and not [
+        r for r in evaluation.calibration if r["group"] == "OOD"
+    ]
 
     write_evaluation(evaluation, tmp_path / "eval")
     assert main(["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
     metrics = _section(page, "metrics")
     # One line for the site group where no system is estimable, and each row in the table of all metrics.
-    assert "<p><b>ich, OOD</b>: <span class='ne'>not estimable: 4 positives (fewer than 5)</span> for every system.</p>" in metrics
+    assert (
+        "<p><b>ich, OOD</b>: <span class='ne'>not estimable: 4 positives (fewer than 5)</span> for every system.</p>"
+        in metrics
+    )
     assert metrics.count("<span class='ne'>not estimable: 4 positives (fewer than 5)</span>") == 3
     assert "2 of 4 metric rows are <b>not estimable</b>" in _section(page, "summary")
     assert "not estimable" in _section(page, "id-vs-ood") and "not estimable" in _section(page, "comparisons")
@@ -354,13 +486,20 @@ def test_operating_points_on_the_test_set_or_at_thresholds_chosen_on_validation(
     assert at90["threshold_source"] == "threshold set on the test set (optimistic)"
     # Chosen on the test set in every replicate, the sensitivity is the metrics table's sens_at_spec90, CI included.
     assert (at90["sensitivity"], at90["sensitivity_lo"], at90["sensitivity_hi"]) == (
-        metric["sens_at_spec90"], metric["sens_at_spec90_lo"], metric["sens_at_spec90_hi"])
+        metric["sens_at_spec90"],
+        metric["sens_at_spec90_lo"],
+        metric["sens_at_spec90_hi"],
+    )
     assert 0.9 <= at90["specificity"] < 0.95 and at90["ppv_lo"] < at90["ppv"] < at90["ppv_hi"]
     # Uncalibrated scores: the calibration takes their logistic, and says so.
     expected_ece = np.mean([M.expected_calibration_error(labels, 1 / (1 + np.exp(-s))) for s in scores])
-    assert metric["probability_source"] == "logistic of the score (uncalibrated)" and metric["ece"] == pytest.approx(expected_ece)
+    assert metric["probability_source"] == "logistic of the score (uncalibrated)" and metric["ece"] == pytest.approx(
+        expected_ece
+    )
     page = render_html(evaluation, {})
-    assert "threshold set on the test set (optimistic)</b>: the predictions carry no threshold" in _section(page, "operating-points")
+    assert "threshold set on the test set (optimistic)</b>: the predictions carry no threshold" in _section(
+        page, "operating-points"
+    )
     assert "marked <i>uncalibrated</i>" in _section(page, "calibration")
 
     # Thresholds chosen on validation are on the probability (here the logistic of the score): per seed the
@@ -376,10 +515,16 @@ def test_operating_points_on_the_test_set_or_at_thresholds_chosen_on_validation(
     evaluation = evaluate([tmp_path / "validated"], n_bootstrap=200)
     at90, at95 = evaluation.operating_points
     assert at90["threshold_source"] == at95["threshold_source"] == "threshold chosen on validation"
-    assert at90["threshold"] == pytest.approx(np.mean(sigmoid([0.8, 1.0]))) and at95["threshold"] == pytest.approx(np.mean(sigmoid([1.4, 1.6])))
-    by_hand = [(np.mean(s[labels == 1] >= t), np.mean(s[labels == 0] < t), np.mean(labels[s >= t]), 1 - np.mean(labels[s < t]))
-               for s, t in zip(scores, (0.8, 1.0))]
-    assert [at90[k] for k in ("sensitivity", "specificity", "ppv", "npv")] == pytest.approx(np.mean(by_hand, axis=0).tolist())
+    assert at90["threshold"] == pytest.approx(np.mean(sigmoid([0.8, 1.0]))) and at95["threshold"] == pytest.approx(
+        np.mean(sigmoid([1.4, 1.6]))
+    )
+    by_hand = [
+        (np.mean(s[labels == 1] >= t), np.mean(s[labels == 0] < t), np.mean(labels[s >= t]), 1 - np.mean(labels[s < t]))
+        for s, t in zip(scores, (0.8, 1.0))
+    ]
+    assert [at90[k] for k in ("sensitivity", "specificity", "ppv", "npv")] == pytest.approx(
+        np.mean(by_hand, axis=0).tolist()
+    )
     assert evaluation.metrics[0]["probability_source"] == "probability column"
     assert evaluation.metrics[0]["ece"] == pytest.approx(expected_ece)  # the same probabilities as the logistic above
     assert "optimistic" not in _section(render_html(evaluation, {}), "operating-points")
@@ -401,10 +546,24 @@ def test_label_efficiency_stands_on_the_number_of_labelled_scans(tmp_path):
     for fraction, n_pos, n_neg in (("0.1", 4, 8), ("1.0", 40, 80)):
         for seed in range(2):
             rows += _rows(labels, labels + rng.normal(size=100), fraction=fraction, seed=seed)
-            probe_fits.append({"finding": "ich", "seed": seed, "label_fraction": float(fraction), "shots": None,
-                               "n_train_pos": n_pos, "n_train_neg": n_neg + 2 * seed})
-            finetune_fits.append({"seed": seed, "label_fraction": float(fraction), "shots": None,
-                                  "per_finding": {"ich": {"n_train_pos": n_pos, "n_train_neg": n_neg + 2 * seed}}})
+            probe_fits.append(
+                {
+                    "finding": "ich",
+                    "seed": seed,
+                    "label_fraction": float(fraction),
+                    "shots": None,
+                    "n_train_pos": n_pos,
+                    "n_train_neg": n_neg + 2 * seed,
+                }
+            )
+            finetune_fits.append(
+                {
+                    "seed": seed,
+                    "label_fraction": float(fraction),
+                    "shots": None,
+                    "per_finding": {"ich": {"n_train_pos": n_pos, "n_train_neg": n_neg + 2 * seed}},
+                }
+            )
     for name, fits in (("probe", probe_fits), ("finetune", finetune_fits)):
         write_predictions(tmp_path / name, rows, {"fits": fits})
         evaluation = evaluate([tmp_path / name], n_bootstrap=20)
@@ -428,7 +587,11 @@ def test_saliency_examples_show_the_highest_scoring_true_and_false_positives(tmp
     scores = 1.2 * labels + rng.normal(size=60)
     rows = _rows(labels, scores)
     write_predictions(tmp_path / "pred", rows, {})
-    page = render_html(evaluate([tmp_path / "pred"], n_bootstrap=10), {}, saliency_examples(evaluate([tmp_path / "pred"], n_bootstrap=10)))
+    page = render_html(
+        evaluate([tmp_path / "pred"], n_bootstrap=10),
+        {},
+        saliency_examples(evaluate([tmp_path / "pred"], n_bootstrap=10)),
+    )
     assert "<h2 id='examples'>" not in page and "<a href='#examples'>" not in page  # nothing to show: left out
 
     for i in range(60):

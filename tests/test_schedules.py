@@ -5,8 +5,8 @@ import math
 import pytest
 
 from fmct.config import load_config
-from fmct.ssl.config import PretrainConfig
 from fmct.schedules import cosine, linear_warmup, warmup_cosine
+from fmct.ssl.config import PretrainConfig
 from fmct.ssl.schedules import Schedules
 
 
@@ -26,9 +26,18 @@ def test_cosine_and_warmup_shapes():
 
 def test_run_schedules_follow_the_recipe():
     # 100 epochs of 10 steps at a global batch of 256: DINOv2's shapes, FM-CT-like values.
-    config = load_config(PretrainConfig, None, ["optim.epochs=100", "optim.epoch_length=10", "optim.warmup_epochs=10",
-                                                "optim.base_lr=0.004", "optim.min_lr=1e-6",
-                                                "dino.teacher_temp_warmup_epochs=30"])
+    config = load_config(
+        PretrainConfig,
+        None,
+        [
+            "optim.epochs=100",
+            "optim.epoch_length=10",
+            "optim.warmup_epochs=10",
+            "optim.base_lr=0.004",
+            "optim.min_lr=1e-6",
+            "dino.teacher_temp_warmup_epochs=30",
+        ],
+    )
     schedules = Schedules(config, global_batch=256)
     assert schedules.total_steps == 1000
     assert schedules.peak_lr == pytest.approx(0.002)  # square-root scaling: 4e-3 * sqrt(256 / 1024)

@@ -48,11 +48,13 @@ def test_every_scan_streams_once_per_epoch_in_a_new_deterministic_order(shards):
     assert len(volumes) == 20 and volumes.shape == SHAPE and len(volumes.shards) == 7  # 6 x 3 + 2
     assert volumes.steps_per_epoch(4) == 5
     ids = stream_ids(volumes, batch_size=4, seed=3, total_steps=15)
-    epochs = [ids[k * 20:(k + 1) * 20] for k in range(3)]
+    epochs = [ids[k * 20 : (k + 1) * 20] for k in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == [f"scan{i:03d}" for i in range(20)]  # all, once
     assert epochs[0] != epochs[1] != epochs[2] != epochs[0]  # reshuffled per epoch
-    assert ids == stream_ids(ShardVolumes(shards, shuffle_shards=2), batch_size=4, seed=3, total_steps=15)  # deterministic
+    assert ids == stream_ids(
+        ShardVolumes(shards, shuffle_shards=2), batch_size=4, seed=3, total_steps=15
+    )  # deterministic
     assert ids != stream_ids(volumes, batch_size=4, seed=4, total_steps=15)  # seeded
     # Scans mix across the shards of a group: not one shard's scans in a row.
     first_shards = [int(s[4:]) // 3 for s in epochs[0][:6]]
@@ -72,8 +74,15 @@ def test_ranks_share_each_epoch_without_overlap(shards):
     for epoch in range(3):
         ranks = [volumes.epoch_order(epoch, 2, seed=1, rank=r, world_size=2) for r in range(2)]
         assert len(ranks[0]) == len(ranks[1]) == 8 and not set(ranks[0]) & set(ranks[1])
-        assert stream_ids(volumes, batch_size=2, seed=1, rank=1, world_size=2, start_step=epoch * steps,
-                          total_steps=(epoch + 1) * steps) == [volumes.scan_ids[i] for i in ranks[1]]
+        assert stream_ids(
+            volumes,
+            batch_size=2,
+            seed=1,
+            rank=1,
+            world_size=2,
+            start_step=epoch * steps,
+            total_steps=(epoch + 1) * steps,
+        ) == [volumes.scan_ids[i] for i in ranks[1]]
     with pytest.raises(InputError, match="7 shards cannot feed 8 ranks"):
         volumes.steps_per_epoch(1, world_size=8)
 
@@ -85,14 +94,15 @@ def test_a_resumed_stream_yields_exactly_the_rest_of_the_uninterrupted_one(shard
     order = dict(batch_size=2, seed=7, rank=rank, world_size=world_size)
     whole = stream_ids(volumes, total_steps=14, **order)
     resumed = stream_ids(ShardVolumes(shards, shuffle_shards=2), start_step=start_step, total_steps=14, **order)
-    assert len(whole) == 28 and resumed == whole[2 * start_step:]
+    assert len(whole) == 28 and resumed == whole[2 * start_step :]
 
 
 def test_shards_stream_from_a_url(shards):
     # The form of object storage: a command that writes the shard to stdout (aws s3 cp s3://... -).
     url = f"pipe:cat {shards}/{{shard}}"
-    assert stream_ids(ShardVolumes(shards, url=url), batch_size=4, total_steps=5) == \
-        stream_ids(ShardVolumes(shards), batch_size=4, total_steps=5)
+    assert stream_ids(ShardVolumes(shards, url=url), batch_size=4, total_steps=5) == stream_ids(
+        ShardVolumes(shards), batch_size=4, total_steps=5
+    )
     with pytest.raises(ConfigError, match="no {shard}"):
         ShardVolumes(shards, url="pipe:cat shards/x.tar")
 
@@ -133,18 +143,38 @@ def test_a_damaged_shard_is_named(tmp_path, shards):
 
 # Depth 2, width 32, 16^3 crops (the tiny CPU configuration of test_pretrain, smaller).
 TINY = [
-    "model.size=tiny", "model.depth=2", "model.embed_dim=32", "model.n_heads=2", "model.img_size=16",
-    "model.patch_size=8", "model.n_registers=0", "augment.global_size=16", "augment.local_size=8",
-    "augment.n_local=2", "dino.n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=16",
-    "optim.batch_size=2", "optim.epoch_length=3", "optim.epochs=2", "optim.warmup_epochs=1", "engine.device=cpu",
-    "engine.workers=1", "engine.progress=false", "engine.log_every=1", "engine.checkpoint_every=2",
+    "model.size=tiny",
+    "model.depth=2",
+    "model.embed_dim=32",
+    "model.n_heads=2",
+    "model.img_size=16",
+    "model.patch_size=8",
+    "model.n_registers=0",
+    "augment.global_size=16",
+    "augment.local_size=8",
+    "augment.n_local=2",
+    "dino.n_prototypes=64",
+    "dino.head_hidden_dim=64",
+    "dino.head_bottleneck_dim=16",
+    "optim.batch_size=2",
+    "optim.epoch_length=3",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "engine.device=cpu",
+    "engine.workers=1",
+    "engine.progress=false",
+    "engine.log_every=1",
+    "engine.checkpoint_every=2",
     "engine.deterministic=true",
 ]
 
 
 def test_pretraining_streams_shards_and_resumes_to_the_same_weights(tmp_path, capsys):
     make_store(tmp_path / "store", n=10, shape=(24, 24, 24))
-    assert main(["store", "pack", str(tmp_path / "store"), "--out", str(tmp_path / "shards"), "--scans-per-shard", "2"]) == 0
+    assert (
+        main(["store", "pack", str(tmp_path / "store"), "--out", str(tmp_path / "shards"), "--scans-per-shard", "2"])
+        == 0
+    )
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert pretrain(tmp_path / "shards", whole, load_config(PretrainConfig, None, TINY))["step"] == 6
     stopped = pretrain(tmp_path / "shards", halves, load_config(PretrainConfig, None, TINY + ["engine.stop_at_step=4"]))
@@ -155,16 +185,47 @@ def test_pretraining_streams_shards_and_resumes_to_the_same_weights(tmp_path, ca
     assert actual["step"] == expected["step"] == 6
     for name, tensor in expected["student"].items():
         assert torch.equal(tensor, actual["student"][name]), name
-    assert main(["pretrain", "--store", str(tmp_path / "shards"), "--out", str(tmp_path / "x"), *TINY,
-                 "data.exclude_sites=[C]", "data.labels=labels.csv"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--store",
+                str(tmp_path / "shards"),
+                "--out",
+                str(tmp_path / "x"),
+                *TINY,
+                "data.exclude_sites=[C]",
+                "data.labels=labels.csv",
+            ]
+        )
+        == 2
+    )
     assert "holds no sources" in capsys.readouterr().err
 
 
 def test_pretraining_from_an_unreachable_shard_exits_1_in_one_line(tmp_path, capsys):
     make_store(tmp_path / "store", n=4, shape=(24, 24, 24))
-    assert main(["store", "pack", str(tmp_path / "store"), "--out", str(tmp_path / "shards"), "--scans-per-shard", "2"]) == 0
-    assert main(["pretrain", "--store", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), *TINY,
-                 "data.shards_url=pipe:false {shard}"]) == 1
+    assert (
+        main(["store", "pack", str(tmp_path / "store"), "--out", str(tmp_path / "shards"), "--scans-per-shard", "2"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "pretrain",
+                "--store",
+                str(tmp_path / "shards"),
+                "--out",
+                str(tmp_path / "run"),
+                *TINY,
+                "data.shards_url=pipe:false {shard}",
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error == "fmct pretrain: pipe:false shard-000000.tar: cannot read the shard: its command exited with status 1" \
-        or error == "fmct pretrain: pipe:false shard-000001.tar: cannot read the shard: its command exited with status 1"
+    assert (
+        error == "fmct pretrain: pipe:false shard-000000.tar: cannot read the shard: its command exited with status 1"
+        or error
+        == "fmct pretrain: pipe:false shard-000001.tar: cannot read the shard: its command exited with status 1"
+    )

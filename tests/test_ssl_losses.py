@@ -58,8 +58,9 @@ def test_dino_loss_matches_pairwise_numpy_loop():
             total += np.mean(-(teacher[t] * log_q).sum(axis=-1))
             pairs += 1
     assert pairs == 6
-    loss = DINOLoss(out_dim=k, student_temp=0.1)(torch.tensor(student, dtype=torch.float32),
-                                                 torch.tensor(teacher, dtype=torch.float32))
+    loss = DINOLoss(out_dim=k, student_temp=0.1)(
+        torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32)
+    )
     assert loss.item() == pytest.approx(total / pairs, rel=1e-5)
 
 
@@ -88,8 +89,9 @@ def test_ibot_loss_matches_per_image_numpy_average():
     image_of_token = np.nonzero(masks)[0]
     per_image = [token_ce[image_of_token == b].mean() if masks[b].any() else 0.0 for b in range(3)]
     expected = sum(per_image) / 3
-    loss = iBOTPatchLoss(out_dim=k)(torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32),
-                                    torch.tensor(masks))
+    loss = iBOTPatchLoss(out_dim=k)(
+        torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32), torch.tensor(masks)
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="iBOT loss"):
         iBOTPatchLoss(out_dim=k)(torch.zeros(3, k), torch.zeros(3, k), torch.tensor(masks))
@@ -101,11 +103,17 @@ def test_losses_compute_in_fp32_under_bf16_autocast():
     teacher = torch.softmax(torch.randn(2, 3, 512), dim=-1)
     masks = torch.tensor([[True, False], [True, True]])
     features = torch.randn(6, 32).bfloat16()
-    reference = (DINOLoss(512)(student, teacher), iBOTPatchLoss(512)(student[0], teacher.reshape(6, 512)[:3], masks),
-                 KoLeoLoss()(features))
+    reference = (
+        DINOLoss(512)(student, teacher),
+        iBOTPatchLoss(512)(student[0], teacher.reshape(6, 512)[:3], masks),
+        KoLeoLoss()(features),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = (DINOLoss(512)(student, teacher), iBOTPatchLoss(512)(student[0], teacher.reshape(6, 512)[:3], masks),
-                          KoLeoLoss()(features))
+        under_autocast = (
+            DINOLoss(512)(student, teacher),
+            iBOTPatchLoss(512)(student[0], teacher.reshape(6, 512)[:3], masks),
+            KoLeoLoss()(features),
+        )
     for expected, got in zip(reference, under_autocast):
         assert got.dtype == torch.float32
         assert got.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -201,7 +209,9 @@ def test_sinkhorn_and_center_across_two_ranks_with_unequal_rows():
     logits = torch.rand(10, 5) * 2 - 1
     splits = [[7, 3], [10, 0]]
     results = mp.Manager().dict()
-    mp.start_processes(_distributed_worker, args=(_free_port(), logits, splits, results), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _distributed_worker, args=(_free_port(), logits, splits, results), nprocs=2, start_method="spawn"
+    )
     single_q = sinkhorn_knopp(logits, teacher_temp=0.1, n_iterations=3)
     single_center = EMACenter(dim=5, momentum=0.5)
     single_center.update(logits)
@@ -260,7 +270,9 @@ def test_mae_loss_hand_values():
 
 def test_mae_encoder_decoder_learns_to_reconstruct():
     torch.manual_seed(6)
-    encoder = build_vit3d(ViT3DConfig(size="tiny", img_size=(16, 16, 16), patch_size=4, depth=1, embed_dim=48, n_heads=3))
+    encoder = build_vit3d(
+        ViT3DConfig(size="tiny", img_size=(16, 16, 16), patch_size=4, depth=1, embed_dim=48, n_heads=3)
+    )
     decoder = MAEDecoder(encoder_dim=48, patch_dim=3 * 4**3, grid_size=(4, 4, 4), decoder_dim=48, depth=1, n_heads=3)
     # A smooth volume: hidden patches can be predicted from visible neighbours.
     coords = torch.linspace(0, 1, 16)

@@ -109,7 +109,9 @@ def test_an_npy_store_reads_as_before_and_migrates_byte_equal(tmp_path, capsys):
 
     assert main(["store", "migrate", str(store_path)]) == 0
     assert "3 scans rewritten in lz4hc, 0 already were" in capsys.readouterr().out
-    assert sorted(p.name for p in (store_path / "scans").iterdir()) == [f"s{i}.{ext}" for i in range(3) for ext in ("b2nd", "json")]
+    assert sorted(p.name for p in (store_path / "scans").iterdir()) == [
+        f"s{i}.{ext}" for i in range(3) for ext in ("b2nd", "json")
+    ]
     new = Store(store_path)
     for scan_id, hu in volumes.items():
         assert new.read(scan_id).tobytes() == hu.tobytes()
@@ -134,7 +136,9 @@ def test_an_interrupted_migration_resumes_and_checks_both_files(tmp_path, capsys
     assert summary.failed[0][0] == "s1" and "hold different volumes" in summary.failed[0][1]
     assert not (tmp_path / "scans" / "s0.npy").exists() and (tmp_path / "scans" / "s1.npy").exists()
     store = Store(tmp_path)
-    assert store.read("s0").tobytes() == volumes["s0"].tobytes() and store.read("s2").tobytes() == volumes["s2"].tobytes()
+    assert (
+        store.read("s0").tobytes() == volumes["s0"].tobytes() and store.read("s2").tobytes() == volumes["s2"].tobytes()
+    )
     assert main(["store", "migrate", str(tmp_path), "--codec", "zstd"]) == 1
     assert "s1 left as it was" in capsys.readouterr().out
 

@@ -76,7 +76,9 @@ def test_label_is_one_exactly_when_mask_has_voxels(finding):
         assert scan.labels[name] == int(scan.mask(name).any()), name
     haemorrhage = any(scan.labels[f] for f in ("iph", "ivh", "sdh", "edh", "sah"))
     assert scan.labels["ich"] == int(haemorrhage)
-    assert np.array_equal(scan.mask("ich"), scan.mask("iph") | scan.mask("ivh") | scan.mask("sdh") | scan.mask("edh") | scan.mask("sah"))
+    assert np.array_equal(
+        scan.mask("ich"), scan.mask("iph") | scan.mask("ivh") | scan.mask("sdh") | scan.mask("edh") | scan.mask("sah")
+    )
     present = sorted(f for f in PRIMARY_FINDINGS if scan.labels[f])
     assert set(present) <= {finding, "fracture"}  # nothing else appears by accident
 
@@ -131,7 +133,11 @@ def test_dicom_geometry_read_back_by_simpleitk_and_fmct(tmp_path):
     assert np.allclose(image.GetOrigin(), lps_origin, atol=1e-3)
     pixels = sitk.GetArrayFromImage(image)  # (K, J, I)
     assert np.array_equal(pixels.transpose(2, 1, 0), np.asarray(volume.hu))
-    assert -1024 <= pixels.min() and pixels.max() > 1000 and 15 < np.median(pixels[pixels.shape[0] // 2, 28:36, 28:36]) < 45
+    assert (
+        -1024 <= pixels.min()
+        and pixels.max() > 1000
+        and 15 < np.median(pixels[pixels.shape[0] // 2, 28:36, 28:36]) < 45
+    )
 
     first = pydicom.dcmread(next(folder.glob("*.dcm")))
     assert first.Modality == "CT" and first.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
@@ -191,13 +197,22 @@ def test_cq500_and_rsna_layouts(tmp_path):
     slices = sorted((tmp_path / "rsna" / "stage_2_train").glob("ID_*.dcm"))
     rows = list(csv.DictReader((tmp_path / "rsna" / "stage_2_train.csv").open()))
     assert len(rows) == 6 * len(slices) > 0
-    assert {row["ID"].rsplit("_", 1)[1] for row in rows} == {"epidural", "intraparenchymal", "intraventricular",
-                                                              "subarachnoid", "subdural", "any"}
+    assert {row["ID"].rsplit("_", 1)[1] for row in rows} == {
+        "epidural",
+        "intraparenchymal",
+        "intraventricular",
+        "subarachnoid",
+        "subdural",
+        "any",
+    }
     assert {row["ID"].rsplit("_", 1)[0] + ".dcm" for row in rows} == {p.name for p in slices}
 
 
 def test_cli_synth_and_usage_errors(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path / "c"), "--n", "1", "--matrix", "24", "--format", "nifti", "--preview"]) == 0
+    assert (
+        main(["synth", "--out", str(tmp_path / "c"), "--n", "1", "--matrix", "24", "--format", "nifti", "--preview"])
+        == 0
+    )
     assert (tmp_path / "c" / "preview" / "synth00000.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["synth", "--out", str(tmp_path / "d"), "--sites", "A,Z"]) == 2
     assert "unknown site 'Z'" in capsys.readouterr().err
@@ -222,7 +237,8 @@ def test_ich_is_learnable_but_not_trivially():
         labels.append(scan.labels["ich"])
     features = np.array(features)
     features = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-9)
-    scores = cross_val_predict(LogisticRegression(C=0.1, max_iter=5000), features, np.array(labels), cv=5,
-                               method="predict_proba")[:, 1]
+    scores = cross_val_predict(
+        LogisticRegression(C=0.1, max_iter=5000), features, np.array(labels), cv=5, method="predict_proba"
+    )[:, 1]
     auc = roc_auc_score(labels, scores)
     assert 0.65 < auc < 0.97, auc

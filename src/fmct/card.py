@@ -18,13 +18,28 @@ SYNTHETIC_DATASET = "fmct-synth"  # the datasets entry of anything trained or me
 def model_index_entry(name: str, task: str, dataset: str, metrics: list[dict]) -> dict:
     """One ``model-index`` entry: ``task`` (e.g. "ich detection") measured on ``dataset`` with ``metrics``
     ({"type": "roc_auc", "name": "AUROC, test (ID)", "value": 0.83}, ...)."""
-    return {"name": name, "results": [{"task": {"type": "image-classification", "name": task},
-                                       "dataset": {"name": dataset, "type": dataset}, "metrics": metrics}]}
+    return {
+        "name": name,
+        "results": [
+            {
+                "task": {"type": "image-classification", "name": task},
+                "dataset": {"name": dataset, "type": dataset},
+                "metrics": metrics,
+            }
+        ],
+    }
 
 
-def render_card(title: str, lead: str, sections: list[tuple[str, str]], *, tags: list[str],
-                datasets: list[str] | None = None, base_model: str | None = None,
-                model_index: list[dict] | None = None) -> str:
+def render_card(
+    title: str,
+    lead: str,
+    sections: list[tuple[str, str]],
+    *,
+    tags: list[str],
+    datasets: list[str] | None = None,
+    base_model: str | None = None,
+    model_index: list[dict] | None = None,
+) -> str:
     """The card's Markdown: front matter, ``# title``, ``lead``, then each (heading, body) of ``sections``."""
     metadata: dict = {"license": LICENSE, "library_name": LIBRARY, "tags": [LIBRARY, *tags]}
     if datasets:

@@ -50,11 +50,15 @@ class SelectionConfig:
             raise ValueError(f"min_slices must be at least 2 (a volume), got {self.min_slices}")
         low, high = self.thickness_range_mm
         if not 0 <= low <= high:
-            raise ValueError(f"thickness_range_mm must be [low, high] mm with 0 <= low <= high, got {list(self.thickness_range_mm)}")
+            raise ValueError(
+                f"thickness_range_mm must be [low, high] mm with 0 <= low <= high, got {list(self.thickness_range_mm)}"
+            )
         _require_choice(self, "series", ("preferred", "all"))
         _require_choice(self, "prefer_kernel", ("soft", "bone", "any"))
         if not self.max_gap_ratio > 1:
-            raise ValueError(f"max_gap_ratio must be above 1 (a multiple of the median slice spacing), got {self.max_gap_ratio}")
+            raise ValueError(
+                f"max_gap_ratio must be above 1 (a multiple of the median slice spacing), got {self.max_gap_ratio}"
+            )
 
 
 @dataclass
@@ -85,7 +89,9 @@ class CanonicalConfig:
         if not -32768 <= self.air_hu <= 0:
             raise ValueError(f"air_hu must be an int16 HU value at or below 0, got {self.air_hu}")
         if not self.air_hu < self.head_threshold_hu < 3000:
-            raise ValueError(f"head_threshold_hu must lie between air_hu ({self.air_hu}) and 3000 HU, got {self.head_threshold_hu}")
+            raise ValueError(
+                f"head_threshold_hu must lie between air_hu ({self.air_hu}) and 3000 HU, got {self.head_threshold_hu}"
+            )
         if not 0 <= self.vertex_margin_mm < self.spacing_mm * min(self.shape):
             raise ValueError(f"vertex_margin_mm must be at least 0 and inside the cube, got {self.vertex_margin_mm}")
 
@@ -121,8 +127,14 @@ class IngestConfig:
     source_map: bool = True
 
     def __post_init__(self) -> None:
-        if not all(isinstance(section, kind) for section, kind in
-                   ((self.selection, SelectionConfig), (self.canonical, CanonicalConfig), (self.store, StoreConfig))):
+        if not all(
+            isinstance(section, kind)
+            for section, kind in (
+                (self.selection, SelectionConfig),
+                (self.canonical, CanonicalConfig),
+                (self.store, StoreConfig),
+            )
+        ):
             raise ValueError("selection, canonical and store must be SelectionConfig, CanonicalConfig and StoreConfig")
         _require_type(self, bool, "source_map")
 
@@ -193,6 +205,7 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
 
 def to_dict(config: Any) -> dict:
     """The config as plain YAML-friendly data (tuples become lists)."""
+
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -201,6 +214,7 @@ def to_dict(config: Any) -> dict:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
+
     return plain(config)
 
 
@@ -255,7 +269,9 @@ def _field_default(field: dataclasses.Field) -> Any:
 def _merged(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) else value
+        merged[key] = (
+            _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) else value
+        )
     return merged
 
 

@@ -71,22 +71,45 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.n_scans < 20 or not 0 < self.test_fraction < 1:
             raise ConfigError("n_scans must be >= 20 and test_fraction in (0, 1)")
-        if min(self.seeds, self.finetune_seeds, self.workers, self.finetune_max_steps, self.finetune_eval_every,
-               self.finetune_patience) < 1:
-            raise ConfigError("seeds, finetune_seeds, workers, finetune_max_steps, finetune_eval_every and "
-                              "finetune_patience must be >= 1")
+        if (
+            min(
+                self.seeds,
+                self.finetune_seeds,
+                self.workers,
+                self.finetune_max_steps,
+                self.finetune_eval_every,
+                self.finetune_patience,
+            )
+            < 1
+        ):
+            raise ConfigError(
+                "seeds, finetune_seeds, workers, finetune_max_steps, finetune_eval_every and "
+                "finetune_patience must be >= 1"
+            )
 
 
 # Presets for ``fmct demo --scale``: overrides applied before the user's own.
 DEMO_SCALES: dict[str, list[str]] = {
     "small": [],
     "large": [
-        "n_scans=2000", "test_fraction=0.2", "matrix=512", "workers=8", "store_shape=128", "store_spacing_mm=1.5",
-        "foundation_model=", "pretrain_config=pretrain_demo_large", "pretrain_stop_at_step=15",
-        "label_fractions=0.01,0.1,0.3,1", "finetune_label_fractions=0.01,0.1,0.3", "seeds=5", "finetune_seeds=3",
+        "n_scans=2000",
+        "test_fraction=0.2",
+        "matrix=512",
+        "workers=8",
+        "store_shape=128",
+        "store_spacing_mm=1.5",
+        "foundation_model=",
+        "pretrain_config=pretrain_demo_large",
+        "pretrain_stop_at_step=15",
+        "label_fractions=0.01,0.1,0.3,1",
+        "finetune_label_fractions=0.01,0.1,0.3",
+        "seeds=5",
+        "finetune_seeds=3",
         "finetune_findings=ich,sdh,fracture",
         "findings=ich,iph,ivh,sdh,edh,sah,infarct,hydrocephalus,atrophy,mass,midline_shift,fracture",
-        "finetune_max_steps=20000", "finetune_eval_every=100", "finetune_batch_size=32",
+        "finetune_max_steps=20000",
+        "finetune_eval_every=100",
+        "finetune_batch_size=32",
     ],
 }
 
@@ -105,51 +128,156 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[str]]:
     # Every arm splits the same scans the same way, by patient, the held-out site test-only.
     split_config = ["use_split_column=false", f"test_fraction={config.test_fraction}"]
     embed = ["embed", "--store", str(store), "--workers", workers]
-    probe = ["probe", "--labels", labels, "--store", str(store), *split, "--seeds", str(config.seeds),
-             "--label-fractions", config.label_fractions]
+    probe = [
+        "probe",
+        "--labels",
+        labels,
+        "--store",
+        str(store),
+        *split,
+        "--seeds",
+        str(config.seeds),
+        "--label-fractions",
+        config.label_fractions,
+    ]
     finetune = [
-        "finetune", "--store", str(store), "--labels", labels, "--ood-sites", config.ood_sites,
-        "--findings", config.finetune_findings, "--workers", workers,
-        "--max-steps", str(config.finetune_max_steps), "--batch-size", str(config.finetune_batch_size), "--name", "vit",
-        *split_config, f"eval_every={config.finetune_eval_every}", f"patience={config.finetune_patience}", *config.finetune,
+        "finetune",
+        "--store",
+        str(store),
+        "--labels",
+        labels,
+        "--ood-sites",
+        config.ood_sites,
+        "--findings",
+        config.finetune_findings,
+        "--workers",
+        workers,
+        "--max-steps",
+        str(config.finetune_max_steps),
+        "--batch-size",
+        str(config.finetune_batch_size),
+        "--name",
+        "vit",
+        *split_config,
+        f"eval_every={config.finetune_eval_every}",
+        f"patience={config.finetune_patience}",
+        *config.finetune,
     ]
     twins = ["--seeds", str(config.finetune_seeds), "--label-fractions", config.finetune_label_fractions]
     # The pretrained arm: the shipped foundation checkpoint, or (when none is named) the demo's own run.
     foundation = config.foundation_model or str(run)
-    pretrain = ["pretrain", "--store", str(store), "--out", str(run), "--config", config.pretrain_config,
-                f"engine.seed={config.seed}", f"data.labels={labels}", f"data.exclude_sites=[{config.ood_sites}]",
-                *config.pretrain]
+    pretrain = [
+        "pretrain",
+        "--store",
+        str(store),
+        "--out",
+        str(run),
+        "--config",
+        config.pretrain_config,
+        f"engine.seed={config.seed}",
+        f"data.labels={labels}",
+        f"data.exclude_sites=[{config.ood_sites}]",
+        *config.pretrain,
+    ]
 
     def embed_and_probe(model: list[str], suffix: str, name: str, arm: str) -> list[list[str]]:
         """Embed with ``model`` into ``embeddings<suffix>``, then probe into ``probe<suffix>`` as ``name`` (``arm``)."""
         embeddings = str(out / f"embeddings{suffix}")
-        return [[*embed, *model, "--out", embeddings],
-                [*probe, "--embeddings", embeddings, "--out", str(out / f"probe{suffix}"), "--model", name, "--arm", arm,
-                 *split_config]]
+        return [
+            [*embed, *model, "--out", embeddings],
+            [
+                *probe,
+                "--embeddings",
+                embeddings,
+                "--out",
+                str(out / f"probe{suffix}"),
+                "--model",
+                name,
+                "--arm",
+                arm,
+                *split_config,
+            ],
+        ]
 
     return [
-        ["synth", "--out", str(cohort), "--n", str(config.n_scans), "--sites", config.sites, "--format", "dicom",
-         "--seed", str(config.seed), "--workers", workers, "--matrix", str(config.matrix)],
-        ["ingest", str(cohort / "dicom"), "--out", str(store), "--workers", workers,
-         f"canonical.shape=[{config.store_shape},{config.store_shape},{config.store_shape}]",
-         f"canonical.spacing_mm={config.store_spacing_mm}"],
+        [
+            "synth",
+            "--out",
+            str(cohort),
+            "--n",
+            str(config.n_scans),
+            "--sites",
+            config.sites,
+            "--format",
+            "dicom",
+            "--seed",
+            str(config.seed),
+            "--workers",
+            workers,
+            "--matrix",
+            str(config.matrix),
+        ],
+        [
+            "ingest",
+            str(cohort / "dicom"),
+            "--out",
+            str(store),
+            "--workers",
+            workers,
+            f"canonical.shape=[{config.store_shape},{config.store_shape},{config.store_shape}]",
+            f"canonical.spacing_mm={config.store_spacing_mm}",
+        ],
         # The demo's own short pretraining shows the verb: stopped half-way, then resumed by the same
         # command. The held-out site stays unseen by pretraining too: its scans test generalisation only.
         [*pretrain, f"engine.stop_at_step={config.pretrain_stop_at_step}"],
         pretrain,
         *embed_and_probe(["--model", foundation], "", "vit-linear-probe", "pretrained"),
         # The floors every pretrained arm must beat, embedded and probed like the pretrained backbone.
-        *embed_and_probe(["--model", "scratch", "--like", foundation], "_random_init", "vit-linear-probe", "random-init"),
+        *embed_and_probe(
+            ["--model", "scratch", "--like", foundation], "_random_init", "vit-linear-probe", "random-init"
+        ),
         *embed_and_probe(["--model", "hu-histogram"], "_hu_histogram", "hu-histogram", "hu-histogram"),
         [*finetune, *twins, "--model", foundation, "--out", str(out / "finetune_pretrained"), "--arm", "pretrained"],
-        [*finetune, *twins, "--model", "scratch", "--like", foundation, "--out", str(out / "finetune_scratch"),
-         "--arm", "scratch"],
+        [
+            *finetune,
+            *twins,
+            "--model",
+            "scratch",
+            "--like",
+            foundation,
+            "--out",
+            str(out / "finetune_scratch"),
+            "--arm",
+            "scratch",
+        ],
         # The ceiling the pretrained model at fewer labels is measured against: scratch on every training label.
-        [*finetune, "--seeds", "1", "--label-fractions", "1", "--model", "scratch", "--like", foundation,
-         "--out", str(out / "finetune_ceiling"), "--arm", "ceiling"],
-        ["evaluate", "--predictions", str(out / "probe"), str(out / "probe_random_init"), str(out / "probe_hu_histogram"),
-         str(out / "finetune_pretrained"), str(out / "finetune_scratch"), str(out / "finetune_ceiling"),
-         "--out", str(out / "evaluation")],
+        [
+            *finetune,
+            "--seeds",
+            "1",
+            "--label-fractions",
+            "1",
+            "--model",
+            "scratch",
+            "--like",
+            foundation,
+            "--out",
+            str(out / "finetune_ceiling"),
+            "--arm",
+            "ceiling",
+        ],
+        [
+            "evaluate",
+            "--predictions",
+            str(out / "probe"),
+            str(out / "probe_random_init"),
+            str(out / "probe_hu_histogram"),
+            str(out / "finetune_pretrained"),
+            str(out / "finetune_scratch"),
+            str(out / "finetune_ceiling"),
+            "--out",
+            str(out / "evaluation"),
+        ],
         ["report", str(out / "evaluation"), "--out", str(out / "report.html"), "--pretraining", foundation],
     ]
 
@@ -168,12 +296,16 @@ def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]
             return status
     print(demo_summary(out / "evaluation", config))
     if config.foundation_model:
-        print(f"\nThe pretrained arm is the shipped checkpoint {config.foundation_model} (pretrained on other synthetic "
-              f"heads, never on site {config.ood_sites}); the demo's own pretraining in {out / 'pretrain'} only shows the "
-              f"verb and its resume and is not evaluated.")
+        print(
+            f"\nThe pretrained arm is the shipped checkpoint {config.foundation_model} (pretrained on other synthetic "
+            f"heads, never on site {config.ood_sites}); the demo's own pretraining in {out / 'pretrain'} only shows the "
+            f"verb and its resume and is not evaluated."
+        )
     minutes = (time.monotonic() - start) / 60
-    print(f"\nThis invocation of the demo took {minutes:.1f} min (set-up and stages a re-run found done not included); "
-          f"the goal for a fresh clone, set-up included, is 10 min on 2 CPU cores.")
+    print(
+        f"\nThis invocation of the demo took {minutes:.1f} min (set-up and stages a re-run found done not included); "
+        f"the goal for a fresh clone, set-up included, is 10 min on 2 CPU cores."
+    )
     print(f"\nreport: {(out / 'report.html').resolve()}")
     return 0
 
@@ -189,9 +321,13 @@ def demo_summary(evaluation_dir: Path, config: DemoConfig) -> str:
     rows = [row for row in evaluation.metrics if row["finding"] == finding and row["label_fraction"]]
     fractions = sorted({row["label_fraction"] for row in rows}, key=float)
     cells = {(row["model"], row["arm"], row["group"], row["label_fraction"]): row for row in rows}
-    lines = [f"\n{finding}: AUROC [95% CI] by share of training labels",
-             f"{'model (arm)':34} {'group':5} " + " ".join(f"{f:>20}" for f in fractions)]
-    for model, arm in sorted({(row["model"], row["arm"]) for row in rows}, key=lambda system: (system[1] in FLOORS, system)):
+    lines = [
+        f"\n{finding}: AUROC [95% CI] by share of training labels",
+        f"{'model (arm)':34} {'group':5} " + " ".join(f"{f:>20}" for f in fractions),
+    ]
+    for model, arm in sorted(
+        {(row["model"], row["arm"]) for row in rows}, key=lambda system: (system[1] in FLOORS, system)
+    ):
         for group in ("ID", "OOD"):
             row_cells = []
             for fraction in fractions:
@@ -206,19 +342,24 @@ def demo_summary(evaluation_dir: Path, config: DemoConfig) -> str:
 
     def of(effects: list[dict], model: str) -> list[dict]:
         """The effects of ``model`` on the summary's finding, by group then label fraction."""
-        return sorted((e for e in effects if e["finding"] == finding and e["model"] == model),
-                      key=lambda e: (e["group"], float(e["label_fraction"] or 0)))
+        return sorted(
+            (e for e in effects if e["finding"] == finding and e["model"] == model),
+            key=lambda e: (e["group"], float(e["label_fraction"] or 0)),
+        )
 
     def difference(e: dict) -> str:
-        return (f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  "
-                f"p={e['p_bootstrap']:.3f} (Holm {e['p_holm']:.3f})")
+        return (
+            f"  {e['group']:4} labels {e['label_fraction']:>5}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]  "
+            f"p={e['p_bootstrap']:.3f} (Holm {e['p_holm']:.3f})"
+        )
 
     lines.append(f"\n{finding}: pretrained - scratch (fine-tuned), AUROC difference [95% CI], paired bootstrap p")
     effects = of(pretraining_effects(evaluation.comparisons), "vit")
     lines += [difference(e) for e in effects]
     better = [f"{e['group']} at {e['label_fraction']}" for e in effects if e["low"] > 0]
     lines.append(
-        f"  pretraining is significantly better at: {', '.join(better)}" if better
+        f"  pretraining is significantly better at: {', '.join(better)}"
+        if better
         else "  at no budget is the pretrained model significantly better than scratch on this run"
     )
     lines += _ceiling_lines(finding, cells, fractions)
@@ -226,12 +367,24 @@ def demo_summary(evaluation_dir: Path, config: DemoConfig) -> str:
     low_budget = min((e["label_fraction"] for e in effects), key=float, default=fractions[0] if fractions else None)
     checks = [("fine-tuned from the pretrained model beats scratch", effects)]
     for floor in FLOORS:
-        lines.append(f"\n{finding}: pretrained linear probe - {floor} floor, AUROC difference [95% CI], paired bootstrap p")
+        lines.append(
+            f"\n{finding}: pretrained linear probe - {floor} floor, AUROC difference [95% CI], paired bootstrap p"
+        )
         floor_effects = of(arm_effects(evaluation.comparisons, floor), "vit-linear-probe")
         lines += [difference(e) for e in floor_effects]
-        cleared = [f"{e['group']} {e['label_fraction']} [{e['low']:+.3f}, {e['high']:+.3f}]" for e in floor_effects if e["low"] > 0]
-        lines.append(f"  pretrained linear probe vs {floor}: "
-                     + (f"clears it (95% CI above 0) at {', '.join(cleared)}" if cleared else "clears it at no budget on this run"))
+        cleared = [
+            f"{e['group']} {e['label_fraction']} [{e['low']:+.3f}, {e['high']:+.3f}]"
+            for e in floor_effects
+            if e["low"] > 0
+        ]
+        lines.append(
+            f"  pretrained linear probe vs {floor}: "
+            + (
+                f"clears it (95% CI above 0) at {', '.join(cleared)}"
+                if cleared
+                else "clears it at no budget on this run"
+            )
+        )
         checks.append((f"the pretrained linear probe beats the {floor} floor", floor_effects))
     lines += claim_lines(finding, low_budget, checks, evaluation.metrics)
     return "\n".join(lines)
@@ -239,35 +392,59 @@ def demo_summary(evaluation_dir: Path, config: DemoConfig) -> str:
 
 def _ceiling_lines(finding: str, cells: dict, fractions: list[str]) -> list[str]:
     """The supervised ceiling (scratch on all training labels) beside the fine-tuned twins at each budget."""
-    ceiling = {group: cells.get(("vit", "ceiling", group, fraction)) for group in ("ID", "OOD") for fraction in fractions
-               if cells.get(("vit", "ceiling", group, fraction))}
+    ceiling = {
+        group: cells.get(("vit", "ceiling", group, fraction))
+        for group in ("ID", "OOD")
+        for fraction in fractions
+        if cells.get(("vit", "ceiling", group, fraction))
+    }
     if not ceiling:
         return [f"\n{finding}: no supervised ceiling in this evaluation"]
-    lines = [f"\n{finding}: the supervised ceiling (scratch, all training labels, early-stopped) and the twins below it"]
+    lines = [
+        f"\n{finding}: the supervised ceiling (scratch, all training labels, early-stopped) and the twins below it"
+    ]
     for group, row in ceiling.items():
-        twins = [f"{arm} at {fraction}: {cells[('vit', arm, group, fraction)]['auroc']:.3f}"
-                 for arm in ("pretrained", "scratch") for fraction in fractions
-                 if cells.get(("vit", arm, group, fraction)) and cells[("vit", arm, group, fraction)]["auroc"] is not None]
-        figure = "not estimable" if row["auroc"] is None else f"{row['auroc']:.3f} [{row['auroc_lo']:.2f},{row['auroc_hi']:.2f}]"
+        twins = [
+            f"{arm} at {fraction}: {cells[('vit', arm, group, fraction)]['auroc']:.3f}"
+            for arm in ("pretrained", "scratch")
+            for fraction in fractions
+            if cells.get(("vit", arm, group, fraction)) and cells[("vit", arm, group, fraction)]["auroc"] is not None
+        ]
+        figure = (
+            "not estimable"
+            if row["auroc"] is None
+            else f"{row['auroc']:.3f} [{row['auroc_lo']:.2f},{row['auroc_hi']:.2f}]"
+        )
         lines.append(f"  {group:4} ceiling {figure}; " + "; ".join(twins))
     return lines
 
 
-def claim_lines(finding: str, fraction: str | None, checks: list[tuple[str, list[dict]]], metrics: list[dict]) -> list[str]:
+def claim_lines(
+    finding: str, fraction: str | None, checks: list[tuple[str, list[dict]]], metrics: list[dict]
+) -> list[str]:
     """The demo's claim at label fraction ``fraction``, ID and OOD, each part met (paired 95% CI above 0) or
     not, with its figure; and the test splits it was judged on (scans, positives)."""
     sizes = {row["group"]: row for row in metrics if row["finding"] == finding}
-    lines = [f"\nThe claim at {fraction} of the training labels ({finding}; test splits: "
-             + ", ".join(f"{g} {sizes[g]['n_scans']} scans, {sizes[g]['n_pos']} positive" for g in ("ID", "OOD") if g in sizes)
-             + "):"]
+    lines = [
+        f"\nThe claim at {fraction} of the training labels ({finding}; test splits: "
+        + ", ".join(
+            f"{g} {sizes[g]['n_scans']} scans, {sizes[g]['n_pos']} positive" for g in ("ID", "OOD") if g in sizes
+        )
+        + "):"
+    ]
     met_all = True
     for what, effects in checks:
         for group in ("ID", "OOD"):
             effect = next((e for e in effects if e["group"] == group and e["label_fraction"] == fraction), None)
             met = effect is not None and effect["low"] > 0
             met_all &= met
-            figure = f"{effect['diff']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]" if effect else "not evaluated"
+            figure = (
+                f"{effect['diff']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]" if effect else "not evaluated"
+            )
             lines.append(f"  {'MET    ' if met else 'NOT MET'} {group:4} {what}: {figure}")
-    lines.append("  the claim holds on this run" if met_all
-                 else "  the claim does NOT hold on this run: pretraining does not pay here (see the figures above)")
+    lines.append(
+        "  the claim holds on this run"
+        if met_all
+        else "  the claim does NOT hold on this run: pretraining does not pay here (see the figures above)"
+    )
     return lines

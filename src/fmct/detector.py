@@ -94,8 +94,11 @@ def store_grid(store_path: str | os.PathLike) -> dict:
         canonical = to_dict(config.canonical)
         if identity.exists():
             canonical = {**canonical, **json.loads(identity.read_text()).get("canonical", {})}
-        return {"canonical": canonical, "selection": to_dict(config.selection),
-                "grid_source": "the training store's ingest settings"}
+        return {
+            "canonical": canonical,
+            "selection": to_dict(config.selection),
+            "grid_source": "the training store's ingest settings",
+        }
     if not store.rows:
         raise InputError(f"{store.path}: an empty store has no grid")
     row = store.rows[0]
@@ -103,8 +106,11 @@ def store_grid(store_path: str | os.PathLike) -> dict:
     if len(spacing) != 1:
         raise InputError(f"{store.path}: the manifest's spacing {row['store_spacing_mm']} is not isotropic")
     canonical = CanonicalConfig(spacing_mm=spacing.pop(), shape=tuple(int(n) for n in row["store_shape"]))
-    return {"canonical": to_dict(canonical), "selection": to_dict(SelectionConfig()),
-            "grid_source": "the training store's manifest (shape, spacing); its other settings fmct's defaults"}
+    return {
+        "canonical": to_dict(canonical),
+        "selection": to_dict(SelectionConfig()),
+        "grid_source": "the training store's manifest (shape, spacing); its other settings fmct's defaults",
+    }
 
 
 def canonical_config(config: dict) -> CanonicalConfig:
@@ -132,8 +138,15 @@ class ProbeScorer(nn.Module):
     ``mean``, ``scale``, ``coef`` are (F, C) and ``intercept`` (F,).
     """
 
-    def __init__(self, backbone: ViT3D, feature: str, mean: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
-                 intercept: torch.Tensor):
+    def __init__(
+        self,
+        backbone: ViT3D,
+        feature: str,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        coef: torch.Tensor,
+        intercept: torch.Tensor,
+    ):
         super().__init__()
         if feature not in PROBE_FEATURES:
             raise ValueError(f"probe feature {feature!r}: choose {', '.join(PROBE_FEATURES)}")
@@ -148,8 +161,9 @@ class ProbeScorer(nn.Module):
         return (standardised * self.coef).sum(dim=-1) + self.intercept
 
 
-class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.0",
-               tags=["fmct", "head-ct", "3d-vit", "detector"]):
+class Detector(
+    nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.0", tags=["fmct", "head-ct", "3d-vit", "detector"]
+):
     """A detector: canonical HU volumes (B, 1, X, Y, Z), any dtype, on the detector's device ->
     calibrated probabilities (B, F) for :attr:`findings`.
 
@@ -165,8 +179,12 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         self.register_buffer("output_index", torch.tensor([outputs.index(f) for f in findings], dtype=torch.long))
         per_finding = [config["per_finding"][f] for f in findings]
         # Float64, as calibrated_probability: a probability at an operating point's threshold stays on its side.
-        self.register_buffer("calibration_a", torch.tensor([p["calibration"]["a"] for p in per_finding], dtype=torch.float64))
-        self.register_buffer("calibration_b", torch.tensor([p["calibration"]["b"] for p in per_finding], dtype=torch.float64))
+        self.register_buffer(
+            "calibration_a", torch.tensor([p["calibration"]["a"] for p in per_finding], dtype=torch.float64)
+        )
+        self.register_buffer(
+            "calibration_b", torch.tensor([p["calibration"]["b"] for p in per_finding], dtype=torch.float64)
+        )
 
     @property
     def findings(self) -> list[str]:
@@ -208,8 +226,9 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         return self.calibrated(self.scores(hu)).float()
 
     @torch.no_grad()
-    def predict(self, scan: str | os.PathLike | Volume | np.ndarray | torch.Tensor,
-                affine: np.ndarray | None = None) -> dict[str, dict]:
+    def predict(
+        self, scan: str | os.PathLike | Volume | np.ndarray | torch.Tensor, affine: np.ndarray | None = None
+    ) -> dict[str, dict]:
         """What ``fmct predict`` says of one scan, per finding: ``probability``, ``score`` (the logit),
         ``positive_<point>`` (probability >= the point's threshold) per operating point, and ``validated``
         (False: its validation split could not tell it from chance, see :func:`unvalidated_findings`).
@@ -228,14 +247,20 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         results = {}
         for f, finding in enumerate(self.findings):
             probability = float(probabilities[f])
-            results[finding] = {"probability": probability, "score": float(scores[0, f]),
-                                **{f"positive_{name}": probability >= point["threshold"]
-                                   for name, point in self.operating_points(finding).items()},
-                                "validated": finding not in not_validated}
+            results[finding] = {
+                "probability": probability,
+                "score": float(scores[0, f]),
+                **{
+                    f"positive_{name}": probability >= point["threshold"]
+                    for name, point in self.operating_points(finding).items()
+                },
+                "validated": finding not in not_validated,
+            }
         return results
 
-    def canonical_hu(self, scan: str | os.PathLike | Volume | np.ndarray | torch.Tensor,
-                     affine: np.ndarray | None = None) -> np.ndarray:
+    def canonical_hu(
+        self, scan: str | os.PathLike | Volume | np.ndarray | torch.Tensor, affine: np.ndarray | None = None
+    ) -> np.ndarray:
         """``scan`` (as :meth:`predict` takes it) as int16 HU on the detector's canonical grid (X, Y, Z)."""
         canonical_grid = canonical_config(self.config)
         if isinstance(scan, (str, os.PathLike)):
@@ -246,11 +271,15 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         if hu.ndim != 3:
             raise InputError(f"expected one HU volume (X, Y, Z), got shape {list(hu.shape)}")
         if affine is not None:
-            return canonical(Volume(hu=hu.astype(np.float32), affine=np.asarray(affine, dtype=np.float64)), canonical_grid).hu
+            return canonical(
+                Volume(hu=hu.astype(np.float32), affine=np.asarray(affine, dtype=np.float64)), canonical_grid
+            ).hu
         if tuple(hu.shape) != tuple(canonical_grid.shape):
-            raise InputError(f"a volume of {list(hu.shape)} voxels is not on this detector's canonical grid "
-                             f"({list(canonical_grid.shape)} voxels of {canonical_grid.spacing_mm} mm, RAS); pass its "
-                             "affine to resample it, or a DICOM folder or NIfTI path")
+            raise InputError(
+                f"a volume of {list(hu.shape)} voxels is not on this detector's canonical grid "
+                f"({list(canonical_grid.shape)} voxels of {canonical_grid.spacing_mm} mm, RAS); pass its "
+                "affine to resample it, or a DICOM folder or NIfTI path"
+            )
         return hu
 
     def operating_points(self, finding: str) -> dict[str, dict]:
@@ -259,8 +288,14 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         return self.config["per_finding"][finding]["operating_points"]
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, fit: str | None = None,
-                        device: str | torch.device = "cpu", **hub_kwargs) -> "Detector":
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        fit: str | None = None,
+        device: str | torch.device = "cpu",
+        **hub_kwargs,
+    ) -> "Detector":
         """The detector of a detector folder or a probe/finetune output folder (:func:`resolve_detector`;
         read here, never from the network); any other name is a Hugging Face Hub repo id that
         huggingface_hub downloads (a detector whose backbone lies inside it)."""
@@ -269,8 +304,9 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
         return super().from_pretrained(str(name_or_path), device=device, **hub_kwargs)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, device: str | torch.device = "cpu", config: dict | None = None,
-                         **download) -> "Detector":
+    def _from_pretrained(
+        cls, *, model_id: str, device: str | torch.device = "cpu", config: dict | None = None, **download
+    ) -> "Detector":
         # A Hub repo id: fetch the folder, then read it like a local one (``config``, the parsed
         # config.json the mixin passes along, is read and checked by load_detector itself).
         return load_detector(hub.hub_snapshot(model_id, **download), device)
@@ -284,8 +320,12 @@ class Detector(nn.Module, ModelHubMixin, library_name="fmct", license="apache-2.
             head = {k: v for k, v in self.scorer.state_dict().items() if not k.startswith("backbone.")}
         # A saved (or pushed) detector carries its backbone, so the folder works anywhere on its own.
         hub.save(self.backbone, save_directory / BACKBONE_DIR, extra=getattr(self.backbone, "hub_extra", {}))
-        config["backbone"] = {"path": BACKBONE_DIR, "name": config["backbone"].get("name", ""), "shipped": False,
-                              "sha256": file_sha256(save_directory / BACKBONE_DIR / hub.WEIGHTS_FILE)}
+        config["backbone"] = {
+            "path": BACKBONE_DIR,
+            "name": config["backbone"].get("name", ""),
+            "shipped": False,
+            "sha256": file_sha256(save_directory / BACKBONE_DIR / hub.WEIGHTS_FILE),
+        }
         write_detector(save_directory, config, head)
 
 
@@ -311,8 +351,12 @@ def backbone_reference(source: hub.ModelSource) -> dict:
     """How a detector names a backbone it does not carry: the model folder's path, its shipped name
     (when it is one) and the sha256 of its weights."""
     shipped = source.model_dir.resolve().parent == hub.SHIPPED_DIR.resolve()
-    return {"path": str(source.model_dir.resolve()), "name": source.model_dir.name if shipped else source.name,
-            "sha256": source.sha256, "shipped": shipped}
+    return {
+        "path": str(source.model_dir.resolve()),
+        "name": source.model_dir.name if shipped else source.name,
+        "sha256": source.sha256,
+        "shipped": shipped,
+    }
 
 
 def read_detector_config(folder: str | os.PathLike) -> dict:
@@ -320,7 +364,9 @@ def read_detector_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG_FILE
     config = hub.read_folder_config(folder, FORMAT, "a detector folder", "a detector")
     if config.get("version") != VERSION:
-        raise CheckpointError(f"{path}: detector version {config.get('version')} is not {VERSION}; made by another fmct")
+        raise CheckpointError(
+            f"{path}: detector version {config.get('version')} is not {VERSION}; made by another fmct"
+        )
     return config
 
 
@@ -353,7 +399,9 @@ def resolve_detector(path: str | os.PathLike, fit: str | None = None) -> Path:
         names = ", ".join(folder.name for folder in fits) or "none"
         raise CheckpointError(f"{path}: no detector fit {fit!r} (fits: {names})")
     if not fits:
-        raise CheckpointError(f"{path}: neither a detector folder nor a probe/finetune output with detectors in {FITS_DIR}/")
+        raise CheckpointError(
+            f"{path}: neither a detector folder nor a probe/finetune output with detectors in {FITS_DIR}/"
+        )
     seed0 = [(folder, read_detector_config(folder)) for folder in fits]
     seed0 = [(folder, config) for folder, config in seed0 if config["provenance"]["seed"] == 0]
     if not seed0:
@@ -371,8 +419,10 @@ def _load_backbone(folder: Path, reference: dict, device: torch.device | str) ->
     if model_dir is None:
         raise CheckpointError(f"{folder / CONFIG_FILE}: its backbone {candidates[0]} is missing")
     if reference.get("sha256") and file_sha256(model_dir / hub.WEIGHTS_FILE) != reference["sha256"]:
-        raise CheckpointError(f"{model_dir / hub.WEIGHTS_FILE}: not the backbone the detector {folder} was fitted on "
-                              f"(sha256 differs from the recorded one)")
+        raise CheckpointError(
+            f"{model_dir / hub.WEIGHTS_FILE}: not the backbone the detector {folder} was fitted on "
+            f"(sha256 differs from the recorded one)"
+        )
     return hub.load(model_dir, device)
 
 
@@ -389,12 +439,16 @@ def load_detector(folder: str | os.PathLike, device: str | torch.device = "cpu")
     backbone = _load_backbone(folder, config["backbone"], "cpu")
     try:
         if config["kind"] == "probe":
-            scorer = ProbeScorer(backbone, config["feature"], head["mean"], head["scale"], head["coef"], head["intercept"])
+            scorer = ProbeScorer(
+                backbone, config["feature"], head["mean"], head["scale"], head["coef"], head["intercept"]
+            )
         else:
             scorer = Classifier(backbone, len(config["scorer_outputs"]), config["head"])
             missing, unexpected = scorer.load_state_dict(head, strict=False)
             if unexpected or [name for name in missing if not name.startswith("backbone.")]:
-                raise KeyError(f"head tensors do not match a {config['head']} head: missing {missing[:3]}, unexpected {unexpected[:3]}")
+                raise KeyError(
+                    f"head tensors do not match a {config['head']} head: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
         detector = Detector(scorer, config)
     except (KeyError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{folder}: detector does not load: {str(error).splitlines()[0]}") from None
@@ -424,10 +478,17 @@ def _interval(metrics: dict, key: str) -> str:
 def _model_index(name: str, config: dict) -> list[dict]:
     """The Hub's model-index of a detector: test AUROC per finding and site group."""
     dataset = SYNTHETIC_DATASET if config["provenance"].get("synthetic") else config["provenance"]["store"]["name"]
-    metrics = [{"type": "roc_auc", "name": f"{finding} AUROC, {group}", "value": round(m["auroc"], 4)}
-               for finding in config["findings"] for group, m in config["provenance"]["metrics"].get(finding, {}).items()
-               if "auroc" in m]
-    return [model_index_entry(name, f"{', '.join(config['findings'])} detection on head CT", dataset, metrics)] if metrics else []
+    metrics = [
+        {"type": "roc_auc", "name": f"{finding} AUROC, {group}", "value": round(m["auroc"], 4)}
+        for finding in config["findings"]
+        for group, m in config["provenance"]["metrics"].get(finding, {}).items()
+        if "auroc" in m
+    ]
+    return (
+        [model_index_entry(name, f"{', '.join(config['findings'])} detection on head CT", dataset, metrics)]
+        if metrics
+        else []
+    )
 
 
 def detector_card(name: str, config: dict) -> str:
@@ -436,72 +497,131 @@ def detector_card(name: str, config: dict) -> str:
     validation status, intended use, limits."""
     provenance = config["provenance"]
     budget = provenance["budget"]
-    budget_text = (f"{budget['label_fraction']:g} of the training labels" if budget.get("label_fraction") is not None
-                   else f"{budget['shots']} positive and {budget['shots']} negative scans per finding")
+    budget_text = (
+        f"{budget['label_fraction']:g} of the training labels"
+        if budget.get("label_fraction") is not None
+        else f"{budget['shots']} positive and {budget['shots']} negative scans per finding"
+    )
     backbone = config["backbone"]
-    backbone_text = ("its own `backbone/` (fine-tuned weights)" if backbone["path"] == BACKBONE_DIR
-                     else f"`{backbone.get('name') or backbone['path']}` (sha256 {backbone.get('sha256', '')[:12]}..., by reference)")
+    backbone_text = (
+        "its own `backbone/` (fine-tuned weights)"
+        if backbone["path"] == BACKBONE_DIR
+        else f"`{backbone.get('name') or backbone['path']}` (sha256 {backbone.get('sha256', '')[:12]}..., by reference)"
+    )
     canonical = config["canonical"]
     synthetic = provenance.get("synthetic", False)
-    model = (f"- {config['kind']} detector, head `{config['head']}`" + (f" on the `{config['feature']}` feature" if config.get("feature") else "")
-             + f"; backbone {backbone_text}.\n"
-             f"- Input: the scan resampled to fmct's canonical grid ({list(canonical['shape'])} voxels of {canonical['spacing_mm']} mm, "
-             f"RAS, centred on the head; {config['grid_source']}), resized whole to {config['input_size']} voxels, HU windows "
-             f"{config['windows_hu']} (level, width).\n"
-             "- Output: per finding a logit and its probability (the calibration below); a scan is positive at an "
-             "operating point when its probability is at least the point's threshold.")
-    data = "\n".join([
-        ("- **Synthetic data**: the scans are `fmct synth` phantoms, not patients. Nothing here says how the detector "
-         "does on real CT; not for clinical use." if synthetic else "- Data: real scans as ingested by fmct."),
-        f"- Labels: `{provenance['labels']['spec']}` (sha256 {provenance['labels']['sha256'][:12]}...); store "
-        f"`{(provenance.get('store') or {}).get('name', 'not recorded')}` (manifest sha256 "
-        f"{(provenance.get('store') or {}).get('manifest_sha256', '')[:12]}...).",
-        f"- Scans per split: {provenance['scans_per_split']}; held-out sites (test only): {provenance.get('ood_sites') or 'none'}.",
-        f"- Trained on {budget_text}, seed {provenance['seed']}: "
-        + ", ".join(f"{f} {n['pos']} positive / {n['neg']} negative" for f, n in provenance["n_train"].items()) + "."])
-    metrics = ["| finding | group | scans (pos/neg) | AUROC | sensitivity @ spec90 | specificity @ spec90 | sensitivity @ spec95 | specificity @ spec95 |",
-               "|---|---|---|---|---|---|---|---|"]
+    model = (
+        f"- {config['kind']} detector, head `{config['head']}`"
+        + (f" on the `{config['feature']}` feature" if config.get("feature") else "")
+        + f"; backbone {backbone_text}.\n"
+        f"- Input: the scan resampled to fmct's canonical grid ({list(canonical['shape'])} voxels of {canonical['spacing_mm']} mm, "
+        f"RAS, centred on the head; {config['grid_source']}), resized whole to {config['input_size']} voxels, HU windows "
+        f"{config['windows_hu']} (level, width).\n"
+        "- Output: per finding a logit and its probability (the calibration below); a scan is positive at an "
+        "operating point when its probability is at least the point's threshold."
+    )
+    data = "\n".join(
+        [
+            (
+                "- **Synthetic data**: the scans are `fmct synth` phantoms, not patients. Nothing here says how the detector "
+                "does on real CT; not for clinical use."
+                if synthetic
+                else "- Data: real scans as ingested by fmct."
+            ),
+            f"- Labels: `{provenance['labels']['spec']}` (sha256 {provenance['labels']['sha256'][:12]}...); store "
+            f"`{(provenance.get('store') or {}).get('name', 'not recorded')}` (manifest sha256 "
+            f"{(provenance.get('store') or {}).get('manifest_sha256', '')[:12]}...).",
+            f"- Scans per split: {provenance['scans_per_split']}; held-out sites (test only): {provenance.get('ood_sites') or 'none'}.",
+            f"- Trained on {budget_text}, seed {provenance['seed']}: "
+            + ", ".join(f"{f} {n['pos']} positive / {n['neg']} negative" for f, n in provenance["n_train"].items())
+            + ".",
+        ]
+    )
+    metrics = [
+        "| finding | group | scans (pos/neg) | AUROC | sensitivity @ spec90 | specificity @ spec90 | sensitivity @ spec95 | specificity @ spec95 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for finding in config["findings"]:
         for group, m in provenance["metrics"].get(finding, {}).items():
-            cells = [_interval(m, k) for k in ("auroc", "sensitivity_spec90", "specificity_spec90", "sensitivity_spec95", "specificity_spec95")]
-            metrics.append(f"| {finding} | {group} | {m['n_scans']} ({m['n_pos']}/{m['n_neg']}) | " + " | ".join(cells) + " |")
-    points = ["| finding | validation (pos/neg) | validation AUROC [95 % CI] | calibration | point | probability threshold | score threshold | val sensitivity | val specificity |",
-              "|---|---|---|---|---|---|---|---|---|"]
+            cells = [
+                _interval(m, k)
+                for k in (
+                    "auroc",
+                    "sensitivity_spec90",
+                    "specificity_spec90",
+                    "sensitivity_spec95",
+                    "specificity_spec95",
+                )
+            ]
+            metrics.append(
+                f"| {finding} | {group} | {m['n_scans']} ({m['n_pos']}/{m['n_neg']}) | " + " | ".join(cells) + " |"
+            )
+    points = [
+        "| finding | validation (pos/neg) | validation AUROC [95 % CI] | calibration | point | probability threshold | score threshold | val sensitivity | val specificity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for finding in config["findings"]:
         entry = config["per_finding"][finding]
         validation, calibration = entry["validation"], entry["calibration"]
-        interval = (f" [{validation['auroc_lo']:.3f}, {validation['auroc_hi']:.3f}]" if "auroc_lo" in validation else "")
+        interval = f" [{validation['auroc_lo']:.3f}, {validation['auroc_hi']:.3f}]" if "auroc_lo" in validation else ""
         for point_name, point in entry["operating_points"].items():
-            points.append(f"| {finding} | {validation['n_pos']}/{validation['n_neg']} | {validation['auroc']:.3f}{interval} | "
-                          f"{calibration['method']} | {point_name} | {point['threshold']:.4g} | "
-                          f"{point.get('score_threshold', float('nan')):.4g} | {point['val_sensitivity']:.3f} | {point['val_specificity']:.3f} |")
-    warnings = [f"- **{finding} is not validated**: {reason}. Do not trust its probabilities; `fmct predict` warns, and "
-                "refuses it with `--require-validated`." for finding, reason in unvalidated_findings(config).items()]
-    warnings += [f"- {finding}: {entry['calibration']['reason']}." for finding, entry in
-                 ((f, config["per_finding"][f]) for f in config["findings"]) if entry["calibration"].get("reason")]
+            points.append(
+                f"| {finding} | {validation['n_pos']}/{validation['n_neg']} | {validation['auroc']:.3f}{interval} | "
+                f"{calibration['method']} | {point_name} | {point['threshold']:.4g} | "
+                f"{point.get('score_threshold', float('nan')):.4g} | {point['val_sensitivity']:.3f} | {point['val_specificity']:.3f} |"
+            )
+    warnings = [
+        f"- **{finding} is not validated**: {reason}. Do not trust its probabilities; `fmct predict` warns, and "
+        "refuses it with `--require-validated`."
+        for finding, reason in unvalidated_findings(config).items()
+    ]
+    warnings += [
+        f"- {finding}: {entry['calibration']['reason']}."
+        for finding, entry in ((f, config["per_finding"][f]) for f in config["findings"])
+        if entry["calibration"].get("reason")
+    ]
     if config.get("left_out"):
-        warnings.append("- Findings trained but left out of this detector: "
-                        + "; ".join(f"{f}: {reason}" for f, reason in config["left_out"].items()) + ".")
-    limits = ("- Not a medical device; never use it for a clinical decision.\n"
-              "- Validation and test splits are small: the CIs above are wide, and thresholds chosen on tens of validation "
-              "scans move when the population or scanner changes; recalibrate on local scans.\n"
-              "- Scans must be head CT that fmct's ingest accepts (axial series, the selection rules above); other anatomy "
-              "or modalities give meaningless probabilities.")
+        warnings.append(
+            "- Findings trained but left out of this detector: "
+            + "; ".join(f"{f}: {reason}" for f, reason in config["left_out"].items())
+            + "."
+        )
+    limits = (
+        "- Not a medical device; never use it for a clinical decision.\n"
+        "- Validation and test splits are small: the CIs above are wide, and thresholds chosen on tens of validation "
+        "scans move when the population or scanner changes; recalibrate on local scans.\n"
+        "- Scans must be head CT that fmct's ingest accepts (axial series, the selection rules above); other anatomy "
+        "or modalities give meaningless probabilities."
+    )
     return render_card(
         name,
         f"A detector of {', '.join(config['findings'])} on head CT from `fmct {provenance['verb']}`"
-        + (", trained and measured on **synthetic** scans only" if synthetic else "") + ". Run it with "
+        + (", trained and measured on **synthetic** scans only" if synthetic else "")
+        + ". Run it with "
         "`fmct predict --model FOLDER --out OUT SCAN...`, export it with `fmct export`, or in Python "
         "`fmct.detector.Detector.from_pretrained(FOLDER).predict(scan)`.",
-        [("Model", model), ("Data", data),
-         ("Recipe", f"`fmct {provenance['verb']}` with " + ", ".join(f"{k} {v}" for k, v in provenance["recipe"].items()) + "."),
-         ("Metrics (test splits, this fit; patient-level bootstrap 95 % CI)", "\n".join(metrics)),
-         ("Operating points, calibration and validation (set on the validation split)",
-          "\n".join(points) + ("\n\n" + "\n".join(warnings) if warnings else "")),
-         ("Intended use", "Research on head CT detection with few labels: ranking scans, comparing recipes, looking at what a "
-                          "model attends to (`fmct predict --saliency`). Thresholds hold the validation split's specificity "
-                          "only on scans like it."),
-         ("Limits", limits)],
+        [
+            ("Model", model),
+            ("Data", data),
+            (
+                "Recipe",
+                f"`fmct {provenance['verb']}` with "
+                + ", ".join(f"{k} {v}" for k, v in provenance["recipe"].items())
+                + ".",
+            ),
+            ("Metrics (test splits, this fit; patient-level bootstrap 95 % CI)", "\n".join(metrics)),
+            (
+                "Operating points, calibration and validation (set on the validation split)",
+                "\n".join(points) + ("\n\n" + "\n".join(warnings) if warnings else ""),
+            ),
+            (
+                "Intended use",
+                "Research on head CT detection with few labels: ranking scans, comparing recipes, looking at what a "
+                "model attends to (`fmct predict --saliency`). Thresholds hold the validation split's specificity "
+                "only on scans like it.",
+            ),
+            ("Limits", limits),
+        ],
         tags=["head-ct", "medical-imaging", "detector"] + (["synthetic-data"] if synthetic else []),
         datasets=[SYNTHETIC_DATASET] if synthetic else None,
         base_model=backbone.get("name") or None,

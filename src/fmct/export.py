@@ -39,11 +39,12 @@ def _require(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise UsageError(f"fmct export needs {module}: pip install \"fmct[export]\"") from None
+        raise UsageError(f'fmct export needs {module}: pip install "fmct[export]"') from None
 
 
-def export_onnx(model: str | os.PathLike, out: str | os.PathLike, fit: str | None = None,
-                check_hu: np.ndarray | None = None) -> dict:
+def export_onnx(
+    model: str | os.PathLike, out: str | os.PathLike, fit: str | None = None, check_hu: np.ndarray | None = None
+) -> dict:
     """Write the detector of ``model`` (a detector folder or a probe/finetune output, ``fit`` naming a
     fit) to the ONNX file ``out`` (atomically, after the check) and return the check's figures.
 
@@ -64,12 +65,20 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, fit: str | Non
         warnings.simplefilter("ignore")
         path = Path(scratch) / "detector.onnx"
         program = torch.onnx.export(
-            detector, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes={"hu": {0: torch.export.Dim("batch", min=1)}}, opset_version=OPSET, verbose=False,
+            detector,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"hu": {0: torch.export.Dim("batch", min=1)}},
+            opset_version=OPSET,
+            verbose=False,
         )
         program.save(str(path))
         proto = onnx.load(str(path))
-        onnx.helper.set_model_props(proto, {"fmct_detector": json.dumps(detector.config), "findings": ",".join(detector.findings)})
+        onnx.helper.set_model_props(
+            proto, {"fmct_detector": json.dumps(detector.config), "findings": ",".join(detector.findings)}
+        )
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()
     check_hu = _check_scans(shape) if check_hu is None else np.asarray(check_hu, dtype=np.float32)
@@ -81,8 +90,15 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, fit: str | Non
     if not difference <= TOLERANCE:
         raise UsageError(f"{out}: not written: ONNX Runtime differs from PyTorch by {difference:.2g} (> {TOLERANCE:g})")
     atomic_write_bytes(Path(out), data)
-    return {"path": str(out), "detector": str(folder), "findings": detector.findings, "input_shape": ["batch", 1, *shape],
-            "max_abs_difference": difference, "check_batch": int(check_hu.shape[0]), "bytes": len(data)}
+    return {
+        "path": str(out),
+        "detector": str(folder),
+        "findings": detector.findings,
+        "input_shape": ["batch", 1, *shape],
+        "max_abs_difference": difference,
+        "check_batch": int(check_hu.shape[0]),
+        "bytes": len(data),
+    }
 
 
 def _check_scans(shape: tuple[int, int, int]) -> np.ndarray:
@@ -90,7 +106,7 @@ def _check_scans(shape: tuple[int, int, int]) -> np.ndarray:
     one with a 70 HU blob; enough to exercise every window and the resize."""
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) / n for n in shape], indexing="ij"))
-    radius = np.sqrt((grid ** 2).sum(0)) / 0.44
+    radius = np.sqrt((grid**2).sum(0)) / 0.44
     heads = []
     for blob in (False, True):
         hu = np.where(radius < 1.0, 1000.0, -1000.0)

@@ -29,19 +29,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import ModelHubMixin, snapshot_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from huggingface_hub import ModelHubMixin, snapshot_download
 
+from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.card import render_card
-from fmct.paths import without_machine_paths
-from fmct.models.windows import DEFAULT_WINDOWS, hu_batch, model_input
 from fmct.devices import unwrap
 from fmct.errors import CheckpointError, ConfigError, UsageError
 from fmct.fingerprint import file_sha256
 from fmct.models.vit3d import ViT3D, ViT3DConfig
-from fmct.atomic import atomic_write_bytes, atomic_write_text
+from fmct.models.windows import DEFAULT_WINDOWS, hu_batch, model_input
+from fmct.paths import without_machine_paths
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -74,10 +74,14 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if (backbone / CONFIG_FILE).is_file() and (backbone / WEIGHTS_FILE).is_file():
         return backbone
     if backbone.is_dir():
-        raise CheckpointError(f"{backbone}: pretraining run without a finished backbone ({CONFIG_FILE} + {WEIGHTS_FILE})")
+        raise CheckpointError(
+            f"{backbone}: pretraining run without a finished backbone ({CONFIG_FILE} + {WEIGHTS_FILE})"
+        )
     names = ", ".join(shipped_models()) or "none"
-    raise CheckpointError(f"{path}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), a pretraining run (backbone/) "
-                          f"nor a shipped model ({names})")
+    raise CheckpointError(
+        f"{path}: not a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}), a pretraining run (backbone/) "
+        f"nor a shipped model ({names})"
+    )
 
 
 TRAINING_LOG = "log.jsonl"
@@ -114,7 +118,9 @@ def save(model: ViT3D, folder: str | os.PathLike, extra: dict | None = None) -> 
     if clashes:
         raise ValueError(f"hub.save: extra metadata may not use the config.json keys {', '.join(clashes)}")
     try:
-        config_text = json.dumps({"format": FORMAT, "version": VERSION, **dataclasses.asdict(model.config), **extra}, indent=2)
+        config_text = json.dumps(
+            {"format": FORMAT, "version": VERSION, **dataclasses.asdict(model.config), **extra}, indent=2
+        )
     except TypeError as error:
         raise TypeError(f"hub.save: extra metadata is not JSON-serialisable: {error}") from None
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
@@ -130,30 +136,47 @@ def model_card(name: str, config: ViT3DConfig, extra: dict) -> str:
     windows = extra.get("windows") or [list(w) for w in DEFAULT_WINDOWS]
     finetuned_from = extra.get("finetuned_from") or {}
     if finetuned_from:
-        data = (f"Fine-tuned on labelled scans by `fmct finetune` from `{finetuned_from.get('name', '?')}` (sha256 "
-                f"{finetuned_from.get('checkpoint_sha256') or 'none: random init'}); the detector folder around it "
-                "records the labels, splits and budget.")
+        data = (
+            f"Fine-tuned on labelled scans by `fmct finetune` from `{finetuned_from.get('name', '?')}` (sha256 "
+            f"{finetuned_from.get('checkpoint_sha256') or 'none: random init'}); the detector folder around it "
+            "records the labels, splits and budget."
+        )
         recipe = "Part of a detector fitted by `fmct finetune`: see its `config.json` and model card."
     else:
         store = extra.get("store")
         name = store.get("name") if isinstance(store, dict) else store  # older folders recorded a path
         data = f"Pretrained by `fmct pretrain` on the store `{name}`." if name else "Not recorded."
-        recipe = ", ".join(f"{key} {extra[key]}" for key in ("method", "step", "config_sha256") if key in extra) or "Not recorded."
-    model = (f"- ViT3D {config.size}: {config.depth} blocks, width {config.embed_dim}, {config.n_heads} heads, patch "
-             f"{list(config.patch_size)} voxels, input {list(config.img_size)} voxels, {config.n_registers} register token(s).\n"
-             f"- Input channels: the HU windows {windows} (level, width) of the canonical volume (RAS) resized whole to the "
-             "input (`ViT3DModel.preprocess`).")
+        recipe = (
+            ", ".join(f"{key} {extra[key]}" for key in ("method", "step", "config_sha256") if key in extra)
+            or "Not recorded."
+        )
+    model = (
+        f"- ViT3D {config.size}: {config.depth} blocks, width {config.embed_dim}, {config.n_heads} heads, patch "
+        f"{list(config.patch_size)} voxels, input {list(config.img_size)} voxels, {config.n_registers} register token(s).\n"
+        f"- Input channels: the HU windows {windows} (level, width) of the canonical volume (RAS) resized whole to the "
+        "input (`ViT3DModel.preprocess`)."
+    )
     return render_card(
         name,
         "A 3D ViT backbone for head CT from fmct. Load it with `fmct.hub.ViT3DModel.from_pretrained(FOLDER)` (no "
         "network for a local folder), or pass the folder as `--model` to `fmct embed` and `fmct finetune`.",
-        [("Model", model), ("Data", data), ("Recipe", recipe),
-         ("Metrics", "A backbone has no metrics of its own: `fmct probe` and `fmct finetune` measure what detectors made "
-                     "from it find (AUROC with patient-level bootstrap 95 % CIs), and their detector folders' model cards "
-                     "state them."),
-         ("Intended use", "Research: features for probes and a starting point for fine-tuning in fmct's pipeline."),
-         ("Limits", "Not a medical device and not validated for any clinical decision. Features carry whatever the "
-                    "pretraining data held; measure a detector made from it on your own scans before trusting it.")],
+        [
+            ("Model", model),
+            ("Data", data),
+            ("Recipe", recipe),
+            (
+                "Metrics",
+                "A backbone has no metrics of its own: `fmct probe` and `fmct finetune` measure what detectors made "
+                "from it find (AUROC with patient-level bootstrap 95 % CIs), and their detector folders' model cards "
+                "state them.",
+            ),
+            ("Intended use", "Research: features for probes and a starting point for fine-tuning in fmct's pipeline."),
+            (
+                "Limits",
+                "Not a medical device and not validated for any clinical decision. Features carry whatever the "
+                "pretraining data held; measure a detector made from it on your own scans before trusting it.",
+            ),
+        ],
         tags=["head-ct", "3d-vit", "medical-imaging", "backbone"],
         base_model=finetuned_from.get("name") or None,
     )
@@ -231,7 +254,9 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> "ViT3
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()
-        raise CheckpointError(f"{weights_path}: weights do not match {config_path}: {' '.join(r.strip() for r in reason[:3])}") from None
+        raise CheckpointError(
+            f"{weights_path}: weights do not match {config_path}: {' '.join(r.strip() for r in reason[:3])}"
+        ) from None
     model.hub_extra = read_extra(folder)
     return model.to(device).eval()
 
@@ -259,7 +284,9 @@ class ViT3DModel(ViT3D, ModelHubMixin, library_name="fmct", license="apache-2.0"
         return model_input(hu_batch(hu).to(self.pos_embed.device), self.config.img_size, self.windows)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", **hub_kwargs) -> "ViT3DModel":
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", **hub_kwargs
+    ) -> "ViT3DModel":
         """The model of a model folder, a pretraining run or a shipped name (read here, never from the
         network); any other name is a Hugging Face Hub repo id, which huggingface_hub downloads (its
         ``revision``, ``cache_dir``, ``local_files_only``, ``token`` apply)."""
@@ -268,8 +295,9 @@ class ViT3DModel(ViT3D, ModelHubMixin, library_name="fmct", license="apache-2.0"
         return super().from_pretrained(str(name_or_path), device=device, **hub_kwargs)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, device: str | torch.device = "cpu", config: dict | None = None,
-                         **download) -> "ViT3DModel":
+    def _from_pretrained(
+        cls, *, model_id: str, device: str | torch.device = "cpu", config: dict | None = None, **download
+    ) -> "ViT3DModel":
         # A Hub repo id: fetch the folder, then read it like a local one (``config``, the parsed
         # config.json the mixin passes along, is read from the folder by load itself).
         return load(hub_snapshot(model_id, **download), device)
@@ -335,9 +363,14 @@ class ModelSource:
 
     def identity(self) -> dict:
         """What decides the backbone's weights and input, as run records keep it."""
-        return {"name": self.name, "model_path": str(self.model_dir.resolve()) if self.model_dir else "",
-                "like": str(self.like_dir.resolve()) if self.like_dir else "", "checkpoint_sha256": self.sha256,
-                "model_config": dataclasses.asdict(self.config), "windows_hu": [list(w) for w in self.windows]}
+        return {
+            "name": self.name,
+            "model_path": str(self.model_dir.resolve()) if self.model_dir else "",
+            "like": str(self.like_dir.resolve()) if self.like_dir else "",
+            "checkpoint_sha256": self.sha256,
+            "model_config": dataclasses.asdict(self.config),
+            "windows_hu": [list(w) for w in self.windows],
+        }
 
 
 def resolve_model(model: str, like: str | None = None, architecture: ViT3DConfig | None = None) -> ModelSource:
@@ -355,9 +388,13 @@ def resolve_model(model: str, like: str | None = None, architecture: ViT3DConfig
         return ModelSource(model_name(model_dir), read_architecture(model_dir), model_windows(model_dir), model_dir)
     if like is not None:
         like_dir = resolve_model_dir(like)
-        return ModelSource(model_name(like_dir), read_architecture(like_dir), model_windows(like_dir), like_dir=like_dir)
+        return ModelSource(
+            model_name(like_dir), read_architecture(like_dir), model_windows(like_dir), like_dir=like_dir
+        )
     if architecture is None:
-        raise UsageError(f"--model {RANDOM_INIT} needs --like RUN|DIR|NAME: the model whose architecture and windows it takes")
+        raise UsageError(
+            f"--model {RANDOM_INIT} needs --like RUN|DIR|NAME: the model whose architecture and windows it takes"
+        )
     return ModelSource(f"vit-{architecture.size}", architecture, list(DEFAULT_WINDOWS))
 
 

@@ -55,8 +55,8 @@ from fmct.devices import autocast, default_device
 from fmct.errors import UsageError
 from fmct.fingerprint import file_sha256, settings_sha256
 from fmct.io.nifti import write_nifti
-from fmct.log import logger
 from fmct.io.volume import Volume
+from fmct.log import logger
 from fmct.paths import relative_to
 from fmct.pseudonym import PseudonymKey, load_key
 from fmct.scans import ScanJob, ScanResult, WorkerPool, died, failed, plan_scans, read_canonical
@@ -94,8 +94,10 @@ class PredictSummary:
         return self.n_scans > 0 or not self.errors
 
     def describe(self) -> str:
-        lines = [f"predict: {self.n_scans} scans ({self.n_reused} reused) in {self.seconds:.1f} s -> "
-                 f"{self.out / 'predictions.csv'}"]
+        lines = [
+            f"predict: {self.n_scans} scans ({self.n_reused} reused) in {self.seconds:.1f} s -> "
+            f"{self.out / 'predictions.csv'}"
+        ]
         if self.errors:
             lines.append(f"  skipped {len(self.errors)} inputs or scans; reasons in {self.out / 'errors.csv'}")
         return "\n".join(lines)
@@ -142,14 +144,27 @@ def predict(
         raise UsageError(f"{folder}: not validated, refused (--require-validated): {'; '.join(warnings)}")
     for warning in warnings:
         logger.warning(f"predict: WARNING: {warning}; its probabilities are not to be trusted")
-    ingest_config = IngestConfig(selection=detectors.selection_config(recorded), canonical=detectors.canonical_config(recorded))
+    ingest_config = IngestConfig(
+        selection=detectors.selection_config(recorded), canonical=detectors.canonical_config(recorded)
+    )
     with WorkerPool(partial(_read_job, config=ingest_config, key=key), config.workers) as readers:
         readers.start(config.workers)  # forked before the model (and any CUDA context) exists in this process
         return _predict(folder, readers, ingest_config, paths, out, config, key, device, started, progress, warnings)
 
 
-def _predict(folder: Path, readers: WorkerPool, ingest_config: IngestConfig, paths, out: Path, config: PredictConfig,
-             key: PseudonymKey, device: torch.device, started: float, progress: bool, warnings: list[str]) -> PredictSummary:
+def _predict(
+    folder: Path,
+    readers: WorkerPool,
+    ingest_config: IngestConfig,
+    paths,
+    out: Path,
+    config: PredictConfig,
+    key: PseudonymKey,
+    device: torch.device,
+    started: float,
+    progress: bool,
+    warnings: list[str],
+) -> PredictSummary:
     detector = detectors.load_detector(folder, device)
     fingerprint = _detector_fingerprint(folder, detector.config)
     save_config(config, out / "config.yaml")
@@ -193,11 +208,25 @@ def _predict(folder: Path, readers: WorkerPool, ingest_config: IngestConfig, pat
     columns += [f"{kind}_{point}" for point in points for kind in ("threshold", "positive")]
     columns += SALIENCY_COLUMNS if config.saliency else []
     atomic_write_text(out / "predictions.csv", rows_to_csv(rows, columns))
-    atomic_write_text(out / "errors.csv", rows_to_csv([{**e, "reason": scrub(e["reason"])} for e in errors], ERROR_COLUMNS))
-    atomic_write_text(out / "predict.json", json.dumps({
-        "detector": relative_to(folder, out), "detector_fingerprint": fingerprint, "findings": detector.findings,
-        "warnings": warnings, "n_scans": summary.n_scans, "n_errors": len(errors), "device": str(device),
-        "pseudonym_key_fingerprint": key.fingerprint}, indent=2))
+    atomic_write_text(
+        out / "errors.csv", rows_to_csv([{**e, "reason": scrub(e["reason"])} for e in errors], ERROR_COLUMNS)
+    )
+    atomic_write_text(
+        out / "predict.json",
+        json.dumps(
+            {
+                "detector": relative_to(folder, out),
+                "detector_fingerprint": fingerprint,
+                "findings": detector.findings,
+                "warnings": warnings,
+                "n_scans": summary.n_scans,
+                "n_errors": len(errors),
+                "device": str(device),
+                "pseudonym_key_fingerprint": key.fingerprint,
+            },
+            indent=2,
+        ),
+    )
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -205,8 +234,14 @@ def _predict(folder: Path, readers: WorkerPool, ingest_config: IngestConfig, pat
 def _path_scrubber(paths: list[str | os.PathLike]):
     """A function that replaces the given PATHs (as given and resolved) in a reason by ``<input N>``: a
     reader's message may quote a path, and a path may name a patient."""
-    spelled = sorted(((str(spelling), f"<input {n}>") for n, path in enumerate(paths, start=1)
-                      for spelling in {str(path), str(Path(path).resolve())}), key=lambda pair: -len(pair[0]))
+    spelled = sorted(
+        (
+            (str(spelling), f"<input {n}>")
+            for n, path in enumerate(paths, start=1)
+            for spelling in {str(path), str(Path(path).resolve())}
+        ),
+        key=lambda pair: -len(pair[0]),
+    )
 
     def scrub(reason: str) -> str:
         for text, name in spelled:
@@ -231,10 +266,23 @@ def _finished(out: Path, scan_id: str, fingerprint: str, with_saliency: bool) ->
 class _Run:
     """The detector on the device, and what one batch of canonical scans turns into."""
 
-    def __init__(self, detector: detectors.Detector, folder: Path, fingerprint: str, config: PredictConfig,
-                 out: Path, device: torch.device):
+    def __init__(
+        self,
+        detector: detectors.Detector,
+        folder: Path,
+        fingerprint: str,
+        config: PredictConfig,
+        out: Path,
+        device: torch.device,
+    ):
         self.detector, self.folder, self.fingerprint, self.config, self.out, self.device = (
-            detector, folder, fingerprint, config, out, device)
+            detector,
+            folder,
+            fingerprint,
+            config,
+            out,
+            device,
+        )
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.points = {f: detector.operating_points(f) for f in detector.findings}
 
@@ -251,36 +299,64 @@ class _Run:
         scores = scores.cpu().numpy()
         records = {}
         for b, (job, volume, source_affine, source_shape) in enumerate(items):
-            extra = self._saliency(job, x[b : b + 1], volume, source_affine, source_shape, probabilities[b]) \
-                if self.config.saliency else [{} for _ in self.detector.findings]
+            extra = (
+                self._saliency(job, x[b : b + 1], volume, source_affine, source_shape, probabilities[b])
+                if self.config.saliency
+                else [{} for _ in self.detector.findings]
+            )
             rows = []
             for f, finding in enumerate(self.detector.findings):
-                row = {"scan_id": job.scan_id, "finding": finding, "probability": float(probabilities[b, f]),
-                       "score": float(scores[b, f]), **extra[f]}
+                row = {
+                    "scan_id": job.scan_id,
+                    "finding": finding,
+                    "probability": float(probabilities[b, f]),
+                    "score": float(scores[b, f]),
+                    **extra[f],
+                }
                 for point, values in self.points[finding].items():
                     row[f"threshold_{point}"] = values["threshold"]
                     row[f"positive_{point}"] = int(row["probability"] >= values["threshold"])
                 rows.append(row)
-            record = {"scan_id": job.scan_id, "detector": self.fingerprint, "saliency": self.config.saliency, "rows": rows}
+            record = {
+                "scan_id": job.scan_id,
+                "detector": self.fingerprint,
+                "saliency": self.config.saliency,
+                "rows": rows,
+            }
             atomic_write_text(self.out / "scans" / f"{job.scan_id}.json", json.dumps(record))  # last: the scan is done
             records[job.scan_id] = record
         return records
 
-    def _saliency(self, job: ScanJob, x: torch.Tensor, volume, source_affine: np.ndarray, source_shape,
-                  probabilities: np.ndarray) -> list[dict]:
+    def _saliency(
+        self, job: ScanJob, x: torch.Tensor, volume, source_affine: np.ndarray, source_shape, probabilities: np.ndarray
+    ) -> list[dict]:
         """Write the heatmaps of one scan (NIfTI on its source grid, PNG overlay); their columns per finding."""
         with autocast(self.device):
-            attributions = saliency.integrated_gradients(self.detector, x, self.config.saliency_steps, self.config.batch_size * 4)
-        maps = saliency.on_canonical_grid(attributions, volume.hu.shape, float(volume.spacing_mm[0]), self.config.saliency_sigma_mm)
+            attributions = saliency.integrated_gradients(
+                self.detector, x, self.config.saliency_steps, self.config.batch_size * 4
+            )
+        maps = saliency.on_canonical_grid(
+            attributions, volume.hu.shape, float(volume.spacing_mm[0]), self.config.saliency_sigma_mm
+        )
         columns = []
         for f, finding in enumerate(self.detector.findings):
             stem = f"saliency/{job.scan_id}/{finding}"  # the layout fmct report looks for beside predictions
-            write_nifti(self.out / f"{stem}.nii.gz", saliency.to_source_grid(maps[f], volume.affine, source_affine, source_shape),
-                        source_affine)
+            write_nifti(
+                self.out / f"{stem}.nii.gz",
+                saliency.to_source_grid(maps[f], volume.affine, source_affine, source_shape),
+                source_affine,
+            )
             peak = saliency.peak_voxel(maps[f])
             world = volume.affine[:3, :3] @ np.array(peak, dtype=np.float64) + volume.affine[:3, 3]
             title = f"{job.scan_id}  {finding}  p = {probabilities[f]:.2f}"
             atomic_write_bytes(self.out / f"{stem}.png", saliency.overlay_png(volume.hu, maps[f], world, title))
-            columns.append({"peak_x_mm": float(world[0]), "peak_y_mm": float(world[1]), "peak_z_mm": float(world[2]),
-                            "saliency_nifti": f"{stem}.nii.gz", "saliency_png": f"{stem}.png"})
+            columns.append(
+                {
+                    "peak_x_mm": float(world[0]),
+                    "peak_y_mm": float(world[1]),
+                    "peak_z_mm": float(world[2]),
+                    "saliency_nifti": f"{stem}.nii.gz",
+                    "saliency_png": f"{stem}.png",
+                }
+            )
         return columns

@@ -59,7 +59,9 @@ def head_mask(volume: Volume, threshold_hu: float = -300.0) -> tuple[np.ndarray,
     affine = volume.affine.copy()
     affine[:3, :3] = affine[:3, :3] * step
     if np.mean(coarse < -500) < 0.01:
-        raise ScanError("not CT in HU: under 1% of voxels are air (< -500 HU); a mask, a label map or another modality?")
+        raise ScanError(
+            "not CT in HU: under 1% of voxels are air (< -500 HU); a mask, a label map or another modality?"
+        )
     body = coarse > threshold_hu
     radius = np.maximum(1, np.round(6.0 / (volume.spacing_mm * step)).astype(int))
     opened = ndimage.binary_opening(body, structure=_ellipsoid(radius))
@@ -91,19 +93,35 @@ def head_centre(volume: Volume, config: CanonicalConfig) -> np.ndarray:
     return np.array([(low[0] + high[0]) / 2, (low[1] + high[1]) / 2, top - height_mm / 2])
 
 
-def resample(volume: Volume, target_affine: np.ndarray, shape: tuple[int, int, int], config: CanonicalConfig) -> np.ndarray:
+def resample(
+    volume: Volume, target_affine: np.ndarray, shape: tuple[int, int, int], config: CanonicalConfig
+) -> np.ndarray:
     """Sample ``volume`` at the voxel centres of the grid (``target_affine``, ``shape``) -> int16 HU.
 
     :func:`sample_on_grid` with ``config``'s interpolation and antialiasing; voxels outside the source
     field of view are air (``config.air_hu``).
     """
-    hu = sample_on_grid(volume.hu, volume.affine, target_affine, shape, config.interpolation, config.antialias,
-                        fill=float(config.air_hu))
+    hu = sample_on_grid(
+        volume.hu,
+        volume.affine,
+        target_affine,
+        shape,
+        config.interpolation,
+        config.antialias,
+        fill=float(config.air_hu),
+    )
     return np.ascontiguousarray(np.clip(np.rint(hu), config.air_hu, np.iinfo(np.int16).max).astype(np.int16))
 
 
-def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, shape: tuple[int, int, int],
-                   interpolation: str = "linear", antialias: bool = False, fill: float = 0.0) -> np.ndarray:
+def sample_on_grid(
+    values: np.ndarray,
+    source_affine: np.ndarray,
+    target_affine: np.ndarray,
+    shape: tuple[int, int, int],
+    interpolation: str = "linear",
+    antialias: bool = False,
+    fill: float = 0.0,
+) -> np.ndarray:
     """Sample a volume ``values`` (I, J, K) with voxel -> world (mm) ``source_affine`` at the voxel centres of
     the grid (``target_affine``, ``shape``) -> float32 (``shape``), ``fill`` outside the source.
 
@@ -117,7 +135,9 @@ def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine:
     """
     source_shape = np.array(values.shape)
     target_to_source = np.linalg.inv(source_affine) @ target_affine
-    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
     touched = corners @ target_to_source.T
     low = np.clip(np.floor(touched[:, :3].min(axis=0)).astype(int) - 1, 0, source_shape - 1)
     high = np.clip(np.ceil(touched[:, :3].max(axis=0)).astype(int) + 2, 1, source_shape)
@@ -135,9 +155,11 @@ def sample_on_grid(values: np.ndarray, source_affine: np.ndarray, target_affine:
     # Target voxel -> index into the (averaged) box: the first averaged voxel is centred at
     # low + (factor - 1) / 2 in source voxel units, and averaged voxels are ``factor`` source voxels wide.
     offset = low + (factor - 1) / 2.0
-    to_box = np.diag(np.append(1.0 / factor, 1.0)) @ np.array(
-        [[1, 0, 0, -offset[0]], [0, 1, 0, -offset[1]], [0, 0, 1, -offset[2]], [0, 0, 0, 1.0]]
-    ) @ target_to_source
+    to_box = (
+        np.diag(np.append(1.0 / factor, 1.0))
+        @ np.array([[1, 0, 0, -offset[0]], [0, 1, 0, -offset[1]], [0, 0, 1, -offset[2]], [0, 0, 0, 1.0]])
+        @ target_to_source
+    )
     mode = _GRID_SAMPLE_MODES.get(interpolation)
     if mode is None:
         raise ValueError(f"interpolation must be one of {', '.join(_GRID_SAMPLE_MODES)}, not {interpolation!r}")
@@ -169,7 +191,9 @@ def _grid_sample(values: np.ndarray, to_box: np.ndarray, shape: tuple[int, int, 
     return F.grid_sample(tensor, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0].numpy()
 
 
-def _separable_linear(values: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def _separable_linear(
+    values: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, int, int]
+) -> np.ndarray:
     """Trilinear samples of ``values`` (K, J, I), zero outside it, at box index ``scale * t + offset`` for
     every target voxel t = (i, j, k) of ``shape`` -> float32 (k, j, i) of the target.
 
@@ -210,8 +234,10 @@ def _box_average(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
     outer = int(np.argmax([abs(stride) for stride in volume.strides]))
     planes = int(factor[outer]) * max(1, _SLAB_PLANES // int(factor[outer]))  # whole blocks per slab
     n_outer = volume.shape[outer] // int(factor[outer]) * int(factor[outer])
-    slabs = [_block_sums(volume[(slice(None),) * outer + (slice(start, min(start + planes, n_outer)),)], factor)
-             for start in range(0, n_outer, planes)]
+    slabs = [
+        _block_sums(volume[(slice(None),) * outer + (slice(start, min(start + planes, n_outer)),)], factor)
+        for start in range(0, n_outer, planes)
+    ]
     return np.concatenate(slabs, axis=outer) / np.float32(np.prod(factor))
 
 

@@ -128,11 +128,15 @@ def load_key(path: str | os.PathLike | None = None, create: bool = True, outside
     """
     path = key_file_path(path)
     if outside is not None and _inside(path, outside):
-        raise ConfigError(f"{path}: the pseudonym key lies inside the store {outside}; keep it outside, "
-                          "so that it never travels with the data")
+        raise ConfigError(
+            f"{path}: the pseudonym key lies inside the store {outside}; keep it outside, "
+            "so that it never travels with the data"
+        )
     if not path.exists():
         if not create:
-            raise ConfigError(f"{path}: no pseudonym key here (give the key the store was made with: --key FILE or ${KEY_ENV})")
+            raise ConfigError(
+                f"{path}: no pseudonym key here (give the key the store was made with: --key FILE or ${KEY_ENV})"
+            )
         _create_key_file(path)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:

@@ -36,10 +36,9 @@ from scipy import ndimage
 from fmct.atomic import atomic_write_bytes
 from fmct.detector import Detector, load_detector, resolve_detector
 from fmct.devices import autocast, default_device
+from fmct.models.windows import BRAIN_WINDOW, display_range
 from fmct.preprocess import sample_on_grid
 from fmct.store import Store
-from fmct.models.windows import BRAIN_WINDOW, display_range
-
 
 
 def integrated_gradients(detector: Detector, x: torch.Tensor, steps: int = 16, batch_size: int = 16) -> torch.Tensor:
@@ -64,17 +63,25 @@ def integrated_gradients(detector: Detector, x: torch.Tensor, steps: int = 16, b
     return (total / steps * (x - baseline)[0]).sum(dim=1)
 
 
-def on_canonical_grid(maps: torch.Tensor, shape: tuple[int, int, int], spacing_mm: float, sigma_mm: float) -> np.ndarray:
+def on_canonical_grid(
+    maps: torch.Tensor, shape: tuple[int, int, int], spacing_mm: float, sigma_mm: float
+) -> np.ndarray:
     """Maps (F, D, H, W) on the model input interpolated onto the canonical grid (``shape`` voxels of
     ``spacing_mm``) and smoothed with a Gaussian of ``sigma_mm``: float32 (F, *shape). The model input
     is the canonical volume resized whole, so trilinear with align_corners=False maps voxel to voxel."""
-    upsampled = F.interpolate(maps[None].float().cpu(), size=tuple(shape), mode="trilinear", align_corners=False)[0].numpy()
+    upsampled = F.interpolate(maps[None].float().cpu(), size=tuple(shape), mode="trilinear", align_corners=False)[
+        0
+    ].numpy()
     sigma = sigma_mm / spacing_mm
     return np.stack([ndimage.gaussian_filter(m, sigma) if sigma > 0 else m for m in upsampled]).astype(np.float32)
 
 
-def to_source_grid(canonical_map: np.ndarray, canonical_affine: np.ndarray, source_affine: np.ndarray,
-                   source_shape: tuple[int, int, int]) -> np.ndarray:
+def to_source_grid(
+    canonical_map: np.ndarray,
+    canonical_affine: np.ndarray,
+    source_affine: np.ndarray,
+    source_shape: tuple[int, int, int],
+) -> np.ndarray:
     """A canonical-grid map (X, Y, Z) resampled into the source scan's grid: float32 ``source_shape``
     (I, J, K) with the source's voxel -> world affine, 0 outside the canonical cube."""
     return sample_on_grid(canonical_map, canonical_affine, source_affine, tuple(source_shape), "linear", fill=0.0)
@@ -109,20 +116,36 @@ def overlay_png(canonical_hu: np.ndarray, canonical_map: np.ndarray, world_mm: n
     peak = peak_voxel(canonical_map)
     top = float(canonical_map.max())
     figure, axes = plt.subplots(1, 3, figsize=(9.0, 3.4), facecolor="black")
-    marker = {"axial": (canonical_hu.shape[0] - 1 - peak[0], canonical_hu.shape[1] - 1 - peak[1]),
-              "coronal": (canonical_hu.shape[0] - 1 - peak[0], canonical_hu.shape[2] - 1 - peak[2]),
-              "sagittal": (canonical_hu.shape[1] - 1 - peak[1], canonical_hu.shape[2] - 1 - peak[2])}
-    for ax, (name, plane), (_, heat) in zip(axes, _radiological_planes(canonical_hu, peak),
-                                           _radiological_planes(canonical_map, peak)):
-        ax.imshow(plane, cmap="gray", vmin=display_range(BRAIN_WINDOW)[0], vmax=display_range(BRAIN_WINDOW)[1], interpolation="bilinear")
+    marker = {
+        "axial": (canonical_hu.shape[0] - 1 - peak[0], canonical_hu.shape[1] - 1 - peak[1]),
+        "coronal": (canonical_hu.shape[0] - 1 - peak[0], canonical_hu.shape[2] - 1 - peak[2]),
+        "sagittal": (canonical_hu.shape[1] - 1 - peak[1], canonical_hu.shape[2] - 1 - peak[2]),
+    }
+    for ax, (name, plane), (_, heat) in zip(
+        axes, _radiological_planes(canonical_hu, peak), _radiological_planes(canonical_map, peak)
+    ):
+        ax.imshow(
+            plane,
+            cmap="gray",
+            vmin=display_range(BRAIN_WINDOW)[0],
+            vmax=display_range(BRAIN_WINDOW)[1],
+            interpolation="bilinear",
+        )
         if top > 0:
-            ax.imshow(np.ma.masked_less_equal(heat, 0.5 * top), cmap="hot", vmin=0.0, vmax=top, alpha=0.5,
-                      interpolation="bilinear")
+            ax.imshow(
+                np.ma.masked_less_equal(heat, 0.5 * top),
+                cmap="hot",
+                vmin=0.0,
+                vmax=top,
+                alpha=0.5,
+                interpolation="bilinear",
+            )
         ax.plot(*marker[name], marker="+", color="#00ff00", markersize=12, markeredgewidth=1.5)
         ax.set_title(name, color="white", fontsize=9)
         ax.axis("off")
-    figure.suptitle(f"{title}  peak at RAS ({world_mm[0]:.0f}, {world_mm[1]:.0f}, {world_mm[2]:.0f}) mm",
-                    color="white", fontsize=9)
+    figure.suptitle(
+        f"{title}  peak at RAS ({world_mm[0]:.0f}, {world_mm[1]:.0f}, {world_mm[2]:.0f}) mm", color="white", fontsize=9
+    )
     figure.tight_layout(rect=(0, 0, 1, 0.92))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80, facecolor="black")
@@ -134,8 +157,15 @@ def overlay_png(canonical_hu: np.ndarray, canonical_map: np.ndarray, world_mm: n
 EXAMPLE_POINT = "spec90"  # examples are called positive at this operating point, as fmct report shows them
 
 
-def write_examples(out: str | os.PathLike, rows: list[dict], store_path: str | os.PathLike, per_kind: int = 3,
-                   steps: int = 16, sigma_mm: float = 8.0, device: str | torch.device | None = None) -> int:
+def write_examples(
+    out: str | os.PathLike,
+    rows: list[dict],
+    store_path: str | os.PathLike,
+    per_kind: int = 3,
+    steps: int = 16,
+    sigma_mm: float = 8.0,
+    device: str | torch.device | None = None,
+) -> int:
     """Saliency PNGs of the test scans a probe or finetune run called positive, for ``fmct report``'s examples:
     with the detector of ``out`` (its seed-0 fit trained on the most labels), per finding and site group
     the ``per_kind`` highest-scoring true positives and false positives at the ``spec90`` threshold set on
@@ -146,14 +176,27 @@ def write_examples(out: str | os.PathLike, rows: list[dict], store_path: str | o
     budget, seed = detector.config["provenance"]["budget"], detector.config["provenance"]["seed"]
     fraction = "" if budget["label_fraction"] is None else budget["label_fraction"]
     shots = "" if budget["shots"] is None else budget["shots"]
-    mine = [r for r in rows if r["seed"] == seed and r["label_fraction"] == fraction and r["shots"] == shots
-            and r["finding"] in detector.findings and f"threshold_{EXAMPLE_POINT}" in r]
+    mine = [
+        r
+        for r in rows
+        if r["seed"] == seed
+        and r["label_fraction"] == fraction
+        and r["shots"] == shots
+        and r["finding"] in detector.findings
+        and f"threshold_{EXAMPLE_POINT}" in r
+    ]
     chosen = []
     for finding in detector.findings:
         for split in ("test", "ood"):
             for label in (1, 0):  # true positives, then false positives
-                called = [r for r in mine if r["finding"] == finding and r["split"] == split and r["label"] == label
-                          and r["probability"] >= r[f"threshold_{EXAMPLE_POINT}"]]
+                called = [
+                    r
+                    for r in mine
+                    if r["finding"] == finding
+                    and r["split"] == split
+                    and r["label"] == label
+                    and r["probability"] >= r[f"threshold_{EXAMPLE_POINT}"]
+                ]
                 chosen += sorted(called, key=lambda r: -r["score"])[:per_kind]
     store = Store(store_path)
     for row in chosen:
@@ -170,5 +213,7 @@ def write_examples(out: str | os.PathLike, rows: list[dict], store_path: str | o
         world = affine[:3, :3] @ np.array(peak_voxel(heat), dtype=np.float64) + affine[:3, 3]
         kind = "true positive" if row["label"] == 1 else "false positive"
         title = f"{row['scan_id']}  {row['finding']}  {kind}  score {row['score']:.2f}"
-        atomic_write_bytes(out / "saliency" / row["scan_id"] / f"{row['finding']}.png", overlay_png(hu, heat, world, title))
+        atomic_write_bytes(
+            out / "saliency" / row["scan_id"] / f"{row['finding']}.png", overlay_png(hu, heat, world, title)
+        )
     return len(chosen)

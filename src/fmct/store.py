@@ -38,8 +38,8 @@ from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.codec import DEFAULT_CODEC, SUFFIXES, check_codec, codec_of, decode, encode, read_volume, write_volume
 from fmct.errors import ConfigError, InputError, ScanError
 from fmct.fingerprint import file_sha256
-from fmct.tables import rows_to_csv
 from fmct.log import progress_bar
+from fmct.tables import rows_to_csv
 
 MANIFEST_COLUMNS = [
     "scan_id",
@@ -232,8 +232,10 @@ class MigrateSummary:
         return not self.failed
 
     def describe(self) -> str:
-        lines = [f"migrate: {self.rewritten} scans rewritten in {self.codec}, {self.already} already were; volume "
-                 f"files {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB"]
+        lines = [
+            f"migrate: {self.rewritten} scans rewritten in {self.codec}, {self.already} already were; volume "
+            f"files {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB"
+        ]
         lines += [f"migrate: {scan_id} left as it was: {reason}" for scan_id, reason in self.failed]
         return "\n".join(lines)
 
@@ -330,8 +332,12 @@ def claim_store(store_path: Path, canonical: dict, key_fingerprint: str) -> None
     elif store_path.exists() and any(store_path.iterdir()):
         older = (store_path / "scans").is_dir()
         raise ConfigError(
-            f"{store_path}: " + ("made by an older fmct (salted keys, no store.json); ingest into a new store" if older
-                                  else "not empty and not an fmct store; choose a new or empty folder")
+            f"{store_path}: "
+            + (
+                "made by an older fmct (salted keys, no store.json); ingest into a new store"
+                if older
+                else "not empty and not an fmct store; choose a new or empty folder"
+            )
         )
     else:
         identity = {"format": STORE_FORMAT, "canonical": canonical, "key_fingerprint": key_fingerprint}
@@ -347,7 +353,11 @@ def _check_identity(store_path: Path, identity: dict, canonical: dict, key_finge
             f"{key_fingerprint}); ingest with that key (--key FILE or $FMCT_KEY_FILE) or into a new store"
         )
     stored = identity.get("canonical", {})
-    differing = [f"{name} {stored.get(name)!r} there, {value!r} here" for name, value in canonical.items() if stored.get(name) != value]
+    differing = [
+        f"{name} {stored.get(name)!r} there, {value!r} here"
+        for name, value in canonical.items()
+        if stored.get(name) != value
+    ]
     if differing:
         raise ConfigError(
             f"{store_path}: holds scans of another canonical grid (canonical.{'; canonical.'.join(differing)}); "

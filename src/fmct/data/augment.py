@@ -39,7 +39,6 @@ from fmct.errors import ConfigError, InputError
 from fmct.models.windows import DEFAULT_WINDOWS, apply_windows
 
 
-
 def _to_device(values: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     # Random parameters are drawn on the CPU. A plain copy from pageable memory waits for the GPU to
     # drain; a copy from pinned memory is queued, so the CPU keeps launching kernels ahead of the GPU.
@@ -77,18 +76,24 @@ class AugmentConfig:
         checks = [
             (self.n_global >= 1 and self.n_local >= 0, "n_global must be >= 1 and n_local >= 0"),
             (self.global_size >= 1 and self.local_size >= 1, "crop sizes must be >= 1 voxel"),
-            (all(0 < lo <= hi <= 1 for lo, hi in (self.global_scale, self.local_scale)),
-             "global_scale and local_scale must be (low, high) with 0 < low <= high <= 1"),
+            (
+                all(0 < lo <= hi <= 1 for lo, hi in (self.global_scale, self.local_scale)),
+                "global_scale and local_scale must be (low, high) with 0 < low <= high <= 1",
+            ),
             (0 < self.aspect_range[0] <= 1 <= self.aspect_range[1], "aspect_range must contain 1"),
             (all(0 <= p <= 1 for p in self.flip_prob), "flip_prob values must lie in [0, 1]"),
-            (len(self.windows) >= 1 and all(width > 0 for _, width in self.windows),
-             "windows must be a non-empty list of (level, width) with width > 0 HU"),
+            (
+                len(self.windows) >= 1 and all(width > 0 for _, width in self.windows),
+                "windows must be a non-empty list of (level, width) with width > 0 HU",
+            ),
             (0 <= self.window_width_jitter < 1, "window_width_jitter must lie in [0, 1)"),
             (0 < self.gamma_range[0] <= self.gamma_range[1], "gamma_range must be (low, high), 0 < low <= high"),
             (0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur_sigma must be (low, high), 0 < low <= high"),
             (all(0 <= p <= 1 for p in (self.intensity_prob, self.blur_prob)), "probabilities must lie in [0, 1]"),
-            (self.rotation_deg >= 0 and self.noise_std_hu >= 0 and self.window_level_jitter_hu >= 0,
-             "rotation_deg, noise_std_hu and window_level_jitter_hu must be >= 0"),
+            (
+                self.rotation_deg >= 0 and self.noise_std_hu >= 0 and self.window_level_jitter_hu >= 0,
+                "rotation_deg, noise_std_hu and window_level_jitter_hu must be >= 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -123,7 +128,9 @@ def crop_major_rows(n_crops: int, global_batch: int, first_volume: int, batch: i
     E.g. 2 crops, global batch 4, volumes 2..3: rows [2, 3, 6, 7].
     """
     if not (0 <= first_volume and batch >= 0 and first_volume + batch <= global_batch):
-        raise ValueError(f"volumes {first_volume}..{first_volume + batch - 1} are not in a global batch of {global_batch}")
+        raise ValueError(
+            f"volumes {first_volume}..{first_volume + batch - 1} are not in a global batch of {global_batch}"
+        )
     volumes = torch.arange(first_volume, first_volume + batch)
     return (torch.arange(n_crops).unsqueeze(1) * global_batch + volumes).reshape(-1)
 
@@ -239,8 +246,12 @@ class MultiCropAugment:
 
     @torch.no_grad()
     def __call__(
-        self, hu: torch.Tensor, generator: torch.Generator | None = None, return_boxes: bool = False,
-        first_volume: int = 0, global_batch: int | None = None,
+        self,
+        hu: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_boxes: bool = False,
+        first_volume: int = 0,
+        global_batch: int | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Crops of ``hu``, the volumes ``first_volume ..`` of a global batch of ``global_batch`` (None: B).
 
@@ -268,8 +279,9 @@ class MultiCropAugment:
                 all_boxes.append(boxes)
         return (*outputs, *all_boxes) if return_boxes else tuple(outputs)
 
-    def _intensity(self, hu: torch.Tensor, generator: torch.Generator, n_crops: int, first_volume: int,
-                   global_batch: int) -> torch.Tensor:
+    def _intensity(
+        self, hu: torch.Tensor, generator: torch.Generator, n_crops: int, first_volume: int, global_batch: int
+    ) -> torch.Tensor:
         # hu (N, 1, S, S, S) float HU: n_crops crops of each of this batch's volumes, crop-major ->
         # (N, C, S, S, S) in [0, 1]. All parameters are drawn on the CPU for the global batch, in a
         # fixed order whatever the probabilities (so changing one setting leaves the other draws), and
@@ -291,9 +303,10 @@ class MultiCropAugment:
         table = torch.tensor(config.windows, dtype=torch.float64)
         level = table[:, 0] + (2 * uniform(n_windows) - 1) * config.window_level_jitter_hu * intensity.view(n, 1)
         width = table[:, 1] * (1 + (2 * uniform(n_windows) - 1) * config.window_width_jitter * intensity.view(n, 1))
-        log_gamma = math.log(config.gamma_range[0]) + (
-            math.log(config.gamma_range[1]) - math.log(config.gamma_range[0])
-        ) * uniform()
+        log_gamma = (
+            math.log(config.gamma_range[0])
+            + (math.log(config.gamma_range[1]) - math.log(config.gamma_range[0])) * uniform()
+        )
         gamma = (log_gamma * intensity).exp()
         # One noise seed per volume of the global batch: a volume's noise does not depend on its batch.
         noise_seeds = torch.randint(0, 2**62, (global_batch,), generator=generator)

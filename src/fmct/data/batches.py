@@ -35,7 +35,11 @@ def _read_into(volumes: StoreVolumes, index: int, out: np.ndarray) -> str | None
 
 
 def read_hu_batches(
-    volumes: StoreVolumes, batches: Iterable[Sequence[int]], workers: int = 4, pin_memory: bool = False, prefetch: int = 2,
+    volumes: StoreVolumes,
+    batches: Iterable[Sequence[int]],
+    workers: int = 4,
+    pin_memory: bool = False,
+    prefetch: int = 2,
 ) -> Iterator[HuBatch]:
     """The int16 HU volumes of each batch of dataset indices, read ``prefetch`` batches ahead.
 

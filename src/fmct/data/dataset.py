@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fmct.store import Store
 from fmct.errors import InputError
+from fmct.store import Store
 
 
 class StoreVolumes(Dataset):
@@ -96,9 +96,7 @@ class StepBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.steps_per_epoch = n_items // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{n_items} scans do not fill one global batch of {batch_size} x {world_size} ranks"
-            )
+            raise ValueError(f"{n_items} scans do not fill one global batch of {batch_size} x {world_size} ranks")
         self.n_items = n_items
         self.batch_size = batch_size
         self.seed = seed

@@ -46,8 +46,8 @@ from fmct.atomic import atomic_write_stream, atomic_write_text
 from fmct.codec import BLOSC2_CODECS, DEFAULT_CODEC, check_codec, codec_of, decode, encode
 from fmct.data.dataset import StoreVolumes
 from fmct.errors import ConfigError, InputError, ScanError
-from fmct.store import Store
 from fmct.log import progress_bar
+from fmct.store import Store
 
 INDEX_FILE = "shards.json"
 FORMAT = "fmct-shards/1"
@@ -74,14 +74,19 @@ class PackSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (scan_id, reason), not packed
 
     def describe(self) -> str:
-        lines = [f"pack: {self.scans} scans in {self.shards} shards ({self.written} written, {self.reused} reused), "
-                 f"{self.bytes / 2**20:.1f} MiB in {self.codec} -> {self.out / INDEX_FILE}"]
+        lines = [
+            f"pack: {self.scans} scans in {self.shards} shards ({self.written} written, {self.reused} reused), "
+            f"{self.bytes / 2**20:.1f} MiB in {self.codec} -> {self.out / INDEX_FILE}"
+        ]
         lines += [f"pack: {scan_id} not packed: {reason}" for scan_id, reason in self.skipped]
         return "\n".join(lines)
 
 
 def pack_store(
-    store: str | os.PathLike, out: str | os.PathLike, scans_per_shard: int = 64, codec: str = DEFAULT_CODEC,
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    scans_per_shard: int = 64,
+    codec: str = DEFAULT_CODEC,
     progress: bool = True,
 ) -> PackSummary:
     """Pack the scans of ``store`` (those of its most common grid) into WebDataset shards in ``out``.
@@ -102,10 +107,12 @@ def pack_store(
     summary = PackSummary(out=out, codec=codec, skipped=list(volumes.skipped))
     bad = [s for s in volumes.scan_ids if not re.fullmatch(r"[\w-]+", s)]
     if bad:
-        raise InputError(f"{volumes.store.path}: scan id {bad[0]!r} cannot name a shard member (letters, digits, _ and - only)")
+        raise InputError(
+            f"{volumes.store.path}: scan id {bad[0]!r} cannot name a shard member (letters, digits, _ and - only)"
+        )
 
     readable, index_shards = [], []
-    planned = [volumes.scan_ids[i:i + scans_per_shard] for i in range(0, len(volumes.scan_ids), scans_per_shard)]
+    planned = [volumes.scan_ids[i : i + scans_per_shard] for i in range(0, len(volumes.scan_ids), scans_per_shard)]
     bar = progress_bar(total=len(volumes.scan_ids), unit="scan", desc="pack", enabled=progress)
     for scan_ids in planned:
         name = f"shard-{len(index_shards):06d}.tar"
@@ -136,8 +143,14 @@ def pack_store(
     if not index_shards:
         raise InputError(f"{volumes.store.path}: no scan could be read, nothing packed")
     spacing = volumes.store.row(readable[0]).get("store_spacing_mm")
-    index = {"format": FORMAT, "store_shape": list(volumes.shape), "store_spacing_mm": spacing, "codec": codec,
-             "scans": len(readable), "shards": index_shards}
+    index = {
+        "format": FORMAT,
+        "store_shape": list(volumes.shape),
+        "store_spacing_mm": spacing,
+        "codec": codec,
+        "scans": len(readable),
+        "shards": index_shards,
+    }
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
     summary.shards, summary.scans = len(index_shards), len(readable)
     return summary
@@ -158,7 +171,11 @@ def _write_tar(handle, store: Store, frames: dict[str, bytes]) -> None:
     with webdataset.TarWriter(handle, encoder=False, mtime=0) as sink:
         for scan_id, frame in frames.items():
             row = store.row(scan_id)
-            meta = {"scan_id": scan_id, "store_shape": row.get("store_shape"), "store_spacing_mm": row.get("store_spacing_mm")}
+            meta = {
+                "scan_id": scan_id,
+                "store_shape": row.get("store_shape"),
+                "store_spacing_mm": row.get("store_spacing_mm"),
+            }
             sink.write({"__key__": scan_id, "b2nd": frame, "json": json.dumps(meta).encode()})
 
 
@@ -198,7 +215,9 @@ class ShardVolumes:
         try:
             index = json.loads(index_path.read_text())
             if index.get("format") != FORMAT:
-                raise InputError(f"{index_path}: not a shard index fmct can read: format {index.get('format')!r}, expected {FORMAT!r}")
+                raise InputError(
+                    f"{index_path}: not a shard index fmct can read: format {index.get('format')!r}, expected {FORMAT!r}"
+                )
             self.shape: tuple[int, int, int] = tuple(index["store_shape"])
             self.shards: list[tuple[str, list[str]]] = [(s["name"], list(s["scan_ids"])) for s in index["shards"]]
         except (ValueError, KeyError, TypeError) as error:
@@ -225,13 +244,17 @@ class ShardVolumes:
     def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
         """Steps in every epoch: the batches the rank with the fewest and smallest shards can fill."""
         if len(self.shards) < world_size:
-            raise InputError(f"{self.path}: {len(self.shards)} shards cannot feed {world_size} ranks; "
-                             f"pack with fewer scans per shard")
+            raise InputError(
+                f"{self.path}: {len(self.shards)} shards cannot feed {world_size} ranks; "
+                f"pack with fewer scans per shard"
+            )
         smallest = sorted(len(ids) for _, ids in self.shards)[: len(self.shards) // world_size]
         steps = sum(smallest) // batch_size
         if steps == 0:
-            raise InputError(f"{self.path}: {len(self)} scans in {len(self.shards)} shards do not fill one batch of "
-                             f"{batch_size} on each of {world_size} ranks")
+            raise InputError(
+                f"{self.path}: {len(self)} scans in {len(self.shards)} shards do not fill one batch of "
+                f"{batch_size} on each of {world_size} ranks"
+            )
         return steps
 
     def epoch_groups(self, epoch: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> list[Group]:
@@ -241,7 +264,7 @@ class ShardVolumes:
         shard_order = np.random.default_rng([seed, epoch]).permutation(len(self.shards))[rank::world_size]
         groups = []
         for g, start in enumerate(range(0, len(shard_order), self.shuffle_shards)):
-            members = shard_order[start:start + self.shuffle_shards].tolist()
+            members = shard_order[start : start + self.shuffle_shards].tolist()
             indices = [i for k in members for i in range(self._first_index[k], self._first_index[k + 1])]
             permutation = np.random.default_rng([seed, epoch, rank, g]).permutation(len(indices))
             groups.append(Group([self.shards[k][0] for k in members], [indices[p] for p in permutation]))
@@ -278,11 +301,22 @@ class ShardVolumes:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
-        return self._batches(batch_size, steps_per_epoch, workers, seed, rank, world_size, start_step, total_steps,
-                             pin_memory)
+        return self._batches(
+            batch_size, steps_per_epoch, workers, seed, rank, world_size, start_step, total_steps, pin_memory
+        )
 
-    def _batches(self, batch_size: int, steps_per_epoch: int, workers: int, seed: int, rank: int, world_size: int,
-                 start_step: int, total_steps: int | None, pin_memory: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self,
+        batch_size: int,
+        steps_per_epoch: int,
+        workers: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        total_steps: int | None,
+        pin_memory: bool,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         fetcher = ThreadPoolExecutor(1, thread_name_prefix="fmct-shards")
         decoder = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fmct-decode")
         samples = self._samples(seed, rank, world_size, batch_size * steps_per_epoch, batch_size * start_step, fetcher)
@@ -290,7 +324,9 @@ class ShardVolumes:
         def submit(batch: list[tuple[int, bytes, str]]):
             hu = torch.empty((batch_size, 1, *self.shape), dtype=torch.int16, pin_memory=pin_memory)
             rows = hu.numpy()
-            futures = [decoder.submit(_decode_into, frame, rows[row, 0], where) for row, (_, frame, where) in enumerate(batch)]
+            futures = [
+                decoder.submit(_decode_into, frame, rows[row, 0], where) for row, (_, frame, where) in enumerate(batch)
+            ]
             return hu, torch.tensor([i for i, _, _ in batch], dtype=torch.int64), futures
 
         steps = itertools.count(start_step) if total_steps is None else range(start_step, total_steps)
@@ -310,8 +346,9 @@ class ShardVolumes:
             decoder.shutdown(wait=True, cancel_futures=True)
             fetcher.shutdown(wait=True, cancel_futures=True)
 
-    def _samples(self, seed: int, rank: int, world_size: int, per_epoch: int, skip: int,
-                 fetcher: ThreadPoolExecutor) -> Iterator[tuple[int, bytes, str]]:
+    def _samples(
+        self, seed: int, rank: int, world_size: int, per_epoch: int, skip: int, fetcher: ThreadPoolExecutor
+    ) -> Iterator[tuple[int, bytes, str]]:
         """``(index, volume file bytes, where)`` of this rank's scans, endlessly over epochs, from position
         ``skip`` of the first epoch on; the group after the current one is fetched ahead."""
         epoch, skip = divmod(skip, per_epoch)
@@ -342,8 +379,10 @@ class ShardVolumes:
             expected = self.shards[self._shard_number[name]][1]
             found = _read_shard(url)
             if [key for key, _ in found] != expected or any(frame is None for _, frame in found):
-                raise ScanError(f"{url}: does not hold the {len(expected)} scans {self.path / INDEX_FILE} lists for it "
-                                f"(found {len(found)}); pack the store again")
+                raise ScanError(
+                    f"{url}: does not hold the {len(expected)} scans {self.path / INDEX_FILE} lists for it "
+                    f"(found {len(found)}); pack the store again"
+                )
             frames.update(found)
         return frames, wanted
 
@@ -360,7 +399,9 @@ def _read_shard(url: str) -> list[tuple[str, bytes | None]]:
     stream = None
     try:
         stream = gopen(url)
-        return [(s["__key__"], s.get("b2nd")) for s in group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))]
+        return [
+            (s["__key__"], s.get("b2nd")) for s in group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        ]
     except Exception as error:  # gopen, a pipe's command or tar: the one-line reason, whatever failed
         raise ScanError(f"{url}: cannot read the shard: {_reason(error, stream)}") from None
     finally:

@@ -102,7 +102,9 @@ def match_to_store(labels: Labels, manifest_rows: list[dict]) -> tuple[list[dict
         for scan in scans:
             if owner.get(scan["scan_id"], index) != index:
                 other = labels.rows[owner[scan["scan_id"]]]["source"]
-                raise InputError(f"scan {scan['scan_id']} (source {scan['source']}) matches two label rows: {row['source']} and {other}")
+                raise InputError(
+                    f"scan {scan['scan_id']} (source {scan['source']}) matches two label rows: {row['source']} and {other}"
+                )
             owner[scan["scan_id"]] = index
             matched.append({**row, "scan_id": scan["scan_id"]})
     return matched, unmatched

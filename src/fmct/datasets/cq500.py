@@ -25,8 +25,15 @@ from fmct.errors import InputError
 # CQ500 column -> fmct finding name. The other CQ500 columns (bleed side, chronic bleed, calvarial and
 # other fracture) have no fmct finding.
 FINDING_COLUMNS = {
-    "ICH": "ich", "IPH": "iph", "IVH": "ivh", "SDH": "sdh", "EDH": "edh", "SAH": "sah",
-    "Fracture": "fracture", "MassEffect": "mass", "MidlineShift": "midline_shift",
+    "ICH": "ich",
+    "IPH": "iph",
+    "IVH": "ivh",
+    "SDH": "sdh",
+    "EDH": "edh",
+    "SAH": "sah",
+    "Fracture": "fracture",
+    "MassEffect": "mass",
+    "MidlineShift": "midline_shift",
 }
 READER_COLUMN = re.compile(r"^(R\d+):(.+)$")
 
@@ -52,7 +59,9 @@ def _study_folders(root: Path, names: list[str]) -> dict[str, Path]:
             continue
         for child in children:
             words = child.name.split()
-            key = next((k for k in (_normalised(child.name), _normalised(words[0]) if words else "") if k in wanted), None)
+            key = next(
+                (k for k in (_normalised(child.name), _normalised(words[0]) if words else "") if k in wanted), None
+            )
             if key and wanted[key] not in found:
                 found[wanted[key]] = child
             else:
@@ -88,7 +97,13 @@ def read_cq500(path: str | os.PathLike) -> Labels:
         name = raw[name_column]
         if not name:
             raise InputError(f"{path}:{line}: empty study name")
-        row = {"scan_id": "", "source": str(folders.get(name, path.parent / name)), "patient_id": name, "site": "cq500", "split": ""}
+        row = {
+            "scan_id": "",
+            "source": str(folders.get(name, path.parent / name)),
+            "patient_id": name,
+            "site": "cq500",
+            "split": "",
+        }
         for finding in findings:
             votes = [parse_label(raw[c], f"{path}:{line} column {c}") for c in readers[finding]]
             votes = [v for v in votes if v is not None]

@@ -13,16 +13,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmct.atomic import atomic_write_text
-from fmct.tables import rows_to_csv
 from fmct.errors import InputError
 from fmct.log import logger
+from fmct.tables import rows_to_csv
 
 KEY_COLUMNS = ("scan_id", "source")
 META_COLUMNS = ("patient_id", "site", "split")
 # The findings fmct knows by name (what synth draws and the dataset adapters map to). A labels column of
 # another name is still used, with a warning, since a typo (ihc) would otherwise be a new finding unseen.
 FINDINGS = (
-    "ich", "iph", "ivh", "sdh", "edh", "sah", "infarct", "hydrocephalus", "atrophy", "mass", "midline_shift", "fracture",
+    "ich",
+    "iph",
+    "ivh",
+    "sdh",
+    "edh",
+    "sah",
+    "infarct",
+    "hydrocephalus",
+    "atrophy",
+    "mass",
+    "midline_shift",
+    "fracture",
 )
 _TRUE = {"1", "1.0", "true", "yes", "y", "t"}
 _FALSE = {"0", "0.0", "false", "no", "n", "f"}
@@ -45,7 +56,9 @@ def unknown_finding(name: str) -> str:
     """The warning for a labels column that is not one of :data:`FINDINGS`, with the closest known name:
     ``ihc: not a known finding; did you mean ich? (used as a finding of its own)``."""
     distance, closest = min((_edit_distance(name.lower(), known), known) for known in FINDINGS)
-    guess = f"did you mean {closest}?" if distance <= max(1, len(name) // 3) else f"known findings: {', '.join(FINDINGS)}"
+    guess = (
+        f"did you mean {closest}?" if distance <= max(1, len(name) // 3) else f"known findings: {', '.join(FINDINGS)}"
+    )
     return f"{name}: not a known finding; {guess} (used as a finding of its own)"
 
 

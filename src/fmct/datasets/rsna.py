@@ -17,12 +17,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from fmct.datasets.generic import Labels, parse_label
-from fmct.io.dicom import discover
 from fmct.errors import InputError
+from fmct.io.dicom import discover
 
 SUBTYPES = {
-    "epidural": "edh", "intraparenchymal": "iph", "intraventricular": "ivh",
-    "subarachnoid": "sah", "subdural": "sdh", "any": "ich",
+    "epidural": "edh",
+    "intraparenchymal": "iph",
+    "intraventricular": "ivh",
+    "subarachnoid": "sah",
+    "subdural": "sdh",
+    "any": "ich",
 }
 
 
@@ -82,7 +86,11 @@ def read_rsna(path: str | os.PathLike) -> Labels:
                 study[finding] = max(value, study.get(finding, 0))
     rows = [
         {
-            "scan_id": "", "source": info.source, "patient_id": "", "site": "rsna", "split": "",
+            "scan_id": "",
+            "source": info.source,
+            "patient_id": "",
+            "site": "rsna",
+            "split": "",
             **{f: study_labels[info.study_uid].get(f) for f in findings},
         }
         for info in series_list

@@ -46,7 +46,10 @@ def fit_platt(labels: np.ndarray, scores: np.ndarray) -> dict:
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     n_pos, n_neg = float(np.sum(labels == 1)), float(np.sum(labels == 0))
     target = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    centre, spread = float(np.mean(scores)), float(np.std(scores)) or 1.0  # fit on standardised scores: well conditioned
+    centre, spread = (
+        float(np.mean(scores)),
+        float(np.std(scores)) or 1.0,
+    )  # fit on standardised scores: well conditioned
 
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
         z = params[0] * (scores - centre) / spread + params[1]
@@ -57,7 +60,9 @@ def fit_platt(labels: np.ndarray, scores: np.ndarray) -> dict:
         return float(value), np.array([np.sum(residual * (scores - centre) / spread), np.sum(residual)])
 
     prior = np.log((n_pos + 1) / (n_neg + 1))
-    result = optimize.minimize(loss, x0=np.array([1.0, prior]), jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)])
+    result = optimize.minimize(
+        loss, x0=np.array([1.0, prior]), jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)]
+    )
     slope, offset = result.x
     a = float(slope / spread)
     return {"method": "platt", "a": a, "b": float(offset - a * centre)}
@@ -70,9 +75,13 @@ def fit_calibration(labels: np.ndarray, scores: np.ndarray) -> dict:
     span = platt["a"] * float(np.ptp(np.asarray(scores, dtype=np.float64)))
     if span >= MIN_LOGIT_SPAN:
         return platt
-    return {"method": "none", "a": 1.0, "b": 0.0,
-            "reason": f"Platt scaling was degenerate (slope {platt['a']:.3g}: every scan would get one probability); "
-                      "the probability is the head's own sigmoid"}
+    return {
+        "method": "none",
+        "a": 1.0,
+        "b": 0.0,
+        "reason": f"Platt scaling was degenerate (slope {platt['a']:.3g}: every scan would get one probability); "
+        "the probability is the head's own sigmoid",
+    }
 
 
 def validation_status(labels: np.ndarray, scores: np.ndarray, patients: np.ndarray) -> dict:
@@ -88,8 +97,11 @@ def validation_status(labels: np.ndarray, scores: np.ndarray, patients: np.ndarr
     if too_few is not None:
         return {**status, "validated": False, "reason": f"too few validation scans to tell it from chance ({too_few})"}
     if not low > 0.5:
-        return {**status, "validated": False,
-                "reason": f"no better than chance on validation: AUROC {status['auroc']:.2f} [{low:.2f}, {high:.2f}] includes 0.5"}
+        return {
+            **status,
+            "validated": False,
+            "reason": f"no better than chance on validation: AUROC {status['auroc']:.2f} [{low:.2f}, {high:.2f}] includes 0.5",
+        }
     return {**status, "validated": True}
 
 
@@ -105,13 +117,25 @@ def calibrate_finding(labels: np.ndarray, scores: np.ndarray, patients: np.ndarr
     calibration = fit_calibration(labels, scores)
     points = {}
     for name, specificity in OPERATING_POINTS.items():
-        point = {key: float(value) for key, value in M.operating_point_at_specificity(labels, scores, specificity).items()}
+        point = {
+            key: float(value) for key, value in M.operating_point_at_specificity(labels, scores, specificity).items()
+        }
         # Above every score when even the highest one is too many false positives: nothing is called positive.
-        score_threshold = point["threshold"] if np.isfinite(point["threshold"]) else float(np.nextafter(scores.max(), np.inf))
-        points[name] = {"specificity_target": specificity, "score_threshold": score_threshold,
-                        "threshold": float(calibrated_probability(calibration, score_threshold)),
-                        "val_sensitivity": point["sensitivity"], "val_specificity": point["specificity"]}
-    return {"calibration": calibration, "operating_points": points, "validation": validation_status(labels, scores, patients)}
+        score_threshold = (
+            point["threshold"] if np.isfinite(point["threshold"]) else float(np.nextafter(scores.max(), np.inf))
+        )
+        points[name] = {
+            "specificity_target": specificity,
+            "score_threshold": score_threshold,
+            "threshold": float(calibrated_probability(calibration, score_threshold)),
+            "val_sensitivity": point["sensitivity"],
+            "val_specificity": point["specificity"],
+        }
+    return {
+        "calibration": calibration,
+        "operating_points": points,
+        "validation": validation_status(labels, scores, patients),
+    }
 
 
 @dataclass
@@ -134,7 +158,10 @@ def summarise_fit(cohort: Cohort, fits: dict[int, FindingFit], n_bootstrap: int 
     per_finding, left_out, n_train, metrics = {}, {}, {}, {}
     for f, fit in fits.items():
         name, labels = cohort.findings[f], cohort.labels[:, f]
-        n_train[name] = {"pos": int(np.sum(labels[fit.train_rows] == 1)), "neg": int(np.sum(labels[fit.train_rows] == 0))}
+        n_train[name] = {
+            "pos": int(np.sum(labels[fit.train_rows] == 1)),
+            "neg": int(np.sum(labels[fit.train_rows] == 0)),
+        }
         try:
             entry = calibrate_finding(labels[fit.val_rows], fit.val_scores, cohort.patients[fit.val_rows])
         except ValueError as error:
@@ -142,7 +169,9 @@ def summarise_fit(cohort: Cohort, fits: dict[int, FindingFit], n_bootstrap: int 
             continue
         per_finding[name] = entry
         thresholds = {point: values["score_threshold"] for point, values in entry["operating_points"].items()}
-        metrics[name] = cohort.fit_metrics(f, fit.eval_rows, np.asarray(fit.eval_scores, dtype=np.float64), thresholds, n_bootstrap)
+        metrics[name] = cohort.fit_metrics(
+            f, fit.eval_rows, np.asarray(fit.eval_scores, dtype=np.float64), thresholds, n_bootstrap
+        )
     return {"per_finding": per_finding, "left_out": left_out, "n_train": n_train, "metrics": metrics}
 
 
@@ -154,5 +183,7 @@ def prediction_columns(summary: dict, finding: str, score: float) -> dict:
     entry = summary["per_finding"].get(finding)
     if entry is None:
         return {}
-    return {"probability": float(calibrated_probability(entry["calibration"], score)),
-            **{f"threshold_{name}": point["threshold"] for name, point in entry["operating_points"].items()}}
+    return {
+        "probability": float(calibrated_probability(entry["calibration"], score)),
+        **{f"threshold_{name}": point["threshold"] for name, point in entry["operating_points"].items()},
+    }

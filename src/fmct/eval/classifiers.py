@@ -43,7 +43,11 @@ class LogisticProbe:
 
 
 def fit_logistic_probe(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, c_grid: tuple[float, ...],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    c_grid: tuple[float, ...],
 ) -> LogisticProbe:
     """Logistic regression with C chosen by validation AUROC over ``c_grid`` (the smaller C wins a tie;
     C = 1 when the validation split lacks a class). Features are (N, C) arrays, labels (N,) 0/1."""
@@ -52,7 +56,7 @@ def fit_logistic_probe(
     x_train = scaler.transform(x_train)
     x_val = scaler.transform(x_val) if choose else x_val
     best = None
-    for c in (c_grid if choose else [1.0]):
+    for c in c_grid if choose else [1.0]:
         with warnings.catch_warnings():
             # Few samples at a large C may stop short of convergence; the validation AUROC judges the fit anyway.
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -61,11 +65,18 @@ def fit_logistic_probe(
         if best is None or val_auc > best[0]:
             best = (val_auc, c, model)
     val_auc, c, model = best
-    return LogisticProbe(scaler.mean_.copy(), scaler.scale_.copy(), model.coef_[0].copy(), float(model.intercept_[0]),
-                         {"C": c, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"})
+    return LogisticProbe(
+        scaler.mean_.copy(),
+        scaler.scale_.copy(),
+        model.coef_[0].copy(),
+        float(model.intercept_[0]),
+        {"C": c, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"},
+    )
 
 
-def _knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, k: int, temperature: float) -> np.ndarray:
+def _knn_scores(
+    x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, k: int, temperature: float
+) -> np.ndarray:
     k = min(k, len(x_train))
     similarity = x_query @ x_train.T
     nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
@@ -74,13 +85,19 @@ def _knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, k
 
 
 def fit_knn(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, x_eval: np.ndarray,
-    ks: tuple[int, ...], temperature: float,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    x_eval: np.ndarray,
+    ks: tuple[int, ...],
+    temperature: float,
 ) -> tuple[np.ndarray, dict]:
     """Scores in [0, 1] of ``x_eval`` from cosine k-NN over the training scans, k chosen by validation AUROC.
 
     Features are (N, C) arrays, labels (N,) 0/1. Returns the scores and ``{"k", "val_auroc", "chosen_on"}``.
     """
+
     def unit(x):
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -89,12 +106,16 @@ def fit_knn(
     choose = len(set(y_val.tolist())) == 2  # AUROC on validation needs both classes there
     candidates = sorted({min(k, len(x_train)) for k in ks})
     best = None
-    for k in (candidates if choose else candidates[:1]):
+    for k in candidates if choose else candidates[:1]:
         val_auc = float(auroc(y_val, _knn_scores(x_train, y_train, x_val, k, temperature))) if choose else float("nan")
         if best is None or val_auc > best[0]:
             best = (val_auc, k)
     val_auc, k = best
-    return _knn_scores(x_train, y_train, x_eval, k, temperature), {"k": k, "val_auroc": val_auc, "chosen_on": "val" if choose else "default"}
+    return _knn_scores(x_train, y_train, x_eval, k, temperature), {
+        "k": k,
+        "val_auroc": val_auc,
+        "chosen_on": "val" if choose else "default",
+    }
 
 
 Fit = TypeVar("Fit")
@@ -118,7 +139,9 @@ class FeatureChoice(Generic[Fit]):
 
 
 def choose_features(
-    candidates: Mapping[str, np.ndarray], fit: Callable[[np.ndarray], list[Fit]], val_auroc: Callable[[Fit], float],
+    candidates: Mapping[str, np.ndarray],
+    fit: Callable[[np.ndarray], list[Fit]],
+    val_auroc: Callable[[Fit], float],
 ) -> FeatureChoice[Fit]:
     """Fit every candidate feature set and keep the one whose fits score best on validation.
 

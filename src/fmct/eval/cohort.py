@@ -50,7 +50,9 @@ class CohortConfig:
     def __post_init__(self) -> None:
         if any(not 0 < f <= 1 for f in self.label_fractions) or any(n < 1 for n in self.shots):
             raise ConfigError("label_fractions must lie in (0, 1] and shots be at least 1")
-        if self.seeds < 1 or not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+        if self.seeds < 1 or not (
+            0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1
+        ):
             raise ConfigError("seeds must be at least 1, val_fraction and test_fraction >= 0 with a sum below 1")
 
     def budgets(self) -> list[Budget]:
@@ -72,7 +74,10 @@ class Budget:
 
     def columns(self) -> dict:
         """The budget as the ``label_fraction`` and ``shots`` columns of predictions and fit records."""
-        return {"label_fraction": "" if self.fraction is None else self.fraction, "shots": "" if self.shots is None else self.shots}
+        return {
+            "label_fraction": "" if self.fraction is None else self.fraction,
+            "shots": "" if self.shots is None else self.shots,
+        }
 
 
 @dataclass
@@ -108,24 +113,46 @@ class Cohort:
 
     def untrainable_reason(self, finding: int) -> str | None:
         """Why ``finding`` cannot be fitted and evaluated (one line), or None when it can."""
-        if len(set(self.labels[self.rows(finding, ("train",)), finding].tolist())) < 2 or not len(self.rows(finding, EVALUATED_SPLITS)):
+        if len(set(self.labels[self.rows(finding, ("train",)), finding].tolist())) < 2 or not len(
+            self.rows(finding, EVALUATED_SPLITS)
+        ):
             return f"{self.findings[finding]}: the training split needs a positive and a negative, and a test scan must exist"
         return None
 
     def training_rows(self, finding: int, budget: Budget, seed: int) -> np.ndarray:
         """The training scans of ``finding`` that ``budget`` and ``seed`` choose (nested across budgets)."""
         train = self.rows(finding, ("train",))
-        return train[training_subset(self.labels[train, finding], seed, self.findings[finding],
-                                     fraction=budget.fraction, shots=budget.shots)]
+        return train[
+            training_subset(
+                self.labels[train, finding], seed, self.findings[finding], fraction=budget.fraction, shots=budget.shots
+            )
+        ]
 
     def prediction(self, row: int, finding: int, score: float, model: str, arm: str, budget: Budget, seed: int) -> dict:
         """One row of ``predictions.csv`` (the format of :mod:`fmct.eval.evaluate`)."""
-        return {"scan_id": self.scan_ids[row], "patient_id": self.patients[row], "site": self.sites[row],
-                "split": self.split[row], "finding": self.findings[finding], "label": int(self.labels[row, finding]),
-                "score": float(score), "model": model, "arm": arm, "seed": seed, **budget.columns()}
+        return {
+            "scan_id": self.scan_ids[row],
+            "patient_id": self.patients[row],
+            "site": self.sites[row],
+            "split": self.split[row],
+            "finding": self.findings[finding],
+            "label": int(self.labels[row, finding]),
+            "score": float(score),
+            "model": model,
+            "arm": arm,
+            "seed": seed,
+            **budget.columns(),
+        }
 
-    def fit_metrics(self, finding: int, rows: np.ndarray, scores: np.ndarray, thresholds: dict[str, float],
-                    n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+    def fit_metrics(
+        self,
+        finding: int,
+        rows: np.ndarray,
+        scores: np.ndarray,
+        thresholds: dict[str, float],
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+    ) -> dict[str, dict]:
         """What one fit's ``scores`` of ``rows`` (cohort rows of ``finding``, known labels) reach, per site
         group (ID: test, OOD: ood): AUROC, and sensitivity and specificity at each of ``thresholds``
         ({name: score}, positive when score >= threshold), each with its patient-level bootstrap 95 % CI,
@@ -138,10 +165,14 @@ class Cohort:
             labels, values = self.labels[part, finding], scores[self.split[rows] == split]
             result = {"n_scans": int(len(part)), "n_pos": int(np.sum(labels == 1)), "n_neg": int(np.sum(labels == 0))}
             if result["n_pos"] and result["n_neg"]:
-                weights = np.vstack([np.ones((1, len(part))),
-                                     M.patient_bootstrap_weights(self.patients[part], n_bootstrap, seed)])
+                weights = np.vstack(
+                    [np.ones((1, len(part))), M.patient_bootstrap_weights(self.patients[part], n_bootstrap, seed)]
+                )
                 auc = M.auroc(labels, values, weights)
-                result["auroc"], (result["auroc_lo"], result["auroc_hi"]) = float(auc[0]), M.percentile_interval(auc[1:])
+                result["auroc"], (result["auroc_lo"], result["auroc_hi"]) = (
+                    float(auc[0]),
+                    M.percentile_interval(auc[1:]),
+                )
                 for name, threshold in thresholds.items():
                     called = values >= threshold
                     with np.errstate(invalid="ignore", divide="ignore"):
@@ -158,8 +189,12 @@ class Cohort:
         split (:func:`site_split_table`), and whether the cohort is synthetic, as run.json records them."""
         scans = {name: int(np.sum(self.split == name)) for name in SPLITS}
         scanners = self.scanners if self.scanners is not None else np.full(len(self.scan_ids), NOT_RECORDED)
-        return {"scans_per_split": scans, "labels_per_split": self.label_counts(), "synthetic": self.synthetic,
-                "cohort": site_split_table(self.patients, self.sites, self.split, scanners, self.findings, self.labels)}
+        return {
+            "scans_per_split": scans,
+            "labels_per_split": self.label_counts(),
+            "synthetic": self.synthetic,
+            "cohort": site_split_table(self.patients, self.sites, self.split, scanners, self.findings, self.labels),
+        }
 
     def label_counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """Positives and negatives per finding and split: ``{finding: {split: {"pos", "neg"}}}``."""
@@ -167,7 +202,10 @@ class Cohort:
         for f, finding in enumerate(self.findings):
             known = ~np.isnan(self.labels[:, f])
             counts[finding] = {
-                name: {kind: int(np.sum(self.labels[known & (self.split == name), f] == value)) for kind, value in (("pos", 1), ("neg", 0))}
+                name: {
+                    kind: int(np.sum(self.labels[known & (self.split == name), f] == value))
+                    for kind, value in (("pos", 1), ("neg", 0))
+                }
                 for name in SPLITS
             }
         return counts
@@ -178,8 +216,14 @@ def scanner_name(manifest_row: dict) -> str:
     return " ".join(str(manifest_row.get(k) or "").strip() for k in ("manufacturer", "model")).strip() or NOT_RECORDED
 
 
-def site_split_table(patients: np.ndarray, sites: np.ndarray, split: np.ndarray, scanners: np.ndarray,
-                     findings: list[str], labels: np.ndarray) -> list[dict]:
+def site_split_table(
+    patients: np.ndarray,
+    sites: np.ndarray,
+    split: np.ndarray,
+    scanners: np.ndarray,
+    findings: list[str],
+    labels: np.ndarray,
+) -> list[dict]:
     """The cohort per site and split, one dict per (site, split) that has scans, in split order then site,
     each split of several sites followed by its total (``all_sites`` true, patients counted once):
     ``site, split, all_sites, n_scans, n_patients, scanners`` ({scanner name: scans}) and ``labels``
@@ -189,11 +233,16 @@ def site_split_table(patients: np.ndarray, sites: np.ndarray, split: np.ndarray,
     def row(site: str, name: str, mine: np.ndarray, all_sites: bool) -> dict:
         names, counts = np.unique(scanners[mine], return_counts=True)
         return {
-            "site": site, "split": name, "all_sites": all_sites, "n_scans": int(mine.sum()),
+            "site": site,
+            "split": name,
+            "all_sites": all_sites,
+            "n_scans": int(mine.sum()),
             "n_patients": len(set(patients[mine].tolist())),
             "scanners": {str(n): int(c) for n, c in sorted(zip(names, counts), key=lambda nc: (-nc[1], nc[0]))},
-            "labels": {finding: {"pos": int(np.sum(labels[mine, f] == 1)), "neg": int(np.sum(labels[mine, f] == 0))}
-                       for f, finding in enumerate(findings)},
+            "labels": {
+                finding: {"pos": int(np.sum(labels[mine, f] == 1)), "neg": int(np.sum(labels[mine, f] == 0))}
+                for f, finding in enumerate(findings)
+            },
         }
 
     order = {name: i for i, name in enumerate(SPLITS)}
@@ -248,8 +297,16 @@ def load_cohort(
     patients = np.array([p or store_patient_keys.get(s) or s for p, s in zip(label_patients, scan_ids)])
     sites = np.array([r.get("site", "") for r in table])
     explicit = np.array([r.get("split", "") if config.use_split_column else "" for r in table])
-    split = assign_splits(patients, y, sites, explicit, tuple(config.ood_sites), config.val_fraction,
-                          config.test_fraction, config.split_seed)
+    split = assign_splits(
+        patients,
+        y,
+        sites,
+        explicit,
+        tuple(config.ood_sites),
+        config.val_fraction,
+        config.test_fraction,
+        config.split_seed,
+    )
     scanners = None
     if store_rows:
         scanner_of = {row["scan_id"]: scanner_name(row) for row in store_rows}
@@ -285,7 +342,9 @@ class FitSummary:
 
     def describe(self, out: Path) -> str:
         reused = "" if self.n_fits_reused is None else f" ({self.n_fits_reused} reused)"
-        lines = [f"{self.verb}: {self.n_fits} fits{reused}, {self.n_predictions} predictions for "
-                 f"{', '.join(self.findings) or 'no finding'} -> {out / 'predictions.csv'}"]
+        lines = [
+            f"{self.verb}: {self.n_fits} fits{reused}, {self.n_predictions} predictions for "
+            f"{', '.join(self.findings) or 'no finding'} -> {out / 'predictions.csv'}"
+        ]
         lines += [f"  skipped {s}" for s in self.skipped] + [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -51,17 +51,17 @@ from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.config import save_config, to_dict
 from fmct.data import StoreVolumes
 from fmct.data.batches import read_hu_batches, to_device
-from fmct.errors import ConfigError, InputError, UsageError
 from fmct.distributed import DistEnv, all_reduce_sum, close_distributed, init_distributed
+from fmct.errors import ConfigError, InputError, UsageError
 from fmct.eval import radiomics
 from fmct.eval.embeddings import AUTO, write_embeddings
 from fmct.fingerprint import weights_sha256
+from fmct.log import progress_bar
 from fmct.models import ViT3D
 from fmct.models.encode import FEATURES, encode
 from fmct.models.windows import model_input
 from fmct.paths import relative_to
 from fmct.tables import rows_to_csv
-from fmct.log import progress_bar
 
 
 @dataclass
@@ -78,7 +78,9 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1 or self.workers < 1:
-            raise ConfigError(f"batch_size ({self.batch_size}), chunk_size ({self.chunk_size}) and workers must be at least 1")
+            raise ConfigError(
+                f"batch_size ({self.batch_size}), chunk_size ({self.chunk_size}) and workers must be at least 1"
+            )
 
 
 @dataclass
@@ -97,8 +99,10 @@ class EmbedSummary:
 
     def describe(self) -> str:
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
-        line = (f"embed: {self.n_embedded} scans in {self.seconds:.1f} s{ranks} -> {self.out / 'embeddings.npz'}"
-                f" ({self.n_chunks_reused} of {self.n_chunks} chunks reused)")
+        line = (
+            f"embed: {self.n_embedded} scans in {self.seconds:.1f} s{ranks} -> {self.out / 'embeddings.npz'}"
+            f" ({self.n_chunks_reused} of {self.n_chunks} chunks reused)"
+        )
         if self.skipped:
             line += f"\n  skipped {len(self.skipped)} scans, reasons in {self.out / 'errors.csv'}"
         return line
@@ -135,16 +139,38 @@ def resolve_encoder(model: str, like: str | None, config: EmbedConfig, device: t
     if model == HU_HISTOGRAM:
         if like is not None:
             raise UsageError(f"--like only applies to --model {hub.RANDOM_INIT}")
-        fingerprint = {"features": HU_HISTOGRAM, "feature_columns": radiomics.FEATURE_COLUMNS, "head_hu": radiomics.HEAD_HU}
-        return Encoder(lambda hu: {radiomics.FEATURE_NAME: radiomics.first_order_features(hu)}, HU_HISTOGRAM, "hu-histogram",
-                       fingerprint, default_feature=radiomics.FEATURE_NAME, not_finite_reason=radiomics.NOT_FINITE_REASON)
+        fingerprint = {
+            "features": HU_HISTOGRAM,
+            "feature_columns": radiomics.FEATURE_COLUMNS,
+            "head_hu": radiomics.HEAD_HU,
+        }
+        return Encoder(
+            lambda hu: {radiomics.FEATURE_NAME: radiomics.first_order_features(hu)},
+            HU_HISTOGRAM,
+            "hu-histogram",
+            fingerprint,
+            default_feature=radiomics.FEATURE_NAME,
+            not_finite_reason=radiomics.NOT_FINITE_REASON,
+        )
     source = hub.resolve_model(model, like)
     backbone = source.build(device, config.init_seed)
     if source.is_random_init:
-        return _backbone_encoder(backbone, source, "random-init", {"weights_sha256": weights_sha256(backbone)},
-                                 {"model_path": "", "like": str(source.like_dir.resolve()), "init_seed": config.init_seed}, config)
-    return _backbone_encoder(backbone, source, "pretrained", {"checkpoint_sha256": source.sha256},
-                             {"model_path": str(source.model_dir.resolve())}, config)
+        return _backbone_encoder(
+            backbone,
+            source,
+            "random-init",
+            {"weights_sha256": weights_sha256(backbone)},
+            {"model_path": "", "like": str(source.like_dir.resolve()), "init_seed": config.init_seed},
+            config,
+        )
+    return _backbone_encoder(
+        backbone,
+        source,
+        "pretrained",
+        {"checkpoint_sha256": source.sha256},
+        {"model_path": str(source.model_dir.resolve())},
+        config,
+    )
 
 
 def _recorded_model(path: str, out: Path) -> str:
@@ -157,8 +183,9 @@ def _recorded_model(path: str, out: Path) -> str:
     return relative_to(path, out)
 
 
-def _backbone_encoder(model: ViT3D, source: hub.ModelSource, arm: str, weights: dict, meta: dict,
-                      config: EmbedConfig) -> Encoder:
+def _backbone_encoder(
+    model: ViT3D, source: hub.ModelSource, arm: str, weights: dict, meta: dict, config: EmbedConfig
+) -> Encoder:
     """The encoder of a ViT: the whole volume resized and windowed, then its CLS, mean and max patch token
     (:func:`encode`); ``weights`` identifies its weights."""
     forward_features = torch.compile(model.forward_features) if config.compile else model.forward_features
@@ -169,8 +196,13 @@ def _backbone_encoder(model: ViT3D, source: hub.ModelSource, arm: str, weights: 
 
     device = next(model.parameters()).device
     # "features": chunks written before patch_max lack it, so they are not reused.
-    fingerprint = {**weights, "windows_hu": [list(w) for w in windows], "input_size": list(model.config.img_size),
-                   "precision": "bf16" if device.type == "cuda" else "fp32", "features": list(FEATURES)}
+    fingerprint = {
+        **weights,
+        "windows_hu": [list(w) for w in windows],
+        "input_size": list(model.config.img_size),
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+        "features": list(FEATURES),
+    }
     return Encoder(features, source.name, arm, fingerprint, {**meta, "model_config": to_dict(model.config)})
 
 
@@ -191,8 +223,14 @@ def _load_chunk(path: Path, expected_ids: list[str], fingerprint: str) -> dict[s
     return arrays
 
 
-def _save_chunk(path: Path, scan_ids: list[str], features: dict[str, np.ndarray], failed: list[tuple[str, str]],
-                fingerprint: str, not_finite_reason: str) -> dict[str, np.ndarray]:
+def _save_chunk(
+    path: Path,
+    scan_ids: list[str],
+    features: dict[str, np.ndarray],
+    failed: list[tuple[str, str]],
+    fingerprint: str,
+    not_finite_reason: str,
+) -> dict[str, np.ndarray]:
     """Write a finished chunk; a scan with a non-finite feature value joins ``failed`` with ``not_finite_reason``."""
     finite = np.all([np.isfinite(values).all(axis=1) for values in features.values()], axis=0)
     failed = failed + [(s, not_finite_reason) for s, ok in zip(scan_ids, finite) if not ok]
@@ -238,8 +276,16 @@ def embed_store(
         close_distributed()
 
 
-def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Path, config: EmbedConfig, env: DistEnv,
-           progress: bool, like: str | os.PathLike | None, started: float) -> EmbedSummary:
+def _embed(
+    model_path: str | os.PathLike,
+    store_path: str | os.PathLike,
+    out: Path,
+    config: EmbedConfig,
+    env: DistEnv,
+    progress: bool,
+    like: str | os.PathLike | None,
+    started: float,
+) -> EmbedSummary:
     device = env.device
     encoder = resolve_encoder(str(model_path), None if like is None else str(like), config, device)
     volumes = StoreVolumes(store_path)
@@ -268,9 +314,13 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
         plan += [(k, s == starts[-1]) for s in starts]
 
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    bar = progress_bar(total=sum(len(chunks[k]) for k in mine), initial=sum(len(chunks[k]) for k in finished), unit="scan",
-                       desc="embed" if env.world_size == 1 else f"embed (rank 0 of {env.world_size})",
-                       enabled=progress and env.is_main)
+    bar = progress_bar(
+        total=sum(len(chunks[k]) for k in mine),
+        initial=sum(len(chunks[k]) for k in finished),
+        unit="scan",
+        desc="embed" if env.world_size == 1 else f"embed (rank 0 of {env.world_size})",
+        enabled=progress and env.is_main,
+    )
     reader = read_hu_batches(volumes, batches, config.workers, pin_memory=device.type == "cuda")
     try:
         parts, ids, failed = {}, [], []
@@ -285,7 +335,9 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
             bar.update(len(batch.indices))
             if closes_chunk:
                 chunk_features = {name: torch.cat(values).cpu().numpy() for name, values in parts.items()}
-                finished[k] = _save_chunk(chunk_paths[k], ids, chunk_features, failed, fingerprint, encoder.not_finite_reason)
+                finished[k] = _save_chunk(
+                    chunk_paths[k], ids, chunk_features, failed, fingerprint, encoder.not_finite_reason
+                )
                 parts, ids, failed = {}, [], []
     finally:
         reader.close()
@@ -295,19 +347,24 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
     n_reused_everywhere = int(all_reduce_sum(torch.tensor(n_reused, device=device)))
     if not env.is_main:
         n_mine = sum(len(finished[k]["scan_id"]) for k in mine)
-        return EmbedSummary(out, n_mine, len(mine), n_reused, time.perf_counter() - started, rank=env.rank,
-                            world_size=env.world_size)
+        return EmbedSummary(
+            out, n_mine, len(mine), n_reused, time.perf_counter() - started, rank=env.rank, world_size=env.world_size
+        )
     for k in range(len(chunks)):
         if k not in finished:  # another rank's
             arrays = _load_chunk(chunk_paths[k], [volumes.scan_ids[i] for i in chunks[k]], fingerprint)
             if arrays is None:
-                raise InputError(f"{chunk_paths[k]}: missing or not of this run after rank {k % env.world_size} finished; "
-                                 f"is {out} on storage that every rank sees?")
+                raise InputError(
+                    f"{chunk_paths[k]}: missing or not of this run after rank {k % env.world_size} finished; "
+                    f"is {out} on storage that every rank sees?"
+                )
             finished[k] = arrays
     ordered = [finished[k] for k in range(len(chunks))]
     scan_ids = np.concatenate([arrays["scan_id"] for arrays in ordered])
     skipped = list(volumes.skipped) + [
-        (s, r) for arrays in ordered for s, r in zip(arrays["failed_scan_id"].tolist(), arrays["failed_reason"].tolist())
+        (s, r)
+        for arrays in ordered
+        for s, r in zip(arrays["failed_scan_id"].tolist(), arrays["failed_reason"].tolist())
     ]
     if len(scan_ids) == 0:
         raise InputError(f"{volumes.store.path}: no scan could be embedded (first reason: {skipped[0][1]})")
@@ -326,7 +383,17 @@ def _embed(model_path: str | os.PathLike, store_path: str | os.PathLike, out: Pa
     names = [name for name in ordered[0] if name not in CHUNK_KEYS]
     features = {name: np.concatenate([arrays[name] for arrays in ordered]) for name in names}
     write_embeddings(out, scan_ids, features, meta)
-    atomic_write_text(out / "errors.csv", rows_to_csv([{"scan_id": s, "reason": r} for s, r in skipped], ["scan_id", "reason"]))
+    atomic_write_text(
+        out / "errors.csv", rows_to_csv([{"scan_id": s, "reason": r} for s, r in skipped], ["scan_id", "reason"])
+    )
     save_config(config, out / "config.yaml")
-    return EmbedSummary(out, len(scan_ids), len(chunks), n_reused_everywhere, time.perf_counter() - started, skipped,
-                        rank=env.rank, world_size=env.world_size)
+    return EmbedSummary(
+        out,
+        len(scan_ids),
+        len(chunks),
+        n_reused_everywhere,
+        time.perf_counter() - started,
+        skipped,
+        rank=env.rank,
+        world_size=env.world_size,
+    )

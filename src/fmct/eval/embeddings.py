@@ -57,8 +57,12 @@ class Embeddings:
         names = FEATURE_SETS.get(name, (name,))
         missing = [n for n in names if n not in self.features]
         if missing:
-            made_before = " (a table written before fmct embed wrote it: embed again)" if missing == ["patch_max"] else ""
-            raise InputError(f"embeddings hold no feature {missing[0]!r}{made_before} (they hold: {', '.join(sorted(self.features))})")
+            made_before = (
+                " (a table written before fmct embed wrote it: embed again)" if missing == ["patch_max"] else ""
+            )
+            raise InputError(
+                f"embeddings hold no feature {missing[0]!r}{made_before} (they hold: {', '.join(sorted(self.features))})"
+            )
         return np.concatenate([self.features[n] for n in names], axis=1).astype(np.float64)
 
     def candidates(self, name: str) -> tuple[dict[str, np.ndarray], str]:
@@ -73,12 +77,17 @@ class Embeddings:
             return {name: self.feature_matrix(name)}, ""
         usable = [c for c in AUTO_CANDIDATES if set(FEATURE_SETS[c]) <= set(self.features)]
         if not usable:
-            raise InputError(f"feature set {AUTO}: the embeddings hold none of a backbone's features (they hold: "
-                             f"{', '.join(sorted(self.features))}); name a feature with --features")
+            raise InputError(
+                f"feature set {AUTO}: the embeddings hold none of a backbone's features (they hold: "
+                f"{', '.join(sorted(self.features))}); name a feature with --features"
+            )
         left_out = [c for c in AUTO_CANDIDATES if c not in usable]
-        note = (f"feature set {AUTO} left out {', '.join(left_out)}: the embeddings lack "
-                f"{', '.join(sorted({n for c in left_out for n in FEATURE_SETS[c]} - set(self.features)))}"
-                if left_out else "")
+        note = (
+            f"feature set {AUTO} left out {', '.join(left_out)}: the embeddings lack "
+            f"{', '.join(sorted({n for c in left_out for n in FEATURE_SETS[c]} - set(self.features)))}"
+            if left_out
+            else ""
+        )
         return {c: self.feature_matrix(c) for c in usable}, note
 
 

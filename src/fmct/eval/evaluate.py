@@ -89,13 +89,23 @@ from fmct.atomic import atomic_write_text
 from fmct.errors import InputError
 from fmct.eval import metrics as M
 from fmct.eval.cohort import GROUPS, NOT_RECORDED, scanner_name, site_split_table
+from fmct.paths import located
 from fmct.store import Store
 from fmct.tables import rows_to_csv
-from fmct.paths import located
 
 PREDICTION_COLUMNS = [
-    "scan_id", "patient_id", "site", "split", "finding", "label", "score",
-    "model", "arm", "label_fraction", "seed", "shots",
+    "scan_id",
+    "patient_id",
+    "site",
+    "split",
+    "finding",
+    "label",
+    "score",
+    "model",
+    "arm",
+    "label_fraction",
+    "seed",
+    "shots",
 ]
 # Target specificity -> the column holding the threshold chosen on validation to reach it.
 OPERATING_POINTS = {0.90: "threshold_spec90", 0.95: "threshold_spec95"}
@@ -119,7 +129,9 @@ FLOORS = {
 }
 # The supervised ceiling a pretrained arm at fewer labels is measured against (its arm name, and what it is).
 CEILING = "ceiling"
-CEILING_DESCRIPTION = "the same architecture from a random init, fine-tuned on all the training labels until early stopping"
+CEILING_DESCRIPTION = (
+    "the same architecture from a random init, fine-tuned on all the training labels until early stopping"
+)
 # How a fit ended (run.json ``fits[].ended_by``); UNKNOWN where the record does not say.
 ENDED_BY_MAX_STEPS = "max_steps"
 ENDED_BY_UNKNOWN = "unknown"
@@ -200,13 +212,21 @@ def training_sizes(predictions: Predictions) -> np.ndarray:
         per_finding = fit.get("per_finding") or ({fit["finding"]: fit} if "finding" in fit else {})
         for finding, counts in per_finding.items():
             if "n_train_pos" in counts and "n_train_neg" in counts:
-                key = (finding, _number_key(fit.get("label_fraction")), _number_key(fit.get("shots")), _number_key(fit.get("seed")))
+                key = (
+                    finding,
+                    _number_key(fit.get("label_fraction")),
+                    _number_key(fit.get("shots")),
+                    _number_key(fit.get("seed")),
+                )
                 sizes[key] = counts["n_train_pos"] + counts["n_train_neg"]
     c = predictions.columns
-    return np.array([
-        sizes.get((f, _number_key(fraction), _number_key(shots), _number_key(seed)), np.nan)
-        for f, fraction, shots, seed in zip(c["finding"], c["label_fraction"], c["shots"], c["seed"])
-    ], dtype=np.float64)
+    return np.array(
+        [
+            sizes.get((f, _number_key(fraction), _number_key(shots), _number_key(seed)), np.nan)
+            for f, fraction, shots, seed in zip(c["finding"], c["label_fraction"], c["shots"], c["seed"])
+        ],
+        dtype=np.float64,
+    )
 
 
 def fit_endings(runs: list[dict]) -> list[dict]:
@@ -221,10 +241,17 @@ def fit_endings(runs: list[dict]) -> list[dict]:
     for entry in runs:
         run = entry["run"]
         for fit in run.get("fits") or []:
-            row = {"path": entry["path"], "model": str(run.get("model") or ""), "arm": str(run.get("arm") or ""),
-                   "label_fraction": _text(fit.get("label_fraction")), "shots": _text(fit.get("shots")),
-                   "seed": _text(fit.get("seed")), "ended_by": str(fit.get("ended_by") or ENDED_BY_UNKNOWN),
-                   "steps": _float(fit.get("steps")), "best_step": _float(fit.get("best_step"))}
+            row = {
+                "path": entry["path"],
+                "model": str(run.get("model") or ""),
+                "arm": str(run.get("arm") or ""),
+                "label_fraction": _text(fit.get("label_fraction")),
+                "shots": _text(fit.get("shots")),
+                "seed": _text(fit.get("seed")),
+                "ended_by": str(fit.get("ended_by") or ENDED_BY_UNKNOWN),
+                "steps": _float(fit.get("steps")),
+                "best_step": _float(fit.get("best_step")),
+            }
             # A probe records one fit per finding: the first of a (budget, seed) stands for them.
             endings.setdefault(tuple(row[c] for c in FIT_COLUMNS[:6]), row)
     return list(endings.values())
@@ -321,8 +348,13 @@ def evaluate(
         raise InputError("no prediction has split test or ood: nothing to evaluate")
     table["group"] = np.array([GROUPS[s] for s in table["split"]])
     table["patient"] = np.where(table["patient_id"] != "", table["patient_id"], table["scan_id"])
-    settings = {"n_bootstrap": n_bootstrap, "seed": seed, "level": level, "min_per_class": M.MIN_PER_CLASS,
-                "p_value_method": P_VALUE_METHOD}
+    settings = {
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+        "level": level,
+        "min_per_class": M.MIN_PER_CLASS,
+        "p_value_method": P_VALUE_METHOD,
+    }
 
     runs = [{"path": str(p.path), "run": p.run} for p in loaded]
     evaluation = Evaluation([], [], [], runs, settings, cohorts=cohort_tables(loaded), fits=fit_endings(runs))
@@ -360,7 +392,9 @@ def with_holm(comparisons: list[dict]) -> list[dict]:
     estimable ones have no p-value and are not in the family; outside it ``p_holm`` is NaN (exploratory or
     descriptive, unadjusted)."""
     family = holm_family(comparisons)
-    adjusted = M.holm([_float(c.get("p_bootstrap")) if member else float("nan") for c, member in zip(comparisons, family)])
+    adjusted = M.holm(
+        [_float(c.get("p_bootstrap")) if member else float("nan") for c, member in zip(comparisons, family)]
+    )
     return [{**c, "p_holm": float(p)} for c, p in zip(comparisons, adjusted)]
 
 
@@ -370,7 +404,9 @@ def _is_primary(a: tuple[str, str], b: tuple[str, str]) -> bool:
     (not the ceiling's, which are descriptive)."""
     (model_a, arm_a), (model_b, arm_b) = a, b
     arms = {arm_a, arm_b}
-    return "pretrained" in arms and (bool(arms & set(FLOORS)) or (arms == {"pretrained", "scratch"} and model_a == model_b))
+    return "pretrained" in arms and (
+        bool(arms & set(FLOORS)) or (arms == {"pretrained", "scratch"} and model_a == model_b)
+    )
 
 
 class _Cell:
@@ -401,10 +437,14 @@ class _Cell:
         # Row 0 is the point estimate (every scan once); rows 1.. are the bootstrap replicates.
         # The seed depends on finding and group only, so all systems of this cell see the same resamples.
         cell_seed = [seed, *map(ord, f"{finding}/{group}")]
-        self.weights = np.vstack([
-            np.ones((1, len(self.scan_ids))),
-            M.patient_bootstrap_weights(self.patients, n_bootstrap, seed=np.random.SeedSequence(cell_seed).generate_state(1)[0]),
-        ])
+        self.weights = np.vstack(
+            [
+                np.ones((1, len(self.scan_ids))),
+                M.patient_bootstrap_weights(
+                    self.patients, n_bootstrap, seed=np.random.SeedSequence(cell_seed).generate_state(1)[0]
+                ),
+            ]
+        )
 
         self.scores: dict[tuple, np.ndarray] = {}
         self.present: dict[tuple, np.ndarray] = {}
@@ -432,8 +472,10 @@ class _Cell:
                 for target, column in OPERATING_POINTS.items():
                     values = np.unique(rows[column][mine][np.isfinite(rows[column][mine])])
                     if len(values) > 1:
-                        raise InputError(f"{column} of {key[0][0]} ({key[0][1]}), {finding}, seed {seed_name}: "
-                                         "one fit has one threshold, these rows disagree")
+                        raise InputError(
+                            f"{column} of {key[0][0]} ({key[0][1]}), {finding}, seed {seed_name}: "
+                            "one fit has one threshold, these rows disagree"
+                        )
                     thresholds[target][s] = values[0] if len(values) else np.nan
             self.scores[key], self.present[key], self.seeds[key] = scores, present, seeds
             self.probabilities[key], self.thresholds[key], self.n_train[key] = probabilities, thresholds, n_train
@@ -459,10 +501,18 @@ class _Cell:
         (model, arm), (fraction, shots) = key
         scored = self.present[key].max(axis=0) > 0
         return {
-            "model": model, "arm": arm, "finding": self.finding, "label_fraction": fraction, "shots": shots,
-            "budget": budget_name(fraction, shots), "group": self.group, "sites": ";".join(self.sites),
-            "n_scans": int(scored.sum()), "n_patients": len(set(self.patients[scored])),
-            "n_pos": int((self.labels[scored] == 1).sum()), "n_neg": int((self.labels[scored] == 0).sum()),
+            "model": model,
+            "arm": arm,
+            "finding": self.finding,
+            "label_fraction": fraction,
+            "shots": shots,
+            "budget": budget_name(fraction, shots),
+            "group": self.group,
+            "sites": ";".join(self.sites),
+            "n_scans": int(scored.sum()),
+            "n_patients": len(set(self.patients[scored])),
+            "n_pos": int((self.labels[scored] == 1).sum()),
+            "n_neg": int((self.labels[scored] == 0).sum()),
             "n_seeds": len(self.seeds[key]),
         }
 
@@ -472,16 +522,20 @@ class _Cell:
             present = self.present[key]
             note = self._not_estimable(present.max(axis=0) > 0)
             n_train = self.n_train[key]
-            row = {**self._described(key), "note": note or "",
-                   "n_train": float(np.mean(n_train)) if np.isfinite(n_train).all() else float("nan")}
+            row = {
+                **self._described(key),
+                "note": note or "",
+                "n_train": float(np.mean(n_train)) if np.isfinite(n_train).all() else float("nan"),
+            }
             probabilities, row["probability_source"] = self._probabilities(key)
             row.update(dict.fromkeys(METRIC_VALUE_COLUMNS, float("nan")))
             if note:
                 rows.append(row)
                 continue
             values = self._seed_metrics(key, present)
-            values["ece"] = np.stack([M.expected_calibration_error(self.labels, p, self.weights * m)
-                                      for p, m in zip(probabilities, present)])
+            values["ece"] = np.stack(
+                [M.expected_calibration_error(self.labels, p, self.weights * m) for p, m in zip(probabilities, present)]
+            )
             for name, per_seed in values.items():
                 row[name], row[f"{name}_lo"], row[f"{name}_hi"] = _seed_mean_with_ci(per_seed, level)
             point = values["auroc"][:, 0]
@@ -496,9 +550,13 @@ class _Cell:
         ceilings = self._ceilings()
         budgets = sorted({budget for _, budget in self.scores}, key=_budget_order)
         for budget in budgets:
-            systems = sorted({system for system, b in self.scores if b == budget and system[1] != CEILING}, key=_system_order)
+            systems = sorted(
+                {system for system, b in self.scores if b == budget and system[1] != CEILING}, key=_system_order
+            )
             pairs = [((a, budget), (b, budget)) for a, b in itertools.combinations(systems, 2)]
-            pairs += [((system, budget), ceiling) for system in systems if system[1] == "pretrained" for ceiling in ceilings]
+            pairs += [
+                ((system, budget), ceiling) for system in systems if system[1] == "pretrained" for ceiling in ceilings
+            ]
             rows += [row for key_a, key_b in pairs if (row := self._comparison_row(key_a, key_b, level))]
         return rows
 
@@ -508,7 +566,9 @@ class _Cell:
         for system, budget in self.scores:
             if system[1] == CEILING and not budget[1]:
                 budgets.setdefault(system, []).append(budget)
-        return [(system, max(budgets[system], key=lambda b: float(b[0]))) for system in sorted(budgets, key=_system_order)]
+        return [
+            (system, max(budgets[system], key=lambda b: float(b[0]))) for system in sorted(budgets, key=_system_order)
+        ]
 
     def _comparison_row(self, key_a: tuple, key_b: tuple, level: float) -> dict | None:
         """System ``a`` against ``b`` (keys (system, budget); the row names ``a``'s budget) on the scans every
@@ -520,13 +580,24 @@ class _Cell:
         if not on.any():
             return None
         row = {
-            "finding": self.finding, "group": self.group, "label_fraction": budget[0], "shots": budget[1],
-            "budget": budget_name(*budget), "model_a": a[0], "arm_a": a[1], "model_b": b[0], "arm_b": b[1],
-            "n_scans": int(on.sum()), "n_pos": int(np.sum(self.labels[on] == 1)),
-            "n_neg": int(np.sum(self.labels[on] == 0)), "note": self._not_estimable(on) or "",
+            "finding": self.finding,
+            "group": self.group,
+            "label_fraction": budget[0],
+            "shots": budget[1],
+            "budget": budget_name(*budget),
+            "model_a": a[0],
+            "arm_a": a[1],
+            "model_b": b[0],
+            "arm_b": b[1],
+            "n_scans": int(on.sum()),
+            "n_pos": int(np.sum(self.labels[on] == 1)),
+            "n_neg": int(np.sum(self.labels[on] == 0)),
+            "note": self._not_estimable(on) or "",
             "primary": _is_primary(a, b),
-            **dict.fromkeys(("auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo", "auroc_diff_hi",
-                             "p_bootstrap"), float("nan")),
+            **dict.fromkeys(
+                ("auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo", "auroc_diff_hi", "p_bootstrap"),
+                float("nan"),
+            ),
         }
         if not row["note"]:
             auc_a, auc_b = (
@@ -535,9 +606,17 @@ class _Cell:
             )
             difference = auc_a - auc_b
             test = M.bootstrap_difference_test(float(difference[0]), difference[1:], level)
-            row.update({"auroc_a": float(auc_a[0]), "auroc_b": float(auc_b[0]), "auroc_diff": float(difference[0]),
-                        "auroc_diff_se": test["se"], "auroc_diff_lo": test["low"], "auroc_diff_hi": test["high"],
-                        "p_bootstrap": test["p_value"]})
+            row.update(
+                {
+                    "auroc_a": float(auc_a[0]),
+                    "auroc_b": float(auc_b[0]),
+                    "auroc_diff": float(difference[0]),
+                    "auroc_diff_se": test["se"],
+                    "auroc_diff_lo": test["low"],
+                    "auroc_diff_hi": test["high"],
+                    "p_bootstrap": test["p_value"],
+                }
+            )
         return row
 
     def operating_point_rows(self, level: float) -> list[dict]:
@@ -549,9 +628,13 @@ class _Cell:
             for target, column in OPERATING_POINTS.items():
                 thresholds = self.thresholds[key][target]
                 validated = bool(np.isfinite(thresholds).all())
-                row = {**self._described(key), "target_specificity": target, "note": note or "",
-                       "threshold_source": THRESHOLD_ON_VALIDATION if validated else THRESHOLD_ON_TEST,
-                       **dict.fromkeys(OPERATING_POINT_VALUE_COLUMNS, float("nan"))}
+                row = {
+                    **self._described(key),
+                    "target_specificity": target,
+                    "note": note or "",
+                    "threshold_source": THRESHOLD_ON_VALIDATION if validated else THRESHOLD_ON_TEST,
+                    **dict.fromkeys(OPERATING_POINT_VALUE_COLUMNS, float("nan")),
+                }
                 if note:
                     rows.append(row)
                     continue
@@ -584,13 +667,22 @@ class _Cell:
             counts, probability_sums, label_sums = (np.sum([b[i] for b in binned], axis=0) for i in range(3))
             (model, arm), (fraction, shots) = key
             for b in np.flatnonzero(counts > 0):
-                rows.append({
-                    "model": model, "arm": arm, "finding": self.finding, "label_fraction": fraction, "shots": shots,
-                    "group": self.group, "probability_source": source, "bin_low": b / M.CALIBRATION_BINS,
-                    "bin_high": (b + 1) / M.CALIBRATION_BINS, "n_scans": float(counts[b] / len(binned)),
-                    "mean_probability": float(probability_sums[b] / counts[b]),
-                    "observed_rate": float(label_sums[b] / counts[b]),
-                })
+                rows.append(
+                    {
+                        "model": model,
+                        "arm": arm,
+                        "finding": self.finding,
+                        "label_fraction": fraction,
+                        "shots": shots,
+                        "group": self.group,
+                        "probability_source": source,
+                        "bin_low": b / M.CALIBRATION_BINS,
+                        "bin_high": (b + 1) / M.CALIBRATION_BINS,
+                        "n_scans": float(counts[b] / len(binned)),
+                        "mean_probability": float(probability_sums[b] / counts[b]),
+                        "observed_rate": float(label_sums[b] / counts[b]),
+                    }
+                )
         return rows
 
     def roc_rows(self) -> list[dict]:
@@ -611,10 +703,18 @@ class _Cell:
             if curves:
                 mean_tpr = np.mean(curves, axis=0)
                 for fpr_value, tpr_value in zip(ROC_GRID, mean_tpr):
-                    rows.append({
-                        "model": model, "arm": arm, "finding": self.finding, "label_fraction": fraction,
-                        "shots": shots, "group": self.group, "fpr": float(fpr_value), "tpr": float(tpr_value),
-                    })
+                    rows.append(
+                        {
+                            "model": model,
+                            "arm": arm,
+                            "finding": self.finding,
+                            "label_fraction": fraction,
+                            "shots": shots,
+                            "group": self.group,
+                            "fpr": float(fpr_value),
+                            "tpr": float(tpr_value),
+                        }
+                    )
         return rows
 
 
@@ -654,23 +754,69 @@ def _float(value) -> float:
 
 
 # ---------------------------------------------------------------------------------------- output
-_ROW_KEYS = ["model", "arm", "finding", "label_fraction", "shots", "budget", "group", "sites", "n_scans", "n_patients",
-             "n_pos", "n_neg", "n_seeds"]
+_ROW_KEYS = [
+    "model",
+    "arm",
+    "finding",
+    "label_fraction",
+    "shots",
+    "budget",
+    "group",
+    "sites",
+    "n_scans",
+    "n_patients",
+    "n_pos",
+    "n_neg",
+    "n_seeds",
+]
 METRIC_VALUE_COLUMNS = [
-    *[f"{name}{suffix}" for name in (*METRIC_NAMES, "ece") for suffix in ("", "_lo", "_hi")], "auroc_seed_sd",
+    *[f"{name}{suffix}" for name in (*METRIC_NAMES, "ece") for suffix in ("", "_lo", "_hi")],
+    "auroc_seed_sd",
 ]
 METRIC_COLUMNS = [*_ROW_KEYS, "n_train", "note", *METRIC_VALUE_COLUMNS, "probability_source"]
 COMPARISON_COLUMNS = [
-    "finding", "group", "label_fraction", "shots", "budget", "model_a", "arm_a", "model_b", "arm_b", "n_scans",
-    "n_pos", "n_neg", "note", "primary", "auroc_a", "auroc_b", "auroc_diff", "auroc_diff_se", "auroc_diff_lo",
-    "auroc_diff_hi", "p_bootstrap", "p_holm",
+    "finding",
+    "group",
+    "label_fraction",
+    "shots",
+    "budget",
+    "model_a",
+    "arm_a",
+    "model_b",
+    "arm_b",
+    "n_scans",
+    "n_pos",
+    "n_neg",
+    "note",
+    "primary",
+    "auroc_a",
+    "auroc_b",
+    "auroc_diff",
+    "auroc_diff_se",
+    "auroc_diff_lo",
+    "auroc_diff_hi",
+    "p_bootstrap",
+    "p_holm",
 ]
 OPERATING_POINT_VALUE_COLUMNS = [
-    "threshold", *[f"{name}{suffix}" for name in M.OPERATING_POINT_NAMES for suffix in ("", "_lo", "_hi")],
+    "threshold",
+    *[f"{name}{suffix}" for name in M.OPERATING_POINT_NAMES for suffix in ("", "_lo", "_hi")],
 ]
 OPERATING_POINT_COLUMNS = [*_ROW_KEYS, "note", "target_specificity", "threshold_source", *OPERATING_POINT_VALUE_COLUMNS]
-CALIBRATION_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "probability_source",
-                       "bin_low", "bin_high", "n_scans", "mean_probability", "observed_rate"]
+CALIBRATION_COLUMNS = [
+    "model",
+    "arm",
+    "finding",
+    "label_fraction",
+    "shots",
+    "group",
+    "probability_source",
+    "bin_low",
+    "bin_high",
+    "n_scans",
+    "mean_probability",
+    "observed_rate",
+]
 ROC_COLUMNS = ["model", "arm", "finding", "label_fraction", "shots", "group", "fpr", "tpr"]
 FIT_COLUMNS = ["path", "model", "arm", "label_fraction", "shots", "seed", "ended_by", "steps", "best_step"]
 
@@ -690,11 +836,22 @@ def arm_effects(comparisons: list[dict], baseline_arm: str, same_model: bool = F
         sign = 1.0 if pretrained_first else -1.0
         model, baseline_model = (c["model_a"], c["model_b"]) if pretrained_first else (c["model_b"], c["model_a"])
         low, high = sorted((sign * float(c["auroc_diff_lo"]), sign * float(c["auroc_diff_hi"])))
-        effects.append({
-            "model": model, "baseline_model": baseline_model, "finding": c["finding"], "group": c["group"],
-            "budget": c["budget"], "label_fraction": c["label_fraction"], "shots": c["shots"],
-            "diff": sign * float(c["auroc_diff"]), "low": low, "high": high, "p_bootstrap": float(c["p_bootstrap"]), "p_holm": _float(c.get("p_holm")),
-        })
+        effects.append(
+            {
+                "model": model,
+                "baseline_model": baseline_model,
+                "finding": c["finding"],
+                "group": c["group"],
+                "budget": c["budget"],
+                "label_fraction": c["label_fraction"],
+                "shots": c["shots"],
+                "diff": sign * float(c["auroc_diff"]),
+                "low": low,
+                "high": high,
+                "p_bootstrap": float(c["p_bootstrap"]),
+                "p_holm": _float(c.get("p_holm")),
+            }
+        )
     return effects
 
 
@@ -740,14 +897,20 @@ def read_evaluation(folder: str | os.PathLike) -> Evaluation:
     try:
         document = json.loads((folder / "metrics.json").read_text())
         with open(folder / "roc.csv", newline="") as handle:
-            roc = [
-                {**row, "fpr": float(row["fpr"]), "tpr": float(row["tpr"])} for row in csv.DictReader(handle)
-            ]
+            roc = [{**row, "fpr": float(row["fpr"]), "tpr": float(row["tpr"])} for row in csv.DictReader(handle)]
     except (OSError, ValueError) as error:
         raise InputError(f"{folder}: not an evaluation folder ({error})") from None
-    return Evaluation(document["metrics"], document["comparisons"], roc, document["runs"], document["settings"],
-                      document.get("operating_points", []), document.get("calibration", []), document.get("cohorts", []),
-                      document["fits"] if "fits" in document else fit_endings(document["runs"]))
+    return Evaluation(
+        document["metrics"],
+        document["comparisons"],
+        roc,
+        document["runs"],
+        document["settings"],
+        document.get("operating_points", []),
+        document.get("calibration", []),
+        document.get("cohorts", []),
+        document["fits"] if "fits" in document else fit_endings(document["runs"]),
+    )
 
 
 def _json_safe(value):

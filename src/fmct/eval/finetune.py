@@ -55,14 +55,14 @@ from fmct.eval.cohort import EVALUATED_SPLITS, Budget, Cohort, CohortConfig, Fit
 from fmct.eval.evaluate import write_predictions
 from fmct.eval.metrics import auroc
 from fmct.fingerprint import file_sha256, settings_sha256
+from fmct.log import progress_bar
 from fmct.models import ViT3DConfig
 from fmct.models.classifier import HEADS, Classifier
 from fmct.models.vit3d import grouped_parameters
 from fmct.models.windows import model_input
-from fmct.schedules import warmup_cosine
 from fmct.paths import relative_to
+from fmct.schedules import warmup_cosine
 from fmct.store import store_identity
-from fmct.log import progress_bar
 
 
 @dataclass
@@ -98,7 +98,9 @@ class FinetuneConfig(CohortConfig):
         if self.trainable_blocks < -1:
             raise ConfigError(f"trainable_blocks {self.trainable_blocks}: -1 (all) or k >= 0")
         if min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1 or self.batch_size < 2:
-            raise ConfigError("batch_size must be at least 2 (the head's batch norm); max_steps, eval_every, patience and seeds at least 1")
+            raise ConfigError(
+                "batch_size must be at least 2 (the head's batch norm); max_steps, eval_every, patience and seeds at least 1"
+            )
 
 
 def resolve_backbone(model: str, like: str | None, config: FinetuneConfig) -> tuple[hub.ModelSource, str]:
@@ -131,8 +133,9 @@ def balanced_batches(
 class _Scans:
     """The cohort's scans on the store: batches of cohort rows read as int16 HU, and whole-volume predictions."""
 
-    def __init__(self, volumes: StoreVolumes, volume_of_row: np.ndarray, windows, config: FinetuneConfig,
-                 device: torch.device):
+    def __init__(
+        self, volumes: StoreVolumes, volume_of_row: np.ndarray, windows, config: FinetuneConfig, device: torch.device
+    ):
         self.volumes, self.volume_of_row, self.windows = volumes, volume_of_row, windows
         self.config, self.device = config, device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -151,7 +154,11 @@ class _Scans:
         reader = self.batches(row_batches)
         try:
             for batch_rows, batch in zip(row_batches, reader):
-                x = model_input(to_device(batch.hu, self.device, self.copy_stream), classifier.backbone.config.img_size, self.windows)
+                x = model_input(
+                    to_device(batch.hu, self.device, self.copy_stream),
+                    classifier.backbone.config.img_size,
+                    self.windows,
+                )
                 with autocast(self.device):
                     logits.append(classifier(x).float())
                 failed.update({batch_rows[row]: reason for row, reason in batch.failed.items()})
@@ -173,8 +180,14 @@ def _validation_auroc(logits: np.ndarray, labels: np.ndarray, usable: np.ndarray
 
 
 def _train_one(
-    classifier: Classifier, scans: _Scans, targets: np.ndarray, mask: np.ndarray,
-    subsets: list[tuple[np.ndarray, np.ndarray]], val_rows: np.ndarray, val_labels: np.ndarray, seed: int,
+    classifier: Classifier,
+    scans: _Scans,
+    targets: np.ndarray,
+    mask: np.ndarray,
+    subsets: list[tuple[np.ndarray, np.ndarray]],
+    val_rows: np.ndarray,
+    val_labels: np.ndarray,
+    seed: int,
 ) -> dict:
     """Train ``classifier`` in place (ending with its best validation weights); return what happened."""
     config, device = scans.config, scans.device
@@ -184,9 +197,18 @@ def _train_one(
     size = classifier.backbone.config.img_size
     if len(set(size)) != 1:
         raise UsageError(f"finetune needs a cubic model input, the model's img_size is {list(size)}")
-    augment = MultiCropAugment(AugmentConfig(n_global=1, n_local=0, global_size=size[0], global_scale=config.crop_scale,
-                                             rotation_deg=config.rotation_deg, intensity_prob=config.intensity_prob,
-                                             windows=list(scans.windows), blur_prob=0.0))
+    augment = MultiCropAugment(
+        AugmentConfig(
+            n_global=1,
+            n_local=0,
+            global_size=size[0],
+            global_scale=config.crop_scale,
+            rotation_deg=config.rotation_deg,
+            intensity_prob=config.intensity_prob,
+            windows=list(scans.windows),
+            blur_prob=0.0,
+        )
+    )
     targets_device = torch.as_tensor(targets, dtype=torch.float32, device=device)
     mask_device = torch.as_tensor(mask, dtype=torch.float32, device=device)
 
@@ -200,7 +222,11 @@ def _train_one(
         classifier.train()
         for step, (rows, batch) in enumerate(zip(row_batches, reader), start=1):
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * group["lr_scale"] * warmup_cosine(step - 1, config.max_steps, config.warmup_steps, peak=1.0, end=0.0)
+                group["lr"] = (
+                    config.lr
+                    * group["lr_scale"]
+                    * warmup_cosine(step - 1, config.max_steps, config.warmup_steps, peak=1.0, end=0.0)
+                )
             crops, _ = augment(to_device(batch.hu, device, scans.copy_stream), step_generator(seed, step))
             row_index = torch.as_tensor(rows, device=device)
             weight = mask_device[row_index]
@@ -208,8 +234,9 @@ def _train_one(
                 weight[list(batch.failed)] = 0.0
             with autocast(device):
                 logits = classifier(crops)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), targets_device[row_index], weight=weight,
-                                                      reduction="sum") / weight.sum().clamp_min(1.0)
+            loss = F.binary_cross_entropy_with_logits(
+                logits.float(), targets_device[row_index], weight=weight, reduction="sum"
+            ) / weight.sum().clamp_min(1.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in classifier.parameters() if p.requires_grad], config.grad_clip)
@@ -229,8 +256,11 @@ def _train_one(
                     checks_without_gain = 0
                 else:
                     checks_without_gain += 1
-                progress.set_postfix(loss=f"{float(torch.stack(losses[-config.eval_every:]).mean()):.3f}",
-                                     val_auroc=f"{value:.3f}", best=f"{best['val_auroc']:.3f}@{best['step']}")
+                progress.set_postfix(
+                    loss=f"{float(torch.stack(losses[-config.eval_every :]).mean()):.3f}",
+                    val_auroc=f"{value:.3f}",
+                    best=f"{best['val_auroc']:.3f}@{best['step']}",
+                )
                 if checks_without_gain >= config.patience:
                     ended_by = "early_stopping"
                     break
@@ -240,9 +270,12 @@ def _train_one(
     if best["state"] is not None:
         classifier.load_state_dict(best["state"], strict=False)
     return {
-        "steps": step, "ended_by": ended_by, "best_step": best["step"] if best["state"] is not None else step,
-        "val_auroc": best["val_auroc"], "chosen_on": "val" if best["state"] is not None else "last",
-        "final_train_loss": float(torch.stack(losses[-config.eval_every:]).mean()) if losses else float("nan"),
+        "steps": step,
+        "ended_by": ended_by,
+        "best_step": best["step"] if best["state"] is not None else step,
+        "val_auroc": best["val_auroc"],
+        "chosen_on": "val" if best["state"] is not None else "last",
+        "final_train_loss": float(torch.stack(losses[-config.eval_every :]).mean()) if losses else float("nan"),
     }
 
 
@@ -250,31 +283,58 @@ def _train_one(
 def _fingerprint(config: FinetuneConfig, backbone: hub.ModelSource, arm: str, labels_sha256: str, store: Path) -> str:
     # What decides a fit's result; budgets and seeds name the fit, workers only change the speed.
     settings = {k: v for k, v in to_dict(config).items() if k not in ("label_fractions", "shots", "seeds", "workers")}
-    return settings_sha256({"config": settings, "backbone": backbone.identity(), "arm": arm, "labels": labels_sha256,
-                            "store": store_identity(store)})
+    return settings_sha256(
+        {
+            "config": settings,
+            "backbone": backbone.identity(),
+            "arm": arm,
+            "labels": labels_sha256,
+            "store": store_identity(store),
+        }
+    )
 
 
-def _save_fit(folder: Path, classifier: Classifier, backbone: hub.ModelSource, config: FinetuneConfig, fit: dict,
-              target: dict) -> None:
+def _save_fit(
+    folder: Path, classifier: Classifier, backbone: hub.ModelSource, config: FinetuneConfig, fit: dict, target: dict
+) -> None:
     """Write the fit's detector folder (the backbone first when training changed it, or when it is a random
     init that no folder holds), then ``fit.json``, last: the fit is finished."""
     head = {name: value for name, value in classifier.state_dict().items() if not name.startswith("backbone.")}
     if config.trainable_blocks != 0 or backbone.is_random_init:
-        hub.save(classifier.backbone, folder / detector.BACKBONE_DIR,
-                 extra={"windows": [list(w) for w in backbone.windows], "finetuned_from": backbone.identity()})
-        reference = {"path": detector.BACKBONE_DIR, "name": backbone.name, "shipped": False,
-                     "sha256": file_sha256(folder / detector.BACKBONE_DIR / hub.WEIGHTS_FILE)}
+        hub.save(
+            classifier.backbone,
+            folder / detector.BACKBONE_DIR,
+            extra={"windows": [list(w) for w in backbone.windows], "finetuned_from": backbone.identity()},
+        )
+        reference = {
+            "path": detector.BACKBONE_DIR,
+            "name": backbone.name,
+            "shipped": False,
+            "sha256": file_sha256(folder / detector.BACKBONE_DIR / hub.WEIGHTS_FILE),
+        }
     else:
         reference = detector.backbone_reference(backbone)
     summary = fit.pop("detector")
     if summary["per_finding"]:
-        detector.write_detector(folder, {**target, "backbone": reference, "findings": list(summary["per_finding"]),
-                                         "per_finding": summary["per_finding"], "left_out": summary["left_out"],
-                                         "provenance": {**target["provenance"], "seed": fit["seed"],
-                                                        "budget": {"label_fraction": fit["label_fraction"], "shots": fit["shots"]},
-                                                        "n_train": summary["n_train"], "metrics": summary["metrics"],
-                                                        "recipe": {**target["provenance"]["recipe"], "steps": fit["steps"],
-                                                                   "best_step": fit["best_step"]}}}, head)
+        detector.write_detector(
+            folder,
+            {
+                **target,
+                "backbone": reference,
+                "findings": list(summary["per_finding"]),
+                "per_finding": summary["per_finding"],
+                "left_out": summary["left_out"],
+                "provenance": {
+                    **target["provenance"],
+                    "seed": fit["seed"],
+                    "budget": {"label_fraction": fit["label_fraction"], "shots": fit["shots"]},
+                    "n_train": summary["n_train"],
+                    "metrics": summary["metrics"],
+                    "recipe": {**target["provenance"]["recipe"], "steps": fit["steps"], "best_step": fit["best_step"]},
+                },
+            },
+            head,
+        )
     else:
         fit["no_detector"] = "; ".join(f"{f}: {reason}" for f, reason in summary["left_out"].items())
     atomic_write_text(folder / "fit.json", json.dumps(fit, indent=2, default=str))  # last: the fit is finished
@@ -312,15 +372,31 @@ def run_finetune(
     labels_sha256 = file_sha256(cohort.origin)
     fingerprint = _fingerprint(config, backbone, arm, labels_sha256, Path(store_path))
     target = {  # what every fit's detector folder shares
-        "kind": "finetune", "head": config.head, "feature": "", "scorer_outputs": list(cohort.findings),
-        "windows_hu": [list(w) for w in backbone.windows], "input_size": list(backbone.config.img_size),
+        "kind": "finetune",
+        "head": config.head,
+        "feature": "",
+        "scorer_outputs": list(cohort.findings),
+        "windows_hu": [list(w) for w in backbone.windows],
+        "input_size": list(backbone.config.img_size),
         **detector.store_grid(store_path),
-        "provenance": {"verb": "finetune", "labels": {"spec": labels_spec, "sha256": labels_sha256},
-                       "store": store_identity(store_path), "synthetic": cohort.synthetic, "scans_per_split": cohort.split_counts()["scans_per_split"],
-                       "ood_sites": list(config.ood_sites),
-                       "recipe": {"backbone": backbone.name, "arm": arm, "head": config.head,
-                                  "trainable_blocks": config.trainable_blocks, "lr": config.lr, "max_steps": config.max_steps,
-                                  "batch_size": config.batch_size, "split_seed": config.split_seed}},
+        "provenance": {
+            "verb": "finetune",
+            "labels": {"spec": labels_spec, "sha256": labels_sha256},
+            "store": store_identity(store_path),
+            "synthetic": cohort.synthetic,
+            "scans_per_split": cohort.split_counts()["scans_per_split"],
+            "ood_sites": list(config.ood_sites),
+            "recipe": {
+                "backbone": backbone.name,
+                "arm": arm,
+                "head": config.head,
+                "trainable_blocks": config.trainable_blocks,
+                "lr": config.lr,
+                "max_steps": config.max_steps,
+                "batch_size": config.batch_size,
+                "split_seed": config.split_seed,
+            },
+        },
     }
 
     predictions, fits, n_reused = [], [], 0
@@ -338,18 +414,35 @@ def run_finetune(
         fits.append(fit)
 
     run = {
-        "command": "finetune", "config": to_dict(config), "model": backbone.name, "arm": arm,
-        "backbone": backbone.identity(), "labels": {"spec": labels_spec, "sha256": labels_sha256,
-                                                    "notes": cohort.notes + [f"{s}: {r}" for s, r in volumes.skipped]},
-        "store": relative_to(store_path, out), "device": str(device),
-        **cohort.split_counts(), "fits": fits, "skipped": skipped,
+        "command": "finetune",
+        "config": to_dict(config),
+        "model": backbone.name,
+        "arm": arm,
+        "backbone": backbone.identity(),
+        "labels": {
+            "spec": labels_spec,
+            "sha256": labels_sha256,
+            "notes": cohort.notes + [f"{s}: {r}" for s, r in volumes.skipped],
+        },
+        "store": relative_to(store_path, out),
+        "device": str(device),
+        **cohort.split_counts(),
+        "fits": fits,
+        "skipped": skipped,
     }
     save_config(config, out / "config.yaml")
     write_predictions(out, predictions, run)
     if saliency_examples:
         saliency.write_examples(out, predictions, store_path, saliency_examples, device=device)
-    return FitSummary("finetune", len(predictions), [cohort.findings[f] for f in trainable], len(fits), n_reused,
-                      skipped, cohort.notes + [f"{s}: {r}" for s, r in volumes.skipped])
+    return FitSummary(
+        "finetune",
+        len(predictions),
+        [cohort.findings[f] for f in trainable],
+        len(fits),
+        n_reused,
+        skipped,
+        cohort.notes + [f"{s}: {r}" for s, r in volumes.skipped],
+    )
 
 
 def _finished_fit(folder: Path, fingerprint: str) -> dict | None:
@@ -363,8 +456,9 @@ def _finished_fit(folder: Path, fingerprint: str) -> dict | None:
     return fit
 
 
-def _fit_budget(backbone: hub.ModelSource, arm: str, scans: _Scans, cohort: Cohort, trainable: list[int],
-                budget: Budget, seed: int) -> dict:
+def _fit_budget(
+    backbone: hub.ModelSource, arm: str, scans: _Scans, cohort: Cohort, trainable: list[int], budget: Budget, seed: int
+) -> dict:
     """Train one model for one (budget, seed); return its fit record with predictions and the classifier."""
     config, y = scans.config, cohort.labels
     mask = np.zeros_like(y)
@@ -388,15 +482,32 @@ def _fit_budget(backbone: hub.ModelSource, arm: str, scans: _Scans, cohort: Coho
     for f in trainable:
         val_keep = [p for p, i in enumerate(val_rows.tolist()) if i not in val_failed and not np.isnan(y[i, f])]
         eval_keep = [p for p, i in enumerate(eval_rows.tolist()) if i not in failed and not np.isnan(y[i, f])]
-        finding_fits[f] = calibration.FindingFit(np.flatnonzero(mask[:, f]), val_rows[val_keep], val_logits[val_keep, f],
-                                              eval_rows[eval_keep], logits[eval_keep, f])
+        finding_fits[f] = calibration.FindingFit(
+            np.flatnonzero(mask[:, f]),
+            val_rows[val_keep],
+            val_logits[val_keep, f],
+            eval_rows[eval_keep],
+            logits[eval_keep, f],
+        )
     summary = calibration.summarise_fit(cohort, finding_fits)
-    rows = [{**cohort.prediction(i, f, logits[position, f], backbone.name, arm, budget, seed),
-             **calibration.prediction_columns(summary, cohort.findings[f], logits[position, f])}
-            for position, i in enumerate(eval_rows.tolist()) if i not in failed
-            for f in trainable if not np.isnan(y[i, f])]
+    rows = [
+        {
+            **cohort.prediction(i, f, logits[position, f], backbone.name, arm, budget, seed),
+            **calibration.prediction_columns(summary, cohort.findings[f], logits[position, f]),
+        }
+        for position, i in enumerate(eval_rows.tolist())
+        if i not in failed
+        for f in trainable
+        if not np.isnan(y[i, f])
+    ]
     return {
-        "seed": seed, "label_fraction": budget.fraction, "shots": budget.shots, "per_finding": counts, **info,
+        "seed": seed,
+        "label_fraction": budget.fraction,
+        "shots": budget.shots,
+        "per_finding": counts,
+        **info,
         "unreadable_test_scans": [f"{cohort.scan_ids[i]}: {reason}" for i, reason in failed.items()],
-        "predictions": rows, "classifier": classifier, "detector": summary,
+        "predictions": rows,
+        "classifier": classifier,
+        "detector": summary,
     }

@@ -259,16 +259,21 @@ def _rates(tp: np.ndarray, fp: np.ndarray, positives: np.ndarray, negatives: np.
     def ratio(a, b):
         return np.where(valid & (b > 0), a / np.where(b > 0, b, 1.0), np.nan)
 
-    return {"sensitivity": ratio(tp, positives), "specificity": ratio(tn, negatives),
-            "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn)}
+    return {
+        "sensitivity": ratio(tp, positives),
+        "specificity": ratio(tn, negatives),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+    }
 
 
 # ------------------------------------------------------------------------------------ calibration
 CALIBRATION_BINS = 10  # equal-width bins of predicted probability over [0, 1]
 
 
-def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None,
-                     n_bins: int = CALIBRATION_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def calibration_bins(
+    labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None, n_bins: int = CALIBRATION_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width probability bin: weighted count, sum of probabilities and sum of labels, each of
     shape ``weights.shape[:-1] + (n_bins,)``. Bin b holds [b / n_bins, (b + 1) / n_bins), the last one includes 1."""
     labels, probabilities = _checked(labels, probabilities)
@@ -279,8 +284,9 @@ def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, weights: np.
     return weights @ members, weights @ (members * probabilities[:, None]), weights @ (members * labels[:, None])
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None,
-                               n_bins: int = CALIBRATION_BINS) -> np.ndarray:
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None, n_bins: int = CALIBRATION_BINS
+) -> np.ndarray:
     """ECE: the count-weighted mean over bins of |mean probability - observed rate of positives|, in [0, 1]."""
     counts, probability_sums, label_sums = calibration_bins(labels, probabilities, weights, n_bins)
     total = counts.sum(axis=-1)

@@ -46,9 +46,9 @@ from fmct.eval.cohort import EVALUATED_SPLITS, Budget, Cohort, CohortConfig, Fit
 from fmct.eval.embeddings import AUTO, Embeddings, read_embeddings
 from fmct.eval.evaluate import write_predictions
 from fmct.fingerprint import file_sha256
+from fmct.log import progress_bar
 from fmct.paths import located, relative_to
 from fmct.store import store_identity
-from fmct.log import progress_bar
 
 METHODS = ("logistic", "knn")
 
@@ -94,7 +94,9 @@ def run_probe(
     embeddings = read_embeddings(embeddings_path)
     feature = config.features or embeddings.default_feature
     candidates, candidates_note = embeddings.candidates(feature)
-    cohort = load_cohort(labels_spec, embeddings.scan_ids, f"the embeddings {embeddings_path}", config, store_path, rename)
+    cohort = load_cohort(
+        labels_spec, embeddings.scan_ids, f"the embeddings {embeddings_path}", config, store_path, rename
+    )
     row_of = {scan_id: i for i, scan_id in enumerate(embeddings.scan_ids)}
     embedded = [row_of[s] for s in cohort.scan_ids]
     candidates = {name: x[embedded] for name, x in candidates.items()}  # row i: cohort scan i
@@ -108,14 +110,21 @@ def run_probe(
     folder = Path(embeddings_path) if Path(embeddings_path).is_dir() else Path(embeddings_path).parent
     store = store_path or (located(embeddings.meta["store"], folder) if embeddings.meta.get("store") else None)
     target, no_detector = _detector_target(embeddings, folder, feature, config, store)
-    notes = cohort.notes + [note for note in (no_detector and f"no detector folders: {no_detector}", candidates_note) if note]
+    notes = cohort.notes + [
+        note for note in (no_detector and f"no detector folders: {no_detector}", candidates_note) if note
+    ]
     _remove_earlier_detectors(out)
     predictions, fits, n_detectors = [], [], 0
-    with progress_bar(total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False) as progress:
+    with progress_bar(
+        total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False
+    ) as progress:
         for seed in range(config.seeds):
             for budget in budgets:
-                choice = choose_features(candidates, lambda x: [_fit_one(x, cohort, f, budget, seed, config) for f in trainable],
-                                         lambda one: one[0]["val_auroc"])
+                choice = choose_features(
+                    candidates,
+                    lambda x: [_fit_one(x, cohort, f, budget, seed, config) for f in trainable],
+                    lambda one: one[0]["val_auroc"],
+                )
                 models, finding_fits = {}, {}
                 for f, (fit, finding_fits[f], models[f]) in zip(trainable, choice.fits):
                     fits.append({**fit, **choice.record()})
@@ -123,18 +132,41 @@ def run_probe(
                 # Thresholds and calibration set on validation, for the predictions and the detector alike.
                 summary = calibration.summarise_fit(cohort, finding_fits)
                 for f, finding_fit in finding_fits.items():
-                    predictions += [{**cohort.prediction(i, f, score, model_name, arm, budget, seed),
-                                     **calibration.prediction_columns(summary, cohort.findings[f], score)}
-                                    for i, score in zip(finding_fit.eval_rows.tolist(), finding_fit.eval_scores)]
+                    predictions += [
+                        {
+                            **cohort.prediction(i, f, score, model_name, arm, budget, seed),
+                            **calibration.prediction_columns(summary, cohort.findings[f], score),
+                        }
+                        for i, score in zip(finding_fit.eval_rows.tolist(), finding_fit.eval_scores)
+                    ]
                 if target is not None:
-                    n_detectors += _save_detector(out / detector.FITS_DIR / f"{budget.name}-seed{seed}", target, choice.record(),
-                                                  cohort, models, summary, budget, seed, config, labels_record, store)
+                    n_detectors += _save_detector(
+                        out / detector.FITS_DIR / f"{budget.name}-seed{seed}",
+                        target,
+                        choice.record(),
+                        cohort,
+                        models,
+                        summary,
+                        budget,
+                        seed,
+                        config,
+                        labels_record,
+                        store,
+                    )
 
     run = {
-        "command": "probe", "config": to_dict(config), "model": model_name, "arm": arm, "features": feature,
+        "command": "probe",
+        "config": to_dict(config),
+        "model": model_name,
+        "arm": arm,
+        "features": feature,
         "embeddings": _embeddings_record(embeddings_path, embeddings),
-        "labels": {**labels_record, "notes": notes}, "store": None if store_path is None else relative_to(store_path, out),
-        **cohort.split_counts(), "fits": fits, "skipped": skipped, "detectors": n_detectors,
+        "labels": {**labels_record, "notes": notes},
+        "store": None if store_path is None else relative_to(store_path, out),
+        **cohort.split_counts(),
+        "fits": fits,
+        "skipped": skipped,
+        "detectors": n_detectors,
     }
     save_config(config, out / "config.yaml")
     write_predictions(out, predictions, run)
@@ -142,26 +174,46 @@ def run_probe(
         saliency.write_examples(out, predictions, store, saliency_examples)
     elif saliency_examples:
         notes.append("no saliency examples: no detector was saved")
-    return FitSummary("probe", len(predictions), [cohort.findings[f] for f in trainable], len(fits),
-                      skipped=skipped, notes=notes)
+    return FitSummary(
+        "probe", len(predictions), [cohort.findings[f] for f in trainable], len(fits), skipped=skipped, notes=notes
+    )
 
 
-def _fit_one(x: np.ndarray, cohort: Cohort, finding: int, budget: Budget, seed: int,
-             config: ProbeConfig) -> tuple[dict, calibration.FindingFit, LogisticProbe | None]:
+def _fit_one(
+    x: np.ndarray, cohort: Cohort, finding: int, budget: Budget, seed: int, config: ProbeConfig
+) -> tuple[dict, calibration.FindingFit, LogisticProbe | None]:
     """One probe of ``finding`` on the training subset of (``budget``, ``seed``): its fit record, its
     scores of the validation and evaluated scans, and the fitted logistic model (None for k-NN)."""
     f, y = finding, cohort.labels
-    subset, val, evaluated = cohort.training_rows(f, budget, seed), cohort.rows(f, ("val",)), cohort.rows(f, EVALUATED_SPLITS)
+    subset, val, evaluated = (
+        cohort.training_rows(f, budget, seed),
+        cohort.rows(f, ("val",)),
+        cohort.rows(f, EVALUATED_SPLITS),
+    )
     model = None
     if config.method == "logistic":
         model = fit_logistic_probe(x[subset], y[subset, f], x[val], y[val, f], config.c_grid)
         val_scores, scores, chosen = model.decision_function(x[val]), model.decision_function(x[evaluated]), model.info
     else:
-        both, chosen = fit_knn(x[subset], y[subset, f], x[val], y[val, f], np.concatenate([x[val], x[evaluated]]),
-                               config.knn_k, config.knn_temperature)
-        val_scores, scores = both[: len(val)], both[len(val):]
-    fit = {"finding": cohort.findings[f], "seed": seed, "label_fraction": budget.fraction, "shots": budget.shots,
-           "n_train_pos": int(np.sum(y[subset, f] == 1)), "n_train_neg": int(np.sum(y[subset, f] == 0)), **chosen}
+        both, chosen = fit_knn(
+            x[subset],
+            y[subset, f],
+            x[val],
+            y[val, f],
+            np.concatenate([x[val], x[evaluated]]),
+            config.knn_k,
+            config.knn_temperature,
+        )
+        val_scores, scores = both[: len(val)], both[len(val) :]
+    fit = {
+        "finding": cohort.findings[f],
+        "seed": seed,
+        "label_fraction": budget.fraction,
+        "shots": budget.shots,
+        "n_train_pos": int(np.sum(y[subset, f] == 1)),
+        "n_train_neg": int(np.sum(y[subset, f] == 0)),
+        **chosen,
+    }
     return fit, calibration.FindingFit(subset, val, val_scores, evaluated, scores), model
 
 
@@ -173,8 +225,9 @@ def _remove_earlier_detectors(out: Path) -> None:
             shutil.rmtree(folder)
 
 
-def _detector_target(embeddings: Embeddings, embeddings_folder: Path, feature: str, config: ProbeConfig,
-                     store: str | os.PathLike | None) -> tuple[dict | None, str]:
+def _detector_target(
+    embeddings: Embeddings, embeddings_folder: Path, feature: str, config: ProbeConfig, store: str | os.PathLike | None
+) -> tuple[dict | None, str]:
     """What every detector of this run shares (backbone reference, windows, input size, grid; not the
     feature set, which ``auto`` chooses per fit), or None and the reason no detector can be saved."""
     model_path = embeddings.meta.get("model_path")
@@ -197,13 +250,27 @@ def _detector_target(embeddings: Embeddings, embeddings_folder: Path, feature: s
         grid = detector.store_grid(store)
     except InputError as error:
         return None, str(error)
-    return {"backbone": detector.backbone_reference(source), "windows_hu": [list(w) for w in source.windows],
-            "input_size": list(source.config.img_size), **grid}, ""
+    return {
+        "backbone": detector.backbone_reference(source),
+        "windows_hu": [list(w) for w in source.windows],
+        "input_size": list(source.config.img_size),
+        **grid,
+    }, ""
 
 
-def _save_detector(folder: Path, target: dict, choice: dict, cohort: Cohort, models: dict[int, LogisticProbe],
-                   summary: dict, budget: Budget, seed: int, config: ProbeConfig, labels_record: dict,
-                   store: str | os.PathLike) -> int:
+def _save_detector(
+    folder: Path,
+    target: dict,
+    choice: dict,
+    cohort: Cohort,
+    models: dict[int, LogisticProbe],
+    summary: dict,
+    budget: Budget,
+    seed: int,
+    config: ProbeConfig,
+    labels_record: dict,
+    store: str | os.PathLike,
+) -> int:
     """Save the logistic fits of one (budget, seed) (``summary``: :func:`fmct.calibration.summarise_fit` of
     them; ``choice``: :meth:`FeatureChoice.record` of their feature set) as a detector folder whose
     ``feature`` is the chosen set; 1 when saved, 0 when no finding could be calibrated (its validation
@@ -212,21 +279,44 @@ def _save_detector(folder: Path, target: dict, choice: dict, cohort: Cohort, mod
     if not kept:
         return 0
     findings = [cohort.findings[f] for f in kept]
-    head = {name: torch.tensor(np.stack([getattr(models[f], name) for f in kept]), dtype=torch.float32)
-            for name in ("mean", "scale", "coef")}
+    head = {
+        name: torch.tensor(np.stack([getattr(models[f], name) for f in kept]), dtype=torch.float32)
+        for name in ("mean", "scale", "coef")
+    }
     head["intercept"] = torch.tensor([models[f].intercept for f in kept], dtype=torch.float32)
     provenance = {
-        "verb": "probe", "labels": labels_record, "store": store_identity(store), "synthetic": cohort.synthetic, "seed": seed,
+        "verb": "probe",
+        "labels": labels_record,
+        "store": store_identity(store),
+        "synthetic": cohort.synthetic,
+        "seed": seed,
         "budget": {"label_fraction": budget.fraction, "shots": budget.shots},
-        "scans_per_split": cohort.split_counts()["scans_per_split"], "ood_sites": list(config.ood_sites),
-        "n_train": summary["n_train"], "metrics": summary["metrics"],
-        "recipe": {"method": "logistic", **choice,
-                   "C": {cohort.findings[f]: models[f].info["C"] for f in kept}, "split_seed": config.split_seed},
+        "scans_per_split": cohort.split_counts()["scans_per_split"],
+        "ood_sites": list(config.ood_sites),
+        "n_train": summary["n_train"],
+        "metrics": summary["metrics"],
+        "recipe": {
+            "method": "logistic",
+            **choice,
+            "C": {cohort.findings[f]: models[f].info["C"] for f in kept},
+            "split_seed": config.split_seed,
+        },
     }
-    detector.write_detector(folder, {
-        "kind": "probe", "head": "logistic", "feature": choice["features"], "findings": findings,
-        "scorer_outputs": findings, **target, "per_finding": summary["per_finding"], "left_out": summary["left_out"],
-        "provenance": provenance}, head)
+    detector.write_detector(
+        folder,
+        {
+            "kind": "probe",
+            "head": "logistic",
+            "feature": choice["features"],
+            "findings": findings,
+            "scorer_outputs": findings,
+            **target,
+            "per_finding": summary["per_finding"],
+            "left_out": summary["left_out"],
+            "provenance": provenance,
+        },
+        head,
+    )
     return 1
 
 

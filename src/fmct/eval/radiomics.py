@@ -28,7 +28,9 @@ STATS_RANGE_HU = (0, 100)  # both ends included
 PERCENTILES = (10, 25, 50, 75, 90)
 FEATURE_COLUMNS = [f"hist_{c}" for c in BIN_CENTRES_HU] + ["mean", "std"] + [f"p{p}" for p in PERCENTILES]
 FEATURE_NAME = "first_order"  # the feature's name in the embeddings table
-NOT_FINITE_REASON = f"no voxel above {HEAD_HU:g} HU (no head) or none within {STATS_RANGE_HU[0]}..{STATS_RANGE_HU[1]} HU"
+NOT_FINITE_REASON = (
+    f"no voxel above {HEAD_HU:g} HU (no head) or none within {STATS_RANGE_HU[0]}..{STATS_RANGE_HU[1]} HU"
+)
 
 
 def first_order_features(hu: torch.Tensor) -> torch.Tensor:

@@ -100,22 +100,42 @@ def roc_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
     for ax, group in zip(axes[0], groups):
         curves: dict[str, list[tuple[float, float]]] = {}
         for point in evaluation.roc:
-            if (point["finding"], point["group"], point["label_fraction"], point["shots"]) == (finding, group, fraction, shots):
+            if (point["finding"], point["group"], point["label_fraction"], point["shots"]) == (
+                finding,
+                group,
+                fraction,
+                shots,
+            ):
                 curves.setdefault(system_name(point), []).append((point["fpr"], point["tpr"]))
-        cells = {system_name(r): r for r in rows if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)}
+        cells = {
+            system_name(r): r
+            for r in rows
+            if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)
+        }
         for system, points in sorted(curves.items(), key=lambda kv: list(colours).index(kv[0])):
             fpr, tpr = zip(*sorted(points))
             ax.step(fpr, tpr, where="post", color=colours[system], label=f"{system}: {number(cells[system]['auroc'])}")
         ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
         some = next(iter(cells.values()), None)
         counts = f"\n{some['n_pos']} positive / {some['n_neg']} negative scans" if some else ""
-        ax.set(title=f"{finding}, {group} ({budget_text(fraction, shots)}){counts}", xlabel="1 - specificity",
-               ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+        ax.set(
+            title=f"{finding}, {group} ({budget_text(fraction, shots)}){counts}",
+            xlabel="1 - specificity",
+            ylabel="sensitivity",
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+        )
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
         # Below the panel: near chance the curves run through the lower right, where a legend inside would sit.
-        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False,
-                  title="AUROC (mean over seeds)", title_fontsize=7.5)
+        ax.legend(
+            fontsize=7.5,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            frameon=False,
+            title="AUROC (mean over seeds)",
+            title_fontsize=7.5,
+        )
     return figure
 
 
@@ -138,17 +158,28 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
     systems = list(colours)
     columns = min(len(systems), 5)
     lines_per_group = math.ceil(len(systems) / columns)
-    figure, axes = plt.subplots(len(groups) * lines_per_group, columns, squeeze=False, sharex=True, sharey=True,
-                                figsize=(2.5 * columns + 0.4, 2.4 * len(groups) * lines_per_group + 0.4))
+    figure, axes = plt.subplots(
+        len(groups) * lines_per_group,
+        columns,
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        figsize=(2.5 * columns + 0.4, 2.4 * len(groups) * lines_per_group + 0.4),
+    )
     lowest = min([as_float(r["auroc_lo"]) for r in rows if math.isfinite(as_float(r["auroc_lo"]))] or [0.5])
     several_ceilings = len({r["model"] for r in ceilings}) > 1
-    budgets = sorted({as_float(r["n_train"]) if by_count else float(r["label_fraction"])
-                      for r in rows if by_count or not r["shots"]})
+    budgets = sorted(
+        {as_float(r["n_train"]) if by_count else float(r["label_fraction"]) for r in rows if by_count or not r["shots"]}
+    )
 
     def curves(group: str, system: str) -> list[tuple[str, list[tuple[float, dict]]]]:
         found = []
         for kind, style in (("fraction", "-"), ("shots", "--")):
-            mine = [r for r in rows if r["group"] == group and system_name(r) == system and bool(r["shots"]) == (kind == "shots")]
+            mine = [
+                r
+                for r in rows
+                if r["group"] == group and system_name(r) == system and bool(r["shots"]) == (kind == "shots")
+            ]
             if by_count:
                 points = sorted(((as_float(r["n_train"]), r) for r in mine), key=lambda p: p[0])
             elif kind == "fraction":
@@ -165,14 +196,35 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
             for other in systems:
                 if other != system:
                     for style, points in curves(group, other):
-                        ax.plot([p[0] for p in points], [as_float(p[1]["auroc"]) for p in points], style, color="0.78",
-                                linewidth=1, zorder=1)
+                        ax.plot(
+                            [p[0] for p in points],
+                            [as_float(p[1]["auroc"]) for p in points],
+                            style,
+                            color="0.78",
+                            linewidth=1,
+                            zorder=1,
+                        )
             for style, points in curves(group, system):
                 x = [p[0] for p in points]
-                ax.fill_between(x, [as_float(p[1]["auroc_lo"]) for p in points], [as_float(p[1]["auroc_hi"]) for p in points],
-                                color=colours[system], alpha=0.2, linewidth=0, zorder=2)
-                ax.plot(x, [as_float(p[1]["auroc"]) for p in points], style, marker="o", markersize=3.5,
-                        color=colours[system], linewidth=1.8, zorder=3)
+                ax.fill_between(
+                    x,
+                    [as_float(p[1]["auroc_lo"]) for p in points],
+                    [as_float(p[1]["auroc_hi"]) for p in points],
+                    color=colours[system],
+                    alpha=0.2,
+                    linewidth=0,
+                    zorder=2,
+                )
+                ax.plot(
+                    x,
+                    [as_float(p[1]["auroc"]) for p in points],
+                    style,
+                    marker="o",
+                    markersize=3.5,
+                    color=colours[system],
+                    linewidth=1.8,
+                    zorder=3,
+                )
             ax.set_xscale("log")
             # Ticks at the budgets themselves, as plain numbers: 5, 14, 48 labelled scans, not 6 x 10^0.
             ax.xaxis.set_major_locator(ticker.FixedLocator(budgets))
@@ -184,8 +236,16 @@ def label_efficiency_figure(finding: str, rows: list[dict]):
                 label = f"{ceiling['model']} {CEILING_LABEL}" if several_ceilings else CEILING_LABEL
                 level = as_float(ceiling["auroc"])
                 ax.axhline(level, color="0.2", linestyle="--", linewidth=1.1, zorder=4, label=label)
-                ax.text(0.02, level, f"{label}: {level:.3f}", transform=ax.get_yaxis_transform(), fontsize=6.5,
-                        color="0.2", va="bottom", zorder=4)
+                ax.text(
+                    0.02,
+                    level,
+                    f"{label}: {level:.3f}",
+                    transform=ax.get_yaxis_transform(),
+                    fontsize=6.5,
+                    color="0.2",
+                    va="bottom",
+                    zorder=4,
+                )
             ax.grid(alpha=0.3, which="major")
             ax.xaxis.set_tick_params(labelbottom=True)  # every panel keeps its scale, also above an empty place
             ax.set_title(f"{system}\n{finding}, {group}", fontsize=8.5)
@@ -207,10 +267,18 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
     groups, colours = _groups(rows), _colours(rows)
     figure, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False)
     for ax, group in zip(axes[0], groups):
-        cells = {system_name(r): r for r in rows if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)}
+        cells = {
+            system_name(r): r
+            for r in rows
+            if r["group"] == group and (r["label_fraction"], r["shots"]) == (fraction, shots)
+        }
         for system in [s for s in colours if s in cells]:
-            bins = [b for b in evaluation.calibration if system_name(b) == system and
-                    (b["finding"], b["group"], b["label_fraction"], b["shots"]) == (finding, group, fraction, shots)]
+            bins = [
+                b
+                for b in evaluation.calibration
+                if system_name(b) == system
+                and (b["finding"], b["group"], b["label_fraction"], b["shots"]) == (finding, group, fraction, shots)
+            ]
             if not bins:
                 continue
             row = cells[system]
@@ -219,16 +287,33 @@ def calibration_figure(evaluation: Evaluation, finding: str, rows: list[dict]):
             # Bins of fewer than MIN_BIN_SCANS scans are drawn hollow and left off the line: one scan more or
             # less moves them from 0 to 1, and a line through them would draw that noise as a shape.
             solid = [b for b in bins if b["n_scans"] >= MIN_BIN_SCANS]
-            ax.plot([b["mean_probability"] for b in solid], [b["observed_rate"] for b in solid], "-" if calibrated else "--",
-                    color=colours[system], linewidth=1, label=label)
+            ax.plot(
+                [b["mean_probability"] for b in solid],
+                [b["observed_rate"] for b in solid],
+                "-" if calibrated else "--",
+                color=colours[system],
+                linewidth=1,
+                label=label,
+            )
             for members, face in ((solid, colours[system]), ([b for b in bins if b not in solid], "none")):
                 # Marker area grows with the bin's share of the scans: a bin of 2 scans is not read like one of 200.
-                ax.scatter([b["mean_probability"] for b in members], [b["observed_rate"] for b in members],
-                           s=[10 + 250 * b["n_scans"] / max(1.0, row["n_scans"]) for b in members], facecolors=face,
-                           edgecolors=colours[system], alpha=0.75, linewidths=0.8)
+                ax.scatter(
+                    [b["mean_probability"] for b in members],
+                    [b["observed_rate"] for b in members],
+                    s=[10 + 250 * b["n_scans"] / max(1.0, row["n_scans"]) for b in members],
+                    facecolors=face,
+                    edgecolors=colours[system],
+                    alpha=0.75,
+                    linewidths=0.8,
+                )
         ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfect calibration")
-        ax.set(title=f"{finding}, {group} ({budget_text(fraction, shots)})", xlabel="predicted probability (bin mean)",
-               ylabel="observed share of positives", xlim=(0, 1), ylim=(-0.02, 1.02))
+        ax.set(
+            title=f"{finding}, {group} ({budget_text(fraction, shots)})",
+            xlabel="predicted probability (bin mean)",
+            ylabel="observed share of positives",
+            xlim=(0, 1),
+            ylim=(-0.02, 1.02),
+        )
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
         # Below the panel: inside, the legend would hide the bins near the diagonal's ends.

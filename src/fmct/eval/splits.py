@@ -66,7 +66,9 @@ def assign_splits(
         if name == "ood":
             continue
         if placed.setdefault(patient, name) != name:
-            raise InputError(f"patient {patient!r} has scans in both {placed[patient]} and {name} (split column); a patient must stay in one")
+            raise InputError(
+                f"patient {patient!r} has scans in both {placed[patient]} and {name} (split column); a patient must stay in one"
+            )
     free = split == ""
     # Scans without a split follow their patient's other scans.
     for i in np.flatnonzero(free):

@@ -53,7 +53,9 @@ class IngestSummary:
                 f"retries them); reasons in {self.store / 'errors.csv'}"
             )
         if self.source_map is not None:
-            lines.append(f"sources are named by pseudonym; their real paths are in {self.source_map} (local, never share it)")
+            lines.append(
+                f"sources are named by pseudonym; their real paths are in {self.source_map} (local, never share it)"
+            )
         return "\n".join(lines)
 
 
@@ -107,7 +109,9 @@ def _check_paths(sources: list[str | os.PathLike], store_path: Path, workers: in
         raise ConfigError(f"{missing[0]}: no such file or folder")
     blocking = next((path for path in [store_path, *store_path.parents] if path.exists() and not path.is_dir()), None)
     if blocking is not None:
-        raise ConfigError(f"{store_path}: {'is' if blocking == store_path else f'{blocking} is'} a file; --out names the store folder")
+        raise ConfigError(
+            f"{store_path}: {'is' if blocking == store_path else f'{blocking} is'} a file; --out names the store folder"
+        )
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
 
@@ -144,4 +148,3 @@ def _record_result(store_path: Path, result: ScanResult, key: PseudonymKey | Non
     if key is not None:
         key.record_sources(result.named)
     summary.skipped += 1
-

@@ -52,4 +52,3 @@ def manifest_row(job: ScanJob, volume: Volume, result: Volume, key: PseudonymKey
         "affine": [float(v) for v in result.affine.ravel()],
         "notes": "; ".join(notes),
     }
-

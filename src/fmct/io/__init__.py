@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fmct.errors import FileScanError, ScanError  # noqa: F401  (the errors every reader raises)
 from fmct.io.dicom import SeriesInfo, discover, read_series, select_series
 from fmct.io.dicom_write import write_series
 from fmct.io.nifti import read_nifti
-from fmct.errors import FileScanError, ScanError  # noqa: F401  (the errors every reader raises)
 from fmct.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

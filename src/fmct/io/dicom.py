@@ -60,37 +60,40 @@ _PLAIN_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 # Tags discovery parses: selection's, and everything reading a classic slice needs. As Tag values, so
 # that pydicom does not look each keyword up again for every file.
-_HEADER_TAGS = [Tag(keyword) for keyword in (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "Modality",
-    "ImageType",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "PatientID",
-    "SliceThickness",
-    "ConvolutionKernel",
-    "ImageOrientationPatient",
-    "SeriesDescription",
-    "NumberOfFrames",
-    "SharedFunctionalGroupsSequence",
-    "PerFrameFunctionalGroupsSequence",
-    "ImagePositionPatient",
-    "PixelSpacing",
-    "RescaleSlope",
-    "RescaleIntercept",
-    "SamplesPerPixel",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "BitsStored",
-    "PixelRepresentation",
-    "PixelPaddingValue",
-    "PixelPaddingRangeLimit",
-    "KVP",
-    "Manufacturer",
-    "ManufacturerModelName",
-)]
+_HEADER_TAGS = [
+    Tag(keyword)
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "Modality",
+        "ImageType",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "PatientID",
+        "SliceThickness",
+        "ConvolutionKernel",
+        "ImageOrientationPatient",
+        "SeriesDescription",
+        "NumberOfFrames",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "ImagePositionPatient",
+        "PixelSpacing",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "SamplesPerPixel",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "PixelRepresentation",
+        "PixelPaddingValue",
+        "PixelPaddingRangeLimit",
+        "KVP",
+        "Manufacturer",
+        "ManufacturerModelName",
+    )
+]
 _UID_PATTERN = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
@@ -134,7 +137,11 @@ class SeriesInfo:
     @property
     def all_files(self) -> list[Path]:
         """Every file of the series: its instances, their other copies, and what was set aside."""
-        return self.files + [copy for copies in self.duplicates.values() for copy in copies] + [p for p, _ in self.set_aside]
+        return (
+            self.files
+            + [copy for copies in self.duplicates.values() for copy in copies]
+            + [p for p, _ in self.set_aside]
+        )
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -179,7 +186,9 @@ def discover_files(files: list[Path]) -> tuple[list[SeriesInfo], list[tuple[str,
         try:
             series.append(_series_info(uid, members, parsed))
         except Exception as error:  # a malformed header value must not stop discovery of the rest
-            errors.append((_source_name([path for path, _ in members], uid), f"unreadable DICOM header: {scrubbed_reason(error)}"))
+            errors.append(
+                (_source_name([path for path, _ in members], uid), f"unreadable DICOM header: {scrubbed_reason(error)}")
+            )
     return sorted(series, key=lambda info: info.source), errors, covered
 
 
@@ -217,7 +226,9 @@ def walk_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str,
     unlisted: list[tuple[str, str]] = []
 
     def note(error: OSError) -> None:
-        unlisted.append((str(error.filename), f"cannot list its files ({(error.strerror or type(error).__name__).lower()})"))
+        unlisted.append(
+            (str(error.filename), f"cannot list its files ({(error.strerror or type(error).__name__).lower()})")
+        )
 
     for root in paths:
         root = Path(root)
@@ -283,8 +294,13 @@ def _series_info(series_uid: str, members: list[tuple[Path, Dataset]], parsed: d
     localizers = [m for m in instances if _NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(m[0][1]))]
     set_aside = []
     if len(localizers) < len(instances):  # a localizer inside a series of slices: the slices are the scan
-        set_aside = [(copies[0][0], f"localizer image ({'/'.join(sorted(_NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(copies[0][1]))))})")
-                     for copies in localizers]
+        set_aside = [
+            (
+                copies[0][0],
+                f"localizer image ({'/'.join(sorted(_NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(copies[0][1]))))})",
+            )
+            for copies in localizers
+        ]
         instances = [copies for copies in instances if copies not in localizers]
     first = instances[0][0][1]
     frames = [int(_text_value(copies[0][1], "NumberOfFrames") or 1) for copies in instances]
@@ -355,7 +371,9 @@ def _commonest_orientation(headers: list[Dataset]) -> np.ndarray | None:
     found = []
     for header in headers:
         item = _functional_item(header, "PlaneOrientationSequence")
-        iop = _text_values(header, "ImageOrientationPatient") or (_text_values(item, "ImageOrientationPatient") if item else [])
+        iop = _text_values(header, "ImageOrientationPatient") or (
+            _text_values(item, "ImageOrientationPatient") if item else []
+        )
         if len(iop) == 6:
             found.append(tuple(round(float(v), 4) for v in iop))
     return np.array(Counter(found).most_common(1)[0][0]) if found else None
@@ -417,9 +435,7 @@ def kernel_class(kernel: str) -> str:
     return "unknown"
 
 
-def select_series(
-    series: list[SeriesInfo], config: SelectionConfig
-) -> tuple[list[SeriesInfo], list[tuple[str, str]]]:
+def select_series(series: list[SeriesInfo], config: SelectionConfig) -> tuple[list[SeriesInfo], list[tuple[str, str]]]:
     """Keep the head CT series to ingest, by the rules of ``config`` (see ``SelectionConfig``).
 
     A series is a candidate when its Modality is ``config.modality``, its SOP class is a CT image (not
@@ -524,16 +540,22 @@ def read_series(info_or_path: SeriesInfo | str | Path, config: SelectionConfig |
     config = config or SelectionConfig()
     info = info_or_path if isinstance(info_or_path, SeriesInfo) else _info_for_path(Path(info_or_path))
     notes = [f"{len(info.set_aside)} localizer images set aside"] if info.set_aside else []
-    instances = [_read_instance(path, info.parsed.get(path), info.duplicates.get(path, []), notes) for path in info.files]
+    instances = [
+        _read_instance(path, info.parsed.get(path), info.duplicates.get(path, []), notes) for path in info.files
+    ]
     if info.duplicates:
-        notes.append(f"{sum(map(len, info.duplicates.values()))} duplicate files of slices (same SOPInstanceUID) not used")
+        notes.append(
+            f"{sum(map(len, info.duplicates.values()))} duplicate files of slices (same SOPInstanceUID) not used"
+        )
     _check_ct_images(instances, config)
     slices = _collect_slices(instances)
     hu_stack, affine, tilt_deg = _stack_slices(slices, config, notes)
     return _series_volume(info, hu_stack, affine, tilt_deg, notes)
 
 
-def _series_volume(info: SeriesInfo, hu_stack: np.ndarray, affine: np.ndarray, tilt_deg: float, notes: list[str]) -> Volume:
+def _series_volume(
+    info: SeriesInfo, hu_stack: np.ndarray, affine: np.ndarray, tilt_deg: float, notes: list[str]
+) -> Volume:
     """The ``Volume`` of a stacked series: (K, rows, columns) HU viewed as (I, J, K), safe metadata only."""
     metadata = {
         "kernel": info.kernel,
@@ -546,7 +568,9 @@ def _series_volume(info: SeriesInfo, hu_stack: np.ndarray, affine: np.ndarray, t
     }
     identity = {"patient_id": info.patient_id, "study_uid": info.study_uid, "series_uid": info.series_uid}
     # (K, rows, columns) -> (I, J, K): a transposed view, no copy (Fortran-ordered in I, J, K)
-    return Volume(hu=hu_stack.transpose(2, 1, 0), affine=affine, metadata=metadata, identity=identity, source=info.source)
+    return Volume(
+        hu=hu_stack.transpose(2, 1, 0), affine=affine, metadata=metadata, identity=identity, source=info.source
+    )
 
 
 def _info_for_path(path: Path) -> SeriesInfo:
@@ -622,15 +646,27 @@ def _parsed_slice(path: Path, header: Dataset, pixel_offset: int) -> ParsedSlice
     try:
         rows, columns, bits_allocated, bits_stored, representation, samples = (
             _little_endian_us(header, keyword)
-            for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel"))
-        if _text_value(header, "NumberOfFrames") not in ("", "1") or samples not in (None, 1) or not rows or not columns:
+            for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel")
+        )
+        if (
+            _text_value(header, "NumberOfFrames") not in ("", "1")
+            or samples not in (None, 1)
+            or not rows
+            or not columns
+        ):
             return None
         bits_stored = bits_stored or bits_allocated
         if bits_allocated not in (8, 16, 32) or not 0 < bits_stored <= bits_allocated:
             return None
-        return ParsedSlice(header=_image_header(path, header), pixel_offset=pixel_offset, explicit_vr=explicit_vr,
-                           rows=rows, columns=columns, dtype=f"<{'i' if representation == 1 else 'u'}{bits_allocated // 8}",
-                           bits_stored=bits_stored)
+        return ParsedSlice(
+            header=_image_header(path, header),
+            pixel_offset=pixel_offset,
+            explicit_vr=explicit_vr,
+            rows=rows,
+            columns=columns,
+            dtype=f"<{'i' if representation == 1 else 'u'}{bits_allocated // 8}",
+            bits_stored=bits_stored,
+        )
     except (FileScanError, AttributeError, TypeError, ValueError, struct.error):
         return None
 
@@ -733,8 +769,12 @@ class _Slices:
     def subset(self, keep: np.ndarray) -> "_Slices":
         """The frames at indices ``keep``, in that order."""
         return _Slices(
-            pixels=[self.pixels[k] for k in keep], orientation=self.orientation[keep], position=self.position[keep],
-            pixel_spacing=self.pixel_spacing[keep], slope=self.slope[keep], intercept=self.intercept[keep],
+            pixels=[self.pixels[k] for k in keep],
+            orientation=self.orientation[keep],
+            position=self.position[keep],
+            pixel_spacing=self.pixel_spacing[keep],
+            slope=self.slope[keep],
+            intercept=self.intercept[keep],
             padding=[self.padding[k] for k in keep],
         )
 
@@ -743,8 +783,10 @@ def _collect_slices(instances: list[_Instance]) -> _Slices:
     pixels, geometry, padding = [], [], []
     for instance in instances:
         if len(instance.header.geometry) != len(instance.frames):
-            raise FileScanError(instance.path, f"{len(instance.frames)} frames decoded, "
-                                               f"{len(instance.header.geometry)} described by the header")
+            raise FileScanError(
+                instance.path,
+                f"{len(instance.frames)} frames decoded, {len(instance.header.geometry)} described by the header",
+            )
         pixels.extend(instance.frames)
         geometry.extend(instance.header.geometry)
         padding.extend([instance.header.padding] * len(instance.frames))
@@ -793,8 +835,11 @@ def _stored_frames(ds: Dataset, path: Path) -> np.ndarray:
     bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
     decoded_bytes = rows * columns * n_frames * max(1, bits_allocated // 8)
     if decoded_bytes > _MAX_DECODED_BYTES:
-        raise FileScanError(path, f"implausible image size: {rows}x{columns} pixels x {n_frames} frames would decode to "
-                                  f"{decoded_bytes / 2**30:.1f} GiB (a corrupt or hostile header); not decoded")
+        raise FileScanError(
+            path,
+            f"implausible image size: {rows}x{columns} pixels x {n_frames} frames would decode to "
+            f"{decoded_bytes / 2**30:.1f} GiB (a corrupt or hostile header); not decoded",
+        )
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
     if str(syntax) in _NATIVE_SYNTAXES and bits_allocated in (8, 16, 32):
@@ -875,8 +920,10 @@ def _main_orientation(slices: _Slices, notes: list[str]) -> _Slices:
         return slices
     main = max(groups, key=len)
     if 2 * len(main) <= len(slices.orientation):
-        raise ScanError(f"mixed orientations in one series ({len(groups)} distinct ImageOrientationPatient, "
-                        f"none held by most of its {len(slices.orientation)} frames)")
+        raise ScanError(
+            f"mixed orientations in one series ({len(groups)} distinct ImageOrientationPatient, "
+            f"none held by most of its {len(slices.orientation)} frames)"
+        )
     notes.append(f"{len(slices.orientation) - len(main)} frames in another orientation set aside")
     return slices.subset(np.array(main))
 
@@ -884,7 +931,9 @@ def _main_orientation(slices: _Slices, notes: list[str]) -> _Slices:
 def _check_same_grid(slices: _Slices) -> None:
     shapes = {frame.shape for frame in slices.pixels}
     if len(shapes) > 1:
-        raise ScanError(f"slices of different sizes in one series: {' and '.join(f'{r}x{c}' for r, c in sorted(shapes))}")
+        raise ScanError(
+            f"slices of different sizes in one series: {' and '.join(f'{r}x{c}' for r, c in sorted(shapes))}"
+        )
     if np.abs(slices.pixel_spacing - slices.pixel_spacing[0]).max() > 1e-4:
         raise ScanError("mixed pixel spacings in one series")
 
@@ -898,8 +947,13 @@ def _stack_direction(positions: np.ndarray, along_normal: np.ndarray, tolerance_
     return stack_direction
 
 
-def _evenly_spaced(hu: np.ndarray, positions: np.ndarray, along_normal: np.ndarray, stack_direction: np.ndarray,
-                   config: SelectionConfig) -> tuple[np.ndarray, np.ndarray]:
+def _evenly_spaced(
+    hu: np.ndarray,
+    positions: np.ndarray,
+    along_normal: np.ndarray,
+    stack_direction: np.ndarray,
+    config: SelectionConfig,
+) -> tuple[np.ndarray, np.ndarray]:
     """HU on evenly spaced slices, and the LPS step (mm) between them: uneven spacing is interpolated onto
     the median spacing; a gap above ``config.max_gap_ratio`` x the median is refused unless
     ``config.reject_gaps`` is False."""
@@ -1034,5 +1088,3 @@ def _float_or_none(value) -> float | None:
         return float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
-
-

@@ -17,24 +17,24 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
     generate_uid,
 )
 from pydicom.valuerep import format_number_as_ds
 
-from fmct.io.dicom import gantry_tilt_deg
 from fmct.atomic import atomic_write_bytes
+from fmct.io.dicom import gantry_tilt_deg
 
 TRANSFER_SYNTAXES = {
     "explicit": ExplicitVRLittleEndian,
@@ -124,8 +124,17 @@ def _instance_uids(series_uid: str, geometry: dict) -> list[str]:
     return [generate_uid(entropy_srcs=[series_uid, str(k), str(ipp)]) for k, ipp in enumerate(geometry["ipp"])]
 
 
-def _write_multiframe(folder: Path, base: Dataset, frames: np.ndarray, geometry: dict, rescale, tags: dict, encode,
-                      syntax_uid, file_names: str) -> Path:
+def _write_multiframe(
+    folder: Path,
+    base: Dataset,
+    frames: np.ndarray,
+    geometry: dict,
+    rescale,
+    tags: dict,
+    encode,
+    syntax_uid,
+    file_names: str,
+) -> Path:
     """One Enhanced CT Image Storage file holding every frame."""
     ds = _enhanced_dataset(base, geometry, rescale, tags, len(frames))
     _apply_tags(ds, tags)
@@ -137,8 +146,17 @@ def _write_multiframe(folder: Path, base: Dataset, frames: np.ndarray, geometry:
     return path
 
 
-def _write_slices(folder: Path, base: Dataset, frames: np.ndarray, geometry: dict, rescale, tags: dict, encode,
-                  syntax_uid, file_names: str) -> list[Path]:
+def _write_slices(
+    folder: Path,
+    base: Dataset,
+    frames: np.ndarray,
+    geometry: dict,
+    rescale,
+    tags: dict,
+    encode,
+    syntax_uid,
+    file_names: str,
+) -> list[Path]:
     """One CT Image Storage file per slice, in slice order; their names follow ``file_names``."""
     ds = base
     ds.SOPClassUID = CTImageStorage

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 
 from fmct.atomic import atomic_write_bytes
-from fmct.io.dicom import AIR_HU
 from fmct.errors import FileScanError
+from fmct.io.dicom import AIR_HU
 from fmct.io.volume import Volume
 from fmct.pseudonym import scrubbed_reason
 
@@ -44,7 +44,9 @@ def read_nifti(path: str | Path) -> Volume:
     if len(shape) > 3 and any(n != 1 for n in shape[3:]):
         raise FileScanError(path, f"4D image (shape {shape}), only 3D volumes are supported")
     if 4 * int(np.prod(shape)) > _MAX_DECODED_BYTES:
-        raise FileScanError(path, f"implausible image size {shape}: {4 * int(np.prod(shape)) / 2**30:.1f} GiB as float32")
+        raise FileScanError(
+            path, f"implausible image size {shape}: {4 * int(np.prod(shape)) / 2**30:.1f} GiB as float32"
+        )
     header = image.header
     sform, sform_code = header.get_sform(coded=True)
     affine = sform if sform_code and sform_code > 0 else header.get_qform()
@@ -67,7 +69,9 @@ def read_nifti(path: str | Path) -> Volume:
         "original_spacing_mm": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
     }
     identity = {"patient_id": resolved, "study_uid": resolved, "series_uid": resolved}
-    return Volume(hu=hu, affine=np.asarray(affine, dtype=np.float64), metadata=metadata, identity=identity, source=str(path))
+    return Volume(
+        hu=hu, affine=np.asarray(affine, dtype=np.float64), metadata=metadata, identity=identity, source=str(path)
+    )
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:

@@ -71,8 +71,11 @@ class Classifier(nn.Module):
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The state that training changes: trainable parameters and the head's buffers (batch-norm statistics)."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {name: value for name, value in self.state_dict().items()
-                if name in trainable or not name.startswith("backbone.")}
+        return {
+            name: value
+            for name, value in self.state_dict().items()
+            if name in trainable or not name.startswith("backbone.")
+        }
 
     def freeze(self, trainable_blocks: int) -> None:
         """Train only the last ``trainable_blocks`` blocks and the final norm (-1: the whole backbone)."""

@@ -39,8 +39,9 @@ def scan_features(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode(model: ViT3D, x: torch.Tensor,
-           forward_features: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
+def encode(
+    model: ViT3D, x: torch.Tensor, forward_features: Callable[[torch.Tensor], dict] | None = None
+) -> dict[str, torch.Tensor]:
     """The :data:`FEATURES` (:func:`scan_features`), each float32 (B, embed_dim), of model inputs ``x``
     (B, channels, *img_size): whole volumes resized and windowed (:func:`fmct.models.windows.model_input`).
 

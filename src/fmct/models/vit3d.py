@@ -77,14 +77,18 @@ class ViT3DConfig:
         self.depth = self.depth or depth
         self.n_heads = self.n_heads or n_heads
         if len(self.patch_size) != 3 or len(self.img_size) != 3:
-            raise ConfigError(f"patch_size and img_size need 3 values (D, H, W), got {self.patch_size}, {self.img_size}")
+            raise ConfigError(
+                f"patch_size and img_size need 3 values (D, H, W), got {self.patch_size}, {self.img_size}"
+            )
         if self.embed_dim % self.n_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not a multiple of n_heads {self.n_heads}")
         grid_of(self.img_size, self.patch_size)  # raises when img_size is not a multiple of the patch
         self.stem_channels = tuple(int(c) for c in self.stem_channels or ())
         if self.stem_channels and any(p != 2 ** len(self.stem_channels) for p in self.patch_size):
-            raise ConfigError(f"a convolutional stem of {len(self.stem_channels)} stages makes patches of "
-                              f"{2 ** len(self.stem_channels)} voxels, but patch_size is {list(self.patch_size)}")
+            raise ConfigError(
+                f"a convolutional stem of {len(self.stem_channels)} stages makes patches of "
+                f"{2 ** len(self.stem_channels)} voxels, but patch_size is {list(self.patch_size)}"
+            )
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
@@ -124,7 +128,9 @@ def sincos_pos_embed_3d(grid_size: tuple[int, int, int], dim: int) -> torch.Tens
     return embed.float()
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int, int], new_grid: tuple[int, int, int]) -> torch.Tensor:
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int, int], new_grid: tuple[int, int, int]
+) -> torch.Tensor:
     """Resample a (1, N, C) patch position embedding from ``old_grid`` to ``new_grid`` (trilinear).
 
     Each embedding is treated as a field sampled at patch centres (``align_corners=False``), so a local
@@ -164,17 +170,27 @@ class PatchEmbed3D(nn.Module):
     ViT trained on a few hundred volumes does not learn by itself.
     """
 
-    def __init__(self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int, stem_channels: tuple[int, ...] = ()):
+    def __init__(
+        self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int, stem_channels: tuple[int, ...] = ()
+    ):
         super().__init__()
         self.patch_size = patch_size
         layers: list[nn.Module] = []
         channels = in_chans
         for stage, width in enumerate(stem_channels):
             if stage == 0:  # full resolution is where a CPU spends its time: halve it first, without overlap
-                layers += [nn.Conv3d(channels, width, 2, stride=2, bias=False), nn.BatchNorm3d(width), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv3d(channels, width, 2, stride=2, bias=False),
+                    nn.BatchNorm3d(width),
+                    nn.ReLU(inplace=True),
+                ]
             else:
                 for conv_in in (channels, width):
-                    layers += [nn.Conv3d(conv_in, width, 3, padding=1, bias=False), nn.BatchNorm3d(width), nn.ReLU(inplace=True)]
+                    layers += [
+                        nn.Conv3d(conv_in, width, 3, padding=1, bias=False),
+                        nn.BatchNorm3d(width),
+                        nn.ReLU(inplace=True),
+                    ]
                 layers.append(nn.MaxPool3d(2))
             channels = width
         self.stem = nn.Sequential(*layers)
@@ -243,8 +259,15 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(LayerScale(Attn(LN x))), then the same with the MLP."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 layerscale_init: float | None = None, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layerscale_init: float | None = None,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, n_heads, qkv_bias)
@@ -309,8 +332,9 @@ class ViT3D(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None,
-                       keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def prepare_tokens(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, keep_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Volumes (B, C, D, H, W) -> token sequence (B, 1 + R + N', embed_dim) before the blocks.
 
         ``masks`` (B, N) bool: True patches have their embedding replaced by the mask token (iBOT);
@@ -320,14 +344,17 @@ class ViT3D(nn.Module):
         visible token sees into a hidden patch through a kernel that crosses its border.
         """
         if x.ndim != 5 or x.shape[1] != self.config.in_chans:
-            raise InputError(f"expected volumes (B, {self.config.in_chans}, D, H, W) of windowed channels, got shape "
-                             f"{tuple(x.shape)}; canonical HU volumes (B, 1, X, Y, Z) go through preprocess(hu) first")
+            raise InputError(
+                f"expected volumes (B, {self.config.in_chans}, D, H, W) of windowed channels, got shape "
+                f"{tuple(x.shape)}; canonical HU volumes (B, 1, X, Y, Z) go through preprocess(hu) first"
+            )
         if masks is not None and keep_idx is not None:
             raise ValueError("pass either masks (iBOT) or keep_idx (MAE), not both")
         grid = grid_of(x.shape[2:], self.config.patch_size)
         if self.config.stem_channels and (masks is not None or keep_idx is not None):
-            x = x * ~hidden_voxels(masks if masks is not None else hidden_of(keep_idx, math.prod(grid)), grid,
-                                   self.config.patch_size)
+            x = x * ~hidden_voxels(
+                masks if masks is not None else hidden_of(keep_idx, math.prod(grid)), grid, self.config.patch_size
+            )
         patches = self.patch_embed(x)
         if masks is not None:
             if masks.shape != patches.shape[:2]:
@@ -340,8 +367,9 @@ class ViT3D(nn.Module):
         prefix = torch.cat([self.cls_token, self.register_tokens], dim=1).expand(batch, -1, -1)
         return torch.cat([prefix.to(patches.dtype), patches], dim=1)
 
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
-                         keep_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward_features(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, keep_idx: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Normalised output tokens of volumes ``x`` (B, C, D, H, W).
 
         Returns ``{"cls": (B, C), "registers": (B, R, C), "patch": (B, N, C)}`` with C = embed_dim and N
@@ -371,7 +399,9 @@ class ViT3D(nn.Module):
             return self.config.depth + 1
         return 0
 
-    def param_groups(self, weight_decay: float, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    def param_groups(
+        self, weight_decay: float, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+    ) -> list[dict]:
         """AdamW parameter groups with layer-wise LR decay and no weight decay where it does harm.
 
         Each group holds ``params`` (and their ``names``), ``lr_scale`` = ``layer_decay ** (depth + 1 - layer_id)`` (1 for the
@@ -396,8 +426,9 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(part in name for part in no_decay_names)
 
 
-def grouped_parameters(named_parameters: Iterator[tuple[str, nn.Parameter]], lr_scale_of: Callable[[str], float],
-                       weight_decay: float) -> list[dict]:
+def grouped_parameters(
+    named_parameters: Iterator[tuple[str, nn.Parameter]], lr_scale_of: Callable[[str], float], weight_decay: float
+) -> list[dict]:
     """Group trainable parameters by (lr_scale, wd_scale) into optimizer groups (see :meth:`ViT3D.param_groups`)."""
     groups: dict[tuple[float, float], dict] = {}
     for name, param in named_parameters:
@@ -405,9 +436,16 @@ def grouped_parameters(named_parameters: Iterator[tuple[str, nn.Parameter]], lr_
             continue
         lr_scale = float(lr_scale_of(name))
         wd_scale = 1.0 if decays(name, param) else 0.0
-        group = groups.setdefault((lr_scale, wd_scale), {
-            "params": [], "names": [], "lr_scale": lr_scale, "wd_scale": wd_scale, "weight_decay": weight_decay * wd_scale,
-        })
+        group = groups.setdefault(
+            (lr_scale, wd_scale),
+            {
+                "params": [],
+                "names": [],
+                "lr_scale": lr_scale,
+                "wd_scale": wd_scale,
+                "weight_decay": weight_decay * wd_scale,
+            },
+        )
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())

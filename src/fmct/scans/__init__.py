@@ -9,5 +9,15 @@ from fmct.scans.job import ScanJob, ScanResult, died, failed, read_canonical
 from fmct.scans.plan import ScanPlan, SkippedInput, plan_scans, read_one_scan
 from fmct.scans.pool import WorkerPool
 
-__all__ = ["ScanJob", "ScanResult", "ScanPlan", "SkippedInput", "WorkerPool", "died", "failed", "plan_scans",
-           "read_canonical", "read_one_scan"]
+__all__ = [
+    "ScanJob",
+    "ScanResult",
+    "ScanPlan",
+    "SkippedInput",
+    "WorkerPool",
+    "died",
+    "failed",
+    "plan_scans",
+    "read_canonical",
+    "read_one_scan",
+]

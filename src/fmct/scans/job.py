@@ -70,14 +70,18 @@ def failed(job: ScanJob, error: Exception, key: PseudonymKey) -> ScanResult:
     else:
         reason = f"unexpected {type(error).__name__}: {scrubbed_reason(error)}"
     note, beside = unreadable_note(job.beside, key)
-    return ScanResult(job.scan_id, key.pseudonym("source", job.source), _without_names(reason + note, job), named | beside)
+    return ScanResult(
+        job.scan_id, key.pseudonym("source", job.source), _without_names(reason + note, job), named | beside
+    )
 
 
 def died(job: ScanJob, what: str, key: PseudonymKey, retry: str) -> ScanResult:
     """The result of ``job`` when the worker process reading it died (``what``: the signal or exit status);
     ``retry`` says how the verb tries it again."""
-    reason = (f"the worker process reading this scan died ({what}): a crash in native code such as an image decoder, "
-              f"or out of memory; the batch went on without it ({retry})")
+    reason = (
+        f"the worker process reading this scan died ({what}): a crash in native code such as an image decoder, "
+        f"or out of memory; the batch went on without it ({retry})"
+    )
     return ScanResult(job.scan_id, key.pseudonym("source", job.source), reason)
 
 

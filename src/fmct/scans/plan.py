@@ -61,7 +61,9 @@ def plan_scans(sources: list[str | os.PathLike], selection: SelectionConfig, key
         found.append(files)
         for path in files:
             input_of.setdefault(str(path), number)
-        skipped += [SkippedInput(folder, f"folder {key.pseudonym('source', folder)}: {why}", number) for folder, why in unlisted]
+        skipped += [
+            SkippedInput(folder, f"folder {key.pseudonym('source', folder)}: {why}", number) for folder, why in unlisted
+        ]
     files = [Path(path) for path in input_of]
     nifti_files = [path for path in files if is_nifti(path)]
     series, unreadable, covered = discover_files([path for path in files if not is_nifti(path)])
@@ -71,18 +73,37 @@ def plan_scans(sources: list[str | os.PathLike], selection: SelectionConfig, key
     by_source, named = {info.source: info for info in series}, {}
     for name, reason in rejected:
         # A series cut short by a broken file says so: "1 slices" alone would hide that the file is truncated.
-        note, noted = unreadable_note(_unreadable_beside(by_source[name], unreadable) + truncated_files(by_source[name]), key)
+        note, noted = unreadable_note(
+            _unreadable_beside(by_source[name], unreadable) + truncated_files(by_source[name]), key
+        )
         named |= noted
         skipped.append(SkippedInput(name, reason + note, where(name)))
     used = {str(path) for path in covered} | {str(path) for path in nifti_files}
-    skipped += [SkippedInput(str(path), unused_file_reason(path), input_of[str(path)]) for path in files if str(path) not in used]
+    skipped += [
+        SkippedInput(str(path), unused_file_reason(path), input_of[str(path)])
+        for path in files
+        if str(path) not in used
+    ]
     recorded = {entry.source for entry in skipped}  # a file or folder given as a source has its own reason already
-    skipped += [SkippedInput(source, NOTHING_HERE, number) for number, (source, files) in enumerate(zip(sources, found), start=1)
-                if source not in recorded and not any(str(path) in used for path in files)]
-    jobs = [ScanJob(key.pseudonym("series", info.series_uid), info.source, where(info.source), series=info,
-                    beside=_unreadable_beside(info, unreadable)) for info in kept]
-    jobs += [ScanJob(key.pseudonym("series", str(path.resolve())), str(path), input_of[str(path)], nifti=str(path))
-             for path in nifti_files]
+    skipped += [
+        SkippedInput(source, NOTHING_HERE, number)
+        for number, (source, files) in enumerate(zip(sources, found), start=1)
+        if source not in recorded and not any(str(path) in used for path in files)
+    ]
+    jobs = [
+        ScanJob(
+            key.pseudonym("series", info.series_uid),
+            info.source,
+            where(info.source),
+            series=info,
+            beside=_unreadable_beside(info, unreadable),
+        )
+        for info in kept
+    ]
+    jobs += [
+        ScanJob(key.pseudonym("series", str(path.resolve())), str(path), input_of[str(path)], nifti=str(path))
+        for path in nifti_files
+    ]
     return ScanPlan(jobs=_each_once(jobs), skipped=sorted(skipped, key=lambda entry: entry.input), named=named)
 
 
@@ -118,7 +139,9 @@ def read_one_scan(path: str | os.PathLike, selection: SelectionConfig) -> Volume
         reason = plan.skipped[0].reason if plan.skipped else NOTHING_HERE
         raise InputError(f"{path}: no scan to predict ({reason})")
     if len(plan.jobs) > 1:
-        raise InputError(f"{path}: holds {len(plan.jobs)} scans that the selection keeps; pass one series folder or file")
+        raise InputError(
+            f"{path}: holds {len(plan.jobs)} scans that the selection keeps; pass one series folder or file"
+        )
     job = plan.jobs[0]
     try:
         return read_nifti(job.nifti) if job.nifti else read_series(job.series, selection)

@@ -89,7 +89,9 @@ class WorkerPool:
         while len(self._pool) < min(self.workers, jobs):
             self._pool.append(self._start())
 
-    def run(self, jobs: list, on_death: Callable[[Any, str], Any], desc: str, progress: bool = True) -> Iterator[tuple[Any, Any]]:
+    def run(
+        self, jobs: list, on_death: Callable[[Any, str], Any], desc: str, progress: bool = True
+    ) -> Iterator[tuple[Any, Any]]:
         """Yield ``(job, work(job))`` for every job, in the order they finish; for a job whose worker died,
         ``(job, on_death(job, what happened))``. The worker has its next job before the caller gets the
         result. The workers start before the progress bar (``desc`` names it)."""

@@ -29,8 +29,17 @@ CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "fmct-pretrain"
 
 
-def save_checkpoint(path: str | os.PathLike, *, step: int, student: nn.Module, optimizer: torch.optim.Optimizer,
-                    teacher: nn.Module | None, centers: dict[str, nn.Module], meta: dict, is_main: bool) -> dict | None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    step: int,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    teacher: nn.Module | None,
+    centers: dict[str, nn.Module],
+    meta: dict,
+    is_main: bool,
+) -> dict | None:
     """Write the training state after ``step`` completed steps to ``path`` atomically (rank 0 writes).
 
     Every rank must call this (FSDP2 gathers shards collectively). Returns the full teacher state dict
@@ -73,8 +82,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, *, student: nn.Module, optimizer: torch.optim.Optimizer,
-                    teacher: nn.Module | None, centers: dict[str, nn.Module]) -> int:
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    teacher: nn.Module | None,
+    centers: dict[str, nn.Module],
+) -> int:
     """Restore the state of :func:`save_checkpoint` into the (possibly wrapped) modules; return the step.
 
     Every rank reads the file and keeps its own shard. Raises :class:`TrainStateError` when the file

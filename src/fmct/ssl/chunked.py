@@ -18,8 +18,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def chunked_sum(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], chunk_size: int,
-                dim: int = 0) -> torch.Tensor:
+def chunked_sum(
+    fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], chunk_size: int, dim: int = 0
+) -> torch.Tensor:
     """``fn(*tensors)`` for a ``fn`` that is a sum over index ``dim`` of its inputs, in chunks.
 
     The tensors are split into pieces of ``chunk_size`` along ``dim`` (all the same length there) and

@@ -46,8 +46,11 @@ def teacher_statistics(teacher_probs: torch.Tensor) -> dict[str, torch.Tensor]:
     ``teacher_rows``: the number of rows (crops) these statistics come from.
     """
     probs = teacher_probs.detach().float()
-    return {"teacher_entropy": row_entropy(probs), "teacher_top_mass": probs.mean(dim=0).max(),
-            "teacher_rows": probs.new_full((), float(probs.shape[0]))}  # a fill kernel: no host-to-device copy
+    return {
+        "teacher_entropy": row_entropy(probs),
+        "teacher_top_mass": probs.mean(dim=0).max(),
+        "teacher_rows": probs.new_full((), float(probs.shape[0])),
+    }  # a fill kernel: no host-to-device copy
 
 
 def collapse_reason(metrics: dict[str, float], n_prototypes: int, teacher_warm: bool) -> str | None:
@@ -59,17 +62,23 @@ def collapse_reason(metrics: dict[str, float], n_prototypes: int, teacher_warm: 
     if top_mass is None:  # MAE: no teacher
         return None
     if metrics.get("teacher_rows", 0) >= COLLAPSE_MIN_ROWS and top_mass > COLLAPSE_TOP_MASS:
-        return (f"one prototype holds {top_mass:.0%} of the teacher's mass (teacher entropy {entropy:.3f} nats): "
-                f"every scan gets the same target, the representation is collapsing; try "
-                f"dino.centering=sinkhorn_knopp, a lower optim.base_lr or a longer warm-up")
+        return (
+            f"one prototype holds {top_mass:.0%} of the teacher's mass (teacher entropy {entropy:.3f} nats): "
+            f"every scan gets the same target, the representation is collapsing; try "
+            f"dino.centering=sinkhorn_knopp, a lower optim.base_lr or a longer warm-up"
+        )
     cosine = metrics.get("teacher_cosine", 0.0)
     if teacher_warm and cosine > COLLAPSE_COSINE:
-        return (f"the teacher's DINO head gives every scan nearly the same output (mean cosine {cosine:.3f} between "
-                f"scans): its targets carry no information about the scan; try dino.start_epochs > 0 (iBOT and "
-                f"KoLeo first), model.layerscale_init=null or a higher optim.base_lr")
+        return (
+            f"the teacher's DINO head gives every scan nearly the same output (mean cosine {cosine:.3f} between "
+            f"scans): its targets carry no information about the scan; try dino.start_epochs > 0 (iBOT and "
+            f"KoLeo first), model.layerscale_init=null or a higher optim.base_lr"
+        )
     max_entropy = math.log(n_prototypes)
     if teacher_warm and entropy > UNIFORM_ENTROPY * max_entropy:
-        return (f"the teacher's targets are nearly uniform (entropy {entropy:.3f} of at most {max_entropy:.3f} nats) "
-                f"after the temperature warm-up: the teacher does not tell scans apart and the DINO term cannot "
-                f"fall below ln K; try a lower dino.teacher_temp, a lower optim.teacher_momentum or more varied data")
+        return (
+            f"the teacher's targets are nearly uniform (entropy {entropy:.3f} of at most {max_entropy:.3f} nats) "
+            f"after the temperature warm-up: the teacher does not tell scans apart and the DINO term cannot "
+            f"fall below ln K; try a lower dino.teacher_temp, a lower optim.teacher_momentum or more varied data"
+        )
     return None

@@ -72,7 +72,11 @@ class DINOConfig:
     def __post_init__(self) -> None:
         if self.centering not in CENTERINGS:
             raise ConfigError(f"centering must be one of {', '.join(CENTERINGS)}, got {self.centering!r}")
-        if self.n_prototypes < 1 or self.head_n_layers < 1 or min(self.student_temp, self.teacher_temp, self.teacher_temp_start) <= 0:
+        if (
+            self.n_prototypes < 1
+            or self.head_n_layers < 1
+            or min(self.student_temp, self.teacher_temp, self.teacher_temp_start) <= 0
+        ):
             raise ConfigError("n_prototypes and head_n_layers must be >= 1 and the temperatures > 0")
         if self.chunk_size < 0:
             raise ConfigError("chunk_size must be >= 0 (0: no chunks)")
@@ -95,7 +99,9 @@ class IBOTConfig:
     def __post_init__(self) -> None:
         low, high = self.mask_ratio
         if not (0 <= low <= high <= 1 and 0 <= self.mask_probability <= 1):
-            raise ConfigError("mask_ratio must be (low, high) with 0 <= low <= high <= 1 and mask_probability in [0, 1]")
+            raise ConfigError(
+                "mask_ratio must be (low, high) with 0 <= low <= high <= 1 and mask_probability in [0, 1]"
+            )
         if self.chunk_rows < 0:
             raise ConfigError("chunk_rows must be >= 0 (0: no chunks)")
 
@@ -236,8 +242,14 @@ class PretrainConfig:
             )
         for name, size in (("global_size", augment.global_size), ("local_size", augment.local_size)):
             if any(size % p for p in model.patch_size):
-                raise ConfigError(f"augment.{name} {size} is not a multiple of model.patch_size {list(model.patch_size)}")
+                raise ConfigError(
+                    f"augment.{name} {size} is not a multiple of model.patch_size {list(model.patch_size)}"
+                )
         if model.in_chans != len(augment.windows):
-            raise ConfigError(f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})")
+            raise ConfigError(
+                f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})"
+            )
         if self.method == "dino" and self.koleo.loss_weight > 0 and self.optim.batch_size < 2:
-            raise ConfigError("KoLeo needs optim.batch_size >= 2 (nearest neighbours within a batch); or set koleo.loss_weight=0")
+            raise ConfigError(
+                "KoLeo needs optim.batch_size >= 2 (nearest neighbours within a batch); or set koleo.loss_weight=0"
+            )

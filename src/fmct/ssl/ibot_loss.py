@@ -54,8 +54,9 @@ class iBOTPatchLoss(nn.Module):
         token_weight = (1.0 / (tokens_per_image * masks.shape[0])).expand_as(masks)[masks]
         return chunked_sum(self._weighted_cross_entropy, (student_logits, teacher_probs, token_weight), self.chunk_rows)
 
-    def _weighted_cross_entropy(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                                token_weight: torch.Tensor) -> torch.Tensor:
+    def _weighted_cross_entropy(
+        self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, token_weight: torch.Tensor
+    ) -> torch.Tensor:
         # sum over tokens of weight * -sum_k P[k] log softmax(S / student_temp)[k], in fp32.
         student_log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
         token_loss = -(teacher_probs.float() * student_log_probs).sum(dim=-1)

@@ -31,7 +31,9 @@ def patchify3d(volume: torch.Tensor, patch: int | tuple[int, int, int]) -> torch
     return blocks.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, gd * gh * gw, channels * pd * ph * pw)
 
 
-def unpatchify3d(patches: torch.Tensor, grid: tuple[int, int, int], patch: int | tuple[int, int, int], channels: int) -> torch.Tensor:
+def unpatchify3d(
+    patches: torch.Tensor, grid: tuple[int, int, int], patch: int | tuple[int, int, int], channels: int
+) -> torch.Tensor:
     """Inverse of :func:`patchify3d`: patches (B, N, C * pd * ph * pw) -> volumes (B, C, D, H, W)."""
     pd, ph, pw = _as_triple(patch)
     gd, gh, gw = grid
@@ -48,8 +50,13 @@ class MaskSplit(NamedTuple):
     mask: torch.Tensor  # (B, N) bool: True where the patch is hidden from the encoder
 
 
-def random_masking(batch_size: int, n_patches: int, mask_ratio: float = 0.75, device: torch.device | str | None = None,
-                   generator: torch.Generator | None = None) -> MaskSplit:
+def random_masking(
+    batch_size: int,
+    n_patches: int,
+    mask_ratio: float = 0.75,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> MaskSplit:
     """Hide ``round(mask_ratio * n_patches)`` patches per image, chosen uniformly and independently per image.
 
     At least one patch stays visible. ``generator`` must live on ``device`` when given.
@@ -75,13 +82,23 @@ class MAEDecoder(nn.Module):
     ablations where a narrow, shallow decoder does as well for linear probing.
     """
 
-    def __init__(self, encoder_dim: int, patch_dim: int, grid_size: tuple[int, int, int], decoder_dim: int = 384,
-                 depth: int = 4, n_heads: int = 6, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        encoder_dim: int,
+        patch_dim: int,
+        grid_size: tuple[int, int, int],
+        decoder_dim: int = 384,
+        depth: int = 4,
+        n_heads: int = 6,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.embed = nn.Linear(encoder_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid_size, decoder_dim).unsqueeze(0), persistent=False)
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_3d(self.grid_size, decoder_dim).unsqueeze(0), persistent=False
+        )
         self.blocks = nn.ModuleList(Block(decoder_dim, n_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.predict = nn.Linear(decoder_dim, patch_dim)
@@ -96,7 +113,9 @@ class MAEDecoder(nn.Module):
         batch, n_keep, _ = visible_tokens.shape
         n_patches = restore_idx.shape[1]
         if n_patches != math.prod(self.grid_size):
-            raise ValueError(f"MAE decoder built for grid {self.grid_size} ({math.prod(self.grid_size)} patches), got {n_patches}")
+            raise ValueError(
+                f"MAE decoder built for grid {self.grid_size} ({math.prod(self.grid_size)} patches), got {n_patches}"
+            )
         x = self.embed(visible_tokens)
         x = torch.cat([x, self.mask_token.to(x.dtype).expand(batch, n_patches - n_keep, -1)], dim=1)
         x = torch.gather(x, 1, restore_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -106,7 +125,9 @@ class MAEDecoder(nn.Module):
         return self.predict(self.norm(x))
 
 
-def mae_loss(pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+def mae_loss(
+    pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
+) -> torch.Tensor:
     """Mean squared error over the hidden patches.
 
     Args:

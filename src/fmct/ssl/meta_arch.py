@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from fmct.data import sample_ibot_masks
+from fmct.devices import unwrap
 from fmct.models import DINOHead, build_vit3d
 from fmct.models.vit3d import grouped_parameters
 from fmct.ssl.centering import EMACenter, sinkhorn_knopp
 from fmct.ssl.collapse import output_cosine, row_entropy, teacher_statistics
 from fmct.ssl.config import PretrainConfig
 from fmct.ssl.dino_loss import DINOLoss
-from fmct.devices import unwrap
 from fmct.ssl.distributed import local_tensor
 from fmct.ssl.ibot_loss import iBOTPatchLoss
 from fmct.ssl.koleo_loss import KoLeoLoss
@@ -58,8 +58,13 @@ class DINOModel(nn.Module):
         """The head that scores patch tokens for iBOT: the DINO head itself unless ``ibot.separate_head``."""
         return self.dino_head if self.ibot_head is None else self.ibot_head
 
-    def forward(self, global_crops: torch.Tensor, masked_index: torch.Tensor, masks: torch.Tensor | None = None,
-                local_crops: torch.Tensor | None = None) -> SSLOutput:
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        masked_index: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        local_crops: torch.Tensor | None = None,
+    ) -> SSLOutput:
         """Score crops (N, C, D, H, W) in [0, 1].
 
         ``masked_index`` (M,) long: flat indices ``crop * n_patches + patch`` of the patches the iBOT loss
@@ -105,8 +110,9 @@ class MAEModel(nn.Module):
         self.backbone.mask_token.requires_grad_(False)
         model, mae = config.model, config.mae
         patch_dim = model.in_chans * math.prod(model.patch_size)
-        self.decoder = MAEDecoder(self.backbone.embed_dim, patch_dim, model.grid_size, mae.decoder_dim,
-                                  mae.decoder_depth, mae.decoder_heads)
+        self.decoder = MAEDecoder(
+            self.backbone.embed_dim, patch_dim, model.grid_size, mae.decoder_dim, mae.decoder_depth, mae.decoder_heads
+        )
 
     def forward(self, crops: torch.Tensor, keep_idx: torch.Tensor, restore_idx: torch.Tensor) -> torch.Tensor:
         """Predicted patches (B, N, C * prod(patch)) of crops (B, C, D, H, W) from their ``keep_idx`` patches."""
@@ -156,8 +162,11 @@ class DINOMethod:
         self.config, self.device = config, device
         dino, ibot = config.dino, config.ibot
         self.dino_loss = DINOLoss(dino.n_prototypes, dino.student_temp, chunk_size=dino.chunk_size)
-        self.ibot_loss = iBOTPatchLoss(ibot.n_prototypes if ibot.separate_head else dino.n_prototypes, dino.student_temp,
-                                       chunk_rows=ibot.chunk_rows)
+        self.ibot_loss = iBOTPatchLoss(
+            ibot.n_prototypes if ibot.separate_head else dino.n_prototypes,
+            dino.student_temp,
+            chunk_rows=ibot.chunk_rows,
+        )
         self.koleo_loss = KoLeoLoss()
         self.centers: dict[str, EMACenter] = {}
         if dino.centering == "ema":
@@ -169,17 +178,39 @@ class DINOMethod:
     def build_model(self) -> DINOModel:
         return DINOModel(self.config)
 
-    def loss(self, student: nn.Module, teacher: nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor,
-             generator: torch.Generator, values: StepValues, global_rows: torch.Tensor, n_crops: int) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor,
+        generator: torch.Generator,
+        values: StepValues,
+        global_rows: torch.Tensor,
+        n_crops: int,
+    ) -> dict[str, torch.Tensor]:
         """The step's loss terms and teacher statistics; the iBOT masks are drawn from ``generator`` for
         all ``n_crops`` global crops of the global batch, this rank's rows ``global_rows`` kept."""
         config = self.config
-        masks = sample_ibot_masks(n_crops, config.model.grid_size, config.ibot.mask_ratio,
-                                  config.ibot.mask_probability, generator=generator, rows=global_rows)
+        masks = sample_ibot_masks(
+            n_crops,
+            config.model.grid_size,
+            config.ibot.mask_ratio,
+            config.ibot.mask_probability,
+            generator=generator,
+            rows=global_rows,
+        )
         masked_index = masks.flatten().nonzero().squeeze(1)  # on the CPU: no device sync
-        return self.objective(student, teacher, global_crops, local_crops if len(local_crops) else None,
-                              masks.to(self.device, non_blocking=True), masked_index.to(self.device, non_blocking=True),
-                              values.teacher_temp, values.dino_weight)
+        return self.objective(
+            student,
+            teacher,
+            global_crops,
+            local_crops if len(local_crops) else None,
+            masks.to(self.device, non_blocking=True),
+            masked_index.to(self.device, non_blocking=True),
+            values.teacher_temp,
+            values.dino_weight,
+        )
 
     def after_clipping(self, student: DINOModel, values: StepValues) -> None:
         """Drop the last layer's gradients while it is frozen (after clipping, as DINOv2's frozen last
@@ -193,9 +224,17 @@ class DINOMethod:
             return sinkhorn_knopp(logits, temp, self.config.dino.sinkhorn_iterations)
         return self.centers[name](logits, temp)
 
-    def objective(self, student: nn.Module, teacher: nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor | None,
-                 masks: torch.Tensor, masked_index: torch.Tensor, teacher_temp: float,
-                 dino_weight: float) -> dict[str, torch.Tensor]:
+    def objective(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None,
+        masks: torch.Tensor,
+        masked_index: torch.Tensor,
+        teacher_temp: float,
+        dino_weight: float,
+    ) -> dict[str, torch.Tensor]:
         """Loss terms (scalars) and teacher statistics of one batch; ``loss`` is the weighted sum, the
         DINO term weighted by ``dino_weight`` (the schedule's: 0 before ``dino.start_epochs``)."""
         config = self.config
@@ -212,9 +251,15 @@ class DINOMethod:
         ibot = self.ibot_loss(student_out.patch_logits, teacher_patch, masks)
         koleo = sum(self.koleo_loss(cls) for cls in student_out.cls.chunk(n_global))
         loss = dino_weight * dino + config.ibot.loss_weight * ibot + config.koleo.loss_weight * koleo
-        return {"loss": loss, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo, **teacher_statistics(teacher_cls),
-                "teacher_entropy_ibot": row_entropy(teacher_patch),
-                "teacher_cosine": output_cosine(teacher_out.cls_logits[:batch])}
+        return {
+            "loss": loss,
+            "dino_loss": dino,
+            "ibot_loss": ibot,
+            "koleo_loss": koleo,
+            **teacher_statistics(teacher_cls),
+            "teacher_entropy_ibot": row_entropy(teacher_patch),
+            "teacher_cosine": output_cosine(teacher_out.cls_logits[:batch]),
+        }
 
 
 class MAEMethod:
@@ -229,8 +274,17 @@ class MAEMethod:
     def build_model(self) -> MAEModel:
         return MAEModel(self.config)
 
-    def loss(self, student: nn.Module, teacher: None, global_crops: torch.Tensor, local_crops: torch.Tensor,
-             generator: torch.Generator, values: StepValues, global_rows: torch.Tensor, n_crops: int) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        student: nn.Module,
+        teacher: None,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor,
+        generator: torch.Generator,
+        values: StepValues,
+        global_rows: torch.Tensor,
+        n_crops: int,
+    ) -> dict[str, torch.Tensor]:
         """The MAE loss of the global crops, the hidden patches drawn from ``generator`` for all
         ``n_crops`` global crops of the global batch, this rank's rows ``global_rows`` kept."""
         config = self.config

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from fmct.atomic import atomic_write_text
-from fmct.tables import read_jsonl
+from fmct.distributed import DistEnv, all_reduce_mean
+from fmct.log import logger, progress_bar
 from fmct.ssl.collapse import collapse_reason
 from fmct.ssl.config import EngineConfig
-from fmct.distributed import DistEnv, all_reduce_mean
 from fmct.ssl.run_folder import LOG_FILE
 from fmct.ssl.schedules import StepValues
-from fmct.log import logger, progress_bar
+from fmct.tables import read_jsonl
 
 
 class Monitor:
@@ -26,8 +26,18 @@ class Monitor:
     logging step waits for the device; they are averaged over ranks too.
     """
 
-    def __init__(self, run_dir: Path, env: DistEnv, engine: EngineConfig, start_step: int, total_steps: int,
-                 global_batch: int, steps_per_epoch: int, n_prototypes: int, teacher_warm_step: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        env: DistEnv,
+        engine: EngineConfig,
+        start_step: int,
+        total_steps: int,
+        global_batch: int,
+        steps_per_epoch: int,
+        n_prototypes: int,
+        teacher_warm_step: int,
+    ):
         self.env, self.global_batch, self.steps_per_epoch = env, global_batch, steps_per_epoch
         self.n_prototypes, self.teacher_warm_step = n_prototypes, teacher_warm_step
         self.path = run_dir / LOG_FILE
@@ -41,8 +51,13 @@ class Monitor:
         self.bar = None
         if env.is_main:
             self._drop_lines_after(start_step)
-            self.bar = progress_bar(total=total_steps, initial=start_step, desc="pretrain", unit="step",
-                                    enabled=engine.progress and start_step < total_steps)
+            self.bar = progress_bar(
+                total=total_steps,
+                initial=start_step,
+                desc="pretrain",
+                unit="step",
+                enabled=engine.progress and start_step < total_steps,
+            )
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -74,8 +89,13 @@ class Monitor:
         means = all_reduce_mean(torch.stack([self.sums[name] for name in names]) / self.n_steps).tolist()
         now = time.perf_counter()
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), **dict(zip(names, means))}
-        record.update(lr=values.lr, weight_decay=values.weight_decay, teacher_momentum=values.teacher_momentum,
-                      teacher_temp=values.teacher_temp, volumes_per_s=self.n_steps * self.global_batch / (now - self.clock))
+        record.update(
+            lr=values.lr,
+            weight_decay=values.weight_decay,
+            teacher_momentum=values.teacher_momentum,
+            teacher_temp=values.teacher_temp,
+            volumes_per_s=self.n_steps * self.global_batch / (now - self.clock),
+        )
         if "teacher_entropy" not in record:  # MAE has no teacher
             for key in ("teacher_momentum", "teacher_temp"):
                 record.pop(key)

@@ -35,16 +35,16 @@ import torch
 
 from fmct.data import StoreVolumes
 from fmct.datasets import load_labels, match_to_store
+from fmct.errors import InputError
 from fmct.eval.classifiers import C_GRID, LogisticProbe, choose_features, fit_knn, fit_logistic_probe
 from fmct.eval.embeddings import AUTO, Embeddings
 from fmct.eval.metrics import auroc
 from fmct.eval.splits import assign_splits
+from fmct.log import logger
 from fmct.models import ViT3D
 from fmct.models.encode import FEATURES, encode
 from fmct.models.windows import model_input
 from fmct.store import Store
-from fmct.errors import InputError
-from fmct.log import logger
 
 # A finding is scored only when each half holds at least this many positives and negatives (and the
 # linear probe's fitting part, the fitting half less its validation split, at least one of each).
@@ -77,28 +77,49 @@ class OnlineEvaluator:
     half); ``scored``: the (column, finding) pairs with enough labels in each part.
     """
 
-    def __init__(self, store: str | os.PathLike, labels: str, findings: Sequence[str], max_scans: int, knn_k: int,
-                 excluded_sites: Sequence[str], windows: Sequence[tuple[float, float]], device: torch.device,
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        labels: str,
+        findings: Sequence[str],
+        max_scans: int,
+        knn_k: int,
+        excluded_sites: Sequence[str],
+        windows: Sequence[tuple[float, float]],
+        device: torch.device,
+        batch_size: int = 16,
+    ):
         self.windows, self.device, self.batch_size, self.knn_k = list(windows), device, batch_size, knn_k
         store = Store(store)
         scan_ids, all_findings = sorted(store.scan_ids), []
-        labels_table, half, choose = np.zeros((len(scan_ids), 0)), np.full(len(scan_ids), ""), np.zeros(len(scan_ids), bool)
+        labels_table, half, choose = (
+            np.zeros((len(scan_ids), 0)),
+            np.full(len(scan_ids), ""),
+            np.zeros(len(scan_ids), bool),
+        )
         if labels:
-            scan_ids, labels_table, half, choose, all_findings = _validation_labels(store, labels, findings, excluded_sites)
+            scan_ids, labels_table, half, choose, all_findings = _validation_labels(
+                store, labels, findings, excluded_sites
+            )
         volumes = StoreVolumes(store, scan_ids[:max_scans])
         # Scans of another grid are left out by StoreVolumes: keep the label rows of the scans it kept.
         row_of = {scan_id: i for i, scan_id in enumerate(scan_ids)}
         kept = [row_of[scan_id] for scan_id in volumes.scan_ids]
-        self.scan_ids, self.labels, self.half, self.choose = volumes.scan_ids, labels_table[kept], half[kept], choose[kept]
+        self.scan_ids, self.labels, self.half, self.choose = (
+            volumes.scan_ids,
+            labels_table[kept],
+            half[kept],
+            choose[kept],
+        )
         self.hu = torch.stack([volumes[i][0] for i in range(len(volumes))])  # (N, 1, X, Y, Z) int16
         self.scored = [(column, f) for column, f in enumerate(all_findings) if self._scorable(column)]
 
     def _scorable(self, column: int) -> bool:
         y = self.labels[:, column]
         linear_fit = (self.half == "train") & ~self.choose
-        return all(int(np.sum(y[self.half == half] == value)) >= MIN_PER_CLASS
-                   for half in ("train", "val") for value in (0, 1)) and set(y[linear_fit].tolist()) >= {0.0, 1.0}
+        return all(
+            int(np.sum(y[self.half == half] == value)) >= MIN_PER_CLASS for half in ("train", "val") for value in (0, 1)
+        ) and set(y[linear_fit].tolist()) >= {0.0, 1.0}
 
     def describe(self) -> str:
         """One line: what the online evaluation scores."""
@@ -118,7 +139,9 @@ class OnlineEvaluator:
         backbone.eval()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
         for start in range(0, len(self.hu), self.batch_size):
-            x = model_input(self.hu[start:start + self.batch_size].to(self.device), backbone.config.img_size, self.windows)
+            x = model_input(
+                self.hu[start : start + self.batch_size].to(self.device), backbone.config.img_size, self.windows
+            )
             for name, values in encode(backbone, x).items():
                 parts[name].append(values.cpu().numpy())
         backbone.train(was_training)
@@ -134,14 +157,24 @@ class OnlineEvaluator:
         y = {finding: self.labels[:, column] for column, finding in self.scored}
         for finding in known:
             rows_fit, rows_score = fit & known[finding], score & known[finding]
-            knn, _ = fit_knn(cls[rows_fit], y[finding][rows_fit], cls[:0], y[finding][:0], cls[rows_score], (self.knn_k,), 0.07)
+            knn, _ = fit_knn(
+                cls[rows_fit], y[finding][rows_fit], cls[:0], y[finding][:0], cls[rows_score], (self.knn_k,), 0.07
+            )
             metrics[f"online_knn_auroc_{finding}"] = float(auroc(y[finding][rows_score], knn))
 
         linear_fit = fit & ~self.choose  # the fitting half less the linear probe's validation split
 
         def fit_linear(x: np.ndarray) -> list[LogisticProbe]:
-            return [fit_logistic_probe(x[linear_fit & known[f]], y[f][linear_fit & known[f]],
-                                       x[self.choose & known[f]], y[f][self.choose & known[f]], C_GRID) for f in known]
+            return [
+                fit_logistic_probe(
+                    x[linear_fit & known[f]],
+                    y[f][linear_fit & known[f]],
+                    x[self.choose & known[f]],
+                    y[f][self.choose & known[f]],
+                    C_GRID,
+                )
+                for f in known
+            ]
 
         candidates, _ = features.candidates(AUTO)
         choice = choose_features(candidates, fit_linear, lambda probe: probe.info["val_auroc"])
@@ -172,7 +205,9 @@ def _validation_labels(store: Store, labels_spec: str, findings: Sequence[str], 
     half = assign_splits(patients, y, val_fraction=0.5, test_fraction=0.0, seed=0)
     fitting = np.flatnonzero(half == "train")
     choose = np.zeros(len(rows), bool)
-    choose[fitting] = assign_splits(patients[fitting], y[fitting], val_fraction=CHOOSE_FRACTION, test_fraction=0.0, seed=0) == "val"
+    choose[fitting] = (
+        assign_splits(patients[fitting], y[fitting], val_fraction=CHOOSE_FRACTION, test_fraction=0.0, seed=0) == "val"
+    )
     return [row["scan_id"] for row in rows], y, half, choose, findings
 
 
@@ -181,7 +216,15 @@ def build_online_evaluator(config, pretrain_store: Path, device: torch.device) -
     online = config.online_eval
     if online.every <= 0:
         return None
-    evaluator = OnlineEvaluator(online.store or pretrain_store, online.labels, online.findings, online.max_scans,
-                                online.knn_k, config.data.exclude_sites, config.augment.windows, device)
+    evaluator = OnlineEvaluator(
+        online.store or pretrain_store,
+        online.labels,
+        online.findings,
+        online.max_scans,
+        online.knn_k,
+        config.data.exclude_sites,
+        config.augment.windows,
+        device,
+    )
     logger.info(f"pretrain: {evaluator.describe()}")
     return evaluator

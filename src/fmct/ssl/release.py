@@ -15,11 +15,11 @@ from pathlib import Path
 import yaml
 
 from fmct import hub
-from fmct.errors import CheckpointError
-from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
 from fmct.atomic import atomic_write_text
-from fmct.paths import without_machine_paths
 from fmct.card import SYNTHETIC_DATASET, render_card
+from fmct.errors import CheckpointError
+from fmct.paths import without_machine_paths
+from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
 from fmct.tables import read_jsonl
 
 RECIPE_FILE = "recipe.yaml"
@@ -29,13 +29,17 @@ METHOD_NAMES = {"dino": "DINO + iBOT + KoLeo", "mae": "masked autoencoding, MAE"
 def online_curve_table(records: list[dict]) -> str:
     """The online evaluation by step as a Markdown table: RankMe, then k-NN / linear AUROC per finding."""
     rows = [r for r in records if "online_rankme" in r]
-    findings = sorted({k.removeprefix("online_knn_auroc_") for r in rows for k in r if k.startswith("online_knn_auroc_")})
+    findings = sorted(
+        {k.removeprefix("online_knn_auroc_") for r in rows for k in r if k.startswith("online_knn_auroc_")}
+    )
     header = ["step", "RankMe"] + [f"{f} k-NN / linear" for f in findings]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r["step"]), f"{r['online_rankme']:.1f}"]
-        cells += [f"{r.get(f'online_knn_auroc_{f}', float('nan')):.3f} / {r.get(f'online_linear_auroc_{f}', float('nan')):.3f}"
-                  for f in findings]
+        cells += [
+            f"{r.get(f'online_knn_auroc_{f}', float('nan')):.3f} / {r.get(f'online_linear_auroc_{f}', float('nan')):.3f}"
+            for f in findings
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -48,8 +52,10 @@ def online_change(records: list[dict]) -> str:
     first, last = rows[0], rows[-1]
     keys = sorted(k for k in last if k.startswith("online_knn_auroc_"))
     changes = [f"{k.removeprefix('online_knn_auroc_')} {first.get(k, float('nan')):.3f} -> {last[k]:.3f}" for k in keys]
-    return (f"From step 0 to step {last['step']}: RankMe {first['online_rankme']:.1f} -> {last['online_rankme']:.1f}; "
-            f"k-NN AUROC {', '.join(changes)}.")
+    return (
+        f"From step 0 to step {last['step']}: RankMe {first['online_rankme']:.1f} -> {last['online_rankme']:.1f}; "
+        f"k-NN AUROC {', '.join(changes)}."
+    )
 
 
 def wall_seconds(records: list[dict], global_batch: int) -> float:
@@ -74,14 +80,22 @@ def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, 
     last = [r for r in records if "loss" in r][-1]
     method = METHOD_NAMES[config.get("method", "dino")]
     stem = model.get("stem_channels") or []
-    embedding = (f"a convolutional stem ({', '.join(map(str, stem))} channels, {len(stem)} stages each halving the grid) "
-                 "makes one token per patch" if stem else "a linear patch embedding")
+    embedding = (
+        f"a convolutional stem ({', '.join(map(str, stem))} channels, {len(stem)} stages each halving the grid) "
+        "makes one token per patch"
+        if stem
+        else "a linear patch embedding"
+    )
     losses = ", ".join(f"{key.removesuffix('_loss')} {last[key]:.3f}" for key in sorted(last) if key.endswith("_loss"))
-    collapse = (f"; teacher head-output cosine between scans {last['teacher_cosine']:.3f} (1 = collapsed), teacher entropy "
-                f"{last.get('teacher_entropy', float('nan')):.3f} nats" if "teacher_cosine" in last else "")
-    model_text = f"""- ViT3D: {embedding}; {model['depth']} blocks, width {model['embed_dim']}, {model['n_heads']} heads, patch {model['patch_size']} voxels,
-  input {model['img_size']} voxels of {len(config['augment']['windows'])} HU windows
-  {config['augment']['windows']} (level, width), {model['n_registers']} register token(s); {parameters:,} parameters.
+    collapse = (
+        f"; teacher head-output cosine between scans {last['teacher_cosine']:.3f} (1 = collapsed), teacher entropy "
+        f"{last.get('teacher_entropy', float('nan')):.3f} nats"
+        if "teacher_cosine" in last
+        else ""
+    )
+    model_text = f"""- ViT3D: {embedding}; {model["depth"]} blocks, width {model["embed_dim"]}, {model["n_heads"]} heads, patch {model["patch_size"]} voxels,
+  input {model["img_size"]} voxels of {len(config["augment"]["windows"])} HU windows
+  {config["augment"]["windows"]} (level, width), {model["n_registers"]} register token(s); {parameters:,} parameters.
 - Expects the canonical grid of fmct's demo stores: 64^3 voxels of 3 mm (RAS), the whole volume
   resized to the input size (`fmct embed` and `fmct finetune` do so; `ViT3DModel.preprocess` in Python).
 - Features: the CLS token and the mean and max of the patch tokens (`fmct embed` writes all three;
@@ -89,7 +103,7 @@ def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, 
     recipe = f"""- Config: `{RECIPE_FILE}` (the resolved config of the run; the source is `fmct/configs/pretrain_synth_tiny.yaml`).
 - Reproduce: `{command}`
 - {steps:,} steps x {global_batch} volumes = {steps * global_batch:,} volume passes; {seconds / 60:.0f} min of training on {machine}.
-- Last logged losses: total {last['loss']:.3f} ({losses}){collapse}."""
+- Last logged losses: total {last["loss"]:.3f} ({losses}){collapse}."""
     online = f"""The backbone's features (the teacher's, for DINO) of a separate labelled synthetic validation cohort
 (never its test split): k-NN on the CLS token, and `fmct probe`'s linear probe with its feature choice,
 fitted on one half and scored on the other, split by patient; step 0 is the random initialisation. Small
@@ -108,11 +122,19 @@ halves (about 78 scans each): differences under about 0.1 AUROC are noise.
         f"A self-supervised 3D ViT backbone for head CT from `fmct pretrain` ({method}), pretrained on **synthetic** "
         "head CT only. It exists so that fmct's demo, tests and tutorials have a real foundation checkpoint to "
         "fine-tune and probe; it is not a clinical model.",
-        [("Model", model_text), ("Data", data), ("Recipe and budget", recipe), ("Online evaluation during pretraining", online),
-         ("Results", results or "Not measured yet."),
-         ("Intended use", "Demonstrating and testing fmct's pipeline (embed, probe, fine-tune, evaluate, report) on "
-                          "synthetic cohorts; a starting point to compare recipes against."),
-         ("Limits", limits)],
+        [
+            ("Model", model_text),
+            ("Data", data),
+            ("Recipe and budget", recipe),
+            ("Online evaluation during pretraining", online),
+            ("Results", results or "Not measured yet."),
+            (
+                "Intended use",
+                "Demonstrating and testing fmct's pipeline (embed, probe, fine-tune, evaluate, report) on "
+                "synthetic cohorts; a starting point to compare recipes against.",
+            ),
+            ("Limits", limits),
+        ],
         tags=["head-ct", "3d-vit", "medical-imaging", "self-supervised", "synthetic-data"],
         datasets=[SYNTHETIC_DATASET],
     )

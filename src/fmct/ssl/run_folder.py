@@ -25,19 +25,24 @@ BACKBONE_DIR = "backbone"
 
 def config_digest(config: PretrainConfig) -> str:
     """SHA-256 of the config's fields that decide what a step computes (all but RESUMABLE_KEYS)."""
-    return settings_sha256({key: value for key, value in _flatten(to_dict(config)).items() if key not in RESUMABLE_KEYS})
+    return settings_sha256(
+        {key: value for key, value in _flatten(to_dict(config)).items() if key not in RESUMABLE_KEYS}
+    )
 
 
 def check_resumable(run_dir: Path, config: PretrainConfig) -> None:
     """Raise ConfigError when ``config`` differs from the run's saved config beyond RESUMABLE_KEYS."""
     saved = _flatten(to_dict(load_config(PretrainConfig, run_dir / CONFIG_FILE)))
     current = _flatten(to_dict(config))
-    changed = sorted(key for key in saved.keys() | current.keys()
-                     if key not in RESUMABLE_KEYS and saved.get(key) != current.get(key))
+    changed = sorted(
+        key for key in saved.keys() | current.keys() if key not in RESUMABLE_KEYS and saved.get(key) != current.get(key)
+    )
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:3])
-        raise ConfigError(f"{run_dir / CONFIG_FILE}: cannot resume with a changed config ({details}); only "
-                          f"{', '.join(RESUMABLE_KEYS)} may change; use a new --out folder for a new run")
+        raise ConfigError(
+            f"{run_dir / CONFIG_FILE}: cannot resume with a changed config ({details}); only "
+            f"{', '.join(RESUMABLE_KEYS)} may change; use a new --out folder for a new run"
+        )
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -55,6 +60,6 @@ def export_backbone(model_state: dict, config: PretrainConfig, folder: Path, ext
     with torch.device("meta"):
         backbone = ViT3D(config.model)
     prefix = "backbone."
-    weights = {name[len(prefix):]: tensor for name, tensor in model_state.items() if name.startswith(prefix)}
+    weights = {name[len(prefix) :]: tensor for name, tensor in model_state.items() if name.startswith(prefix)}
     backbone.load_state_dict(weights, strict=True, assign=True)
     hub.save(backbone, folder, extra=extra)

@@ -58,8 +58,9 @@ class Schedules:
             lr=warmup_cosine(step, total, self.steps(optim.warmup_epochs), self.peak_lr, optim.min_lr),
             weight_decay=cosine(step, total, optim.weight_decay, optim.weight_decay_end),
             teacher_momentum=cosine(step, total, optim.teacher_momentum, optim.teacher_momentum_end),
-            teacher_temp=linear_warmup(step, self.steps(dino.teacher_temp_warmup_epochs), dino.teacher_temp_start,
-                                       dino.teacher_temp),
+            teacher_temp=linear_warmup(
+                step, self.steps(dino.teacher_temp_warmup_epochs), dino.teacher_temp_start, dino.teacher_temp
+            ),
             freeze_last_layer=step < self.steps(dino.freeze_last_layer_epochs),
             dino_weight=dino.loss_weight if step >= self.steps(dino.start_epochs) else 0.0,
         )

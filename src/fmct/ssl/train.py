@@ -33,13 +33,14 @@ from torch import nn
 
 from fmct.config import save_config
 from fmct.data import MultiCropAugment, StoreVolumes, batch_generator, crop_major_rows, make_loader, step_generator
-from fmct.devices import autocast, unwrap
-from fmct.errors import ConfigError, InputError, PretrainError
-from fmct.models import ViT3D
 from fmct.data.shards import ShardVolumes, is_shard_folder
+from fmct.devices import autocast, unwrap
+from fmct.distributed import DistEnv, all_reduce_max, close_distributed, init_distributed
+from fmct.errors import ConfigError, InputError, PretrainError
+from fmct.log import logger
+from fmct.models import ViT3D
 from fmct.ssl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fmct.ssl.config import DataConfig, EngineConfig, PretrainConfig
-from fmct.distributed import DistEnv, all_reduce_max, close_distributed, init_distributed
 from fmct.ssl.distributed import full_tensor, wrap_student, wrap_teacher
 from fmct.ssl.meta_arch import build_method, update_teacher
 from fmct.ssl.monitor import Monitor
@@ -47,7 +48,6 @@ from fmct.ssl.online_eval import OnlineEvaluator, build_online_evaluator
 from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, check_resumable, config_digest, export_backbone
 from fmct.ssl.schedules import Schedules
 from fmct.store import Store, store_identity
-from fmct.log import logger
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -100,12 +100,16 @@ class Trainer:
         first, total = self.env.rank * hu.shape[0], self.env.world_size * hu.shape[0]
         n_crops = config.augment.n_global * total  # global crops of the whole global batch
         global_rows = crop_major_rows(config.augment.n_global, total, first, hu.shape[0])  # this rank's among them
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=step_generator(config.engine.seed, step, self.env.rank))))
-        global_crops, local_crops = self.augment(hu.to(device, non_blocking=True), generator, first_volume=first,
-                                                 global_batch=total)
+        torch.manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=step_generator(config.engine.seed, step, self.env.rank)))
+        )
+        global_crops, local_crops = self.augment(
+            hu.to(device, non_blocking=True), generator, first_volume=first, global_batch=total
+        )
         with self.autocast:
-            metrics = self.method.loss(self.student, self.teacher, global_crops, local_crops, generator, values,
-                                       global_rows, n_crops)
+            metrics = self.method.loss(
+                self.student, self.teacher, global_crops, local_crops, generator, values, global_rows, n_crops
+            )
         metrics["loss"].backward()
         max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
         for name, module in unwrap(self.student).clipped_modules().items():
@@ -157,8 +161,10 @@ def pretraining_volumes(store: Path, data: DataConfig) -> StoreVolumes | ShardVo
     if not is_shard_folder(store):
         return StoreVolumes(store, pretraining_scan_ids(store, data))
     if data.exclude_sites:
-        raise ConfigError(f"{store}: a shard folder holds no sources to match labels to; pretrain from the store "
-                          f"to leave out data.exclude_sites")
+        raise ConfigError(
+            f"{store}: a shard folder holds no sources to match labels to; pretrain from the store "
+            f"to leave out data.exclude_sites"
+        )
     return ShardVolumes(store, data.shards_url, data.shuffle_shards)
 
 
@@ -192,31 +198,56 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     except InputError as error:  # an empty store, a labels file that does not fit it, a bad shard index
         raise ConfigError(str(error)) from None
     if dataset.skipped and env.is_main:
-        logger.warning(f"pretrain: {len(dataset.skipped)} scans of another grid left out, e.g. {dataset.skipped[0][0]}: "
-                       f"{dataset.skipped[0][1]}")
+        logger.warning(
+            f"pretrain: {len(dataset.skipped)} scans of another grid left out, e.g. {dataset.skipped[0][0]}: "
+            f"{dataset.skipped[0][1]}"
+        )
     global_batch = optim.batch_size * env.world_size
     if len(dataset) < global_batch:
-        raise ConfigError(f"{store}: {len(dataset)} usable scans do not fill one global batch of {global_batch} "
-                          f"(optim.batch_size {optim.batch_size} x {env.world_size} processes)")
+        raise ConfigError(
+            f"{store}: {len(dataset)} usable scans do not fill one global batch of {global_batch} "
+            f"(optim.batch_size {optim.batch_size} x {env.world_size} processes)"
+        )
     schedules = Schedules(config, global_batch=global_batch)
     total_steps = schedules.total_steps
 
     trainer = Trainer(config, env, schedules)
     evaluator = _online_evaluator(config, store, env)
-    state_parts = dict(student=trainer.student, optimizer=trainer.optimizer, teacher=trainer.teacher, centers=trainer.centers)
+    state_parts = dict(
+        student=trainer.student, optimizer=trainer.optimizer, teacher=trainer.teacher, centers=trainer.centers
+    )
     step = load_checkpoint(checkpoint_path, **state_parts) if resuming else 0
     last_checkpoint = step if resuming else None
     if resuming and env.is_main and step < total_steps:
         logger.info(f"pretrain: resuming {run_dir} from its checkpoint at step {step} of {total_steps}")
     meta = {"config_sha256": config_sha256, "method": config.method, "world_size": env.world_size}
-    export_extra = {"method": config.method, "store": store_identity(store), "config_sha256": config_sha256,
-                    "windows": [list(w) for w in config.augment.windows], "input_size": config.augment.global_size}
+    export_extra = {
+        "method": config.method,
+        "store": store_identity(store),
+        "config_sha256": config_sha256,
+        "windows": [list(w) for w in config.augment.windows],
+        "input_size": config.augment.global_size,
+    }
 
-    monitor = Monitor(run_dir, env, engine, start_step=step, total_steps=total_steps, global_batch=global_batch,
-                      steps_per_epoch=schedules.steps_per_epoch, n_prototypes=config.dino.n_prototypes,
-                      teacher_warm_step=schedules.steps(config.dino.teacher_temp_warmup_epochs))
-    order = dict(workers=engine.workers, seed=engine.seed, rank=env.rank, world_size=env.world_size, start_step=step,
-                 total_steps=total_steps)
+    monitor = Monitor(
+        run_dir,
+        env,
+        engine,
+        start_step=step,
+        total_steps=total_steps,
+        global_batch=global_batch,
+        steps_per_epoch=schedules.steps_per_epoch,
+        n_prototypes=config.dino.n_prototypes,
+        teacher_warm_step=schedules.steps(config.dino.teacher_temp_warmup_epochs),
+    )
+    order = dict(
+        workers=engine.workers,
+        seed=engine.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        start_step=step,
+        total_steps=total_steps,
+    )
     if isinstance(dataset, ShardVolumes):
         loader = dataset.batches(optim.batch_size, **order)
     else:
@@ -235,10 +266,15 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
         if step % engine.log_every == 0 or at_checkpoint or at_evaluation:
             # Never write a checkpoint from weights that a non-finite loss has already spoilt.
             if bool(all_reduce_max(nonfinite.float())):
-                kept = (f"last good checkpoint {checkpoint_path} (step {last_checkpoint}) kept" if last_checkpoint is not None
-                        else "no checkpoint was written yet")
-                raise PretrainError(f"loss became NaN or infinite by step {step} (this step: {describe_losses(metrics)}); "
-                                    f"stopped; {kept}")
+                kept = (
+                    f"last good checkpoint {checkpoint_path} (step {last_checkpoint}) kept"
+                    if last_checkpoint is not None
+                    else "no checkpoint was written yet"
+                )
+                raise PretrainError(
+                    f"loss became NaN or infinite by step {step} (this step: {describe_losses(metrics)}); "
+                    f"stopped; {kept}"
+                )
             online = evaluator(trainer.evaluated_backbone()) if at_evaluation else {}
             monitor.log(step, schedules.at(step - 1), online)
             if at_checkpoint:
@@ -252,8 +288,14 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     if step >= total_steps and env.is_main and not monitor.logged_any:
         logger.info(f"pretrain: {run_dir} is already complete ({step} of {total_steps} steps)")
     teacher = unwrap(trainer.teacher) if trainer.teacher is not None else None
-    return {"step": step, "total_steps": total_steps, "rank": env.rank, "student": unwrap(trainer.student),
-            "teacher": teacher, "last": monitor.last}
+    return {
+        "step": step,
+        "total_steps": total_steps,
+        "rank": env.rank,
+        "student": unwrap(trainer.student),
+        "teacher": teacher,
+        "last": monitor.last,
+    }
 
 
 def _online_evaluator(config: PretrainConfig, store: Path, env: DistEnv) -> OnlineEvaluator | None:

@@ -101,7 +101,9 @@ class ScannerGrid:
     def axes_to_world(self) -> tuple[np.ndarray, np.ndarray]:
         """``(origin, steps)``: world mm of index (0, 0, 0) and the 3x3 matrix of per-index steps (columns)."""
         acq = self.acquisition
-        steps = np.stack([acq.row_direction * GRID_MM, acq.column_direction * GRID_MM, np.array([0.0, 0.0, self.z_step_mm])], axis=1)
+        steps = np.stack(
+            [acq.row_direction * GRID_MM, acq.column_direction * GRID_MM, np.array([0.0, 0.0, self.z_step_mm])], axis=1
+        )
         origin = acq.affine()[:3, 3] - steps @ np.array([self.pad, self.pad, self.pad_z], dtype=np.float64)
         return origin, steps
 
@@ -191,11 +193,15 @@ def reconstruct_bits(grid: ScannerGrid, bits_grid: np.ndarray) -> np.ndarray:
     for k in range(acq.n_slices):
         touched = np.flatnonzero(weights[k] > 0.02)
         slabs[:, :, k] = np.bitwise_or.reduce(bits_grid[:, :, touched], axis=2)
-    nearest = np.clip(np.rint(np.arange(acq.matrix) * acq.pixel_mm / GRID_MM + grid.pad).astype(int), 0, grid.shape[0] - 1)
+    nearest = np.clip(
+        np.rint(np.arange(acq.matrix) * acq.pixel_mm / GRID_MM + grid.pad).astype(int), 0, grid.shape[0] - 1
+    )
     return np.ascontiguousarray(slabs[nearest][:, nearest])
 
 
-def paint_table(grid: ScannerGrid, hu_grid: np.ndarray, back_of_head_y_mm: float, head_z_mm: tuple[float, float]) -> None:
+def paint_table(
+    grid: ScannerGrid, hu_grid: np.ndarray, back_of_head_y_mm: float, head_z_mm: tuple[float, float]
+) -> None:
     """Add the CT table and a curved headrest with its foam pad under the head (in place, HU)."""
     origin, steps = grid.axes_to_world()
     a = np.arange(grid.shape[0])

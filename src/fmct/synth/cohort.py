@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
+from fmct.atomic import atomic_write_text
+from fmct.errors import UsageError
 from fmct.io.dicom_write import write_series
 from fmct.io.nifti import write_nifti
-from fmct.atomic import atomic_write_text
-from fmct.tables import lists_to_csv
+from fmct.log import progress_bar
 from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.sites import SITES, SiteProfile
 from fmct.synth.subject import Subject, SyntheticScan
-from fmct.errors import UsageError
-from fmct.log import progress_bar
+from fmct.tables import lists_to_csv
 
 SETTINGS_FILE = "synth.json"  # beside labels.csv: how the cohort was drawn, and that it is synthetic
 
@@ -43,14 +43,35 @@ def made_by_synth(labels_path: str | os.PathLike) -> bool:
     scans behind it are synthetic, and what is measured on them says nothing about real CT."""
     return (Path(labels_path).parent / SETTINGS_FILE).is_file()
 
+
 FORMATS = ("dicom", "nifti")
 LAYOUTS = ("plain", "cq500", "rsna")
 HU_RANGE = (-1024.0, 3071.0)  # what a 12-bit CT stores
-RSNA_TYPES = {"epidural": "edh", "intraparenchymal": "iph", "intraventricular": "ivh", "subarachnoid": "sah",
-              "subdural": "sdh", "any": "ich"}
+RSNA_TYPES = {
+    "epidural": "edh",
+    "intraparenchymal": "iph",
+    "intraventricular": "ivh",
+    "subarachnoid": "sah",
+    "subdural": "sdh",
+    "any": "ich",
+}
 CQ500_SERIES = {"routine": "CT PLAIN", "bone": "CT BONE", "thin": "CT PLAIN THIN"}
-CQ500_READS = ("ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "BleedLocation-Left", "BleedLocation-Right", "ChronicBleed",
-               "Fracture", "CalvarialFracture", "OtherFracture", "MassEffect", "MidlineShift")
+CQ500_READS = (
+    "ICH",
+    "IPH",
+    "IVH",
+    "SDH",
+    "EDH",
+    "SAH",
+    "BleedLocation-Left",
+    "BleedLocation-Right",
+    "ChronicBleed",
+    "Fracture",
+    "CalvarialFracture",
+    "OtherFracture",
+    "MassEffect",
+    "MidlineShift",
+)
 _FIRST_NAMES = ("Alex", "Sam", "Robin", "Kim", "Jordan", "Maria", "Chen", "Amir", "Ines", "Olu", "Priya", "Lars")
 _LAST_NAMES = ("Miller", "Garcia", "Nguyen", "Okafor", "Schmidt", "Rossi", "Tanaka", "Kowalski", "Haddad", "Silva")
 
@@ -64,7 +85,9 @@ class CohortSummary:
     out: Path
 
     def describe(self) -> str:
-        return f"synth: {self.written} cases written, {self.skipped} already present, labels in {self.out / 'labels.csv'}"
+        return (
+            f"synth: {self.written} cases written, {self.skipped} already present, labels in {self.out / 'labels.csv'}"
+        )
 
 
 def scan_seed(seed: int, index: int) -> int:
@@ -112,7 +135,14 @@ def generate_cohort(
     profiles = [SITES[s] if isinstance(s, str) else s for s in sites]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"n": n, "sites": [p.name for p in profiles], "format": fmt, "layout": layout, "seed": seed, "matrix": matrix}
+    settings = {
+        "n": n,
+        "sites": [p.name for p in profiles],
+        "format": fmt,
+        "layout": layout,
+        "seed": seed,
+        "matrix": matrix,
+    }
     atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=1))
     done_folder = out / ".cases"
     todo = [i for i in range(n) if not (done_folder / f"{_case_id(i)}.json").exists()]
@@ -141,7 +171,9 @@ def _write_case_job(job: tuple) -> None:
     _write_case(*job)
 
 
-def _write_case(out: Path, index: int, seed: int, site: SiteProfile, fmt: str, layout: str, preview: bool, matrix: int) -> None:
+def _write_case(
+    out: Path, index: int, seed: int, site: SiteProfile, fmt: str, layout: str, preview: bool, matrix: int
+) -> None:
     """Generate case ``index`` and write its series, mask and preview; record it in ``.cases/`` last."""
     case = _case_id(index)
     subject = Subject(seed, site)
@@ -252,8 +284,14 @@ def _write_rsna(folder: Path, scan: SyntheticScan, tags: dict, site: SiteProfile
 
 def _acquisition_facts(scan: SyntheticScan) -> dict:
     acq = scan.acquisition
-    return {"thickness_mm": acq.thickness_mm, "pixel_mm": round(acq.pixel_mm, 4), "n_slices": acq.n_slices,
-            "tilt_deg": round(acq.tilt_deg, 3), "kernel": acq.kernel_name, "noise_hu": round(acq.noise_hu, 2)}
+    return {
+        "thickness_mm": acq.thickness_mm,
+        "pixel_mm": round(acq.pixel_mm, 4),
+        "n_slices": acq.n_slices,
+        "tilt_deg": round(acq.tilt_deg, 3),
+        "kernel": acq.kernel_name,
+        "noise_hu": round(acq.noise_hu, 2),
+    }
 
 
 def _volumes_ml(scan: SyntheticScan) -> dict:
@@ -274,16 +312,32 @@ def _reader_calls(record: dict, subject: Subject, rng: np.random.Generator) -> d
     lesions = record["info"]["lesions"]
     bleeding_sides = {lesion["side"] for lesion in lesions if lesion["finding"] in RSNA_TYPES.values()}
     truth = {
-        "ICH": labels["ich"], "IPH": labels["iph"], "IVH": labels["ivh"], "SDH": labels["sdh"],
-        "EDH": labels["edh"], "SAH": labels["sah"],
+        "ICH": labels["ich"],
+        "IPH": labels["iph"],
+        "IVH": labels["ivh"],
+        "SDH": labels["sdh"],
+        "EDH": labels["edh"],
+        "SAH": labels["sah"],
         "BleedLocation-Left": int(labels["ich"] and bool(bleeding_sides & {-1, 0})),
         "BleedLocation-Right": int(labels["ich"] and bool(bleeding_sides & {1, 0})),
         "ChronicBleed": int(labels["sdh"] and any(l["subtype"] == "chronic" for l in lesions)),
-        "Fracture": labels["fracture"], "CalvarialFracture": labels["fracture"], "OtherFracture": 0,
-        "MassEffect": int(labels["mass"] or labels["midline_shift"]), "MidlineShift": labels["midline_shift"],
+        "Fracture": labels["fracture"],
+        "CalvarialFracture": labels["fracture"],
+        "OtherFracture": 0,
+        "MassEffect": int(labels["mass"] or labels["midline_shift"]),
+        "MidlineShift": labels["midline_shift"],
     }
-    volume_of = {"ICH": "ich", "IPH": "iph", "IVH": "ivh", "SDH": "sdh", "EDH": "edh", "SAH": "sah",
-                 "Fracture": "fracture", "CalvarialFracture": "fracture", "MidlineShift": "midline_shift"}
+    volume_of = {
+        "ICH": "ich",
+        "IPH": "iph",
+        "IVH": "ivh",
+        "SDH": "sdh",
+        "EDH": "edh",
+        "SAH": "sah",
+        "Fracture": "fracture",
+        "CalvarialFracture": "fracture",
+        "MidlineShift": "midline_shift",
+    }
     calls = {}
     for reader in ("R1", "R2", "R3"):
         for name in CQ500_READS:
@@ -306,15 +360,35 @@ def _write_tables(out: Path, records: list[dict], layout: str) -> None:
     for record in records:
         for series in record["series"]:
             labels = series["labels"]
-            rows.append([series["source"], record["patient_id"], record["site"], record["split"], *(labels[f] for f in FINDINGS)])
+            rows.append(
+                [
+                    series["source"],
+                    record["patient_id"],
+                    record["site"],
+                    record["split"],
+                    *(labels[f] for f in FINDINGS),
+                ]
+            )
     atomic_write_text(out / "labels.csv", lists_to_csv(header, rows))
     atomic_write_text(out / "cases.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     atomic_write_text(out / "masks" / "bits.json", json.dumps(BITS, indent=1))
     if layout == "cq500":
         index = [int(r["case"][5:]) for r in records]
-        read_rows = [[f"CQ500-CT-{i}", "B1", *(r["reads"][f"{reader}:{name}"] for reader in ("R1", "R2", "R3") for name in CQ500_READS)]
-                     for i, r in zip(index, records)]
-        read_header = ["name", "Category", *(f"{reader}:{name}" for reader in ("R1", "R2", "R3") for name in CQ500_READS)]
+        read_rows = [
+            [
+                f"CQ500-CT-{i}",
+                "B1",
+                *(r["reads"][f"{reader}:{name}"] for reader in ("R1", "R2", "R3") for name in CQ500_READS),
+            ]
+            for i, r in zip(index, records)
+        ]
+        read_header = [
+            "name",
+            "Category",
+            *(f"{reader}:{name}" for reader in ("R1", "R2", "R3") for name in CQ500_READS),
+        ]
         atomic_write_text(out / "reads.csv", lists_to_csv(read_header, read_rows))
     if layout == "rsna":
-        atomic_write_text(out / "stage_2_train.csv", lists_to_csv(["ID", "Label"], [row for r in records for row in r["rsna"]]))
+        atomic_write_text(
+            out / "stage_2_train.csv", lists_to_csv(["ID", "Label"], [row for r in records for row in r["rsna"]])
+        )

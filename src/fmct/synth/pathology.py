@@ -99,7 +99,9 @@ def _convexity_direction(rng: np.random.Generator, side: int, z_range=(-0.1, 0.7
 def _angle_from(coords: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """Angle (radians) between ``direction`` and the rays from the cavity centre to ``coords``."""
     rays = coords - CAVITY_CENTRE_MM[:, None, None, None]
-    cos = np.tensordot(direction / np.linalg.norm(direction), rays, axes=1) / np.maximum(np.linalg.norm(rays, axis=0), 1e-3)
+    cos = np.tensordot(direction / np.linalg.norm(direction), rays, axes=1) / np.maximum(
+        np.linalg.norm(rays, axis=0), 1e-3
+    )
     return np.arccos(np.clip(cos, -1, 1))
 
 
@@ -189,7 +191,9 @@ def intraparenchymal(canvas: Canvas, rng: np.random.Generator, severity: float) 
     canvas.hu[box][oedema] -= rng.uniform(5, 10)
     blood = canvas.blood_hu + rng.uniform(0, 18)
     volume = _paint(canvas, box, mask, "iph", blood)
-    return Lesion("iph", volume, side, site, midline_push(1.4 * volume, centre, side, rng) if site != "cerebellum" else None)
+    return Lesion(
+        "iph", volume, side, site, midline_push(1.4 * volume, centre, side, rng) if site != "cerebellum" else None
+    )
 
 
 def intraventricular(canvas: Canvas, rng: np.random.Generator, severity: float) -> Lesion:

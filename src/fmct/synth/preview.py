@@ -8,13 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from fmct.atomic import atomic_write_bytes
+from fmct.models.windows import BONE_WINDOW, BRAIN_WINDOW, display_range
 from fmct.synth.pathology import BITS, FINDINGS
 from fmct.synth.subject import SyntheticScan
-from fmct.models.windows import BONE_WINDOW, BRAIN_WINDOW, display_range
 
 OUTLINED = [f for f in FINDINGS if f not in ("ich", "midline_shift")]
-COLOURS = dict(zip(OUTLINED, ["#ff3030", "#ffa500", "#ffff00", "#00e0ff", "#ff00ff", "#a0ff40", "#4080ff", "#c080ff",
-                              "#ff8080", "#00ffa0"]))
+COLOURS = dict(
+    zip(
+        OUTLINED,
+        ["#ff3030", "#ffa500", "#ffff00", "#00e0ff", "#ff00ff", "#a0ff40", "#4080ff", "#c080ff", "#ff8080", "#00ffa0"],
+    )
+)
 ON_BONE_WINDOW = ("fracture",)  # outlined on the bone window too, where it is seen
 
 

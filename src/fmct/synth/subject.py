@@ -58,8 +58,12 @@ class SyntheticScan:
     def volume(self) -> Volume:
         """The series as a :class:`fmct.io.Volume` (float32 HU, RAS affine, acquisition metadata)."""
         acq = self.acquisition
-        metadata = {"kernel": acq.kernel_name, "slice_thickness_mm": acq.thickness_mm,
-                    "pixel_spacing_mm": [acq.pixel_mm, acq.pixel_mm], "site": self.info.get("site", "")}
+        metadata = {
+            "kernel": acq.kernel_name,
+            "slice_thickness_mm": acq.thickness_mm,
+            "pixel_spacing_mm": [acq.pixel_mm, acq.pixel_mm],
+            "site": self.info.get("site", ""),
+        }
         return Volume(hu=self.hu, affine=self.affine, metadata=metadata, source=f"synth:{self.info.get('seed', '')}")
 
 
@@ -122,7 +126,9 @@ def push_x(pushes: list[Push], scale: np.ndarray, x: np.ndarray, y: np.ndarray, 
         return total
     semi = pathology.CAVITY_SEMI_AXES_MM * scale
     centre = pathology.CAVITY_CENTRE_MM * scale
-    radius = np.sqrt(((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((z - centre[2]) / semi[2]) ** 2)
+    radius = np.sqrt(
+        ((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((z - centre[2]) / semi[2]) ** 2
+    )
     anchor = np.clip((1 - radius) * semi.mean() / 15.0, 0, 1)
     for push in pushes:
         c = np.asarray(push.centre_mm) * scale
@@ -260,7 +266,11 @@ class Subject:
         site = self.site
         rng = np.random.default_rng([self.seed, 2])
         fov = rng.uniform(*site.fov_mm)
-        tilt = rng.uniform(0.3, 1.0) * site.max_tilt_deg * rng.choice([-1, 1]) if rng.random() < site.tilt_probability else 0.0
+        tilt = (
+            rng.uniform(0.3, 1.0) * site.max_tilt_deg * rng.choice([-1, 1])
+            if rng.random() < site.tilt_probability
+            else 0.0
+        )
         world = self.world_from_head()
         # Coverage: from below the foramen magnum to above the vertex, along the table.
         top = world[:3, :3] @ self.to_head(np.array([[0.0], [-20.0], [98.0]]))[:, 0] + world[:3, 3]
@@ -361,7 +371,9 @@ class Subject:
         points = origin[:, None] + steps @ (2 * np.stack([a, b, c]).astype(np.float64))
         return float(points[1].min()), (float(points[2].min()), float(points[2].max()))
 
-    def _mark_midline_shift(self, bits: np.ndarray, origin: np.ndarray, steps: np.ndarray, head_from_world: np.ndarray) -> None:
+    def _mark_midline_shift(
+        self, bits: np.ndarray, origin: np.ndarray, steps: np.ndarray, head_from_world: np.ndarray
+    ) -> None:
         """Set the midline_shift bit on scanner-grid falx voxels more than 5 mm off the head's midline."""
         falx = np.nonzero(bits & BITS["falx"])
         if falx[0].size == 0:
