@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,bench,tensorboard,export
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow demo bench gpu-suite foundation foundation-gpu clean
+.PHONY: setup lint test test-slow demo bench gpu-suite foundation foundation-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-test: setup
+# Lint and format are checked first: a change that breaks either fails CI before a test runs.
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -22,13 +22,15 @@ glibc mmap every allocation of 64 KiB or more (``mallopt(M_MMAP_THRESHOLD)``), w
 when freed, so the resident size follows the live tensors. On the CPU the default batch is 16 (M
 about 2,450) and every figure is linear in the batch. Prints one JSON line.
 
-    python benchmarks/head_loss_memory.py [--batch 64] [--prototypes 65536] [--ibot-chunk-rows 1024] [--dino-chunk-size 16]
+    python benchmarks/head_loss_memory.py [--batch 64] [--prototypes 65536]
+        [--ibot-chunk-rows 1024] [--dino-chunk-size 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import platform
 import time
@@ -80,15 +82,24 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, flo
 
 
 def loss_memory(
-    name: str, loss_of: Callable[[int], torch.Tensor], logits: torch.Tensor, chunk: int, device: torch.device
+    name: str,
+    loss_module: Callable[[int], torch.nn.Module],
+    inputs: tuple[torch.Tensor, ...],
+    chunk: int,
+    device: torch.device,
 ) -> dict:
-    """Loss forward + backward, whole and in ``chunk``: peak MB, seconds, largest differences."""
+    """Loss forward + backward, whole and in ``chunk``: peak MB, seconds, largest differences.
+
+    ``loss_module(chunk)`` builds the loss, which is called on ``inputs``; its first input is the student's
+    logits, whose gradient is compared. The tensors are passed in rather than captured by a closure, so the
+    caller's ``del`` of them frees them once this returns."""
+    logits = inputs[0]
     results = {}
     for label, size in (("whole", 0), ("chunked", chunk)):
         logits.grad = None
 
         def step() -> torch.Tensor:
-            loss = loss_of(size)
+            loss = loss_module(size)(*inputs)
             loss.backward()
             return loss.detach().double()
 
@@ -152,15 +163,15 @@ def main() -> None:
     }
 
     teacher_patch = logits(n_masked, k)
-    peak, seconds, patch_targets = peak_bytes(lambda: sinkhorn_knopp(teacher_patch, TEACHER_TEMP), device)
+    peak, seconds, patch_targets = peak_bytes(functools.partial(sinkhorn_knopp, teacher_patch, TEACHER_TEMP), device)
     del teacher_patch
     figures.update(ibot_targets_peak_mb=round(peak / 2**20, 1), ibot_targets_seconds=round(seconds, 3))
     student_patch = logits(n_masked, k, requires_grad=True)
     figures.update(
         loss_memory(
             "ibot",
-            lambda chunk: iBOTPatchLoss(k, STUDENT_TEMP, chunk)(student_patch, patch_targets, masks),
-            student_patch,
+            lambda chunk: iBOTPatchLoss(k, STUDENT_TEMP, chunk),
+            (student_patch, patch_targets, masks),
             args.ibot_chunk_rows,
             device,
         )
@@ -173,8 +184,8 @@ def main() -> None:
     figures.update(
         loss_memory(
             "dino",
-            lambda chunk: DINOLoss(k, STUDENT_TEMP, chunk)(student_cls, cls_targets),
-            student_cls,
+            lambda chunk: DINOLoss(k, STUDENT_TEMP, chunk),
+            (student_cls, cls_targets),
             args.dino_chunk_size,
             device,
         )

@@ -40,7 +40,8 @@ from fmct.ssl.train import Trainer, compile_blocks, configure_torch
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 REFERENCES = {
     "fm_ct_public_code_volumes_per_s_per_gpu": 3.0,  # 256 volumes / ~21 s per iteration on 4 A100 (FM-CT logs)
-    "plain_pytorch_h200_model_only_volumes_per_s": 222.0,  # DINO+iBOT ViT-B step, bf16, SDPA, compiled, batch 64 (issue 4)
+    # DINO+iBOT ViT-B step, bf16, SDPA, compiled, batch 64 (issue 4)
+    "plain_pytorch_h200_model_only_volumes_per_s": 222.0,
 }
 
 

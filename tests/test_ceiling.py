@@ -153,7 +153,8 @@ def test_report_names_the_ceiling_and_the_gap_to_it(evaluation):
     assert (
         "<b>Supervised ceiling, ich</b> (the same architecture from a random init, fine-tuned on all the training "
         "labels until early stopping; label fraction 1.0, 1000 labelled scans): AUROC [95% CI] "
-        f"vit-scratch (ceiling) ID {ceiling['ID']['auroc']:.3f} [{ceiling['ID']['auroc_lo']:.3f}, {ceiling['ID']['auroc_hi']:.3f}]; "
+        f"vit-scratch (ceiling) ID {ceiling['ID']['auroc']:.3f} "
+        f"[{ceiling['ID']['auroc_lo']:.3f}, {ceiling['ID']['auroc_hi']:.3f}]; "
         f"vit-scratch (ceiling) OOD {ceiling['OOD']['auroc']:.3f}"
     ) in summary
     assert "The pretrained arms' gap to it at label fraction 0.1" in summary
@@ -203,8 +204,8 @@ def test_fits_cut_by_max_steps_are_warned_of_and_a_cut_ceiling_is_not_valid(fold
     summary = _section(out.read_text(), "summary")
     assert "<b>3 fine-tuned fit(s) ended at the step cap, not by early stopping</b>" in summary
     assert (
-        "<li>vit (pretrained), label fraction 0.1, seed 0 was cut by max_steps at 500 steps: not a converged baseline</li>"
-        in summary
+        "<li>vit (pretrained), label fraction 0.1, seed 0 was cut by max_steps at 500 steps: "
+        "not a converged baseline</li>" in summary
     )
     assert (
         "<p class='note'><b>Not a valid ceiling</b>: vit-scratch (ceiling), label fraction 1.0, seed 0 ended at the "

@@ -1,4 +1,5 @@
-"""Metrics, bootstrap CIs and p-values, Holm, operating points, calibration, splits and label budgets against known answers."""
+"""Metrics, bootstrap CIs and p-values, Holm, operating points, calibration, splits and label budgets
+against known answers."""
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ def test_hanley_mcneil_auc_by_hand_and_bootstrap_standard_error():
     expected = (higher + 0.5 * ties) / (58 * 51)
     assert round(expected, 3) == 0.893  # the paper's value
     assert float(M.auroc(labels, scores)) == pytest.approx(expected, abs=1e-12)
-    # The bootstrap's standard error against the paper's (0.0333, from its exponential approximation; DeLong's is 0.0315).
+    # The bootstrap's standard error against the paper's (0.0333, from its exponential approximation;
+    # DeLong's is 0.0315).
     replicates = M.auroc(labels, scores, M.patient_bootstrap_weights(np.arange(len(labels)), 2000, seed=0))
     assert np.std(replicates) == pytest.approx(0.032, abs=0.003)
 

@@ -224,8 +224,9 @@ def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys)
     peak_row = np.array([float(bleed[f"peak_{axis}_mm"]) for axis in "xyz"])
     with capsys.disabled():
         print(
-            f"saliency peak on the unseen DICOM series: {np.linalg.norm(peak_row - bleed_centre):.1f} mm from the bleed's centre "
-            f"(canonical grid), {np.linalg.norm(peak_world - bleed_centre):.1f} mm (source grid); bleed radius {BLOB_RADIUS * SPACING:g} mm"
+            f"saliency peak on the unseen DICOM series: {np.linalg.norm(peak_row - bleed_centre):.1f} mm "
+            f"from the bleed's centre (canonical grid), {np.linalg.norm(peak_world - bleed_centre):.1f} mm "
+            f"(source grid); bleed radius {BLOB_RADIUS * SPACING:g} mm"
         )
     assert np.linalg.norm(peak_world - bleed_centre) < BLOB_RADIUS * SPACING, (
         peak_world,
@@ -241,7 +242,8 @@ def test_predict_an_unseen_dicom_scan_with_saliency(finetuned, tmp_path, capsys)
 
 
 def _blob_head(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A canonical head as write_blob_store draws it, always with its bleed: int16 HU, the bleed mask and the brain mask."""
+    """A canonical head as write_blob_store draws it, always with its bleed: int16 HU, the bleed mask and
+    the brain mask."""
     grid = np.stack(np.meshgrid(*[np.arange(SIZE) - (SIZE - 1) / 2] * 3, indexing="ij"))
     radius = np.sqrt(((grid / np.array([0.42, 0.46, 0.44])[:, None, None, None] / SIZE) ** 2).sum(0))
     hu = np.full((SIZE,) * 3, -1000.0)
@@ -478,7 +480,8 @@ def test_predict_names_scans_like_ingest_under_the_same_key(finetuned, tmp_path,
 
 
 def _abort_on(folder_name: str):
-    """A series reader that aborts its process natively (SIGABRT, as a C decoder does) for the series in ``folder_name``."""
+    """A series reader that aborts its process natively (SIGABRT, as a C decoder does) for the series in
+    ``folder_name``."""
     original = fmct.scans.job.read_series
 
     def read(info, config=None):

@@ -383,18 +383,20 @@ def test_cohort_table_per_site_and_split_with_scanners_from_the_store(tmp_path):
     page = render_html(evaluate([tmp_path / "pred"], n_bootstrap=20), {})
     section = _section(page, "cohort")
     assert (
-        "<tr><td>train</td><td>A</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE LightSpeed16 (3); not recorded (1)</td>"
+        "<tr><td>train</td><td>A</td><td class='num'>4</td><td class='num'>3</td>"
+        "<td class='w'>GE LightSpeed16 (3); not recorded (1)</td>"
         "<td class='num'>2 / 4 (50%)</td></tr>"
     ) in section
     assert "<tr class=total><td>test (ID)</td><td>all sites</td><td class='num'>6</td><td class='num'>5</td>" in section
     assert "from run.json" in section
 
-    # Without the cohort record, the evaluated splits are told from the predictions, scanners from the store run.json names.
+    # Without the cohort record, the evaluated splits are told from the predictions, scanners from the store
+    # run.json names.
     write_predictions(tmp_path / "bare", rows, {"store": str(store)})
     section = _section(render_html(evaluate([tmp_path / "bare"], n_bootstrap=20), {}), "cohort")
     assert (
-        "<td>B</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE Revolution (4)</td><td class='num'>1 / 4 (25%)</td>"
-        in section
+        "<td>B</td><td class='num'>4</td><td class='num'>3</td><td class='w'>GE Revolution (4)</td>"
+        "<td class='num'>1 / 4 (25%)</td>" in section
     )
     assert "<td>train</td>" not in section and "predictions.csv (evaluated splits only)" in section
 

@@ -275,14 +275,16 @@ def _probe_parser(sub) -> None:
         sub,
         "probe",
         "per-finding probes on frozen embeddings -> predictions",
-        "fmct probe --embeddings emb --labels cohort/labels.csv --store store --out probe --label-fractions 0.1,1 --ood-sites C",
+        "fmct probe --embeddings emb --labels cohort/labels.csv --store store --out probe "
+        "--label-fractions 0.1,1 --ood-sites C",
         config="fmct.eval.probe:ProbeConfig",
     )
     parser.add_argument("--embeddings", required=True, help="embeddings folder written by fmct embed")
     parser.add_argument(
         "--labels",
         required=True,
-        help="labels CSV (README: The labels file), or [cq500:|rsna:|generic:]FILE (CQ500 reads.csv, RSNA stage_2_train.csv)",
+        help="labels CSV (README: The labels file), or [cq500:|rsna:|generic:]FILE "
+        "(CQ500 reads.csv, RSNA stage_2_train.csv)",
     )
     parser.add_argument("--out", required=True, help="predictions folder")
     parser.add_argument(
@@ -596,7 +598,8 @@ def _finetune_parser(sub) -> None:
         sub,
         "finetune",
         "backbone + head trained on labels per budget and seed -> predictions; resumes",
-        "fmct finetune --model run --store store --labels cohort/labels.csv --out finetune --label-fractions 0.1,1 --max-steps 200",
+        "fmct finetune --model run --store store --labels cohort/labels.csv --out finetune "
+        "--label-fractions 0.1,1 --max-steps 200",
         config="fmct.eval.finetune:FinetuneConfig",
     )
     parser.add_argument(
@@ -605,7 +608,8 @@ def _finetune_parser(sub) -> None:
     parser.add_argument(
         "--like",
         metavar="RUN|DIR",
-        help="with --model scratch: take the architecture and windows of this model (default: none, the config's `model`)",
+        help="with --model scratch: take the architecture and windows of this model "
+        "(default: none, the config's `model`)",
     )
     parser.add_argument("--store", required=True, help="store folder written by fmct ingest")
     parser.add_argument(
@@ -615,7 +619,8 @@ def _finetune_parser(sub) -> None:
     parser.add_argument(
         "--head",
         choices=["linear", "pooled", "attentive"],
-        help="linear: on the CLS token; pooled: on the CLS, mean and max of the patch tokens; attentive: one learned query over the patch tokens",
+        help="linear: on the CLS token; pooled: on the CLS, mean and max of the patch tokens; "
+        "attentive: one learned query over the patch tokens",
     )
     parser.add_argument(
         "--trainable-blocks",
@@ -761,9 +766,9 @@ def _export_parser(sub) -> None:
         "export",
         "a detector as ONNX (dynamic batch), checked against PyTorch with ONNX Runtime",
         "fmct export --model finetune --out detector.onnx",
-        about="A detector as one ONNX file: input float32 HU (batch, 1, X, Y, Z) on the detector's canonical grid, output "
-        "calibrated probabilities (batch, findings); resize, HU windows and calibration are inside the graph, the "
-        'findings and operating points in its metadata. Needs the export extra: pip install "fmct[export]".',
+        about="A detector as one ONNX file: input float32 HU (batch, 1, X, Y, Z) on the detector's canonical grid, "
+        "output calibrated probabilities (batch, findings); resize, HU windows and calibration are inside the graph, "
+        'the findings and operating points in its metadata. Needs the export extra: pip install "fmct[export]".',
     )
     parser.add_argument("--model", required=True, metavar="DIR", help=_DETECTOR_HELP)
     parser.add_argument("--fit", help="the fit of a probe/finetune output to export (default: seed 0, most labels)")

@@ -298,8 +298,8 @@ def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]
     if config.foundation_model:
         print(
             f"\nThe pretrained arm is the shipped checkpoint {config.foundation_model} (pretrained on other synthetic "
-            f"heads, never on site {config.ood_sites}); the demo's own pretraining in {out / 'pretrain'} only shows the "
-            f"verb and its resume and is not evaluated."
+            f"heads, never on site {config.ood_sites}); the demo's own pretraining in {out / 'pretrain'} only shows "
+            f"the verb and its resume and is not evaluated."
         )
     minutes = (time.monotonic() - start) / 60
     print(

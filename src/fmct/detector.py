@@ -447,7 +447,8 @@ def load_detector(folder: str | os.PathLike, device: str | torch.device = "cpu")
             missing, unexpected = scorer.load_state_dict(head, strict=False)
             if unexpected or [name for name in missing if not name.startswith("backbone.")]:
                 raise KeyError(
-                    f"head tensors do not match a {config['head']} head: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                    f"head tensors do not match a {config['head']} head: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
                 )
         detector = Detector(scorer, config)
     except (KeyError, ValueError, RuntimeError) as error:
@@ -514,31 +515,33 @@ def detector_card(name: str, config: dict) -> str:
         f"- {config['kind']} detector, head `{config['head']}`"
         + (f" on the `{config['feature']}` feature" if config.get("feature") else "")
         + f"; backbone {backbone_text}.\n"
-        f"- Input: the scan resampled to fmct's canonical grid ({list(canonical['shape'])} voxels of {canonical['spacing_mm']} mm, "
-        f"RAS, centred on the head; {config['grid_source']}), resized whole to {config['input_size']} voxels, HU windows "
-        f"{config['windows_hu']} (level, width).\n"
+        f"- Input: the scan resampled to fmct's canonical grid ({list(canonical['shape'])} voxels of "
+        f"{canonical['spacing_mm']} mm, RAS, centred on the head; {config['grid_source']}), resized whole to "
+        f"{config['input_size']} voxels, HU windows {config['windows_hu']} (level, width).\n"
         "- Output: per finding a logit and its probability (the calibration below); a scan is positive at an "
         "operating point when its probability is at least the point's threshold."
     )
     data = "\n".join(
         [
             (
-                "- **Synthetic data**: the scans are `fmct synth` phantoms, not patients. Nothing here says how the detector "
-                "does on real CT; not for clinical use."
+                "- **Synthetic data**: the scans are `fmct synth` phantoms, not patients. Nothing here says how the "
+                "detector does on real CT; not for clinical use."
                 if synthetic
                 else "- Data: real scans as ingested by fmct."
             ),
             f"- Labels: `{provenance['labels']['spec']}` (sha256 {provenance['labels']['sha256'][:12]}...); store "
             f"`{(provenance.get('store') or {}).get('name', 'not recorded')}` (manifest sha256 "
             f"{(provenance.get('store') or {}).get('manifest_sha256', '')[:12]}...).",
-            f"- Scans per split: {provenance['scans_per_split']}; held-out sites (test only): {provenance.get('ood_sites') or 'none'}.",
+            f"- Scans per split: {provenance['scans_per_split']}; held-out sites (test only): "
+            f"{provenance.get('ood_sites') or 'none'}.",
             f"- Trained on {budget_text}, seed {provenance['seed']}: "
             + ", ".join(f"{f} {n['pos']} positive / {n['neg']} negative" for f, n in provenance["n_train"].items())
             + ".",
         ]
     )
     metrics = [
-        "| finding | group | scans (pos/neg) | AUROC | sensitivity @ spec90 | specificity @ spec90 | sensitivity @ spec95 | specificity @ spec95 |",
+        "| finding | group | scans (pos/neg) | AUROC | sensitivity @ spec90 | specificity @ spec90 "
+        "| sensitivity @ spec95 | specificity @ spec95 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for finding in config["findings"]:
@@ -557,7 +560,8 @@ def detector_card(name: str, config: dict) -> str:
                 f"| {finding} | {group} | {m['n_scans']} ({m['n_pos']}/{m['n_neg']}) | " + " | ".join(cells) + " |"
             )
     points = [
-        "| finding | validation (pos/neg) | validation AUROC [95 % CI] | calibration | point | probability threshold | score threshold | val sensitivity | val specificity |",
+        "| finding | validation (pos/neg) | validation AUROC [95 % CI] | calibration | point "
+        "| probability threshold | score threshold | val sensitivity | val specificity |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for finding in config["findings"]:
@@ -568,7 +572,8 @@ def detector_card(name: str, config: dict) -> str:
             points.append(
                 f"| {finding} | {validation['n_pos']}/{validation['n_neg']} | {validation['auroc']:.3f}{interval} | "
                 f"{calibration['method']} | {point_name} | {point['threshold']:.4g} | "
-                f"{point.get('score_threshold', float('nan')):.4g} | {point['val_sensitivity']:.3f} | {point['val_specificity']:.3f} |"
+                f"{point.get('score_threshold', float('nan')):.4g} | {point['val_sensitivity']:.3f} | "
+                f"{point['val_specificity']:.3f} |"
             )
     warnings = [
         f"- **{finding} is not validated**: {reason}. Do not trust its probabilities; `fmct predict` warns, and "

@@ -152,7 +152,8 @@ def model_card(name: str, config: ViT3DConfig, extra: dict) -> str:
         )
     model = (
         f"- ViT3D {config.size}: {config.depth} blocks, width {config.embed_dim}, {config.n_heads} heads, patch "
-        f"{list(config.patch_size)} voxels, input {list(config.img_size)} voxels, {config.n_registers} register token(s).\n"
+        f"{list(config.patch_size)} voxels, input {list(config.img_size)} voxels, "
+        f"{config.n_registers} register token(s).\n"
         f"- Input channels: the HU windows {windows} (level, width) of the canonical volume (RAS) resized whole to the "
         "input (`ViT3DModel.preprocess`)."
     )

@@ -129,8 +129,9 @@ def predict(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> PredictSummary:
-    """Run the detector of ``model`` (a detector folder, or a probe/finetune output: :func:`fmct.detector.resolve_detector`,
-    ``fit`` naming one of its fits) on the scans under ``paths``; write ``out`` as the module says.
+    """Run the detector of ``model`` (a detector folder, or a probe/finetune output:
+    :func:`fmct.detector.resolve_detector`, ``fit`` naming one of its fits) on the scans under ``paths``;
+    write ``out`` as the module says.
 
     ``key_file`` is the pseudonym key (:func:`fmct.pseudonym.load_key`). ``device`` defaults to CUDA when available.
     """

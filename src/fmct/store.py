@@ -245,8 +245,9 @@ def migrate(store_path: str | os.PathLike, codec: str | None = None, progress: b
 
     ``codec`` defaults to the store's ``store.codec`` (config.yaml), else :data:`fmct.codec.DEFAULT_CODEC`,
     and is recorded there. (A later ingest writes its new scans in the codec of its own config; every
-    file names its codec, so a store may mix them and still reads as one.) Per scan: its volume is decoded from the old file, encoded and checked to
-    decode to the same bytes, written to a temporary name and renamed; the new file is read back and
+    file names its codec, so a store may mix them and still reads as one.) Per scan: its volume is decoded
+    from the old file, encoded and checked to decode to the same bytes, written to a temporary name and
+    renamed; the new file is read back and
     compared bit for bit with the old volume before the old file is removed. So a killed migration
     leaves each scan in its old file, in its new one, or in both (each whole and checked to be equal
     on the next run, which continues). A scan that cannot be read is left as it was and reported.

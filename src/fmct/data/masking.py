@@ -75,7 +75,8 @@ def block_mask_3d(
     min_block: int = 4,
     aspect_range: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> torch.Tensor:
-    """A bool mask (D, H, W) over a patch grid with exactly ``floor(ratio * D*H*W)`` tokens True (DINOv2 floors its counts).
+    """A bool mask (D, H, W) over a patch grid with exactly ``floor(ratio * D*H*W)`` tokens True
+    (DINOv2 floors its counts).
 
     Masked tokens come in cuboid blocks: each block has a volume drawn uniformly between ``min_block``
     tokens and the number still to mask, and per-axis side factors drawn log-uniformly in

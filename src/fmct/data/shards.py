@@ -216,7 +216,8 @@ class ShardVolumes:
             index = json.loads(index_path.read_text())
             if index.get("format") != FORMAT:
                 raise InputError(
-                    f"{index_path}: not a shard index fmct can read: format {index.get('format')!r}, expected {FORMAT!r}"
+                    f"{index_path}: not a shard index fmct can read: format {index.get('format')!r}, "
+                    f"expected {FORMAT!r}"
                 )
             self.shape: tuple[int, int, int] = tuple(index["store_shape"])
             self.shards: list[tuple[str, list[str]]] = [(s["name"], list(s["scan_ids"])) for s in index["shards"]]

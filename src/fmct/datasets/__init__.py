@@ -103,7 +103,8 @@ def match_to_store(labels: Labels, manifest_rows: list[dict]) -> tuple[list[dict
             if owner.get(scan["scan_id"], index) != index:
                 other = labels.rows[owner[scan["scan_id"]]]["source"]
                 raise InputError(
-                    f"scan {scan['scan_id']} (source {scan['source']}) matches two label rows: {row['source']} and {other}"
+                    f"scan {scan['scan_id']} (source {scan['source']}) matches two label rows: "
+                    f"{row['source']} and {other}"
                 )
             owner[scan["scan_id"]] = index
             matched.append({**row, "scan_id": scan["scan_id"]})

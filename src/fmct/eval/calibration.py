@@ -100,7 +100,8 @@ def validation_status(labels: np.ndarray, scores: np.ndarray, patients: np.ndarr
         return {
             **status,
             "validated": False,
-            "reason": f"no better than chance on validation: AUROC {status['auroc']:.2f} [{low:.2f}, {high:.2f}] includes 0.5",
+            "reason": f"no better than chance on validation: AUROC {status['auroc']:.2f} [{low:.2f}, {high:.2f}] "
+            "includes 0.5",
         }
     return {**status, "validated": True}
 

@@ -116,7 +116,10 @@ class Cohort:
         if len(set(self.labels[self.rows(finding, ("train",)), finding].tolist())) < 2 or not len(
             self.rows(finding, EVALUATED_SPLITS)
         ):
-            return f"{self.findings[finding]}: the training split needs a positive and a negative, and a test scan must exist"
+            return (
+                f"{self.findings[finding]}: the training split needs a positive and a negative, "
+                "and a test scan must exist"
+            )
         return None
 
     def training_rows(self, finding: int, budget: Budget, seed: int) -> np.ndarray:

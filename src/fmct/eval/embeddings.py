@@ -61,7 +61,8 @@ class Embeddings:
                 " (a table written before fmct embed wrote it: embed again)" if missing == ["patch_max"] else ""
             )
             raise InputError(
-                f"embeddings hold no feature {missing[0]!r}{made_before} (they hold: {', '.join(sorted(self.features))})"
+                f"embeddings hold no feature {missing[0]!r}{made_before} "
+                f"(they hold: {', '.join(sorted(self.features))})"
             )
         return np.concatenate([self.features[n] for n in names], axis=1).astype(np.float64)
 

@@ -856,7 +856,8 @@ def arm_effects(comparisons: list[dict], baseline_arm: str, same_model: bool = F
 
 
 def pretraining_effects(comparisons: list[dict]) -> list[dict]:
-    """What pretraining buys: :func:`arm_effects` of every pretrained model against its scratch twin (same model name)."""
+    """What pretraining buys: :func:`arm_effects` of every pretrained model against its scratch twin
+    (same model name)."""
     return arm_effects(comparisons, "scratch", same_model=True)
 
 

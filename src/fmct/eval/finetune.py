@@ -99,7 +99,8 @@ class FinetuneConfig(CohortConfig):
             raise ConfigError(f"trainable_blocks {self.trainable_blocks}: -1 (all) or k >= 0")
         if min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1 or self.batch_size < 2:
             raise ConfigError(
-                "batch_size must be at least 2 (the head's batch norm); max_steps, eval_every, patience and seeds at least 1"
+                "batch_size must be at least 2 (the head's batch norm); "
+                "max_steps, eval_every, patience and seeds at least 1"
             )
 
 

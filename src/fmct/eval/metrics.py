@@ -210,7 +210,8 @@ def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
 
 
 def not_estimable_reason(n_positives: int, n_negatives: int) -> str | None:
-    """Why a metric of a set with these counts is not reported (fewer than :data:`MIN_PER_CLASS` of a class), or None."""
+    """Why a metric of a set with these counts is not reported (fewer than :data:`MIN_PER_CLASS` of a class),
+    or None."""
     short = [f"{n} {kind}" for n, kind in ((n_positives, "positives"), (n_negatives, "negatives")) if n < MIN_PER_CLASS]
     return f"not estimable: {' and '.join(short)} (fewer than {MIN_PER_CLASS})" if short else None
 

@@ -498,9 +498,11 @@ def _ceiling_summary(evaluation: Evaluation, level: int) -> list[str]:
                 f"{e['model']} {e['group']} {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]" for e in at
             )
             text += (
-                f" The pretrained arms' gap to it at {_esc(budget_text(smallest['label_fraction'], smallest['shots']))} "
+                " The pretrained arms' gap to it at "
+                f"{_esc(budget_text(smallest['label_fraction'], smallest['shots']))} "
                 f"(AUROC difference pretrained - ceiling, {level}% paired-bootstrap CI on the same test scans; "
-                f"descriptive, not in Holm's family): {_esc(each)}. Below the ceiling (CI under 0) at {below} of {len(at)}."
+                f"descriptive, not in Holm's family): {_esc(each)}. "
+                f"Below the ceiling (CI under 0) at {below} of {len(at)}."
             )
         else:
             text += (
@@ -547,7 +549,8 @@ def _effects_table(evaluation: Evaluation, level: int) -> list[str]:
         rows.append(row)
     return [
         f"<h3>AUROC difference, pretrained - baseline [{level}% CI], by label budget</h3>",
-        "<p class='muted'><span class='up'>green</span>: CI above 0 (pretrained better); <span class='down'>red</span>: "
+        "<p class='muted'><span class='up'>green</span>: CI above 0 (pretrained better); "
+        "<span class='down'>red</span>: "
         "CI below 0 (baseline better); <b>bold</b>: Holm-adjusted p &lt; 0.05. Against the ceiling (trained on all the "
         "labels), each label budget of the pretrained system; descriptive, never bold. Details in "
         "<a href='#comparisons'>paired comparisons</a>.</p>",
@@ -836,9 +839,9 @@ def _comparisons(evaluation: Evaluation, level: int) -> list[str]:
     lines = [
         _heading("comparisons"),
         f"<p>Two systems on the scans both scored, at the same label budget: the difference of their seed-averaged "
-        f"AUROCs (a - b). Its {level}% CI and its two-sided p-value both come from the difference's standard error over "
-        f"the same {_esc(n_bootstrap)} paired patient-level bootstrap resamples, so the CI excludes 0 exactly when "
-        f"p &lt; {1 - level / 100:.2f}. <b>Holm</b>: adjusted over the {family} comparisons of this table "
+        f"AUROCs (a - b). Its {level}% CI and its two-sided p-value both come from the difference's standard error "
+        f"over the same {_esc(n_bootstrap)} paired patient-level bootstrap resamples, so the CI excludes 0 exactly "
+        f"when p &lt; {1 - level / 100:.2f}. <b>Holm</b>: adjusted over the {family} comparisons of this table "
         "(family-wise error rate); rely on a difference whose Holm p is below 0.05 (bold).</p>",
     ]
     lines += _comparison_tables(primary, level, holm=True)
@@ -934,17 +937,20 @@ def _methods(evaluation: Evaluation, level: int) -> list[str]:
     return [
         _heading("methods"),
         "<ul>",
-        f"<li><b>Confidence intervals</b> ({level}%): patient-level bootstrap, {_esc(settings.get('n_bootstrap'))} resamples "
-        f"(seed {_esc(settings.get('seed'))}): each resample draws patients with replacement and keeps all their scans; "
+        f"<li><b>Confidence intervals</b> ({level}%): patient-level bootstrap, "
+        f"{_esc(settings.get('n_bootstrap'))} resamples (seed {_esc(settings.get('seed'))}): "
+        "each resample draws patients with replacement and keeps all their scans; "
         "percentile intervals of the replicates.</li>",
         "<li><b>Seeds</b>: each seed is one training subset and fit. Every metric is computed per seed and averaged; "
         "each bootstrap replicate averages the seeds on the same resampled patients.</li>",
         f"<li><b>Comparisons</b>: {_esc(settings.get('p_value_method', 'paired patient-level bootstrap'))}.</li>",
-        f"<li><b>Not estimable</b>: fewer than {M.MIN_PER_CLASS} positive or negative scans; no metric is reported.</li>",
-        f"<li><b>Operating points</b>: at 90% and 95% target specificity; {_esc(THRESHOLD_ON_VALIDATION)} when the predictions "
+        f"<li><b>Not estimable</b>: fewer than {M.MIN_PER_CLASS} positive or negative scans; "
+        "no metric is reported.</li>",
+        "<li><b>Operating points</b>: at 90% and 95% target specificity; "
+        f"{_esc(THRESHOLD_ON_VALIDATION)} when the predictions "
         f"carry threshold_spec90 / threshold_spec95, else {_esc(THRESHOLD_ON_TEST)}.</li>",
-        "<li><b>Calibration</b>: 10 equal-width bins; the probability column when present, else the logistic of the score "
-        "(uncalibrated).</li>",
+        "<li><b>Calibration</b>: 10 equal-width bins; the probability column when present, "
+        "else the logistic of the score (uncalibrated).</li>",
         "</ul>",
     ]
 
@@ -952,8 +958,10 @@ def _methods(evaluation: Evaluation, level: int) -> list[str]:
 def _provenance(evaluation: Evaluation) -> list[str]:
     lines = [
         _heading("provenance"),
-        "<p>The config and model identity behind each predictions folder (its run.json), and the evaluation's settings.</p>",
-        f"<details><summary>evaluation settings</summary><pre>{_esc(json.dumps(evaluation.settings, indent=2, sort_keys=True))}</pre></details>",
+        "<p>The config and model identity behind each predictions folder (its run.json), "
+        "and the evaluation's settings.</p>",
+        "<details><summary>evaluation settings</summary>"
+        f"<pre>{_esc(json.dumps(evaluation.settings, indent=2, sort_keys=True))}</pre></details>",
     ]
     for run in evaluation.runs:
         record = run["run"]
@@ -1005,10 +1013,12 @@ def render_html(evaluation: Evaluation, figures: dict[str, bytes], examples: lis
     toc = "".join(f"<li><a href='#{key}'>{_esc(SECTIONS[key])}</a></li>" for key in shown)
     return "\n".join(
         [
-            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fmct report</title><style>{CSS}</style></head><body>",
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fmct report</title>"
+            f"<style>{CSS}</style></head><body>",
             "<h1>fmct report</h1>",
             *_synthetic_notice(evaluation),
-            f"<p class='muted'>{len(evaluation.runs)} predictions folder(s); {level}% CIs from a patient-level bootstrap. "
+            f"<p class='muted'>{len(evaluation.runs)} predictions folder(s); "
+            f"{level}% CIs from a patient-level bootstrap. "
             "ID: in-distribution test split; OOD: test scans of held-out sites.</p>",
             f"<nav class='toc'><b>Contents</b><ol>{toc}</ol></nav>",
             *sections,

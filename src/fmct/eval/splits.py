@@ -67,7 +67,8 @@ def assign_splits(
             continue
         if placed.setdefault(patient, name) != name:
             raise InputError(
-                f"patient {patient!r} has scans in both {placed[patient]} and {name} (split column); a patient must stay in one"
+                f"patient {patient!r} has scans in both {placed[patient]} and {name} (split column); "
+                "a patient must stay in one"
             )
     free = split == ""
     # Scans without a split follow their patient's other scans.

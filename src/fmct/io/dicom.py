@@ -297,7 +297,8 @@ def _series_info(series_uid: str, members: list[tuple[Path, Dataset]], parsed: d
         set_aside = [
             (
                 copies[0][0],
-                f"localizer image ({'/'.join(sorted(_NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(copies[0][1]))))})",
+                "localizer image ("
+                f"{'/'.join(sorted(_NOT_A_SCAN_IMAGE_TYPES.intersection(_image_type(copies[0][1]))))})",
             )
             for copies in localizers
         ]
@@ -519,7 +520,8 @@ def _describe(info: SeriesInfo) -> str:
 
 # ------------------------------------------------------------------------------------------- reading
 def read_series(info_or_path: SeriesInfo | str | Path, config: SelectionConfig | None = None) -> Volume:
-    """Read one series into a ``Volume``: HU (I, J, K; int16 when the rescale is exact, else float32) and its RAS voxel -> world (mm) affine.
+    """Read one series into a ``Volume``: HU (I, J, K; int16 when the rescale is exact, else float32) and its
+    RAS voxel -> world (mm) affine.
 
     ``info_or_path`` is a ``SeriesInfo`` from ``discover``, a folder holding exactly one series, or one
     DICOM file (a multi-frame file, or a single slice, which is an error). ``config`` supplies the modality

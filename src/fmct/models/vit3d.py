@@ -392,7 +392,8 @@ class ViT3D(nn.Module):
 
     # ------------------------------------------------------------------- optimiser parameter groups
     def layer_id(self, name: str) -> int:
-        """Depth of parameter ``name`` for layer-wise LR decay: 0 embeddings and tokens, i + 1 block i, depth + 1 final norm."""
+        """Depth of parameter ``name`` for layer-wise LR decay: 0 embeddings and tokens, i + 1 block i,
+        depth + 1 final norm."""
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         if name.startswith("norm."):
@@ -404,8 +405,8 @@ class ViT3D(nn.Module):
     ) -> list[dict]:
         """AdamW parameter groups with layer-wise LR decay and no weight decay where it does harm.
 
-        Each group holds ``params`` (and their ``names``), ``lr_scale`` = ``layer_decay ** (depth + 1 - layer_id)`` (1 for the
-        final norm, smallest for the patch embedding, whose scale is further multiplied by
+        Each group holds ``params`` (and their ``names``), ``lr_scale`` = ``layer_decay ** (depth + 1 - layer_id)``
+        (1 for the final norm, smallest for the patch embedding, whose scale is further multiplied by
         ``patch_embed_lr_mult``: DINOv2 trains it 5x slower), ``wd_scale`` (0 for norms, biases, LayerScale
         gains, position embedding, CLS/register/mask tokens; 1 otherwise) and ``weight_decay`` =
         ``weight_decay * wd_scale``. A trainer sets ``lr = base_lr * lr_scale`` and
@@ -421,7 +422,8 @@ class ViT3D(nn.Module):
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: weight matrices and conv kernels only, not norms, biases, gains, embeddings or tokens."""
+    """Whether weight decay applies: weight matrices and conv kernels only, not norms, biases, gains,
+    embeddings or tokens."""
     no_decay_names = ("pos_embed", "cls_token", "register_tokens", "mask_token")
     return param.ndim >= 2 and not any(part in name for part in no_decay_names)
 

@@ -5,8 +5,9 @@ A method (:data:`METHODS`, chosen by ``config.method``) has one interface: ``bui
 student (the teacher, when ``has_teacher``, is its EMA copy); ``loss(student, teacher, global_crops,
 local_crops, generator, values, global_rows, n_crops)`` draws its masks from ``generator`` for the
 global batch's ``n_crops`` global crops, keeps this rank's ``global_rows`` of them, and returns the
-step's loss terms (``loss`` the weighted sum) and statistics as 0-d tensors; ``after_clipping(student, values)`` edits the
-clipped gradients before the optimizer step; ``centers`` is its centring state, saved in checkpoints.
+step's loss terms (``loss`` the weighted sum) and statistics as 0-d tensors; ``after_clipping(student,
+values)`` edits the clipped gradients before the optimizer step; ``centers`` is its centring state, saved
+in checkpoints.
 """
 
 from __future__ import annotations

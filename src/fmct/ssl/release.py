@@ -37,7 +37,8 @@ def online_curve_table(records: list[dict]) -> str:
     for r in rows:
         cells = [str(r["step"]), f"{r['online_rankme']:.1f}"]
         cells += [
-            f"{r.get(f'online_knn_auroc_{f}', float('nan')):.3f} / {r.get(f'online_linear_auroc_{f}', float('nan')):.3f}"
+            f"{r.get(f'online_knn_auroc_{f}', float('nan')):.3f} / "
+            f"{r.get(f'online_linear_auroc_{f}', float('nan')):.3f}"
             for f in findings
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -93,16 +94,19 @@ def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, 
         if "teacher_cosine" in last
         else ""
     )
-    model_text = f"""- ViT3D: {embedding}; {model["depth"]} blocks, width {model["embed_dim"]}, {model["n_heads"]} heads, patch {model["patch_size"]} voxels,
+    model_text = f"""- ViT3D: {embedding}; {model["depth"]} blocks, width {model["embed_dim"]}, \
+{model["n_heads"]} heads, patch {model["patch_size"]} voxels,
   input {model["img_size"]} voxels of {len(config["augment"]["windows"])} HU windows
   {config["augment"]["windows"]} (level, width), {model["n_registers"]} register token(s); {parameters:,} parameters.
 - Expects the canonical grid of fmct's demo stores: 64^3 voxels of 3 mm (RAS), the whole volume
   resized to the input size (`fmct embed` and `fmct finetune` do so; `ViT3DModel.preprocess` in Python).
 - Features: the CLS token and the mean and max of the patch tokens (`fmct embed` writes all three;
   `fmct probe` chooses CLS, CLS + mean or CLS + mean + max on the validation split)."""
-    recipe = f"""- Config: `{RECIPE_FILE}` (the resolved config of the run; the source is `fmct/configs/pretrain_synth_tiny.yaml`).
+    recipe = f"""- Config: `{RECIPE_FILE}` (the resolved config of the run; the source is \
+`fmct/configs/pretrain_synth_tiny.yaml`).
 - Reproduce: `{command}`
-- {steps:,} steps x {global_batch} volumes = {steps * global_batch:,} volume passes; {seconds / 60:.0f} min of training on {machine}.
+- {steps:,} steps x {global_batch} volumes = {steps * global_batch:,} volume passes; \
+{seconds / 60:.0f} min of training on {machine}.
 - Last logged losses: total {last["loss"]:.3f} ({losses}){collapse}."""
     online = f"""The backbone's features (the teacher's, for DINO) of a separate labelled synthetic validation cohort
 (never its test split): k-NN on the CLS token, and `fmct probe`'s linear probe with its feature choice,

@@ -320,7 +320,7 @@ def _reader_calls(record: dict, subject: Subject, rng: np.random.Generator) -> d
         "SAH": labels["sah"],
         "BleedLocation-Left": int(labels["ich"] and bool(bleeding_sides & {-1, 0})),
         "BleedLocation-Right": int(labels["ich"] and bool(bleeding_sides & {1, 0})),
-        "ChronicBleed": int(labels["sdh"] and any(l["subtype"] == "chronic" for l in lesions)),
+        "ChronicBleed": int(labels["sdh"] and any(lesion["subtype"] == "chronic" for lesion in lesions)),
         "Fracture": labels["fracture"],
         "CalvarialFracture": labels["fracture"],
         "OtherFracture": 0,

@@ -359,7 +359,7 @@ class Subject:
         hi = np.minimum(np.ceil(index.max(axis=1)).astype(int) + 1, grid.shape)
         if np.any(hi <= lo):
             return None
-        return tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+        return tuple(slice(int(low), int(high)) for low, high in zip(lo, hi))
 
     def _back_of_head(self, grid: ScannerGrid, hu_grid: np.ndarray) -> tuple[float, tuple[float, float]]:
         """World y (mm) of the most posterior skin, and the z range (mm) of the head, for the headrest."""
@@ -414,8 +414,13 @@ class Subject:
             "findings": list(self.findings),
             "midline_shift_mm": round(self.predicted_midline_shift_mm(acquisition), 2),
             "lesions": [
-                {"finding": l.finding, "volume_ml": round(l.volume_ml, 2), "side": l.side, "subtype": l.subtype}
-                for l in self.lesions
+                {
+                    "finding": lesion.finding,
+                    "volume_ml": round(lesion.volume_ml, 2),
+                    "side": lesion.side,
+                    "subtype": lesion.subtype,
+                }
+                for lesion in self.lesions
             ],
         }
 
