@@ -75,7 +75,7 @@ def test_perfectly_separable_gives_auc_one_with_ci_one_one():
     replicates = M.detection_metrics(labels, scores, weights)
     assert float(M.auroc(labels, scores)) == 1.0
     assert M.percentile_interval(replicates["auroc"]) == (1.0, 1.0)
-    assert M.percentile_interval(replicates["sens_at_spec95"]) == (1.0, 1.0)
+    assert M.percentile_interval(replicates["sensitivity_spec95"]) == (1.0, 1.0)
     assert M.percentile_interval(replicates["auprc"]) == pytest.approx((1.0, 1.0), abs=1e-12)
 
 

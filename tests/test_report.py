@@ -486,11 +486,11 @@ def test_operating_points_on_the_test_set_or_at_thresholds_chosen_on_validation(
     (metric,) = evaluation.metrics
     at90 = next(o for o in evaluation.operating_points if o["target_specificity"] == 0.90)
     assert at90["threshold_source"] == "threshold set on the test set (optimistic)"
-    # Chosen on the test set in every replicate, the sensitivity is the metrics table's sens_at_spec90, CI included.
+    # Chosen on the test set in every replicate, the sensitivity is the metrics table's sensitivity_spec90, CI included.
     assert (at90["sensitivity"], at90["sensitivity_lo"], at90["sensitivity_hi"]) == (
-        metric["sens_at_spec90"],
-        metric["sens_at_spec90_lo"],
-        metric["sens_at_spec90_hi"],
+        metric["sensitivity_spec90"],
+        metric["sensitivity_spec90_lo"],
+        metric["sensitivity_spec90_hi"],
     )
     assert 0.9 <= at90["specificity"] < 0.95 and at90["ppv_lo"] < at90["ppv"] < at90["ppv_hi"]
     # Uncalibrated scores: the calibration takes their logistic, and says so.

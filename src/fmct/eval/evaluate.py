@@ -68,7 +68,7 @@ Operating points and calibration
 At 90% and 95% target specificity: sensitivity, specificity, PPV and NPV (at the test set's prevalence)
 with bootstrap CIs, per seed then averaged. With the threshold columns the thresholds stay fixed; without
 them each replicate chooses its threshold again on the resampled test scans (so the sensitivity is the
-``sens_at_spec90`` of the metrics). Calibration: the expected calibration error over 10 equal-width bins
+``sensitivity_spec90`` of the metrics). Calibration: the expected calibration error over 10 equal-width bins
 (``ece``, with CI) and the reliability diagram's bins, pooled over seeds.
 """
 
@@ -121,7 +121,7 @@ P_VALUE_METHOD = (
     "across the primary comparisons (pretrained vs each floor and vs its scratch twin); the comparisons with the "
     "supervised ceiling are descriptive and not adjusted"
 )
-METRIC_NAMES = ("auroc", "auprc", "sens_at_spec90", "sens_at_spec95")
+METRIC_NAMES = ("auroc", "auprc", "sensitivity_spec90", "sensitivity_spec95")
 # The floors every pretrained arm must beat (arm -> what it is), each probed like the pretrained backbone.
 FLOORS = {
     "random-init": "the same architecture, randomly initialised and frozen",

@@ -139,8 +139,8 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, weights: np.ndarra
     return {
         "auroc": _auroc(tp, fp),
         "auprc": _average_precision(tp, fp),
-        "sens_at_spec90": _sensitivity_at_specificity(tp, fp, 0.90),
-        "sens_at_spec95": _sensitivity_at_specificity(tp, fp, 0.95),
+        "sensitivity_spec90": _sensitivity_at_specificity(tp, fp, 0.90),
+        "sensitivity_spec95": _sensitivity_at_specificity(tp, fp, 0.95),
     }
 
 

@@ -689,8 +689,8 @@ def _metrics(evaluation: Evaluation, level: int) -> list[str]:
             cells += [
                 _with_ci(r, "auroc"),
                 _with_ci(r, "auprc"),
-                _with_ci(r, "sens_at_spec90"),
-                _with_ci(r, "sens_at_spec95"),
+                _with_ci(r, "sensitivity_spec90"),
+                _with_ci(r, "sensitivity_spec95"),
                 _with_ci(r, "ece"),
                 number(r["auroc_seed_sd"]),
             ]
