@@ -625,9 +625,11 @@ class _Cell:
         for key in sorted(self.scores, key=_key_order):
             present = self.present[key]
             note = self._not_estimable(present.max(axis=0) > 0)
+            probabilities, source = self._probabilities(key)
             for target, column in OPERATING_POINTS.items():
                 thresholds = self.thresholds[key][target]
-                validated = bool(np.isfinite(thresholds).all())
+                # A validation threshold is on the probability: it needs the probability column.
+                validated = bool(np.isfinite(thresholds).all()) and source == PROBABILITY_COLUMN
                 row = {
                     **self._described(key),
                     "target_specificity": target,
@@ -642,7 +644,7 @@ class _Cell:
                 for s, (scores, mask) in enumerate(zip(self.scores[key], present)):
                     weights = self.weights * mask
                     if validated:  # validation thresholds are on the probability
-                        rates = M.operating_point(self.labels, self.probabilities[key][s], thresholds[s], weights)
+                        rates = M.operating_point(self.labels, probabilities[s], thresholds[s], weights)
                         rates["threshold"] = np.full(len(weights), thresholds[s])
                     else:
                         rates = M.operating_point_at_specificity(self.labels, scores, target, weights)
