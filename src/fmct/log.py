@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 logger = logging.getLogger("fmct")
 logger.setLevel(logging.INFO)
+# No tqdm monitor thread: a reader process forked while that thread held a lock would inherit it locked.
+tqdm.monitor_interval = 0
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
 
 

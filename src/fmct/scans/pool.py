@@ -29,18 +29,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator
 
-from tqdm import tqdm
-
 from fmct.devices import setup_volume_worker
+from fmct.log import progress_bar
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-class _Bar(tqdm):
-    """A progress bar without tqdm's monitor thread: a worker forked while a thread runs could inherit a
-    lock that thread held."""
-
-    monitor_interval = 0
 
 
 @dataclass
@@ -97,7 +89,7 @@ class WorkerPool:
         result. The workers start before the progress bar (``desc`` names it)."""
         pending = deque(jobs)
         self.start(len(jobs))
-        with _Bar(total=len(jobs), unit="scan", desc=desc, disable=not progress or not jobs, dynamic_ncols=True) as bar:
+        with progress_bar(total=len(jobs), unit="scan", desc=desc, enabled=progress and bool(jobs)) as bar:
             for worker in self._pool:
                 self._give(worker, pending)
             while any(worker.job is not None for worker in self._pool):
