@@ -26,6 +26,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from fmct.atomic import atomic_write_text
+from fmct.datasets.rsna import SUBTYPES
 from fmct.errors import UsageError
 from fmct.io.dicom_write import write_series
 from fmct.io.nifti import write_nifti
@@ -47,14 +48,7 @@ def made_by_synth(labels_path: str | os.PathLike) -> bool:
 FORMATS = ("dicom", "nifti")
 LAYOUTS = ("plain", "cq500", "rsna")
 HU_RANGE = (-1024.0, 3071.0)  # what a 12-bit CT stores
-RSNA_TYPES = {
-    "epidural": "edh",
-    "intraparenchymal": "iph",
-    "intraventricular": "ivh",
-    "subarachnoid": "sah",
-    "subdural": "sdh",
-    "any": "ich",
-}
+RSNA_TYPES = SUBTYPES  # the RSNA layout's subtype columns, as its reader maps them
 CQ500_SERIES = {"routine": "CT PLAIN", "bone": "CT BONE", "thin": "CT PLAIN THIN"}
 CQ500_READS = (
     "ICH",
