@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from fmct import hub
+from fmct.config import load_config
 from fmct.errors import CheckpointError
 from fmct.models import ViT3DConfig, build_vit3d
+from fmct.ssl.config import PretrainConfig
 
 torch.set_num_threads(1)
 
@@ -89,8 +91,10 @@ def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log()
     folder = hub.resolve_model_dir("fmct-synth-tiny")
     assert folder == hub.SHIPPED_DIR / "fmct-synth-tiny"
     model = hub.load(folder)
-    # The CPU-scale backbone: the whole 64^3 volume, a convolutional stem making 512 tokens of 8^3.
-    assert tuple(model.config.img_size) == (64, 64, 64) and tuple(model.config.stem_channels) == (8, 16, 32)
+    # Made by the committed recipe: the architecture of pretrain_synth_tiny, the whole 64^3 volume through a
+    # convolutional stem.
+    recipe = load_config(PretrainConfig, "pretrain_synth_tiny").model
+    assert model.config == recipe and tuple(model.config.img_size) == (64, 64, 64) and model.config.stem_channels
     size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     assert size_mb <= 25
     card = (folder / "README.md").read_text()
