@@ -90,3 +90,24 @@ def test_top_level_help_lists_the_exit_codes(capsys):
     text = _help_output(["--help"], capsys)
     for code, meaning in [(0, "done"), (1, "failure"), (2, "usage or config error"), (130, "interrupted")]:
         assert re.search(rf"^ +{code} +{meaning}", text, re.M), f"exit status {code} not in fmct --help"
+
+
+def test_quiet_keeps_warnings_and_errors_and_hides_progress_verbose_adds_debug(tmp_path, capsys):
+    import logging
+
+    from fmct.log import logger, progress_bar
+
+    # An error through the one logger: one line on stderr, whatever the loudness.
+    assert main(["--quiet", "predict", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("fmct predict: ")
+    assert progress_bar(range(3)).disable and not logger.isEnabledFor(logging.INFO)
+    logger.warning("a warning")
+    logger.info("an info line")
+    err = capsys.readouterr().err
+    assert "a warning" in err and "an info line" not in err
+
+    main(["--verbose", "predict", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "x"])
+    logger.debug("a debug line")
+    assert "a debug line" in capsys.readouterr().err and not progress_bar(range(3)).disable
+    main(["predict", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "x"])  # back to the default
+    assert logger.isEnabledFor(logging.INFO) and not logger.isEnabledFor(logging.DEBUG)
