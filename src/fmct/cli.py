@@ -160,6 +160,17 @@ def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--findings", help=f"comma-separated findings to {verb} (default: all)")
 
 
+# The comma-separated list flags of probe and finetune (``--label-fractions 0.1,1``), as config lists.
+BUDGET_LISTS = ("label_fractions", "shots", "ood_sites", "findings")
+
+
+def _flag_overrides(args: argparse.Namespace, lists: tuple[str, ...], scalars: tuple[str, ...]) -> list[str]:
+    """The ``key=value`` overrides of the flags given (``None``: not given, the config decides): each of
+    ``lists`` as ``key=[a,b]``, each of ``scalars`` as ``key=value``."""
+    overrides = [f"{key}=[{getattr(args, key)}]" for key in lists if getattr(args, key) is not None]
+    return overrides + [f"{key}={getattr(args, key)}" for key in scalars if getattr(args, key) is not None]
+
+
 def _parse_rename(text: str | None) -> dict[str, str]:
     """``--rename Old=new,Other=other`` as a dict of column names (empty when not given)."""
     rename = {}
@@ -324,21 +335,7 @@ def _probe_run(args) -> int:
     from fmct.config import load_config
     from fmct.eval.probe import ProbeConfig, run_probe
 
-    flags = {
-        "label_fractions": args.label_fractions,
-        "shots": args.shots,
-        "ood_sites": args.ood_sites,
-        "findings": args.findings,
-    }
-    overrides = [f"{key}=[{value}]" for key, value in flags.items() if value is not None]
-    scalars = {
-        "seeds": args.seeds,
-        "features": args.features,
-        "method": args.method,
-        "model": args.model,
-        "arm": args.arm,
-    }
-    overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
+    overrides = _flag_overrides(args, BUDGET_LISTS, ("seeds", "features", "method", "model", "arm"))
     config = load_config(ProbeConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
     summary = run_probe(
@@ -650,25 +647,8 @@ def _finetune_run(args) -> int:
     from fmct.config import load_config
     from fmct.eval.finetune import FinetuneConfig, run_finetune
 
-    lists = {
-        "label_fractions": args.label_fractions,
-        "shots": args.shots,
-        "ood_sites": args.ood_sites,
-        "findings": args.findings,
-    }
-    overrides = [f"{key}=[{value}]" for key, value in lists.items() if value is not None]
-    scalars = {
-        "head": args.head,
-        "trainable_blocks": args.trainable_blocks,
-        "seeds": args.seeds,
-        "batch_size": args.batch_size,
-        "max_steps": args.max_steps,
-        "lr": args.lr,
-        "workers": args.workers,
-        "name": args.name,
-        "arm": args.arm,
-    }
-    overrides += [f"{key}={value}" for key, value in scalars.items() if value is not None]
+    scalars = ("head", "trainable_blocks", "seeds", "batch_size", "max_steps", "lr", "workers", "name", "arm")
+    overrides = _flag_overrides(args, BUDGET_LISTS, scalars)
     config = load_config(FinetuneConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
     summary = run_finetune(
