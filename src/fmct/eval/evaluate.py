@@ -497,17 +497,24 @@ class _Cell:
             return np.where(present, given, 0.0), PROBABILITY_COLUMN
         return np.where(present, expit(self.scores[key]), 0.0), UNCALIBRATED
 
-    def _described(self, key: tuple) -> dict:
+    def _identity(self, key: tuple) -> dict:
+        """The columns that name a row's system, finding, label budget and site group."""
         (model, arm), (fraction, shots) = key
-        scored = self.present[key].max(axis=0) > 0
         return {
             "model": model,
             "arm": arm,
             "finding": self.finding,
             "label_fraction": fraction,
             "shots": shots,
-            "budget": budget_name(fraction, shots),
             "group": self.group,
+        }
+
+    def _described(self, key: tuple) -> dict:
+        _, (fraction, shots) = key
+        scored = self.present[key].max(axis=0) > 0
+        return {
+            **self._identity(key),
+            "budget": budget_name(fraction, shots),
             "sites": ";".join(self.sites),
             "n_scans": int(scored.sum()),
             "n_patients": len(set(self.patients[scored])),
@@ -667,16 +674,10 @@ class _Cell:
             probabilities, source = self._probabilities(key)
             binned = [M.calibration_bins(self.labels, p, m) for p, m in zip(probabilities, present)]
             counts, probability_sums, label_sums = (np.sum([b[i] for b in binned], axis=0) for i in range(3))
-            (model, arm), (fraction, shots) = key
             for b in np.flatnonzero(counts > 0):
                 rows.append(
                     {
-                        "model": model,
-                        "arm": arm,
-                        "finding": self.finding,
-                        "label_fraction": fraction,
-                        "shots": shots,
-                        "group": self.group,
+                        **self._identity(key),
                         "probability_source": source,
                         "bin_low": b / M.CALIBRATION_BINS,
                         "bin_high": (b + 1) / M.CALIBRATION_BINS,
@@ -691,7 +692,6 @@ class _Cell:
         """ROC curves averaged vertically over seeds (mean sensitivity at each false-positive rate)."""
         rows = []
         for key in sorted(self.scores, key=_key_order):
-            (model, arm), (fraction, shots) = key
             if self._not_estimable(self.present[key].max(axis=0) > 0):
                 continue
             curves = []
@@ -707,12 +707,7 @@ class _Cell:
                 for fpr_value, tpr_value in zip(ROC_GRID, mean_tpr):
                     rows.append(
                         {
-                            "model": model,
-                            "arm": arm,
-                            "finding": self.finding,
-                            "label_fraction": fraction,
-                            "shots": shots,
-                            "group": self.group,
+                            **self._identity(key),
                             "fpr": float(fpr_value),
                             "tpr": float(tpr_value),
                         }
