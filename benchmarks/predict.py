@@ -69,7 +69,8 @@ def write_phantoms(folder: Path, n: int, matrix: int, slices: int) -> list[Path]
 
 
 def write_detector(folder: Path) -> Path:
-    """A finetune-kind detector folder of a random ViT-tiny with a linear head (thresholds at 0, Platt 1, 0)."""
+    """A finetune-kind detector folder of a random ViT-tiny with a linear head (thresholds at probability 0.5,
+    Platt 1, 0; not validated, so predict warns)."""
     torch.manual_seed(0)
     backbone = hub.random_init(
         ViT3DConfig(
@@ -86,10 +87,10 @@ def write_detector(folder: Path) -> Path:
     )
     classifier = Classifier(backbone, len(FINDINGS)).eval()
     hub.save(backbone, folder / detectors.BACKBONE_DIR, extra={"windows": [list(w) for w in DEFAULT_WINDOWS]})
-    point = {
+    point = {  # thresholds on the probability (fmct.eval.calibration)
         "specificity_target": 0.9,
-        "threshold": 0.0,
-        "probability": 0.5,
+        "threshold": 0.5,
+        "score_threshold": 0.0,
         "val_sensitivity": 0.5,
         "val_specificity": 0.9,
     }
@@ -97,7 +98,13 @@ def write_detector(folder: Path) -> Path:
         f: {
             "calibration": {"method": "platt", "a": 1.0, "b": 0.0},
             "operating_points": {"spec90": point, "spec95": point},
-            "validation": {"n_pos": 1, "n_neg": 1, "auroc": 0.5},
+            "validation": {
+                "n_pos": 1,
+                "n_neg": 1,
+                "auroc": 0.5,
+                "validated": False,
+                "reason": "a benchmark's random head",
+            },
         }
         for f in FINDINGS
     }
