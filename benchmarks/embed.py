@@ -35,7 +35,8 @@ import torch
 
 from fmct import hub
 from fmct.codec import DEFAULT_CODEC
-from fmct.eval.embed import EmbedConfig, autocast, embed_store
+from fmct.devices import autocast
+from fmct.eval.embed import EmbedConfig, embed_store
 from fmct.models import ViT3DConfig, build_vit3d
 from fmct.store import rebuild_tables, scan_file, write_scan
 

@@ -26,7 +26,8 @@ import yaml
 from fmct.cli import main as fmct
 from fmct.eval.evaluate import FLOORS, arm_effects, ceiling_effects, pretraining_effects, read_evaluation
 from fmct.hub import training_log
-from fmct.ssl.release import RECIPE_FILE, read_log, wall_seconds
+from fmct.ssl.release import RECIPE_FILE, wall_seconds
+from fmct.tables import read_jsonl
 
 SETTINGS = [
     "n_scans=660",
@@ -45,7 +46,7 @@ FOUNDATION = "fmct-synth-tiny"  # the demo's default pretrained arm
 def pretraining_budget(model: str) -> dict:
     """Steps, volume passes and training minutes of ``model``'s pretraining, from its log.jsonl and recipe."""
     log = training_log(model)
-    records = read_log(log.parent)
+    records = read_jsonl(log)
     batch = yaml.safe_load((log.parent / RECIPE_FILE).read_text())["optim"]["batch_size"]
     steps = max(r["step"] for r in records)
     return {
