@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,4 +112,6 @@ def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log()
     recipe_values = [
         line.split(":", 1)[1].strip() for line in (folder / "recipe.yaml").read_text().splitlines() if ":" in line
     ]
-    assert not Path(extra["store"]).is_absolute() and not any(value.startswith("/") for value in recipe_values)
+    # The store by its bare name and manifest fingerprint (fmct.store.store_identity), never its path.
+    assert extra["store"]["name"] == "store" and len(extra["store"]["manifest_sha256"]) == 64
+    assert not any(value.startswith("/") for value in recipe_values)

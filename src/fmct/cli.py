@@ -518,7 +518,7 @@ def _release_parser(sub) -> None:
         "its model card (method, data, budget, online evaluation). Absolute paths become bare names: the folder "
         "can leave the machine.",
     )
-    parser.add_argument("run", help="finished pretraining run folder")
+    parser.add_argument("run_dir", metavar="RUN", help="finished pretraining run folder")
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--name", required=True, help="the model's name in its card")
     parser.add_argument("--data", required=True, help="what it was pretrained on (Markdown)")
@@ -531,7 +531,7 @@ def _release_parser(sub) -> None:
 def _release_run(args) -> int:
     from fmct.ssl.release import package
 
-    print(package(Path(args.run), Path(args.out), args.name, args.data, args.command, args.machine, args.results))
+    print(package(Path(args.run_dir), Path(args.out), args.name, args.data, args.command, args.machine, args.results))
     return 0
 
 
