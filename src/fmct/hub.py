@@ -363,11 +363,12 @@ class ModelSource:
         return random_init(self.config, seed, device) if self.model_dir is None else load(self.model_dir, device)
 
     def identity(self) -> dict:
-        """What decides the backbone's weights and input, as run records keep it."""
+        """What decides the backbone's weights and input, as run records keep it: folders by their bare names
+        (a record may be shared; the sha256 and architecture are what identify the weights)."""
         return {
             "name": self.name,
-            "model_path": str(self.model_dir.resolve()) if self.model_dir else "",
-            "like": str(self.like_dir.resolve()) if self.like_dir else "",
+            "model_path": self.model_dir.resolve().name if self.model_dir else "",
+            "like": self.like_dir.resolve().name if self.like_dir else "",
             "checkpoint_sha256": self.sha256,
             "model_config": dataclasses.asdict(self.config),
             "windows_hu": [list(w) for w in self.windows],
