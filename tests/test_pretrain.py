@@ -709,4 +709,4 @@ def test_a_run_stopped_at_a_step_resumes_to_the_weights_of_one_that_never_stoppe
     # No folder of this machine leaves in the shipped files, only bare names.
     for file in ("config.json", "recipe.yaml"):
         assert str(tmp_path) not in (folder / file).read_text(), file
-    assert json.loads((folder / "config.json").read_text())["store"] == store.name
+    assert json.loads((folder / "config.json").read_text())["store"]["name"] == store.name
