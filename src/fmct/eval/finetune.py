@@ -216,6 +216,7 @@ def _train_one(
     row_batches = balanced_batches(subsets, config.batch_size, config.max_steps, np.random.default_rng([seed, 7]))
     best = {"val_auroc": float("nan"), "step": 0, "state": None}
     checks_without_gain, losses, step, ended_by = 0, [], 0, "max_steps"
+    checked: dict[str, str] = {}  # what the progress bar shows: the step's loss, the last check's AUROCs
     reader = scans.batches(row_batches)
     # Early stopping usually ends a fit long before max_steps: the bar's total is the cap, its postfix the state.
     progress = progress_bar(total=config.max_steps, desc="  steps", unit="step", leave=False)
@@ -243,6 +244,10 @@ def _train_one(
             torch.nn.utils.clip_grad_norm_([p for p in classifier.parameters() if p.requires_grad], config.grad_clip)
             optimizer.step()
             losses.append(loss.detach())
+            # Every step: its loss beside the last check's validation AUROC (one host sync per step; the
+            # step itself is far longer).
+            checked["loss"] = f"{float(losses[-1]):.3f}"
+            progress.set_postfix(checked, refresh=False)
             progress.update()
             if step % config.eval_every == 0 or step == config.max_steps:
                 logits_val, failed = scans.predict(classifier, val_rows)
@@ -257,11 +262,8 @@ def _train_one(
                     checks_without_gain = 0
                 else:
                     checks_without_gain += 1
-                progress.set_postfix(
-                    loss=f"{float(torch.stack(losses[-config.eval_every :]).mean()):.3f}",
-                    val_auroc=f"{value:.3f}",
-                    best=f"{best['val_auroc']:.3f}@{best['step']}",
-                )
+                checked.update(val_auroc=f"{value:.3f}", best=f"{best['val_auroc']:.3f}@{best['step']}")
+                progress.set_postfix(checked)
                 if checks_without_gain >= config.patience:
                     ended_by = "early_stopping"
                     break
