@@ -350,7 +350,7 @@ def write_detector(folder: str | os.PathLike, config: dict, head: dict[str, torc
 def backbone_reference(source: hub.ModelSource) -> dict:
     """How a detector names a backbone it does not carry: the model folder's path, its shipped name
     (when it is one) and the sha256 of its weights."""
-    shipped = source.model_dir.resolve().parent == hub.SHIPPED_DIR.resolve()
+    shipped = hub.is_shipped(source.model_dir)
     return {
         "path": str(source.model_dir.resolve()),
         "name": source.model_dir.name if shipped else source.name,

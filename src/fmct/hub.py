@@ -56,6 +56,11 @@ _ARCHITECTURE_FIELDS = tuple(field.name for field in dataclasses.fields(ViT3DCon
 SHIPPED_DIR = Path(__file__).parent / "weights"
 
 
+def is_shipped(model_dir: str | os.PathLike) -> bool:
+    """True for a model folder shipped inside the package (named by its name, never by a path)."""
+    return Path(model_dir).resolve().parent == SHIPPED_DIR.resolve()
+
+
 def shipped_models() -> list[str]:
     """Names of the checkpoints shipped inside the package."""
     return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / CONFIG_FILE).is_file()) if SHIPPED_DIR.is_dir() else []

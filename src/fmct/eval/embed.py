@@ -178,7 +178,7 @@ def _recorded_model(path: str, out: Path) -> str:
     ``out`` (:func:`fmct.paths.relative_to`), none as ""."""
     if not path:
         return ""
-    if Path(path).parent == hub.SHIPPED_DIR.resolve():
+    if hub.is_shipped(path):
         return Path(path).name
     return relative_to(path, out)
 
