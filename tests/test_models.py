@@ -239,11 +239,12 @@ def test_conv_stem_makes_one_token_per_patch_and_needs_a_patch_of_two_to_the_sta
         ViT3DConfig(size="tiny", patch_size=12, img_size=(48, 48, 48), stem_channels=(4, 8, 8))
 
 
+@pytest.mark.parametrize("full_resolution", [False, True])
 @pytest.mark.parametrize("hide", ["masks", "keep_idx"])
-def test_conv_stem_tokens_never_see_into_hidden_patches(hide):
+def test_conv_stem_tokens_never_see_into_hidden_patches(hide, full_resolution):
     """The stem's 3x3x3 kernels cross patch borders: hidden patches are zeroed in the input, so changing
     their voxels must change no visible token (exactly: the changed voxels are multiplied by 0)."""
-    model = conv_stem()
+    model = conv_stem(stem_full_resolution=full_resolution)
     x = torch.rand(2, 3, 32, 32, 32)
     hidden = torch.zeros(2, 64, dtype=torch.bool)
     hidden[:, [0, 21, 42]] = True  # patches (0,0,0), (1,1,1), (2,2,2) of the 4^3 grid
@@ -260,3 +261,17 @@ def test_conv_stem_tokens_never_see_into_hidden_patches(hide):
     assert torch.equal(before, after)
     # Without the hiding, the same change reaches the tokens next to the changed patches.
     assert not torch.equal(*unmasked)
+
+
+def test_a_full_resolution_stem_convolves_at_the_input_grid_and_depth_0_is_the_stem_alone():
+    """stem_full_resolution: the first stage is two 3x3x3 convolutions at the input's grid (no 2x2x2
+    patchify); depth 0: no block, the patch tokens are the normalised stem tokens (plus position)."""
+    model = conv_stem(stem_full_resolution=True, depth=0)
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv3d)]
+    assert [tuple(c.kernel_size) for c in convs] == [(3, 3, 3)] * 6 and len(model.blocks) == 0
+    x = torch.rand(2, 3, 32, 32, 32)
+    with torch.no_grad():
+        tokens = model.patch_embed(x) + model.pos_embed
+        expected = torch.nn.functional.layer_norm(tokens, (48,), model.norm.weight, model.norm.bias, model.norm.eps)
+        patch = model.forward_features(x)["patch"]
+    assert patch.shape == (2, 64, 48) and torch.allclose(patch, expected, atol=1e-5)

@@ -80,10 +80,11 @@ class FinetuneConfig(CohortConfig):
     warmup_steps: int = 50
     grad_clip: float = 3.0  # max global gradient norm
     workers: int = 4  # reader threads
-    # Training views: one crop per scan of this share of the volume, resized to the model's input, with
-    # pretraining's left-right flip, a rotation up to rotation_deg and, on intensity_prob of the crops,
-    # window jitter, noise and gamma (AugmentConfig's).
+    # Training views: one crop per scan of this share of the volume, resized to the model's input, with a
+    # flip per axis (x left-right, y, z) at flip_prob, a rotation up to rotation_deg and, on
+    # intensity_prob of the crops, window jitter, noise and gamma (AugmentConfig's).
     crop_scale: tuple[float, float] = (0.6, 1.0)
+    flip_prob: tuple[float, float, float] = (0.5, 0.0, 0.0)
     rotation_deg: float = 10.0
     intensity_prob: float = 0.8
     # The architecture of `--model scratch` without `--like`.
@@ -204,6 +205,7 @@ def _train_one(
             n_local=0,
             global_size=size[0],
             global_scale=config.crop_scale,
+            flip_prob=config.flip_prob,
             rotation_deg=config.rotation_deg,
             intensity_prob=config.intensity_prob,
             windows=list(scans.windows),

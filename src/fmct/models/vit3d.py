@@ -64,6 +64,10 @@ class ViT3DConfig:
     # Its 3x3x3 kernels see across patch borders: masked modelling therefore hides a patch's voxels in
     # the input (ViT3D.prepare_tokens), never only its token.
     stem_channels: tuple[int, ...] = ()
+    # The stem's first stage: False, the 2x2x2 stride-2 convolution (cheap: a CPU spends most of a
+    # stem's time at full resolution); True, two 3x3x3 convolutions and a 2x max-pool like the other
+    # stages, so that the first features see single voxels and their neighbours (a plain 3D CNN's start).
+    stem_full_resolution: bool = False
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -74,7 +78,8 @@ class ViT3DConfig:
         self.img_size = tuple(int(s) for s in self.img_size)
         embed_dim, depth, n_heads = SIZES[self.size]
         self.embed_dim = self.embed_dim or embed_dim
-        self.depth = self.depth or depth
+        # depth 0 is a model of its own: the stem's tokens, normalised (a 3D CNN behind the ViT's interface)
+        self.depth = depth if self.depth is None else int(self.depth)
         self.n_heads = self.n_heads or n_heads
         if len(self.patch_size) != 3 or len(self.img_size) != 3:
             raise ConfigError(
@@ -171,14 +176,19 @@ class PatchEmbed3D(nn.Module):
     """
 
     def __init__(
-        self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int, stem_channels: tuple[int, ...] = ()
+        self,
+        patch_size: tuple[int, int, int],
+        in_chans: int,
+        embed_dim: int,
+        stem_channels: tuple[int, ...] = (),
+        full_resolution: bool = False,
     ):
         super().__init__()
         self.patch_size = patch_size
         layers: list[nn.Module] = []
         channels = in_chans
         for stage, width in enumerate(stem_channels):
-            if stage == 0:  # full resolution is where a CPU spends its time: halve it first, without overlap
+            if stage == 0 and not full_resolution:  # a CPU spends its time at full resolution: halve it first
                 layers += [
                     nn.Conv3d(channels, width, 2, stride=2, bias=False),
                     nn.BatchNorm3d(width),
@@ -295,7 +305,9 @@ class ViT3D(nn.Module):
         self.config = config
         dim = config.embed_dim
         self.n_registers = config.n_registers
-        self.patch_embed = PatchEmbed3D(config.patch_size, config.in_chans, dim, config.stem_channels)
+        self.patch_embed = PatchEmbed3D(
+            config.patch_size, config.in_chans, dim, config.stem_channels, config.stem_full_resolution
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, config.n_registers, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.n_patches, dim))
