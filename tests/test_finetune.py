@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from fmct import hub
 from fmct.cli import main
+from fmct.errors import ConfigError
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.finetune import FinetuneConfig, balanced_batches, run_finetune
 from fmct.models import ViT3DConfig
@@ -192,3 +193,10 @@ def test_the_cpu_scale_backbone_learns_a_small_faint_bleed_from_scratch(tmp_path
     test = columns["split"] == "test"
     auc = roc_auc_score(columns["label"][test].astype(int), columns["score"][test].astype(float))
     assert auc > 0.8, auc
+
+
+def test_flip_prob_is_three_probabilities():
+    assert FinetuneConfig(flip_prob=[0.5, 0.5, 0.5]).flip_prob == (0.5, 0.5, 0.5)
+    for bad in ([0.5, 0.5], [0.5, 1.5, 0.0]):
+        with pytest.raises(ConfigError, match="flip_prob"):
+            FinetuneConfig(flip_prob=bad)

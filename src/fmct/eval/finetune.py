@@ -98,6 +98,9 @@ class FinetuneConfig(CohortConfig):
             raise ConfigError(f"head {self.head!r}: choose {' or '.join(HEADS)}")
         if self.trainable_blocks < -1:
             raise ConfigError(f"trainable_blocks {self.trainable_blocks}: -1 (all) or k >= 0")
+        self.flip_prob = tuple(float(p) for p in self.flip_prob)
+        if len(self.flip_prob) != 3 or not all(0 <= p <= 1 for p in self.flip_prob):
+            raise ConfigError(f"flip_prob {list(self.flip_prob)}: three probabilities in [0, 1] (x, y, z)")
         if min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1 or self.batch_size < 2:
             raise ConfigError(
                 "batch_size must be at least 2 (the head's batch norm); "
