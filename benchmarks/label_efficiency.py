@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -58,6 +59,13 @@ def pretraining_budget(model: str) -> dict:
     }
 
 
+def _number(value):
+    # Strict JSON has no NaN: a p-value that was not adjusted (p_holm of a ceiling effect) is null.
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 3)
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_out/label_efficiency")
@@ -88,9 +96,10 @@ def main() -> int:
                 "fits": [
                     {k: fit[k] for k in ("model", "arm", "label_fraction", "seed", "ended_by", "steps", "best_step")}
                     for fit in evaluation.fits
+                    if fit["steps"] is not None  # fine-tuned fits; a probe has no steps
                 ],
                 "auroc": cells,
-                "effects": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()} for e in effects],
+                "effects": [{k: _number(v) for k, v in e.items()} for e in effects],
             }
         )
     )
