@@ -506,9 +506,12 @@ def test_pretraining_on_a_synth_cohort_lowers_the_loss_without_collapse(tmp_path
     assert all(line["teacher_top_mass"] < 0.5 and line["teacher_entropy"] > 0.5 * np.log(1024) for line in lines)
 
 
-@pytest.mark.parametrize("name", ["pretrain_vitb.yaml", "pretrain_mae_vitb.yaml", "pretrain_tiny_cpu.yaml"])
-def test_example_configs_load(name):
-    config = load_config(PretrainConfig, Path(__file__).parents[1] / "src" / "fmct" / "configs" / name)
+PACKAGED = Path(__file__).parents[1] / "src" / "fmct" / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in PACKAGED.glob("pretrain_*.yaml")))
+def test_packaged_recipes_load(name):
+    config = load_config(PretrainConfig, PACKAGED / name)
     assert config.model.in_chans == len(config.augment.windows) == 3
 
 
