@@ -195,8 +195,10 @@ def test_the_cpu_scale_backbone_learns_a_small_faint_bleed_from_scratch(tmp_path
     assert auc > 0.8, auc
 
 
-def test_flip_prob_is_three_probabilities():
+def test_the_training_views_are_checked_when_the_config_is_read():
     assert FinetuneConfig(flip_prob=[0.5, 0.5, 0.5]).flip_prob == (0.5, 0.5, 0.5)
     for bad in ([0.5, 0.5], [0.5, 1.5, 0.0]):
         with pytest.raises(ConfigError, match="flip_prob"):
             FinetuneConfig(flip_prob=bad)
+    with pytest.raises(ConfigError, match="global_scale"):
+        FinetuneConfig(crop_scale=(0.0, 1.0))

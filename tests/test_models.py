@@ -10,6 +10,7 @@ import torch
 from fmct.config import load_config
 from fmct.errors import ConfigError, InputError
 from fmct.models import DINOHead, ViT3D, ViT3DConfig, build_vit3d, interpolate_pos_embed, sincos_pos_embed_3d
+from fmct.models.classifier import Classifier
 
 torch.set_num_threads(1)
 
@@ -30,6 +31,11 @@ def test_base_has_fm_ct_parameter_count():
     assert model.config.n_patches == 512 and model.pos_embed.shape == (1, 512, 768)
     assert (model.config.embed_dim, model.config.depth, model.config.n_heads) == (768, 12, 12)
     assert model.blocks[0].mlp.fc1.out_features == 3072
+
+
+def test_a_negative_depth_is_refused():
+    with pytest.raises(ConfigError, match="depth -1"):
+        ViT3DConfig(size="tiny", depth=-1)
 
 
 def test_config_normalises_patch_and_overrides_size():
@@ -277,3 +283,31 @@ def test_a_full_resolution_stem_convolves_at_the_input_grid_and_depth_0_is_the_s
     # The same float32 operations on the same values; a different reduction order inside layer_norm can move
     # a unit-scale output by a few ulps (~1e-7 each), far inside 1e-5.
     assert patch.shape == (2, 64, 48) and torch.allclose(patch, expected, atol=1e-5)
+
+
+def test_a_restored_fine_tuning_state_carries_the_stem_statistics_and_a_frozen_stem_keeps_its_own():
+    """The conv stem's batch norms hold running statistics: the best weights of a fine-tune are worth
+    nothing beside the statistics of a later step, and a frozen stem must not re-estimate them."""
+    torch.manual_seed(0)
+    classifier = Classifier(tiny(stem_channels=(4, 8, 8)), 1, "pooled")
+    x = torch.rand(4, 3, 32, 32, 32)
+    classifier.train()
+    classifier(x)
+    best = {name: value.clone() for name, value in classifier.trained_state().items()}
+    assert "backbone.patch_embed.stem.1.running_mean" in best
+    classifier.eval()
+    expected = classifier(x)
+    classifier.train()
+    for _ in range(3):  # later steps move the running statistics (no optimizer: only they change)
+        classifier(2 * x)
+    classifier.load_state_dict(best, strict=False)
+    classifier.eval()
+    assert torch.equal(classifier(x), expected)
+
+    frozen = Classifier(tiny(stem_channels=(4, 8, 8)), 1, "pooled")
+    frozen.freeze(trainable_blocks=1)
+    stem_statistics = frozen.backbone.patch_embed.stem[1].running_var.clone()
+    frozen.train()
+    frozen(x)
+    assert torch.equal(frozen.backbone.patch_embed.stem[1].running_var, stem_statistics)
+    assert frozen.backbone.blocks[-1].training and not frozen.backbone.patch_embed.stem[1].training

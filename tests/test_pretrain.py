@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -713,3 +714,19 @@ def test_a_run_stopped_at_a_step_resumes_to_the_weights_of_one_that_never_stoppe
     for file in ("config.json", "recipe.yaml"):
         assert str(tmp_path) not in (folder / file).read_text(), file
     assert json.loads((folder / "config.json").read_text())["store"]["name"] == store.name
+
+
+def test_the_teacher_follows_the_students_batch_norm_statistics():
+    """The teacher runs in eval mode, so it never estimates batch-norm statistics itself: without the EMA of
+    the student's it would normalise its conv stem by mean 0 and variance 1 for the whole run."""
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+    teacher = deepcopy(student).eval().requires_grad_(False)
+    student(torch.rand(2, 1, 5, 5, 5) + 3.0)  # train mode: the student's running mean moves towards ~3 * weights
+    norm_s, norm_t = student[1], teacher[1]
+    assert not torch.equal(norm_s.running_mean, norm_t.running_mean)
+    update_teacher(teacher, student, momentum=0.9)
+    # lerp and this sum round differently: a few float32 ulps (1.2e-7 each) of values near 1.
+    torch.testing.assert_close(norm_t.running_mean, 0.1 * norm_s.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(norm_t.running_var, 0.9 + 0.1 * norm_s.running_var, rtol=0, atol=1e-6)
+    assert int(norm_t.num_batches_tracked) == 1

@@ -81,7 +81,10 @@ class AugmentConfig:
                 "global_scale and local_scale must be (low, high) with 0 < low <= high <= 1",
             ),
             (0 < self.aspect_range[0] <= 1 <= self.aspect_range[1], "aspect_range must contain 1"),
-            (all(0 <= p <= 1 for p in self.flip_prob), "flip_prob values must lie in [0, 1]"),
+            (
+                len(self.flip_prob) == 3 and all(0 <= p <= 1 for p in self.flip_prob),
+                f"flip_prob {list(self.flip_prob)}: three probabilities in [0, 1] (x, y, z)",
+            ),
             (
                 len(self.windows) >= 1 and all(width > 0 for _, width in self.windows),
                 "windows must be a non-empty list of (level, width) with width > 0 HU",
@@ -98,6 +101,7 @@ class AugmentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.flip_prob = tuple(float(p) for p in self.flip_prob)
 
 
 @dataclass

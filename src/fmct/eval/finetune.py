@@ -98,14 +98,29 @@ class FinetuneConfig(CohortConfig):
             raise ConfigError(f"head {self.head!r}: choose {' or '.join(HEADS)}")
         if self.trainable_blocks < -1:
             raise ConfigError(f"trainable_blocks {self.trainable_blocks}: -1 (all) or k >= 0")
-        self.flip_prob = tuple(float(p) for p in self.flip_prob)
-        if len(self.flip_prob) != 3 or not all(0 <= p <= 1 for p in self.flip_prob):
-            raise ConfigError(f"flip_prob {list(self.flip_prob)}: three probabilities in [0, 1] (x, y, z)")
+        # The views' settings are checked where augmentation defines them, when the config is read.
+        self.flip_prob = self.views(global_size=1).flip_prob
         if min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1 or self.batch_size < 2:
             raise ConfigError(
                 "batch_size must be at least 2 (the head's batch norm); "
                 "max_steps, eval_every, patience and seeds at least 1"
             )
+
+    def views(self, global_size: int, windows: list[tuple[float, float]] | None = None) -> AugmentConfig:
+        """The training views' augmentation: one global crop of ``global_size`` voxels per scan, no local
+        crop, no blur; ``windows`` (level, width) in HU, the model's."""
+        windows = {} if windows is None else {"windows": list(windows)}
+        return AugmentConfig(
+            n_global=1,
+            n_local=0,
+            global_size=global_size,
+            global_scale=self.crop_scale,
+            flip_prob=self.flip_prob,
+            rotation_deg=self.rotation_deg,
+            intensity_prob=self.intensity_prob,
+            blur_prob=0.0,
+            **windows,
+        )
 
 
 def resolve_backbone(model: str, like: str | None, config: FinetuneConfig) -> tuple[hub.ModelSource, str]:
@@ -202,19 +217,7 @@ def _train_one(
     size = classifier.backbone.config.img_size
     if len(set(size)) != 1:
         raise UsageError(f"finetune needs a cubic model input, the model's img_size is {list(size)}")
-    augment = MultiCropAugment(
-        AugmentConfig(
-            n_global=1,
-            n_local=0,
-            global_size=size[0],
-            global_scale=config.crop_scale,
-            flip_prob=config.flip_prob,
-            rotation_deg=config.rotation_deg,
-            intensity_prob=config.intensity_prob,
-            windows=list(scans.windows),
-            blur_prob=0.0,
-        )
-    )
+    augment = MultiCropAugment(config.views(size[0], scans.windows))
     targets_device = torch.as_tensor(targets, dtype=torch.float32, device=device)
     mask_device = torch.as_tensor(mask, dtype=torch.float32, device=device)
 

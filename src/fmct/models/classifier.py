@@ -69,12 +69,15 @@ class Classifier(nn.Module):
         return [(name, p) for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """The state that training changes: trainable parameters and the head's buffers (batch-norm statistics)."""
+        """The state that training changes: trainable parameters, the head's buffers, and the buffers
+        (batch-norm statistics) of every backbone module whose parameters train. Weights restored without
+        their own statistics would be normalised by those of another step."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        training_modules = {name.rpartition(".")[0] for name in trainable}
         return {
             name: value
             for name, value in self.state_dict().items()
-            if name in trainable or not name.startswith("backbone.")
+            if name in trainable or not name.startswith("backbone.") or name.rpartition(".")[0] in training_modules
         }
 
     def freeze(self, trainable_blocks: int) -> None:
@@ -92,4 +95,11 @@ class Classifier(nn.Module):
         for block in self.backbone.blocks:
             if not any(p.requires_grad for p in block.parameters()):
                 block.eval()
+        # A frozen batch norm (the stem's) keeps its statistics: in train mode it would normalise by the
+        # batch and drift its running statistics away from the backbone that the detector folder names.
+        for module in self.backbone.modules():
+            if getattr(module, "track_running_stats", False) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)
+            ):
+                module.eval()
         return self

@@ -85,6 +85,8 @@ class ViT3DConfig:
             raise ConfigError(
                 f"patch_size and img_size need 3 values (D, H, W), got {self.patch_size}, {self.img_size}"
             )
+        if self.depth < 0:
+            raise ConfigError(f"depth {self.depth}: the number of transformer blocks, 0 or more")
         if self.embed_dim % self.n_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not a multiple of n_heads {self.n_heads}")
         grid_of(self.img_size, self.patch_size)  # raises when img_size is not a multiple of the patch

@@ -140,7 +140,8 @@ def _prefixed(groups: list[dict], prefix: str) -> list[dict]:
 
 @torch.no_grad()
 def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """EMA: every teacher parameter becomes ``momentum * teacher + (1 - momentum) * student``."""
+    """EMA: every teacher parameter and floating-point buffer becomes ``momentum * teacher + (1 - momentum) *
+    student``; integer buffers (batch-norm step counts) are copied."""
     teacher = unwrap(teacher)
     if hasattr(teacher, "reshard"):
         # FSDP2 keeps the root's parameters gathered after a forward that no backward follows (the
@@ -150,6 +151,13 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     student_params = [local_tensor(p.detach()) for p in unwrap(student).parameters()]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    # Batch-norm statistics (the conv stem's) are buffers: the teacher runs in eval mode and never updates
+    # them itself, so without this it would normalise by its initial mean 0 and variance 1 forever.
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), unwrap(student).buffers()):
+        if teacher_buffer.is_floating_point():
+            local_tensor(teacher_buffer).lerp_(local_tensor(student_buffer), 1.0 - momentum)
+        else:
+            local_tensor(teacher_buffer).copy_(local_tensor(student_buffer))
 
 
 # ------------------------------------------------------------------------------------------ methods
