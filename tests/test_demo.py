@@ -62,6 +62,9 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     # The demo's own pretraining stops at step 4, then the same command resumes it to the end (10 steps).
     assert "resuming" in captured.err and (out / "pretrain" / "backbone").is_dir()
     assert "The pretrained arm is the shipped checkpoint fmct-synth-tiny" in printed
+    timeline = printed[printed.index("Time per verb: ") :].splitlines()[0]
+    verbs = [part.split()[0] for part in timeline.removeprefix("Time per verb: ").split(", ")]
+    assert verbs == ["synth", "ingest", "pretrain", "embed", "probe", "finetune", "evaluate", "report"]
     assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]
     for section in (
         "summary",

@@ -298,9 +298,12 @@ def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "demo.yaml")
+    seconds_per_verb: dict[str, float] = {}  # in the order the stages run; a verb's calls add up
     for stage in demo_stages(config, out):
         print(f"\n== fmct {' '.join(stage)}", flush=True)
+        began = time.monotonic()
         status = run_verb(stage)
+        seconds_per_verb[stage[0]] = seconds_per_verb.get(stage[0], 0.0) + time.monotonic() - began
         if status != 0:
             logger.error(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume")
             return status
@@ -316,6 +319,7 @@ def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]
         f"\nThis invocation of the demo took {minutes:.1f} min (set-up and stages a re-run found done not included); "
         f"the goal for a fresh clone, set-up included, is 10 min on 2 CPU cores."
     )
+    print("Time per verb: " + ", ".join(f"{verb} {seconds:.0f} s" for verb, seconds in seconds_per_verb.items()))
     print(f"\nreport: {(out / 'report.html').resolve()}")
     return 0
 
