@@ -78,7 +78,7 @@ class FinetuneConfig(CohortConfig):
     layer_decay: float = 0.75
     weight_decay: float = 0.05
     warmup_steps: int = 50
-    grad_clip: float = 3.0  # max global gradient norm
+    grad_clip: float = 3.0  # max global gradient norm; 0: no clipping
     workers: int = 4  # reader threads
     # Training views: one crop per scan of this share of the volume, resized to the model's input, with a
     # flip per axis (x left-right, y, z) at flip_prob, a rotation up to rotation_deg and, on
@@ -100,6 +100,8 @@ class FinetuneConfig(CohortConfig):
             raise ConfigError(f"trainable_blocks {self.trainable_blocks}: -1 (all) or k >= 0")
         # The views' settings are checked where augmentation defines them, when the config is read.
         self.flip_prob = self.views(global_size=1).flip_prob
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip {self.grad_clip}: a gradient norm > 0, or 0 for no clipping")
         if min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1 or self.batch_size < 2:
             raise ConfigError(
                 "batch_size must be at least 2 (the head's batch norm); "
@@ -249,7 +251,9 @@ def _train_one(
             ) / weight.sum().clamp_min(1.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in classifier.parameters() if p.requires_grad], config.grad_clip)
+            if config.grad_clip:
+                trained = [p for p in classifier.parameters() if p.requires_grad]
+                torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
             optimizer.step()
             losses.append(loss.detach())
             # Every step: its loss beside the last check's validation AUROC (one host sync per step; the
