@@ -16,8 +16,15 @@ from pydicom.uid import generate_uid
 @pytest.fixture(scope="session", autouse=True)
 def pseudonym_key_file(tmp_path_factory) -> Path:
     """One pseudonym key for the whole test session, in a temporary folder (never the user's own key in
-    ~/.config/fmct): ``FMCT_KEY_FILE`` points there, for subprocesses too. Made on first use."""
+    ~/.config/fmct): ``FMCT_KEY_FILE`` points there, for subprocesses too.
+
+    The key is fixed, not random: splits by patient order patients by their keyed pseudonyms, so under a
+    new random key each run drew other splits, and a figure measured on a split (a probe's test AUROC)
+    changed from run to run."""
     path = tmp_path_factory.mktemp("fmct-key") / "pseudonym.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write("5eed" * 16 + "\n")  # 32 bytes, the key's length
     previous = os.environ.get("FMCT_KEY_FILE")
     os.environ["FMCT_KEY_FILE"] = str(path)
     yield path
