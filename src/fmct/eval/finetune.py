@@ -216,6 +216,7 @@ def _train_one(
     groups = classifier.backbone.param_groups(config.weight_decay, config.layer_decay)
     groups += grouped_parameters(iter(classifier.head_parameters()), lambda name: 1.0, config.weight_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=config.lr)
+    trained = [p for p in classifier.parameters() if p.requires_grad]  # what the gradient clip sees
     size = classifier.backbone.config.img_size
     if len(set(size)) != 1:
         raise UsageError(f"finetune needs a cubic model input, the model's img_size is {list(size)}")
@@ -252,7 +253,6 @@ def _train_one(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
-                trained = [p for p in classifier.parameters() if p.requires_grad]
                 torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
             optimizer.step()
             losses.append(loss.detach())
