@@ -44,7 +44,8 @@ def head_batch(batch: int, size: int) -> torch.Tensor:
 def build_trainer(config: PretrainConfig, variant: str) -> Trainer:
     """A fresh trainer of ``config`` set up as ``variant`` says."""
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer = Trainer(config, env, Schedules(config, global_batch=config.optim.batch_size))
+    # The head batch stands for the demo store's grid (64^3 x 3 mm), where an anomaly recipe paints in mm.
+    trainer = Trainer(config, env, Schedules(config, global_batch=config.optim.batch_size), spacing_mm=3.0)
     backbone = trainer.student.backbone
     if variant in ("compiled_blocks", "compiled_stem"):
         compile_blocks([trainer.student])

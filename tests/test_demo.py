@@ -4,7 +4,7 @@ closing summary on evaluated predictions of every arm."""
 import pytest
 
 from fmct.cli import main
-from fmct.demo import DemoConfig, demo_summary
+from fmct.demo import DemoConfig, claim_lines, demo_summary
 from fmct.eval.evaluate import evaluate, write_evaluation, write_predictions
 from test_report import signal_predictions
 
@@ -85,3 +85,21 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
         assert f"the {floor} floor" in html[html.index("<h2 id='summary'>") : html.index("<h2 id='roc'>")]
     # Re-running resumes: every stage finds its work done.
     assert main(["demo", "--out", str(out), *overrides]) == 0
+
+
+def test_the_claim_says_how_many_of_its_parts_a_run_met():
+    def effect(group: str, low: float) -> dict:
+        return {"group": group, "label_fraction": "0.1", "diff": low + 0.1, "low": low, "high": low + 0.2}
+
+    metrics = [{"finding": "ich", "group": "ID", "n_scans": 108, "n_pos": 38}]
+    beats_scratch = ("fine-tuned beats scratch", [effect("ID", 0.07), effect("OOD", -0.001)])
+    beats_floor = ("the probe beats the floor", [effect("ID", 0.004), effect("OOD", -0.09)])
+    lines = claim_lines("ich", "0.1", [beats_scratch, beats_floor], metrics)
+    assert lines[0] == "\nThe claim at 0.1 of the training labels (ich; test splits: ID 108 scans, 38 positive):"
+    assert lines[1] == "  MET     ID   fine-tuned beats scratch: +0.170 [+0.070, +0.270]"
+    assert lines[2] == "  NOT MET OOD  fine-tuned beats scratch: +0.099 [-0.001, +0.199]"
+    assert lines[-1] == "  the claim does NOT hold in full on this run: 2 of 4 parts met (2 ID), see the figures above"
+    nothing = claim_lines("ich", "0.1", [("fine-tuned beats scratch", [effect("ID", -0.1)])], metrics)
+    assert "NOT MET OOD  fine-tuned beats scratch: not evaluated" in nothing[2] and "does not pay" in nothing[-1]
+    everything = claim_lines("ich", "0.1", [("fine-tuned beats scratch", [effect("ID", 0.1), effect("OOD", 0.1)])], [])
+    assert everything[-1] == "  the claim holds on this run"

@@ -107,7 +107,7 @@ def test_the_shipped_foundation_checkpoint_loads_by_name_with_its_card_and_log()
         assert heading in card
     assert "site C" in card and hub.training_log("fmct-synth-tiny") == folder / "log.jsonl"
     extra = hub.read_extra(folder)
-    assert extra["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]] and extra["method"] == "mae"
+    assert extra["windows"] == [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]] and extra["method"] == "anomaly"
     # Shipped folders carry no path of the machine they were made on.
     recipe_values = [
         line.split(":", 1)[1].strip() for line in (folder / "recipe.yaml").read_text().splitlines() if ":" in line

@@ -435,7 +435,7 @@ def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):
 
 def test_hugging_face_style_folders_load_and_save(finetuned, tmp_path):
     model = hub.ViT3DModel.from_pretrained("fmct-synth-tiny")  # a shipped name, offline
-    assert model.hub_extra["method"] == "mae"
+    assert model.hub_extra["method"] == "anomaly"
     model.save_pretrained(tmp_path / "backbone")
     flat = json.loads((tmp_path / "backbone" / "config.json").read_text())
     assert (

@@ -4,6 +4,7 @@ MAE, config checks, collapse warning, and (slow) a short run whose loss falls.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from fmct import hub
 from fmct.cli import main
 from fmct.config import load_config
 from fmct.data import sample_ibot_masks
+from fmct.errors import ConfigError
 from fmct.ssl.checkpoint import read_checkpoint
 from fmct.ssl.collapse import collapse_reason, teacher_statistics
 from fmct.ssl.config import PretrainConfig
@@ -78,7 +80,7 @@ def make_store(path: Path, n: int = 8, size: int = 48, seed: int = 0) -> Path:
         hu[brain] = np.round(35 + 10 * texture[brain] / texture.std())
         centre = rng.uniform(-0.4, 0.4, 3)
         hu[sum((a - c) ** 2 for a, c in zip(axes, centre)) < rng.uniform(0.01, 0.06)] = 70
-        write_scan(path, hu, {"scan_id": f"scan{i:03d}", "store_shape": [size] * 3})
+        write_scan(path, hu, {"scan_id": f"scan{i:03d}", "store_shape": [size] * 3, "store_spacing_mm": [4.0] * 3})
     rebuild_tables(path)
     return path
 
@@ -315,6 +317,36 @@ def test_the_mae_objective_trains_through_the_same_loop(store, tmp_path):
     assert np.mean([line["mae_loss"] for line in lines[-4:]]) < lines[0]["mae_loss"]
     assert hub.read_extra(run / "backbone")["method"] == "mae"
     assert torch.equal(hub.load(run / "backbone").mask_token, torch.zeros(1, 64))  # MAE never uses it
+
+
+def test_the_anomaly_pretext_trains_through_the_same_loop_and_resumes_exactly(store, tmp_path):
+    overrides = ("method=anomaly", "augment.n_local=0", "anomaly.probability=1.0", "anomaly.air_margin_mm=4")
+    run = tmp_path / "anomaly"
+    result = pretrain(store, run, tiny_config(*overrides, "optim.epochs=3"))
+    lines = log_lines(run)
+    assert result["teacher"] is None and len(lines) == 12
+    # Every volume holds a change, so the per-crop term learns its target of (near) 1 at once; the
+    # per-patch term starts at ln 2 (fresh heads: logits near 0) and falls.
+    assert all(np.isfinite(line["patch_change_loss"]) and np.isfinite(line["scan_change_loss"]) for line in lines)
+    assert abs(lines[0]["patch_change_loss"] - math.log(2)) < 0.2
+    assert np.mean([line["patch_change_loss"] for line in lines[-4:]]) < lines[0]["patch_change_loss"]
+    assert hub.read_extra(run / "backbone")["method"] == "anomaly"
+    # Changes are drawn from (seed, step): a run stopped at step 5 and resumed ends with the same weights.
+    halves = tmp_path / "halves"
+    pretrain(store, halves, tiny_config(*overrides, "optim.epochs=3", "engine.stop_at_step=5"))
+    pretrain(store, halves, tiny_config(*overrides, "optim.epochs=3"))
+    whole, resumed = read_checkpoint(run / "checkpoint.pt"), read_checkpoint(halves / "checkpoint.pt")
+    for name, tensor in whole["student"].items():
+        assert torch.allclose(tensor, resumed["student"][name], atol=1e-5), name
+
+
+def test_the_anomaly_pretext_needs_the_stores_voxel_size(tmp_path):
+    path = tmp_path / "store"
+    write_scan(path, np.zeros((32, 32, 32), np.int16), {"scan_id": "a", "store_shape": [32] * 3})
+    write_scan(path, np.zeros((32, 32, 32), np.int16), {"scan_id": "b", "store_shape": [32] * 3})
+    rebuild_tables(path)
+    with pytest.raises(ConfigError, match="store_spacing_mm"):
+        pretrain(path, tmp_path / "run", tiny_config("method=anomaly", "augment.n_local=0"))
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -654,19 +686,20 @@ def test_pretraining_raises_the_online_knn_auroc_above_random_init(tmp_path):
 
 
 @pytest.mark.slow
-def test_mae_on_the_conv_stem_raises_the_online_bleed_auroc_above_random_init(tmp_path):
-    """A learning check that can fail: the shipped recipe (pretrain_synth_tiny: MAE on the conv-stem
-    backbone), 300 steps on 96 heads of 64^3 of which half hold a small faint blob (radius 3 voxels, 70 HU
-    in a 35 HU brain, 8 HU noise), must lift the online linear probe's AUROC for the blob (fmct probe's
-    features and choice, fitted on one half of the scans and scored on the other) above what the same
-    backbone gives at step 0, its random initialisation."""
+@pytest.mark.parametrize("recipe", ["pretrain_synth_tiny", "pretrain_synth_tiny_mae"])
+def test_pretraining_on_the_conv_stem_raises_the_online_bleed_auroc_above_random_init(tmp_path, recipe):
+    """A learning check that can fail: the shipped recipe (pretrain_synth_tiny: synthetic anomalies on the
+    conv-stem backbone) and the MAE recipe before it, 300 steps on 96 heads of 64^3 of which half hold a
+    small faint blob (radius 3 voxels, 70 HU in a 35 HU brain, 8 HU noise), must lift the online linear
+    probe's AUROC for the blob (fmct probe's features and choice, fitted on one half of the scans and
+    scored on the other) above what the same backbone gives at step 0, its random initialisation."""
     from test_embed import write_blob_store
 
     write_blob_store(tmp_path, n_scans=96, size=64, seed=5, blob_hu=70.0, blob_radius=3.0)
     run = tmp_path / "run"
     config = load_config(
         PretrainConfig,
-        "pretrain_synth_tiny",
+        recipe,
         [
             "engine.device=cpu",
             "optim.epoch_length=20",

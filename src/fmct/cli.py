@@ -482,10 +482,10 @@ def _pretrain_parser(sub) -> None:
     parser = _add_verb(
         sub,
         "pretrain",
-        "self-supervised pretraining (DINO + iBOT, or MAE) on a store; resumes",
+        "self-supervised pretraining (DINO + iBOT, MAE or synthetic anomalies) on a store; resumes",
         "fmct pretrain --store store --out run --config pretrain_demo optim.epochs=20",
-        about="Self-supervised pretraining (DINO + iBOT, or MAE) of a 3D ViT on the volumes of a store, no labels "
-        "needed. The same command resumes from RUN's last checkpoint.",
+        about="Self-supervised pretraining (DINO + iBOT, MAE or synthetic anomalies) of a 3D ViT on the volumes of a "
+        "store, no labels needed. The same command resumes from RUN's last checkpoint.",
     )
     parser.add_argument(
         "--store", required=True, help="store folder written by fmct ingest, or shard folder written by fmct store pack"

@@ -452,19 +452,27 @@ def claim_lines(
         )
         + "):"
     ]
-    met_all = True
+    met_parts: list[str] = []
+    n_parts = 0
     for what, effects in checks:
         for group in ("ID", "OOD"):
             effect = next((e for e in effects if e["group"] == group and e["label_fraction"] == fraction), None)
             met = effect is not None and effect["low"] > 0
-            met_all &= met
+            n_parts += 1
+            if met:
+                met_parts.append(group)
             figure = (
                 f"{effect['diff']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]" if effect else "not evaluated"
             )
             lines.append(f"  {'MET    ' if met else 'NOT MET'} {group:4} {what}: {figure}")
-    lines.append(
-        "  the claim holds on this run"
-        if met_all
-        else "  the claim does NOT hold on this run: pretraining does not pay here (see the figures above)"
-    )
+    if len(met_parts) == n_parts:
+        lines.append("  the claim holds on this run")
+    elif met_parts:
+        counts = ", ".join(f"{met_parts.count(group)} {group}" for group in ("ID", "OOD") if group in met_parts)
+        lines.append(
+            f"  the claim does NOT hold in full on this run: {len(met_parts)} of {n_parts} parts met ({counts}), "
+            "see the figures above"
+        )
+    else:
+        lines.append("  the claim does NOT hold on this run: pretraining does not pay here (see the figures above)")
     return lines

@@ -198,15 +198,21 @@ def _affine_theta(boxes: CropBoxes, in_shape: Sequence[int]) -> torch.Tensor:
 
 
 def sample_crops(hu: torch.Tensor, boxes: CropBoxes, size: int) -> torch.Tensor:
-    """Resample crops of ``hu`` (B, 1, X, Y, Z) float HU along ``boxes`` (crop-major, N = n * B rows).
+    """Resample crops of ``hu`` (B, K, X, Y, Z) float (HU, or K maps on the same grid) along ``boxes``
+    (crop-major, N = n * B rows).
 
-    Returns (N, 1, size, size, size) float HU, trilinear, values beyond the input edge repeating the
+    Returns (N, K, size, size, size) float, trilinear, values beyond the input edge repeating the
     edge (air, for a canonical head volume). One ``affine_grid`` and one ``grid_sample`` for all crops.
     """
-    batch = hu.shape[0]
+    batch, channels = hu.shape[:2]
     n = boxes.centre.shape[0] // batch
     if n == 0:
-        return hu.new_zeros((0, 1, size, size, size))
+        return hu.new_zeros((0, channels, size, size, size))
+    if _whole_volumes(boxes, hu.shape[2:], size):
+        # Each output voxel centre falls on an input voxel centre: the crop is the volume, mirrored.
+        return torch.stack(
+            [hu[row % batch].flip([1 + axis for axis in range(3) if boxes.flip[row, axis]]) for row in range(n * batch)]
+        )
     theta = _affine_theta(boxes, hu.shape[2:])
     # Order the thetas volume-major so each volume's n crops stack along the first spatial axis of one
     # grid: grid_sample then reads every volume once, without copying it n times.
@@ -214,7 +220,25 @@ def sample_crops(hu: torch.Tensor, boxes: CropBoxes, size: int) -> torch.Tensor:
     grid = F.affine_grid(theta, [batch * n, 1, size, size, size], align_corners=False)
     grid = grid.view(batch, n * size, size, size, 3)
     crops = F.grid_sample(hu, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return crops.view(batch, 1, n, size, size, size).permute(2, 0, 1, 3, 4, 5).reshape(n * batch, 1, size, size, size)
+    crops = crops.view(batch, channels, n, size, size, size).permute(2, 0, 1, 3, 4, 5)
+    return crops.reshape(n * batch, channels, size, size, size)
+
+
+def _whole_volumes(boxes: CropBoxes, in_shape: Sequence[int], size: int) -> bool:
+    # True when every box is the whole input, unrotated, sampled at the input's own grid. The tolerance
+    # (1e-6 voxel) absorbs the float64 rounding of a drawn box (64^3 -> cube root -> 63.99999999...); a
+    # sample that far from a voxel centre differs from it by less than 1e-3 HU at a 1000 HU edge.
+    extent = torch.tensor([float(s) for s in in_shape], dtype=torch.float64)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(((a - b).abs() < 1e-6).all())
+
+    return (
+        bool((extent == size).all())
+        and close(boxes.size, extent.expand_as(boxes.size))
+        and close(boxes.centre, ((extent - 1) / 2).expand_as(boxes.centre))
+        and close(boxes.rotation, torch.eye(3, dtype=boxes.rotation.dtype).expand_as(boxes.rotation))
+    )
 
 
 def _gaussian_blur(hu: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -238,10 +262,12 @@ class MultiCropAugment:
 
     ``augment(hu, generator)`` with ``hu`` (B, 1, X, Y, Z) HU (int16 from the loader, any device)
     returns ``(global_crops, local_crops)``: float32 (n_global*B, C, g, g, g) and
-    (n_local*B, C, l, l, l) in [0, 1], crop-major, C = number of windows. With ``return_boxes=True``
-    it also returns the two :class:`CropBoxes`. ``generator`` is a CPU ``torch.Generator`` (None: torch's
-    global one); :func:`fmct.data.dataset.batch_generator` gives one that makes resumed runs repeat
-    their crops.
+    (n_local*B, C, l, l, l) in [0, 1], crop-major, C = number of windows. ``maps`` (B, K, X, Y, Z) on
+    the same grid as ``hu`` (e.g. where a pretext changed the volume) are resampled along the global
+    crops' boxes, trilinear and without intensity changes, and returned next: (n_global*B, K, g, g, g).
+    With ``return_boxes=True`` the two :class:`CropBoxes` come last. ``generator`` is a CPU
+    ``torch.Generator`` (None: torch's global one); :func:`fmct.data.dataset.batch_generator` gives one
+    that makes resumed runs repeat their crops.
     Runs without autograd and outside autocast (HU need fp32: bf16 steps are 4 HU at 1000 HU).
     """
 
@@ -256,6 +282,7 @@ class MultiCropAugment:
         return_boxes: bool = False,
         first_volume: int = 0,
         global_batch: int | None = None,
+        maps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Crops of ``hu``, the volumes ``first_volume ..`` of a global batch of ``global_batch`` (None: B).
 
@@ -281,6 +308,8 @@ class MultiCropAugment:
                 crops = sample_crops(hu_float, boxes, size)
                 outputs.append(self._intensity(crops, generator, n_crops, first_volume, global_batch))
                 all_boxes.append(boxes)
+            if maps is not None:
+                outputs.append(sample_crops(maps.float(), all_boxes[0], config.global_size))
         return (*outputs, *all_boxes) if return_boxes else tuple(outputs)
 
     def _intensity(

@@ -39,7 +39,8 @@ class StoreVolumes(Dataset):
 
     All volumes of a batch must share one shape. Scans whose manifest ``store_shape`` differs from the
     most common one (a store extended with another canonical config) are left out and listed in
-    ``skipped`` as ``(scan_id, reason)``.
+    ``skipped`` as ``(scan_id, reason)``. ``shape`` is the kept scans' grid (x, y, z) in voxels,
+    ``spacing_mm`` their isotropic voxel size (None where the manifest does not record it).
     """
 
     def __init__(self, store: Store | str | os.PathLike, scan_ids: Sequence[str] | None = None):
@@ -61,6 +62,9 @@ class StoreVolumes(Dataset):
             for s in scan_ids
             if shapes[s] != self.shape
         ]
+        # The canonical grid is isotropic: one spacing in mm for every axis (None: not recorded).
+        spacing = rows[self.scan_ids[0]].get("store_spacing_mm") if self.scan_ids else None
+        self.spacing_mm: float | None = float(spacing[0]) if spacing else None
 
     def __len__(self) -> int:
         return len(self.scan_ids)

@@ -202,9 +202,10 @@ class ShardVolumes:
     """The scans of a shard folder (:func:`pack_store`), streamed as int16 batches.
 
     ``scan_ids`` lists every packed scan (dataset index ``i`` is ``scan_ids[i]``), ``shape`` the grid
-    (x, y, z) in voxels, ``len()`` the number of scans. ``url`` is where the shards are read from: a
-    template with ``{shard}`` (see the module), empty for the index's own folder. Raises
-    InputError for a folder without an index or an index fmct cannot read.
+    (x, y, z) in voxels, ``spacing_mm`` its isotropic voxel size (None where the index has none),
+    ``len()`` the number of scans. ``url`` is where the shards are read from: a template with
+    ``{shard}`` (see the module), empty for the index's own folder. Raises InputError for a folder
+    without an index or an index fmct cannot read.
     """
 
     def __init__(self, path: str | os.PathLike, url: str = "", shuffle_shards: int = 4):
@@ -220,6 +221,8 @@ class ShardVolumes:
                     f"expected {FORMAT!r}"
                 )
             self.shape: tuple[int, int, int] = tuple(index["store_shape"])
+            spacing = index.get("store_spacing_mm")
+            self.spacing_mm: float | None = float(spacing[0]) if spacing else None
             self.shards: list[tuple[str, list[str]]] = [(s["name"], list(s["scan_ids"])) for s in index["shards"]]
         except (ValueError, KeyError, TypeError) as error:
             raise InputError(f"{index_path}: not a shard index fmct can read: {error}") from None

@@ -18,7 +18,7 @@ from fmct.data.augment import AugmentConfig
 from fmct.errors import ConfigError
 from fmct.models.vit3d import ViT3DConfig
 
-METHODS = ("dino", "mae")
+METHODS = ("dino", "mae", "anomaly")
 CENTERINGS = ("sinkhorn_knopp", "ema")
 SHARDINGS = ("ddp", "fsdp")
 
@@ -127,6 +127,32 @@ class MAEConfig:
 
 
 @dataclass
+class AnomalyConfig:
+    """Synthetic-anomaly pretraining (``method: anomaly``, :mod:`fmct.ssl.anomaly`): smooth ellipsoids
+    of added density painted into soft tissue inside the head, found again per patch and per scan."""
+
+    probability: float = 0.5  # share of volumes that get changes (the rest are the negatives)
+    max_changes: int = 3  # a changed volume gets 1 .. max_changes of them
+    semi_axis_mm: tuple[float, float] = (3.0, 21.0)  # each semi-axis drawn uniformly in this range
+    delta_hu: tuple[float, float] = (8.0, 50.0)  # the offset's magnitude, drawn uniformly
+    hyperdense_share: float = 0.6  # share of changes that add density (the rest remove it)
+    edge_softness: tuple[float, float] = (0.05, 0.3)  # edge width as a fraction of the normalised radius
+    edge_roughness: float = 0.15  # std of the noise added to the normalised radius, per voxel
+    air_margin_mm: float = 9.0  # changes keep this far from air: inside the head, off the scalp
+    visible_hu: float = 15.0  # a change of this many HU or more counts as fully visible in the targets
+    scan_loss_weight: float = 1.0  # weight of the per-scan term beside the per-patch one
+
+    def __post_init__(self) -> None:
+        ranges = (self.semi_axis_mm, self.delta_hu, self.edge_softness)
+        if not all(0 < low <= high for low, high in ranges):
+            raise ConfigError("semi_axis_mm, delta_hu and edge_softness must be (low, high) with 0 < low <= high")
+        if not (0 <= self.probability <= 1 and 0 <= self.hyperdense_share <= 1 and self.max_changes >= 1):
+            raise ConfigError("probability and hyperdense_share must lie in [0, 1] and max_changes be >= 1")
+        if min(self.edge_roughness, self.air_margin_mm, self.scan_loss_weight) < 0 or self.visible_hu <= 0:
+            raise ConfigError("edge_roughness, air_margin_mm and scan_loss_weight must be >= 0, visible_hu > 0")
+
+
+@dataclass
 class OptimConfig:
     """AdamW and its schedules. Learning rate = base_lr * sqrt(global_batch / 1024), warmed up, then cosine."""
 
@@ -218,7 +244,7 @@ class OnlineEvalConfig:
 class PretrainConfig:
     """Everything ``fmct pretrain`` needs besides the store; written resolved to RUN/config.yaml."""
 
-    method: str = "dino"  # "dino" (DINO + iBOT + KoLeo) or "mae"
+    method: str = "dino"  # "dino" (DINO + iBOT + KoLeo), "mae" or "anomaly" (synthetic changes found again)
     data: DataConfig = field(default_factory=DataConfig)
     model: ViT3DConfig = field(default_factory=ViT3DConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -226,6 +252,7 @@ class PretrainConfig:
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
     koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     online_eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
@@ -249,6 +276,8 @@ class PretrainConfig:
             raise ConfigError(
                 f"model.in_chans {model.in_chans} must equal the number of augment.windows ({len(augment.windows)})"
             )
+        if self.method == "anomaly" and augment.n_local:
+            raise ConfigError("method anomaly reads the global crops only: set augment.n_local=0")
         if self.method == "dino" and self.koleo.loss_weight > 0 and self.optim.batch_size < 2:
             raise ConfigError(
                 "KoLeo needs optim.batch_size >= 2 (nearest neighbours within a batch); or set koleo.loss_weight=0"

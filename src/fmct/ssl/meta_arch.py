@@ -2,12 +2,14 @@
 of crops into loss terms, apart from the training loop (:mod:`fmct.ssl.train`).
 
 A method (:data:`METHODS`, chosen by ``config.method``) has one interface: ``build_model()`` gives the
-student (the teacher, when ``has_teacher``, is its EMA copy); ``loss(student, teacher, global_crops,
-local_crops, generator, values, global_rows, n_crops)`` draws its masks from ``generator`` for the
-global batch's ``n_crops`` global crops, keeps this rank's ``global_rows`` of them, and returns the
-step's loss terms (``loss`` the weighted sum) and statistics as 0-d tensors; ``after_clipping(student,
-values)`` edits the clipped gradients before the optimizer step; ``centers`` is its centring state, saved
-in checkpoints.
+student (the teacher, when ``has_teacher``, is its EMA copy); ``paint(hu, spacing_mm, generator,
+first_volume, global_batch)`` may change the HU batch before it is cropped and returns it with maps
+(B, K, X, Y, Z) that the crops carry along, or None (only the anomaly pretext paints); ``loss(student,
+teacher, global_crops, local_crops, global_maps, generator, values, global_rows, n_crops)`` draws its
+masks from ``generator`` for the global batch's ``n_crops`` global crops, keeps this rank's
+``global_rows`` of them, and returns the step's loss terms (``loss`` the weighted sum) and statistics as
+0-d tensors; ``after_clipping(student, values)`` edits the clipped gradients before the optimizer step;
+``centers`` is its centring state, saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from torch import nn
 
 from fmct.data import sample_ibot_masks
 from fmct.devices import unwrap
+from fmct.errors import ConfigError
 from fmct.models import DINOHead, build_vit3d
 from fmct.models.vit3d import grouped_parameters
+from fmct.ssl.anomaly import anomaly_loss, change_targets, paint_changes
 from fmct.ssl.centering import EMACenter, sinkhorn_knopp
 from fmct.ssl.collapse import output_cosine, row_entropy, teacher_statistics
 from fmct.ssl.config import PretrainConfig
@@ -131,6 +135,36 @@ class MAEModel(nn.Module):
         return _prefixed(backbone, "backbone.") + _prefixed(decoder, "decoder.")
 
 
+class AnomalyModel(nn.Module):
+    """Backbone + two linear heads: one logit per patch token (does this patch hold a change?) and one
+    on the CLS (does the scan hold any?)."""
+
+    def __init__(self, config: PretrainConfig):
+        super().__init__()
+        self.backbone = build_vit3d(config.model)
+        self.backbone.mask_token.requires_grad_(False)  # nothing is masked: unused, and DDP needs every grad
+        self.patch_head = nn.Linear(self.backbone.embed_dim, 1)
+        self.scan_head = nn.Linear(self.backbone.embed_dim, 1)
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch logits (B, N) in patch order and scan logits (B,) of crops (B, C, D, H, W)."""
+        tokens = self.backbone.forward_features(crops)
+        return self.patch_head(tokens["patch"]).squeeze(-1), self.scan_head(tokens["cls"]).squeeze(-1)
+
+    def clipped_modules(self) -> dict[str, nn.Module]:
+        """The modules whose gradients are clipped each on its own."""
+        return {"backbone": self.backbone, "heads": nn.ModuleList([self.patch_head, self.scan_head])}
+
+    def param_groups(self, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+        """AdamW groups of the backbone (layer-wise LR decay) and the two heads (LR scale 1)."""
+        heads = [
+            _prefixed(grouped_parameters(head.named_parameters(), lambda name: 1.0, weight_decay), f"{name}.")
+            for name, head in (("patch_head", self.patch_head), ("scan_head", self.scan_head))
+        ]
+        backbone = self.backbone.param_groups(weight_decay, layer_decay, patch_embed_lr_mult)
+        return _prefixed(backbone, "backbone.") + heads[0] + heads[1]
+
+
 def _prefixed(groups: list[dict], prefix: str) -> list[dict]:
     # Group "names" are the parameters' names in the whole model, as the checkpoint keys them.
     for group in groups:
@@ -161,14 +195,38 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
 
 
 # ------------------------------------------------------------------------------------------ methods
-class DINOMethod:
+class Method:
+    """What every method shares: no painting before the crops, nothing to do after clipping."""
+
+    has_teacher = False
+
+    def __init__(self, config: PretrainConfig, device: torch.device):
+        self.config, self.device = config, device
+        self.centers: dict[str, EMACenter] = {}
+
+    def paint(
+        self,
+        hu: torch.Tensor,
+        spacing_mm: float | None,
+        generator: torch.Generator,
+        first_volume: int,
+        global_batch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The HU batch unchanged, and no maps."""
+        return hu, None
+
+    def after_clipping(self, student: nn.Module, values: StepValues) -> None:
+        """Nothing to do: no frozen layer."""
+
+
+class DINOMethod(Method):
     """DINO + iBOT + KoLeo (DINOv2's formulation): a student and its EMA teacher, multi-crop, iBOT masks
     on the global crops; holds the teacher targets' centring state (EMA centres if used)."""
 
     has_teacher = True
 
     def __init__(self, config: PretrainConfig, device: torch.device):
-        self.config, self.device = config, device
+        super().__init__(config, device)
         dino, ibot = config.dino, config.ibot
         self.dino_loss = DINOLoss(dino.n_prototypes, dino.student_temp, chunk_size=dino.chunk_size)
         self.ibot_loss = iBOTPatchLoss(
@@ -177,7 +235,6 @@ class DINOMethod:
             chunk_rows=ibot.chunk_rows,
         )
         self.koleo_loss = KoLeoLoss()
-        self.centers: dict[str, EMACenter] = {}
         if dino.centering == "ema":
             self.centers = {
                 "dino": EMACenter(dino.n_prototypes, dino.center_momentum).to(device),
@@ -193,6 +250,7 @@ class DINOMethod:
         teacher: nn.Module,
         global_crops: torch.Tensor,
         local_crops: torch.Tensor,
+        global_maps: None,
         generator: torch.Generator,
         values: StepValues,
         global_rows: torch.Tensor,
@@ -221,7 +279,7 @@ class DINOMethod:
             values.dino_weight,
         )
 
-    def after_clipping(self, student: DINOModel, values: StepValues) -> None:
+    def after_clipping(self, student: nn.Module, values: StepValues) -> None:
         """Drop the last layer's gradients while it is frozen (after clipping, as DINOv2's frozen last
         layer still counts in the clip norm)."""
         if values.freeze_last_layer:
@@ -271,14 +329,8 @@ class DINOMethod:
         }
 
 
-class MAEMethod:
+class MAEMethod(Method):
     """MAE: the student encodes the visible 25% of each global crop's patches and reconstructs the rest."""
-
-    has_teacher = False
-
-    def __init__(self, config: PretrainConfig, device: torch.device):
-        self.config, self.device = config, device
-        self.centers: dict[str, EMACenter] = {}
 
     def build_model(self) -> MAEModel:
         return MAEModel(self.config)
@@ -289,6 +341,7 @@ class MAEMethod:
         teacher: None,
         global_crops: torch.Tensor,
         local_crops: torch.Tensor,
+        global_maps: None,
         generator: torch.Generator,
         values: StepValues,
         global_rows: torch.Tensor,
@@ -303,14 +356,53 @@ class MAEMethod:
         loss = mae_loss(pred, patchify3d(global_crops, config.model.patch_size), split.mask, config.mae.norm_pix)
         return {"loss": loss, "mae_loss": loss}
 
-    def after_clipping(self, student: MAEModel, values: StepValues) -> None:
-        """Nothing to do: MAE has no frozen layer."""
+
+class AnomalyMethod(Method):
+    """Synthetic anomalies (:mod:`fmct.ssl.anomaly`): changes painted into the HU batch before it is
+    cropped, found again per patch and per crop in the global crops."""
+
+    def build_model(self) -> AnomalyModel:
+        return AnomalyModel(self.config)
+
+    def paint(
+        self,
+        hu: torch.Tensor,
+        spacing_mm: float | None,
+        generator: torch.Generator,
+        first_volume: int,
+        global_batch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch with its changes painted in (float HU) and their visibility map (B, 1, X, Y, Z)."""
+        if spacing_mm is None:
+            raise ConfigError(
+                "method anomaly paints its changes in mm: the store's manifest records no store_spacing_mm"
+            )
+        return paint_changes(hu, spacing_mm, self.config.anomaly, generator, first_volume, global_batch)
+
+    def loss(
+        self,
+        student: nn.Module,
+        teacher: None,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor,
+        global_maps: torch.Tensor,
+        generator: torch.Generator,
+        values: StepValues,
+        global_rows: torch.Tensor,
+        n_crops: int,
+    ) -> dict[str, torch.Tensor]:
+        """Per-patch and per-crop cross-entropy of where the changes are in the global crops."""
+        patch_targets, scan_targets = change_targets(global_maps, self.config.model.patch_size)
+        patch_logits, scan_logits = student(global_crops)
+        patch, scan = anomaly_loss(patch_logits, scan_logits, patch_targets, scan_targets)
+        loss = patch + self.config.anomaly.scan_loss_weight * scan
+        return {"loss": loss, "patch_change_loss": patch, "scan_change_loss": scan}
 
 
 # The pretraining methods by ``config.method``: each builds its model and computes its loss alike.
-METHODS = {"dino": DINOMethod, "mae": MAEMethod}
+METHODS = {"dino": DINOMethod, "mae": MAEMethod, "anomaly": AnomalyMethod}
 
 
-def build_method(config: PretrainConfig, device: torch.device) -> DINOMethod | MAEMethod:
+def build_method(config: PretrainConfig, device: torch.device) -> Method:
     """The method of ``config.method`` on ``device``."""
     return METHODS[config.method](config, device)

@@ -23,7 +23,11 @@ from fmct.ssl.run_folder import BACKBONE_DIR, CONFIG_FILE, LOG_FILE
 from fmct.tables import read_jsonl
 
 RECIPE_FILE = "recipe.yaml"
-METHOD_NAMES = {"dino": "DINO + iBOT + KoLeo", "mae": "masked autoencoding, MAE"}
+METHOD_NAMES = {
+    "dino": "DINO + iBOT + KoLeo",
+    "mae": "masked autoencoding, MAE",
+    "anomaly": "synthetic anomalies: local density changes painted in and found again, per patch and per scan",
+}
 
 
 def online_curve_table(records: list[dict]) -> str:
@@ -121,6 +125,12 @@ halves (about 78 scans each): differences under about 0.1 AUROC are noise.
 - Tiny model and CPU budget; at 3 mm voxels small lesions span one or two voxels.
 - How it compares with training from scratch and with the random-init and HU-histogram floors is
   measured in fmct's BENCHMARKS.md and printed by `make demo`."""
+    if config.get("method") == "anomaly":
+        limits += """
+- Its pretext (smooth hyperdense and hypodense ellipsoids painted into the soft tissue inside the head)
+  is close to what fmct detects: acute blood is a hyperdense change, an infarct a hypodense one. No label
+  was read, but the features favour focal density changes; findings of shape (a fracture line, a midline
+  shift) and real bleeds of other shapes and textures than its ellipsoids need their own evidence."""
     return render_card(
         name,
         f"A self-supervised 3D ViT backbone for head CT from `fmct pretrain` ({method}), pretrained on **synthetic** "

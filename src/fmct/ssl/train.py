@@ -1,5 +1,5 @@
 """Self-supervised pretraining of a :class:`~fmct.models.ViT3D` on the store: DINO + iBOT + KoLeo
-(DINOv2's formulation) or MAE. ``fmct pretrain`` calls :func:`pretrain`.
+(DINOv2's formulation), MAE or synthetic anomalies found again. ``fmct pretrain`` calls :func:`pretrain`.
 
 One DINO step, in order:
 
@@ -14,7 +14,9 @@ One DINO step, in order:
 5. backward; gradient clipping per module (backbone, DINO head, iBOT head, as DINOv2); the last
    layer's gradients dropped during the first epoch; AdamW; the teacher moves towards the student.
 
-An MAE step encodes the visible 25% of each global crop's patches and reconstructs the rest.
+An MAE step encodes the visible 25% of each global crop's patches and reconstructs the rest. An anomaly
+step paints synthetic changes into the HU batch before step 2 (the crops carry their map along) and
+learns where they are, per patch and per crop (:mod:`fmct.ssl.anomaly`).
 
 The models and the methods' losses are :mod:`fmct.ssl.meta_arch`'s; what the run folder holds is
 :mod:`fmct.ssl.run_folder`'s; what the run shows, :mod:`fmct.ssl.monitor`'s. Run again on the same
@@ -66,8 +68,9 @@ class Trainer:
     weights; wrapped for DDP or FSDP2 when the process is part of a torchrun job.
     """
 
-    def __init__(self, config: PretrainConfig, env: DistEnv, schedules: Schedules):
-        self.config, self.env, self.schedules = config, env, schedules
+    def __init__(self, config: PretrainConfig, env: DistEnv, schedules: Schedules, spacing_mm: float | None = None):
+        """``spacing_mm``: the store's voxel size, for a method that paints in mm (``anomaly``)."""
+        self.config, self.env, self.schedules, self.spacing_mm = config, env, schedules, spacing_mm
         engine = config.engine
         torch.manual_seed(engine.seed)
         self.method = build_method(config, env.device)
@@ -103,12 +106,21 @@ class Trainer:
         torch.manual_seed(
             int(torch.randint(0, 2**62, (1,), generator=step_generator(config.engine.seed, step, self.env.rank)))
         )
-        global_crops, local_crops = self.augment(
-            hu.to(device, non_blocking=True), generator, first_volume=first, global_batch=total
-        )
+        hu, maps = self.method.paint(hu.to(device, non_blocking=True), self.spacing_mm, generator, first, total)
+        views = self.augment(hu, generator, first_volume=first, global_batch=total, maps=maps)
+        global_crops, local_crops = views[:2]
+        global_maps = views[2] if maps is not None else None
         with self.autocast:
             metrics = self.method.loss(
-                self.student, self.teacher, global_crops, local_crops, generator, values, global_rows, n_crops
+                self.student,
+                self.teacher,
+                global_crops,
+                local_crops,
+                global_maps,
+                generator,
+                values,
+                global_rows,
+                n_crops,
             )
         metrics["loss"].backward()
         max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
@@ -211,7 +223,7 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     schedules = Schedules(config, global_batch=global_batch)
     total_steps = schedules.total_steps
 
-    trainer = Trainer(config, env, schedules)
+    trainer = Trainer(config, env, schedules, dataset.spacing_mm)
     evaluator = _online_evaluator(config, store, env)
     state_parts = dict(
         student=trainer.student, optimizer=trainer.optimizer, teacher=trainer.teacher, centers=trainer.centers
