@@ -4,7 +4,7 @@ closing summary on evaluated predictions of every arm."""
 import pytest
 
 from fmct.cli import main
-from fmct.demo import DemoConfig, claim_lines, demo_summary
+from fmct.demo import DemoConfig, claim_lines, demo_summary, run_at_once
 from fmct.eval.evaluate import evaluate, write_evaluation, write_predictions
 from test_report import signal_predictions
 
@@ -62,9 +62,14 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     # The demo's own pretraining stops at step 4, then the same command resumes it to the end (10 steps).
     assert "resuming" in captured.err and (out / "pretrain" / "backbone").is_dir()
     assert "The pretrained arm is the shipped checkpoint fmct-synth-tiny" in printed
-    timeline = printed[printed.index("Time per verb: ") :].splitlines()[0]
-    verbs = [part.split()[0] for part in timeline.removeprefix("Time per verb: ").split(", ")]
-    assert verbs == ["synth", "ingest", "pretrain", "embed", "probe", "finetune", "evaluate", "report"]
+    timeline = printed[printed.index("Time per step: ") :].splitlines()[0]
+    steps = [part.rsplit(" ", 2)[0] for part in timeline.removeprefix("Time per step: ").split(", ")]
+    assert steps == ["synth", "ingest", "pretrain", "finetune + embed + probe", "evaluate", "report"]
+    # The fine-tunes and the probes ran at once, each stage in a process of its own with its own log.
+    logs = {path.stem for path in (out / "logs").glob("*.log")}
+    assert logs == {"finetune_ceiling", "finetune_pretrained", "finetune_scratch", "embeddings", "probe"} | {
+        f"{stage}_{floor}" for stage in ("embeddings", "probe") for floor in ("random_init", "hu_histogram")
+    }
     assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]
     for section in (
         "summary",
@@ -103,3 +108,17 @@ def test_the_claim_says_how_many_of_its_parts_a_run_met():
     assert "NOT MET OOD  fine-tuned beats scratch: not evaluated" in nothing[2] and "does not pay" in nothing[-1]
     everything = claim_lines("ich", "0.1", [("fine-tuned beats scratch", [effect("ID", 0.1), effect("OOD", 0.1)])], [])
     assert everything[-1] == "  the claim holds on this run"
+
+
+def test_stages_run_at_once_report_the_first_failure_and_keep_each_output(tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    made = ["synth", "--out", str(cohort), "--n", "1", "--sites", "A", "--format", "nifti", "--matrix", "16"]
+    broken = ["evaluate", "--predictions", str(tmp_path / "missing"), "--out", str(tmp_path / "evaluation")]
+    status = run_at_once([[broken], [made]], at_once=2, logs=tmp_path / "logs")
+    # The failure's exit status comes back after the other stage has finished its work.
+    assert status != 0 and (cohort / "labels.csv").is_file()
+    assert "synth: 1 cases written" in (tmp_path / "logs" / "cohort.log").read_text()
+    assert "missing" in (tmp_path / "logs" / "evaluation.log").read_text()
+    printed = capsys.readouterr().out
+    assert "evaluation: FAILED" in printed and "cohort: done" in printed
+    assert run_at_once([[made]], at_once=2, logs=tmp_path / "logs") == 0  # resumed: the case is found done

@@ -183,6 +183,28 @@ def test_resume_skips_written_cases(tmp_path):
     assert [row["site"] for row in rows] == ["A", "B", "C"]
 
 
+def test_the_split_column_follows_the_shares_and_the_case_seeds_alone(tmp_path):
+    # Ten cases of seed 2 (matrix 16: the split does not look at the images) with the default shares.
+    generate_cohort(tmp_path, n=10, fmt="nifti", seed=2, matrix=16)
+
+    def splits() -> list[str]:
+        return [row["split"] for row in csv.DictReader((tmp_path / "labels.csv").open())]
+
+    default = splits()
+    assert set(default) <= {"train", "val", "test"}
+    # A resumed cohort with other shares keeps its cases and re-draws no image; its split column follows
+    # the new shares: every case in test, then every case in train.
+    everything_test = generate_cohort(tmp_path, n=10, fmt="nifti", seed=2, matrix=16, split_fractions=(0, 0, 1))
+    assert (everything_test.written, splits()) == (0, ["test"] * 10)
+    generate_cohort(tmp_path, n=10, fmt="nifti", seed=2, matrix=16, split_fractions=(1, 0, 0))
+    assert splits() == ["train"] * 10
+    # Shares are thresholds on one uniform draw per case: moving the train share from 0.7 to 0 turns
+    # exactly the default's train cases into val ones, the rest stay where they were.
+    generate_cohort(tmp_path, n=10, fmt="nifti", seed=2, matrix=16, split_fractions=(0, 0.8, 0.2))
+    assert splits() == [("val" if split == "train" else split) for split in default]
+    assert json.loads((tmp_path / "synth.json").read_text())["split_fractions"] == [0, 0.8, 0.2]
+
+
 def test_cq500_and_rsna_layouts(tmp_path):
     generate_cohort(tmp_path / "cq", n=2, layout="cq500", seed=5, matrix=24, sites=("B",))
     study = tmp_path / "cq" / "CQ500CT1 CQ500CT1" / "Unknown Study"
@@ -217,6 +239,10 @@ def test_cli_synth_and_usage_errors(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "d"), "--sites", "A,Z"]) == 2
     assert "unknown site 'Z'" in capsys.readouterr().err
     assert main(["synth", "--out", str(tmp_path / "e"), "--layout", "rsna", "--format", "nifti"]) == 2
+    assert main(["synth", "--out", str(tmp_path / "f"), "--split", "0.5,0.5"]) == 2
+    assert "three shares (train, val, test) summing to 1" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "f"), "--split", "most,some,few"]) == 2
+    assert "--split 'most,some,few': three numbers" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -455,6 +455,11 @@ def _synth_parser(sub) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes generating cases")
     parser.add_argument("--matrix", type=int, default=512, help="pixels per image side (same field of view)")
     parser.add_argument("--preview", action="store_true", help="also write preview/<case>.png montages")
+    parser.add_argument(
+        "--split",
+        default="0.7,0.1,0.2",
+        help="train,val,test shares of labels.csv's split column, each case drawn from its own seed",
+    )
     parser.set_defaults(run=_synth_run)
 
 
@@ -462,6 +467,10 @@ def _synth_run(args) -> int:
     from fmct.synth import generate_cohort, parse_sites
 
     _check_out(args.out)
+    try:
+        split_fractions = tuple(float(share) for share in args.split.split(","))
+    except ValueError:
+        raise UsageError(f"--split {args.split!r}: three numbers (train,val,test), e.g. 0.7,0.1,0.2") from None
     summary = generate_cohort(
         args.out,
         n=args.n,
@@ -472,6 +481,7 @@ def _synth_run(args) -> int:
         workers=args.workers,
         preview=args.preview,
         matrix=args.matrix,
+        split_fractions=split_fractions,
     )
     print(summary.describe())
     return 0

@@ -10,12 +10,18 @@ same recipe and ends by early stopping on the validation AUROC; the step cap onl
 that never stops.
 
 The verbs run through the command line's own entry point, passed in as ``run_verb``: this module sits
-beside the CLI, which imports it, and never imports the CLI back.
+beside the CLI, which imports it, and never imports the CLI back. The fine-tunes, which are independent of
+each other and take most of the demo's time, run at the same time (with the probes) as ``python -m
+fmct.cli`` processes, each on its share of the CPU cores (:func:`run_at_once`).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,8 +39,11 @@ class DemoConfig:
     n_scans: int = 360  # cases cycle through the sites: 240 in-distribution (A, B), 120 held out (C)
     sites: str = "A,B,C"
     ood_sites: str = "C"  # held out: its scans are test-only, the out-of-distribution set
-    # Share of the in-distribution scans in the test split (by patient; the cohort's own split column is
-    # not used): 0.45 of 240 gives an ID test split of about 108 scans, about 36 of them with a bleed.
+    # Shares of the scans in the validation and test splits, written by synth into labels.csv's split
+    # column: each case draws its split from its own seed, so the split is the same on every machine (a
+    # split made after ingest would follow the pseudonyms, whose key is drawn on each machine). 0.45 of
+    # the 240 in-distribution scans gives an ID test split of about 108 scans, about 36 with a bleed.
+    val_fraction: float = 0.15
     test_fraction: float = 0.45
     matrix: int = 128  # DICOM matrix of the synthetic series (2 mm pixels, finer than the 3 mm store)
     workers: int = 2
@@ -51,7 +60,10 @@ class DemoConfig:
     # The fine-tuned twins' budgets; the ceiling is fine-tuned from scratch on all training labels besides.
     finetune_label_fractions: str = "0.1"
     seeds: int = 2  # of the probes; a probe costs seconds
-    finetune_seeds: int = 1  # of the fine-tuned twins; a fine-tune costs minutes on a CPU
+    # Of the fine-tuned twins, whose AUROCs are averaged over seeds: one fit's test AUROC moves by up to
+    # 0.2 with its seed (BENCHMARKS.md, "Backbones", fourth search), more than the effect the claim looks
+    # for. Two seeds keep the demo within 10 minutes on 2 cores.
+    finetune_seeds: int = 2
     # Findings common enough to have test positives at every site (the rest are rarer).
     findings: str = "ich,midline_shift"
     # The fine-tuned arms learn the claim's finding alone: class-balanced batches over two findings would
@@ -64,6 +76,11 @@ class DemoConfig:
     finetune_eval_every: int = 12
     finetune_patience: int = 10
     finetune_batch_size: int = 8
+    # How many of the independent stages (the three fine-tunes, the probes) run at once, each in its own
+    # process on an even share of the cores. On 2 CPU cores two fits on one core each train about 1.4x
+    # the volumes per second of one fit on both (BENCHMARKS.md, "The demo's time"); on one GPU the fits
+    # would share the device, so the large preset runs one stage at a time.
+    stages_at_once: int = 2
     # The recipe chosen on validation for the CPU-scale backbone (BENCHMARKS.md, "Backbones", fourth
     # search: three seeds, and a 200-head selection cohort beside the validation split): a linear head on
     # the CLS and the mean and max of the patch tokens; AdamW 1e-3 for every layer, weight decay 1e-4, no
@@ -85,8 +102,9 @@ class DemoConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.n_scans < 20 or not 0 < self.test_fraction < 1:
-            raise ConfigError("n_scans must be >= 20 and test_fraction in (0, 1)")
+        shares = (self.val_fraction, self.test_fraction)
+        if self.n_scans < 20 or min(shares) <= 0 or sum(shares) >= 1:
+            raise ConfigError("n_scans must be >= 20, val_fraction and test_fraction > 0 with a sum below 1")
         if (
             min(
                 self.seeds,
@@ -95,12 +113,13 @@ class DemoConfig:
                 self.finetune_max_steps,
                 self.finetune_eval_every,
                 self.finetune_patience,
+                self.stages_at_once,
             )
             < 1
         ):
             raise ConfigError(
-                "seeds, finetune_seeds, workers, finetune_max_steps, finetune_eval_every and "
-                "finetune_patience must be >= 1"
+                "seeds, finetune_seeds, workers, finetune_max_steps, finetune_eval_every, finetune_patience "
+                "and stages_at_once must be >= 1"
             )
 
 
@@ -126,6 +145,7 @@ DEMO_SCALES: dict[str, list[str]] = {
         "finetune_max_steps=20000",
         "finetune_eval_every=100",
         "finetune_batch_size=32",
+        "stages_at_once=1",
     ],
 }
 
@@ -135,14 +155,21 @@ def load_demo_config(path: str | None, scale: str, overrides: list[str]) -> Demo
     return load_config(DemoConfig, path, DEMO_SCALES[scale] + overrides)
 
 
-def demo_stages(config: DemoConfig, out: Path) -> list[list[str]]:
-    """The demo's verbs in order, each an ``fmct`` command line."""
+Stage = list[str]  # one ``fmct`` command line
+Chain = list[Stage]  # stages that run one after the other
+
+
+def demo_stages(config: DemoConfig, out: Path) -> list[list[Chain]]:
+    """The demo's verbs in order, each an ``fmct`` command line, as steps of chains: the chains of a step
+    are independent of each other (each writes its own folders) and may run at the same time, the
+    longest first."""
     cohort, store, run = out / "cohort", out / "store", out / "pretrain"
     labels = str(cohort / "labels.csv")
     workers = str(config.workers)
     split = ["--ood-sites", config.ood_sites, "--findings", config.findings]
-    # Every arm splits the same scans the same way, by patient, the held-out site test-only.
-    split_config = ["use_split_column=false", f"test_fraction={config.test_fraction}"]
+    # Every arm takes the cohort's split column (the held-out site's scans are test-only whatever it says).
+    split_config = ["use_split_column=true"]
+    shares = (1 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
     embed = ["embed", "--store", str(store), "--workers", workers]
     probe = [
         "probe",
@@ -215,7 +242,7 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[str]]:
             ],
         ]
 
-    return [
+    sequential = [
         [
             "synth",
             "--out",
@@ -232,6 +259,8 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[str]]:
             workers,
             "--matrix",
             str(config.matrix),
+            "--split",
+            ",".join(f"{share:g}" for share in shares),
         ],
         [
             "ingest",
@@ -247,12 +276,16 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[str]]:
         # command. The held-out site stays unseen by pretraining too: its scans test generalisation only.
         [*pretrain, f"engine.stop_at_step={config.pretrain_stop_at_step}"],
         pretrain,
+    ]
+    probes = [
         *embed_and_probe(["--model", foundation], "", "vit-linear-probe", "pretrained"),
         # The floors every pretrained arm must beat, embedded and probed like the pretrained backbone.
         *embed_and_probe(
             ["--model", "scratch", "--like", foundation], "_random_init", "vit-linear-probe", "random-init"
         ),
         *embed_and_probe(["--model", "hu-histogram"], "_hu_histogram", "hu-histogram", "hu-histogram"),
+    ]
+    finetunes = [
         [*finetune, *twins, "--model", foundation, "--out", str(out / "finetune_pretrained"), "--arm", "pretrained"],
         [
             *finetune,
@@ -282,36 +315,46 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[str]]:
             "--arm",
             "ceiling",
         ],
-        [
-            "evaluate",
-            "--predictions",
-            str(out / "probe"),
-            str(out / "probe_random_init"),
-            str(out / "probe_hu_histogram"),
-            str(out / "finetune_pretrained"),
-            str(out / "finetune_scratch"),
-            str(out / "finetune_ceiling"),
-            "--out",
-            str(out / "evaluation"),
-        ],
-        ["report", str(out / "evaluation"), "--out", str(out / "report.html"), "--pretraining", foundation],
     ]
+    evaluate = [
+        "evaluate",
+        "--predictions",
+        str(out / "probe"),
+        str(out / "probe_random_init"),
+        str(out / "probe_hu_histogram"),
+        str(out / "finetune_pretrained"),
+        str(out / "finetune_scratch"),
+        str(out / "finetune_ceiling"),
+        "--out",
+        str(out / "evaluation"),
+    ]
+    report = ["report", str(out / "evaluation"), "--out", str(out / "report.html"), "--pretraining", foundation]
+    # The twins (a fit per seed) first, as the longest; the probes, a minute, fill a core left at the end.
+    return [[[stage]] for stage in sequential] + [[*[[fit] for fit in finetunes], probes], [[evaluate]], [[report]]]
 
 
 def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]) -> int:
-    """Run every stage with ``run_verb`` (the CLI's ``main``), then print the summary; the exit status of
-    the first stage that fails, else 0."""
+    """Run every stage with ``run_verb`` (the CLI's ``main``), a group of independent stages at once in
+    processes of their own (:func:`run_at_once`), then print the summary; the exit status of the first
+    stage that fails, else 0."""
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "demo.yaml")
-    seconds_per_verb: dict[str, float] = {}  # in the order the stages run; a verb's calls add up
-    for stage in demo_stages(config, out):
-        print(f"\n== fmct {' '.join(stage)}", flush=True)
+    seconds_per_step: dict[str, float] = {}  # in the order the steps run; a step's verbs, its calls add up
+    for chains in demo_stages(config, out):
         began = time.monotonic()
-        status = run_verb(stage)
-        seconds_per_verb[stage[0]] = seconds_per_verb.get(stage[0], 0.0) + time.monotonic() - began
+        step = " + ".join(dict.fromkeys(stage[0] for chain in chains for stage in chain))
+        if len(chains) > 1 and config.stages_at_once > 1:
+            status = run_at_once(chains, config.stages_at_once, out / "logs")
+        else:
+            status = 0
+            for stage in (stage for chain in chains for stage in chain):
+                print(f"\n== fmct {' '.join(stage)}", flush=True)
+                if (status := run_verb(stage)) != 0:
+                    break
+        seconds_per_step[step] = seconds_per_step.get(step, 0.0) + time.monotonic() - began
         if status != 0:
-            logger.error(f"fmct demo: stage {stage[0]} failed (exit {status}); fix it and re-run to resume")
+            logger.error(f"fmct demo: stage {step} failed (exit {status}); fix it and re-run to resume")
             return status
     print(demo_summary(out / "evaluation", config))
     if config.foundation_model:
@@ -325,9 +368,46 @@ def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]
         f"\nThis invocation of the demo took {minutes:.1f} min (set-up and stages a re-run found done not included); "
         f"the goal for a fresh clone, set-up included, is 10 min on 2 CPU cores."
     )
-    print("Time per verb: " + ", ".join(f"{verb} {seconds:.0f} s" for verb, seconds in seconds_per_verb.items()))
+    print("Time per step: " + ", ".join(f"{step} {seconds:.0f} s" for step, seconds in seconds_per_step.items()))
     print(f"\nreport: {(out / 'report.html').resolve()}")
     return 0
+
+
+def run_at_once(chains: list[Chain], at_once: int, logs: Path) -> int:
+    """Run independent chains of ``fmct`` stages, ``at_once`` chains at a time in the order given, each
+    stage a ``python -m fmct.cli`` process on an even share of this process's CPU cores (at least one
+    thread), its output in ``logs/<the stage's --out folder name>.log``. A chain stops at its first
+    failure. Returns 0, or the exit status of the first chain (in the order given) that failed, after
+    every chain has ended."""
+    logs.mkdir(parents=True, exist_ok=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    lanes = max(1, min(at_once, len(chains)))
+    threads = str(max(1, cores // lanes))
+    # torch, OpenMP and the BLAS libraries read these when a process starts.
+    environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def run(stage: Stage) -> int:
+        log = logs / f"{Path(stage[stage.index('--out') + 1]).name}.log"
+        print(f"\n== fmct {' '.join(stage)}\n   ({threads} thread(s), output in {log})", flush=True)
+        began = time.monotonic()
+        with open(log, "w") as output:
+            status = subprocess.run(
+                [sys.executable, "-m", "fmct.cli", *stage], stdout=output, stderr=subprocess.STDOUT, env=environment
+            ).returncode
+        ending = log.read_text(errors="replace").strip().splitlines()[-1:] if status else []
+        print(
+            f"   {log.stem}: {'done' if status == 0 else f'FAILED (exit {status})'} in {time.monotonic() - began:.0f} s"
+            + "".join(f"; {line}" for line in ending),
+            flush=True,
+        )
+        return status
+
+    def run_chain(chain: Chain) -> int:
+        return next((status for status in map(run, chain) if status != 0), 0)
+
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        statuses = list(pool.map(run_chain, chains))
+    return next((status for status in statuses if status != 0), 0)
 
 
 def demo_summary(evaluation_dir: Path, config: DemoConfig) -> str:

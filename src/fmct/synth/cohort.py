@@ -99,6 +99,7 @@ def generate_cohort(
     workers: int = 1,
     preview: bool = False,
     matrix: int = 512,
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
 ) -> CohortSummary:
     """Generate ``n`` synthetic head CT cases into folder ``out``.
 
@@ -112,6 +113,9 @@ def generate_cohort(
         workers: processes generating cases in parallel.
         preview: also write ``preview/<case>.png`` montages.
         matrix: pixels per image side (512 clinically; smaller for quick tests).
+        split_fractions: (train, val, test) shares of the ``split`` column of ``labels.csv``: each case
+            draws its split from its own seed, so the split depends on nothing but ``seed``, ``n`` and
+            these shares (not on the pseudonym key that ingest names patients with).
 
     Returns:
         A :class:`CohortSummary`. Tables: ``labels.csv`` (source, patient_id, site, split, one 0/1 column
@@ -126,6 +130,8 @@ def generate_cohort(
         raise UsageError(f"the {layout} layout is DICOM only (drop --format nifti)")
     if n < 1 or matrix < 16 or workers < 1:
         raise UsageError("n and workers must be at least 1 and matrix at least 16")
+    if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
+        raise UsageError(f"split shares {split_fractions}: three shares (train, val, test) summing to 1")
     profiles = [SITES[s] if isinstance(s, str) else s for s in sites]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,7 @@ def generate_cohort(
         "layout": layout,
         "seed": seed,
         "matrix": matrix,
+        "split_fractions": list(split_fractions),
     }
     atomic_write_text(out / SETTINGS_FILE, json.dumps(settings, indent=1))
     done_folder = out / ".cases"
@@ -152,6 +159,8 @@ def generate_cohort(
                 progress.update()
     progress.close()
     records = [json.loads((done_folder / f"{_case_id(i)}.json").read_text()) for i in range(n)]
+    for i, record in enumerate(records):  # decided here, so that a resumed cohort takes the shares given now
+        record["split"] = _split(scan_seed(seed, i), split_fractions)
     _write_tables(out, records, layout)
     return CohortSummary(written=len(jobs), skipped=n - len(jobs), out=out)
 
@@ -172,9 +181,8 @@ def _write_case(
     case = _case_id(index)
     subject = Subject(seed, site)
     identity = _identity(subject, index)
-    split = _split(seed)
     series_names = ("routine", "bone", "thin") if layout == "cq500" else ("routine",)
-    record: dict = {"case": case, "site": site.name, "patient_id": identity["PatientID"], "split": split, "series": []}
+    record: dict = {"case": case, "site": site.name, "patient_id": identity["PatientID"], "series": []}
     for series_number, series in enumerate(series_names, start=1):
         scan = subject.scan(subject.acquisition(series, matrix), series)
         tags = _tags(subject, scan, identity, series, series_number)
@@ -223,9 +231,10 @@ def _identity(subject: Subject, index: int) -> dict:
     }
 
 
-def _split(seed: int) -> str:
+def _split(seed: int, fractions: tuple[float, float, float]) -> str:
+    """The split of the case drawn from ``seed``, with (train, val, test) shares ``fractions``."""
     draw = np.random.default_rng([seed, 7]).random()
-    return "train" if draw < 0.7 else "val" if draw < 0.8 else "test"
+    return "train" if draw < fractions[0] else "val" if draw < fractions[0] + fractions[1] else "test"
 
 
 def _tags(subject: Subject, scan: SyntheticScan, identity: dict, series: str, number: int) -> dict:

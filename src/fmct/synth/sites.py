@@ -147,6 +147,41 @@ SITES: dict[str, SiteProfile] = {
         },
         institution="Synthetic Stroke Centre C",
     ),
+    # A university hospital: Philips, thin routine slices, a water calibration a little high and little
+    # beam hardening (C's scanner shifts the other way). Its heads choose among pretraining recipes for
+    # robustness to an unseen scanner, so that site C stays a test-only site.
+    "D": SiteProfile(
+        name="D",
+        manufacturer="Philips",
+        model="Brilliance iCT",
+        soft_kernel="UB",
+        sharp_kernel="YC",
+        kvp=120.0,
+        thickness_mm=4.0,
+        thin_mm=0.67,
+        fov_mm=(210.0, 240.0),
+        noise_hu=3.5,
+        rescale=(1.0, -1024.0),
+        hu_offset=4.0,
+        beam_hardening=0.3,
+        tilt_probability=0.3,
+        max_tilt_deg=15.0,
+        partial_coverage_probability=0.1,
+        age_mean=62.0,
+        age_sd=16.0,
+        prevalence={
+            "iph": 0.10,
+            "ivh": 0.05,
+            "sdh": 0.12,
+            "edh": 0.03,
+            "sah": 0.10,
+            "infarct": 0.12,
+            "mass": 0.06,
+            "hydrocephalus": 0.05,
+            "fracture": 0.07,
+        },
+        institution="Synthetic University Hospital D",
+    ),
 }
 
 
