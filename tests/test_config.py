@@ -103,7 +103,7 @@ def test_derived_values_follow_an_override():
         ("fmct.eval.probe:ProbeConfig", "label_fractions=[0,1]", "label_fractions must lie in"),
         ("fmct.eval.finetune:FinetuneConfig", "head=mlp", "head 'mlp'"),
         ("fmct.eval.embed:EmbedConfig", "chunk_size=0", "chunk_size"),
-        ("fmct.demo:DemoConfig", "test_fraction=1.5", "test_fraction in"),
+        ("fmct.demo:DemoConfig", "test_fraction=0.9", "val_fraction and test_fraction > 0 with a sum below 1"),
     ],
 )
 def test_every_config_checks_its_fields_where_they_are_declared(config_class, override, message):
