@@ -4,7 +4,7 @@ closing summary on evaluated predictions of every arm."""
 import pytest
 
 from fmct.cli import main
-from fmct.demo import DemoConfig, claim_lines, demo_summary, run_at_once
+from fmct.demo import DemoConfig, claim_lines, demo_summary, last_line, run_at_once
 from fmct.eval.evaluate import evaluate, write_evaluation, write_predictions
 from test_report import signal_predictions
 
@@ -122,3 +122,12 @@ def test_stages_run_at_once_report_the_first_failure_and_keep_each_output(tmp_pa
     printed = capsys.readouterr().out
     assert "evaluation: FAILED" in printed and "cohort: done" in printed
     assert run_at_once([[made]], at_once=2, logs=tmp_path / "logs") == 0  # resumed: the case is found done
+
+
+def test_the_progress_shown_of_a_running_stage_is_its_latest_bar(tmp_path):
+    log = tmp_path / "finetune_pretrained.log"
+    # tqdm in a file: a nested bar redrawn with carriage returns and a cursor move up after each redraw.
+    log.write_text("finetune: fits\n  steps:  5%| 100/2000\x1b[A\r  steps: 12%| 240/2000, best=0.756@156\x1b[A\r\n\n")
+    assert last_line(log) == "steps: 12%| 240/2000, best=0.756@156"
+    log.write_text("x" * 10_000 + "\nfmct finetune: no labelled scan is in the store\n")
+    assert last_line(log, tail_bytes=100) == "fmct finetune: no labelled scan is in the store"

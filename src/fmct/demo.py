@@ -18,10 +18,11 @@ fmct.cli`` processes, each on its share of the CPU cores (:func:`run_at_once`).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -373,41 +374,58 @@ def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]
     return 0
 
 
-def run_at_once(chains: list[Chain], at_once: int, logs: Path) -> int:
+def run_at_once(chains: list[Chain], at_once: int, logs: Path, progress_every_s: float = 60.0) -> int:
     """Run independent chains of ``fmct`` stages, ``at_once`` chains at a time in the order given, each
     stage a ``python -m fmct.cli`` process on an even share of this process's CPU cores (at least one
-    thread), its output in ``logs/<the stage's --out folder name>.log``. A chain stops at its first
-    failure. Returns 0, or the exit status of the first chain (in the order given) that failed, after
-    every chain has ended."""
+    thread), its output in ``logs/<the stage's --out folder name>.log``; every ``progress_every_s``
+    seconds, the last progress line of each stage still running. A chain stops at its first failure.
+    Returns 0, or the exit status of the first chain (in the order given) that failed, after every chain
+    has ended."""
     logs.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     lanes = max(1, min(at_once, len(chains)))
     threads = str(max(1, cores // lanes))
     # torch, OpenMP and the BLAS libraries read these when a process starts.
     environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    running: dict[str, Path] = {}  # stage log name -> log, while the stage runs
 
     def run(stage: Stage) -> int:
         log = logs / f"{Path(stage[stage.index('--out') + 1]).name}.log"
         print(f"\n== fmct {' '.join(stage)}\n   ({threads} thread(s), output in {log})", flush=True)
         began = time.monotonic()
         with open(log, "w") as output:
+            running[log.stem] = log
             status = subprocess.run(
                 [sys.executable, "-m", "fmct.cli", *stage], stdout=output, stderr=subprocess.STDOUT, env=environment
             ).returncode
-        ending = log.read_text(errors="replace").strip().splitlines()[-1:] if status else []
-        print(
-            f"   {log.stem}: {'done' if status == 0 else f'FAILED (exit {status})'} in {time.monotonic() - began:.0f} s"
-            + "".join(f"; {line}" for line in ending),
-            flush=True,
-        )
+            del running[log.stem]
+        ending = f"; {last_line(log)}" if status else ""
+        outcome = "done" if status == 0 else f"FAILED (exit {status})"
+        print(f"   {log.stem}: {outcome} in {time.monotonic() - began:.0f} s{ending}", flush=True)
         return status
 
     def run_chain(chain: Chain) -> int:
         return next((status for status in map(run, chain) if status != 0), 0)
 
     with ThreadPoolExecutor(max_workers=lanes) as pool:
-        statuses = list(pool.map(run_chain, chains))
-    return next((status for status in statuses if status != 0), 0)
+        futures = [pool.submit(run_chain, chain) for chain in chains]
+        while wait(futures, timeout=progress_every_s).not_done:
+            for name, log in list(running.items()):
+                print(f"   {name}: {last_line(log)}", flush=True)
+    return next((future.result() for future in futures if future.result() != 0), 0)
+
+
+def last_line(log: Path, tail_bytes: int = 4096) -> str:
+    """The last non-empty line of ``log`` as a terminal would show it: a progress bar's carriage-return
+    updates and cursor moves are resolved to the latest one."""
+    with open(log, "rb") as file:
+        file.seek(max(0, file.seek(0, os.SEEK_END) - tail_bytes))
+        text = file.read().decode(errors="replace")
+    lines = [line.strip() for line in _CURSOR_MOVES.sub("", text).replace("\r", "\n").splitlines()]
+    return next((line for line in reversed(lines) if line), "")
+
+
+_CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's moves between its nested bars
 
 
 def demo_summary(evaluation_dir: Path, config: DemoConfig) -> str:
