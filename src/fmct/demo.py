@@ -79,8 +79,9 @@ class DemoConfig:
     finetune_batch_size: int = 8
     # How many of the independent stages (the three fine-tunes, the probes) run at once, each in its own
     # process on an even share of the cores. On 2 CPU cores two fits on one core each train 1.2-1.3x the
-    # steps per second of one fit on both (benchmarks/finetune_at_once.py; BENCHMARKS.md, "The demo's
-    # time"); on one GPU the fits would share the device, so the large preset runs one stage at a time.
+    # steps per second of one fit on both (benchmarks/finetune_at_once.py; BENCHMARKS.md, "The demo, the
+    # same on every machine"); on one GPU the fits would share the device, so the large preset runs one
+    # stage at a time.
     stages_at_once: int = 2
     # The recipe chosen on validation for the CPU-scale backbone (BENCHMARKS.md, "Backbones", fourth
     # search: three seeds, and a 200-head selection cohort beside the validation split): a linear head on
