@@ -119,12 +119,10 @@ def paint_changes(
     draws = ChangeDraws(*(values[first_volume : first_volume + batch] for values in draws))
     hu = hu.float().clone()
     visibility = torch.zeros_like(hu)
-    region = paintable_region(hu, spacing_mm, config.air_margin_mm)
     shape = torch.tensor(hu.shape[2:])
-    for j in range(batch):
-        if not draws.active[j]:
-            continue
-        candidates = region[j, 0].nonzero()
+    painted = draws.active.nonzero().view(-1).tolist()  # about half the batch: the region only for those
+    for j, region in zip(painted, paintable_region(hu[painted], spacing_mm, config.air_margin_mm)):
+        candidates = region[0].nonzero()
         if len(candidates) == 0:
             continue
         noise = torch.Generator(hu.device).manual_seed(int(draws.noise_seed[j]))
@@ -146,7 +144,7 @@ def paint_changes(
             radius = radius + config.edge_roughness * torch.randn(
                 radius.shape, generator=noise, device=hu.device, dtype=torch.float32
             )
-            alpha = torch.sigmoid((1 - radius) / softness) * region[j, 0][box]
+            alpha = torch.sigmoid((1 - radius) / softness) * region[0][box]
             delta = float(draws.delta_hu[j, k])
             hu[j, 0][box] += alpha * delta
             visible = alpha * min(1.0, abs(delta) / config.visible_hu)
