@@ -351,19 +351,30 @@ def test_the_anomaly_pretext_needs_the_stores_voxel_size(tmp_path):
 
 # ------------------------------------------------------------------------------------ distributed
 def _worker(rank: int, store: str, run: str, port: int, sharding: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    import fmct.ssl.train as train
+
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    result = pretrain(store, run, tiny_config(f"engine.sharding={sharding}", "optim.epoch_length=2"))
-    if sharding == "ddp":  # every rank holds whole replicas: keep this rank's to compare
-        state = {f"student.{k}": v for k, v in result["student"].state_dict().items()}
-        state.update({f"teacher.{k}": v for k, v in result["teacher"].state_dict().items()})
-        torch.save(state, f"{run}/rank{rank}.pt")
-    else:  # FSDP2: each rank holds one shard of every parameter
-        from torch.distributed.tensor import DTensor
+    sharded = []  # whether the student trained as FSDP2 shards (a flag: a reference would keep the group alive)
+    wrap_student = train.wrap_student
 
-        assert all(isinstance(p, DTensor) for p in result["student"].parameters())
+    def recording_wrap(*args):
+        wrapped = wrap_student(*args)
+        sharded.append(isinstance(next(wrapped.parameters()), DTensor))
+        return wrapped
+
+    train.wrap_student = recording_wrap
+    result = pretrain(store, run, tiny_config(f"engine.sharding={sharding}", "optim.epoch_length=2"))
+    assert sharded == [sharding == "fsdp"]
+    # Every rank gets plain modules with the whole weights, also after FSDP2.
+    state = {f"student.{k}": v for k, v in result["student"].state_dict().items()}
+    state.update({f"teacher.{k}": v for k, v in result["teacher"].state_dict().items()})
+    assert not any(isinstance(tensor, DTensor) for tensor in state.values())
+    torch.save(state, f"{run}/rank{rank}.pt")
 
 
 def run_two_processes(store: Path, run: Path, sharding: str) -> Path:
@@ -413,6 +424,11 @@ def test_fsdp2_sharding_trains_like_ddp(store, ddp_run, tmp_path):
         moved = torch.cat([(expected[part][n] - initial[n]).abs().flatten() for n in names if n in initial]).mean()
         assert float(moved) > 0 and float(difference) < 0.01 * float(moved), (part, float(difference), float(moved))
     assert sorted(expected["optimizer"]["state"]) == sorted(actual["optimizer"]["state"])
+    rank0 = torch.load(fsdp_run / "rank0.pt", weights_only=True)
+    rank1 = torch.load(fsdp_run / "rank1.pt", weights_only=True)
+    for part in ("student", "teacher"):
+        for name, tensor in actual[part].items():
+            assert torch.equal(rank0[f"{part}.{name}"], tensor) and torch.equal(rank1[f"{part}.{name}"], tensor), name
 
 
 # --------------------------------------------------------------------------------------- collapse

@@ -9,10 +9,12 @@ under FSDP2 (so that teacher and student shards line up for the EMA).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from fmct.devices import unwrap
 from fmct.distributed import DistEnv
 
 
@@ -44,6 +46,25 @@ def shard(model: nn.Module) -> nn.Module:
                 fully_shard(block)
     fully_shard(model)
     return model
+
+
+def whole_copy(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """``model`` without its data-parallel wrapping: under FSDP2 a new ``build()`` module holding the
+    whole weights on every rank (a collective: every rank calls it), else the wrapped module itself.
+
+    A sharded module works only while its process group lives, and it keeps that group referenced: a
+    run that returned one would tear the group down at interpreter exit, where gloo can abort the
+    process after a finished run.
+    """
+    if not any(_is_dtensor(parameter) for parameter in model.parameters()):
+        return unwrap(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    device = next(iter(whole.values())).device
+    copy = build().to(device)
+    copy.load_state_dict(whole)
+    return copy.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

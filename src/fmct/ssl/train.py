@@ -25,6 +25,7 @@ folder, the job resumes from the checkpoint and reaches the weights of a run tha
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from copy import deepcopy
@@ -43,7 +44,7 @@ from fmct.log import logger
 from fmct.models import ViT3D
 from fmct.ssl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fmct.ssl.config import DataConfig, EngineConfig, PretrainConfig
-from fmct.ssl.distributed import full_tensor, wrap_student, wrap_teacher
+from fmct.ssl.distributed import full_tensor, whole_copy, wrap_student, wrap_teacher
 from fmct.ssl.meta_arch import build_method, update_teacher
 from fmct.ssl.monitor import Monitor
 from fmct.ssl.online_eval import OnlineEvaluator, build_online_evaluator
@@ -154,7 +155,8 @@ def pretrain(store: str | os.PathLike, run_dir: str | os.PathLike, config: Pretr
     """Pretrain on every scan of ``store`` into ``run_dir``, resuming when it holds a checkpoint.
 
     Run by every process of a torchrun job (or alone). Returns, on every rank, ``{"step": completed
-    steps, "total_steps", "rank", "student": unwrapped student, "teacher": unwrapped teacher or None,
+    steps, "total_steps", "rank", "student": the student, "teacher": the teacher or None (plain modules
+    with the whole weights on every rank, also after FSDP2),
     "last": the last logged metrics}``. Raises :class:`PretrainError` when a loss turns NaN or infinite
     (the last good checkpoint is kept), ``ConfigError`` when a resumed run's config differs in more than
     :data:`fmct.ssl.config.RESUMABLE_KEYS` or the store cannot fill a batch,
@@ -165,6 +167,7 @@ def pretrain(store: str | os.PathLike, run_dir: str | os.PathLike, config: Pretr
     try:
         return _run(Path(store), Path(run_dir), config, env)
     finally:
+        gc.collect()  # FSDP2's modules hold the process group in reference cycles: free them while it lives
         close_distributed()
 
 
@@ -299,13 +302,13 @@ def _run(store: Path, run_dir: Path, config: PretrainConfig, env: DistEnv) -> di
     monitor.close()
     if step >= total_steps and env.is_main and not monitor.logged_any:
         logger.info(f"pretrain: {run_dir} is already complete ({step} of {total_steps} steps)")
-    teacher = unwrap(trainer.teacher) if trainer.teacher is not None else None
+    build = trainer.method.build_model
     return {
         "step": step,
         "total_steps": total_steps,
         "rank": env.rank,
-        "student": unwrap(trainer.student),
-        "teacher": teacher,
+        "student": whole_copy(trainer.student, build),
+        "teacher": whole_copy(trainer.teacher, build) if trainer.teacher is not None else None,
         "last": monitor.last,
     }
 
