@@ -41,14 +41,15 @@ TINY = dict(
 BLOB_HU, BLOB_RADIUS = 100.0, 10  # HU, voxels (15 mm at 1.5 mm): a large bright haematoma
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, change_heads: bool = False):
     torch.manual_seed(seed)
-    return build_vit3d(ViT3DConfig(**TINY)).eval()
+    return build_vit3d(ViT3DConfig(**TINY, change_heads=change_heads)).eval()
 
 
-def save_tiny_run(run: Path, seed: int = 0) -> Path:
+def save_tiny_run(run: Path, seed: int = 0, change_heads: bool = False) -> Path:
     """A pretraining run folder holding ``backbone/`` of a tiny ViT (depth 2, dim 64, 32^3 input, patch 8)."""
-    hub.save(tiny_model(seed), run / "backbone", extra={"windows": WINDOWS})  # the key fmct pretrain writes
+    model = tiny_model(seed, change_heads)
+    hub.save(model, run / "backbone", extra={"windows": WINDOWS})  # the key fmct pretrain writes
     return run
 
 

@@ -19,9 +19,10 @@ from fmct.eval.classifiers import choose_features
 from fmct.eval.embeddings import AUTO_CANDIDATES, FEATURE_SETS, read_embeddings, write_embeddings
 from fmct.eval.evaluate import read_predictions
 from fmct.eval.probe import ProbeConfig, run_probe
+from fmct.models import ViT3DConfig, build_vit3d
 from fmct.models.classifier import pooled_features
-from fmct.models.encode import FEATURES, encode, scan_features
-from test_embed import tiny_model
+from fmct.models.encode import FEATURES, encode, feature_names, scan_features
+from test_embed import TINY, tiny_model
 
 torch.set_num_threads(1)
 
@@ -81,6 +82,22 @@ def test_encode_returns_cls_and_the_mean_and_max_patch_token():
     assert patch.grad.sum() == 2.0  # one patch per channel
 
 
+def test_a_backbone_with_change_heads_adds_its_scan_change_logit_and_draws_the_same_blocks():
+    torch.manual_seed(0)
+    model = build_vit3d(ViT3DConfig(**TINY, change_heads=True)).eval()
+    x = torch.rand(2, 3, 32, 32, 32)
+    features = encode(model, x)
+    assert list(features) == list(feature_names(model)) == ["cls", "patch_mean", "patch_max", "change"]
+    with torch.no_grad():
+        expected = features["cls"] @ model.change_head.scan.weight.T + model.change_head.scan.bias
+    assert features["change"].shape == (2, 1)
+    torch.testing.assert_close(features["change"], expected)
+    # The heads are drawn after the backbone: the same seed gives the same backbone with or without them.
+    plain = tiny_model(0)
+    assert feature_names(plain) == FEATURES
+    torch.testing.assert_close(encode(plain, x)["cls"], features["cls"])
+
+
 def test_max_only_features_carry_the_finding_in_the_max_alone():
     features, labels = max_only_features(400)
     for name, expected in (("cls", False), ("patch_mean", False), ("patch_max", True)):
@@ -99,9 +116,17 @@ def test_feature_sets_concatenate_in_a_fixed_order_and_old_tables_still_load(tmp
     np.testing.assert_array_equal(new.feature_matrix("concat"), np.hstack([cls, mean]))
     np.testing.assert_array_equal(new.feature_matrix("patch_max"), top)
     candidates, note = new.candidates("auto")
-    assert list(candidates) == list(AUTO_CANDIDATES) == ["cls", "concat", "cls_mean_max"] and note == ""
+    # A backbone without change heads: auto leaves out the change logit without a note.
+    assert list(candidates) == ["cls", "concat", "cls_mean_max"] and note == ""
     assert new.default_feature == "auto"
-    assert set(FEATURE_SETS) == {"cls", "patch_mean", "patch_max", "concat", "cls_mean_max"}
+    assert set(FEATURE_SETS) == {"cls", "patch_mean", "patch_max", "concat", "cls_mean_max", "change"}
+    change = np.array([[0.5], [-2.0]])
+    write_embeddings(
+        tmp_path / "heads", ["a", "b"], {"cls": cls, "patch_mean": mean, "patch_max": top, "change": change}
+    )
+    candidates, note = read_embeddings(tmp_path / "heads").candidates("auto")
+    assert list(candidates) == list(AUTO_CANDIDATES) == ["change", "cls", "concat", "cls_mean_max"] and note == ""
+    np.testing.assert_array_equal(candidates["change"], change)
 
     # A table embedded before patch_max: it loads, auto chooses among what it holds, its default stays its own.
     write_embeddings(tmp_path / "old", ["a", "b"], {"cls": cls, "patch_mean": mean}, {"default_feature": "cls"})

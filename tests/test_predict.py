@@ -418,6 +418,19 @@ def test_a_probe_detector_rebuilds_the_feature_set_its_fit_chose(tmp_path):
         )
 
 
+def test_a_probe_detector_on_the_change_logit_rebuilds_it_from_the_change_heads(tmp_path):
+    store, _ = write_blob_store(tmp_path, n_scans=24, seed=3)
+    run = save_tiny_run(tmp_path / "run", change_heads=True)
+    embed_store(run, store, tmp_path / "emb", progress=False)
+    out = tmp_path / "probe"
+    config = ProbeConfig(label_fractions=(1.0,), seeds=1, features="change", val_fraction=0.25, test_fraction=0.25)
+    run_probe(tmp_path / "emb", str(tmp_path / "labels.csv"), out, config)
+    detector = Detector.from_pretrained(out)
+    assert detector.scorer.coef.shape == (1, 1) and detector.scorer.backbone.change_head is not None
+    columns = read_predictions(out).columns
+    np.testing.assert_allclose(_store_scores(detector, store, list(columns["scan_id"])), columns["score"], atol=1e-3)
+
+
 def test_export_to_onnx_matches_torch(finetuned, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     root, store, ft = finetuned
@@ -583,8 +596,17 @@ def _absolute_paths(folder: Path, roots: list[str]) -> list[str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
         for root in roots
-        if root.encode() in path.read_bytes()
+        if root.encode() in _readable_bytes(path)
     ]
+
+
+def _readable_bytes(path: Path) -> bytes:
+    """A file's bytes that could hold a path: a safetensors file's JSON header (names and metadata), since its
+    tensor bytes are arbitrary (a 4 MB file holds a given 3-byte string such as ``C:\\`` about one time in four)."""
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        return data[8 : 8 + int.from_bytes(data[:8], "little")]
+    return data
 
 
 def test_no_machine_path_in_a_detector_folder_or_the_shipped_checkpoint(finetuned, tmp_path):

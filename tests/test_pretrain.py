@@ -331,6 +331,18 @@ def test_the_anomaly_pretext_trains_through_the_same_loop_and_resumes_exactly(st
     assert abs(lines[0]["patch_change_loss"] - math.log(2)) < 0.2
     assert np.mean([line["patch_change_loss"] for line in lines[-4:]]) < lines[0]["patch_change_loss"]
     assert hub.read_extra(run / "backbone")["method"] == "anomaly"
+    # The change heads travel with the exported backbone: its change feature is the trained scan logit.
+    exported, student = hub.load(run / "backbone").eval(), result["student"].eval()
+    x = torch.rand(2, 3, 32, 32, 32)
+    with torch.no_grad():
+        patch_logits, scan_logits = student(x)
+        change = exported.forward_features(x)["change"]
+    assert exported.config.change_heads and patch_logits.shape == (2, 64)
+    torch.testing.assert_close(change[:, 0], scan_logits)
+    from fmct.ssl.release import package
+
+    card = (package(run, tmp_path / "card", "fmct-test", "phantoms", "pytest", "a CPU") / "README.md").read_text()
+    assert "and the change logit" in card
     # Changes are drawn from (seed, step): a run stopped at step 5 and resumed ends with the same weights.
     halves = tmp_path / "halves"
     pretrain(store, halves, tiny_config(*overrides, "optim.epochs=3", "engine.stop_at_step=5"))

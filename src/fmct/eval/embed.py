@@ -58,7 +58,7 @@ from fmct.eval.embeddings import AUTO, write_embeddings
 from fmct.fingerprint import weights_sha256
 from fmct.log import progress_bar
 from fmct.models import ViT3D
-from fmct.models.encode import FEATURES, encode
+from fmct.models.encode import encode, feature_names
 from fmct.models.windows import model_input
 from fmct.paths import relative_to
 from fmct.tables import rows_to_csv
@@ -187,7 +187,7 @@ def _backbone_encoder(
     model: ViT3D, source: hub.ModelSource, arm: str, weights: dict, meta: dict, config: EmbedConfig
 ) -> Encoder:
     """The encoder of a ViT: the whole volume resized and windowed, then its CLS, mean and max patch token
-    (:func:`encode`); ``weights`` identifies its weights."""
+    and, with change heads, its change logit (:func:`encode`); ``weights`` identifies its weights."""
     forward_features = torch.compile(model.forward_features) if config.compile else model.forward_features
     windows = source.windows
 
@@ -201,7 +201,7 @@ def _backbone_encoder(
         "windows_hu": [list(w) for w in windows],
         "input_size": list(model.config.img_size),
         "precision": "bf16" if device.type == "cuda" else "fp32",
-        "features": list(FEATURES),
+        "features": list(feature_names(model)),
     }
     return Encoder(features, source.name, arm, fingerprint, {**meta, "model_config": to_dict(model.config)})
 

@@ -29,10 +29,10 @@ import numpy as np
 
 from fmct.atomic import atomic_write_bytes, atomic_write_text
 from fmct.errors import InputError
-from fmct.models.encode import FEATURE_SETS
+from fmct.models.encode import FEATURE_SETS, OPTIONAL_FEATURES
 
 AUTO = "auto"
-AUTO_CANDIDATES = ("cls", "concat", "cls_mean_max")  # smallest first: a tie on validation keeps the smaller
+AUTO_CANDIDATES = ("change", "cls", "concat", "cls_mean_max")  # smallest first: a tie keeps the smaller
 
 
 @dataclass
@@ -71,7 +71,8 @@ class Embeddings:
         candidates left out ("" when none).
 
         ``auto``: those of :data:`AUTO_CANDIDATES` the table holds every feature of (a table without
-        ``patch_max`` leaves out ``cls_mean_max``); any other name: that set or feature alone.
+        ``patch_max`` leaves out ``cls_mean_max``, and says so; one without ``change``, a backbone without
+        change heads, leaves out ``change`` without a note); any other name: that set or feature alone.
         :class:`InputError` when there is none (``auto`` on the HU histogram's table).
         """
         if name != AUTO:
@@ -82,7 +83,9 @@ class Embeddings:
                 f"feature set {AUTO}: the embeddings hold none of a backbone's features (they hold: "
                 f"{', '.join(sorted(self.features))}); name a feature with --features"
             )
-        left_out = [c for c in AUTO_CANDIDATES if c not in usable]
+        left_out = [
+            c for c in AUTO_CANDIDATES if c not in usable and not set(FEATURE_SETS[c]) <= set(OPTIONAL_FEATURES)
+        ]
         note = (
             f"feature set {AUTO} left out {', '.join(left_out)}: the embeddings lack "
             f"{', '.join(sorted({n for c in left_out for n in FEATURE_SETS[c]} - set(self.features)))}"

@@ -68,6 +68,10 @@ class ViT3DConfig:
     # stem's time at full resolution); True, two 3x3x3 convolutions and a 2x max-pool like the other
     # stages, so that the first features see single voxels and their neighbours (a plain 3D CNN's start).
     stem_full_resolution: bool = False
+    # The synthetic-anomaly pretext's two linear heads (:class:`ChangeHeads`), kept with the backbone so
+    # that its output, the model's own score that a scan holds a change, travels with the weights (set by
+    # PretrainConfig for method anomaly; False for every other backbone).
+    change_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -295,6 +299,17 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ model
+class ChangeHeads(nn.Module):
+    """Two linear heads on a backbone's normalised output tokens (:mod:`fmct.ssl.anomaly` trains them):
+    ``patch``, one logit per patch token that its patch holds a painted change, and ``scan``, one logit
+    on the CLS that the scan holds any."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.patch = nn.Linear(dim, 1)
+        self.scan = nn.Linear(dim, 1)
+
+
 class ViT3D(nn.Module):
     """3D ViT backbone. ``forward(x)`` returns the CLS embedding (B, embed_dim) of volumes (B, C, D, H, W).
 
@@ -323,6 +338,8 @@ class ViT3D(nn.Module):
         # Built on the meta device (hub.load), the weights come from a file: a random init is wasted time.
         if not self.pos_embed.is_meta:
             self._init_weights()
+        # After the initialisation, so that the blocks draw the same weights with and without them.
+        self.change_head = ChangeHeads(dim) if config.change_heads else None
 
     @property
     def embed_dim(self) -> int:
@@ -387,18 +404,22 @@ class ViT3D(nn.Module):
         """Normalised output tokens of volumes ``x`` (B, C, D, H, W).
 
         Returns ``{"cls": (B, C), "registers": (B, R, C), "patch": (B, N, C)}`` with C = embed_dim and N
-        the patch count in patch order (or N' = keep_idx.shape[1] visible patches, in keep_idx order).
-        See :meth:`prepare_tokens` for ``masks`` and ``keep_idx``.
+        the patch count in patch order (or N' = keep_idx.shape[1] visible patches, in keep_idx order),
+        and for a backbone with change heads also ``"change"`` (B, 1): the scan head's logit that the
+        scan holds a change. See :meth:`prepare_tokens` for ``masks`` and ``keep_idx``.
         """
         tokens = self.prepare_tokens(x, masks, keep_idx)
         for block in self.blocks:
             tokens = block(tokens)
         tokens = self.norm(tokens)
-        return {
+        out = {
             "cls": tokens[:, 0],
             "registers": tokens[:, 1 : 1 + self.n_registers],
             "patch": tokens[:, 1 + self.n_registers :],
         }
+        if self.change_head is not None:
+            out["change"] = self.change_head.scan(out["cls"])
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """CLS embedding (B, embed_dim) of volumes (B, C, D, H, W)."""
@@ -407,10 +428,10 @@ class ViT3D(nn.Module):
     # ------------------------------------------------------------------- optimiser parameter groups
     def layer_id(self, name: str) -> int:
         """Depth of parameter ``name`` for layer-wise LR decay: 0 embeddings and tokens, i + 1 block i,
-        depth + 1 final norm."""
+        depth + 1 final norm and change heads."""
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
-        if name.startswith("norm."):
+        if name.startswith(("norm.", "change_head.")):
             return self.config.depth + 1
         return 0
 

@@ -262,6 +262,7 @@ class PretrainConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         model, augment = self.model, self.augment
+        model.change_heads = self.method == "anomaly"  # the anomaly pretext's heads stay with its backbone
         if tuple(model.img_size) != (augment.global_size,) * 3:
             raise ConfigError(
                 f"model.img_size {list(model.img_size)} must be the global crop size "

@@ -88,12 +88,13 @@ class DINOModel(nn.Module):
         if self.ibot_head is not None:
             self.ibot_head.cancel_last_layer_gradients()
 
-    def clipped_modules(self) -> dict[str, nn.Module]:
-        """The modules whose gradients are clipped each on its own (DINOv2 clips backbone and heads apart)."""
+    def clipped_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters whose gradients are clipped each group on its own (DINOv2 clips backbone and heads
+        apart)."""
         modules = {"backbone": self.backbone, "dino_head": self.dino_head}
         if self.ibot_head is not None:
             modules["ibot_head"] = self.ibot_head
-        return modules
+        return {name: list(module.parameters()) for name, module in modules.items()}
 
     def param_groups(self, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float = 1.0) -> list[dict]:
         """AdamW groups of the backbone (layer-wise LR decay) and the heads (LR scale 1), named as in the model."""
@@ -124,9 +125,9 @@ class MAEModel(nn.Module):
         visible = self.backbone.forward_features(crops, keep_idx=keep_idx)["patch"]
         return self.decoder(visible, restore_idx)
 
-    def clipped_modules(self) -> dict[str, nn.Module]:
-        """The modules whose gradients are clipped each on its own."""
-        return {"backbone": self.backbone, "decoder": self.decoder}
+    def clipped_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters whose gradients are clipped each group on its own."""
+        return {"backbone": list(self.backbone.parameters()), "decoder": list(self.decoder.parameters())}
 
     def param_groups(self, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float = 1.0) -> list[dict]:
         """AdamW groups of the backbone (layer-wise LR decay) and the decoder (LR scale 1), named as in the model."""
@@ -136,33 +137,30 @@ class MAEModel(nn.Module):
 
 
 class AnomalyModel(nn.Module):
-    """Backbone + two linear heads: one logit per patch token (does this patch hold a change?) and one
-    on the CLS (does the scan hold any?)."""
+    """A backbone with change heads (:class:`fmct.models.vit3d.ChangeHeads`): one logit per patch token (does
+    this patch hold a change?) and one on the CLS (does the scan hold any?)."""
 
     def __init__(self, config: PretrainConfig):
         super().__init__()
         self.backbone = build_vit3d(config.model)
+        if self.backbone.change_head is None:
+            raise ConfigError("method anomaly needs model.change_heads=true")
         self.backbone.mask_token.requires_grad_(False)  # nothing is masked: unused, and DDP needs every grad
-        self.patch_head = nn.Linear(self.backbone.embed_dim, 1)
-        self.scan_head = nn.Linear(self.backbone.embed_dim, 1)
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch logits (B, N) in patch order and scan logits (B,) of crops (B, C, D, H, W)."""
         tokens = self.backbone.forward_features(crops)
-        return self.patch_head(tokens["patch"]).squeeze(-1), self.scan_head(tokens["cls"]).squeeze(-1)
+        return self.backbone.change_head.patch(tokens["patch"]).squeeze(-1), tokens["change"].squeeze(-1)
 
-    def clipped_modules(self) -> dict[str, nn.Module]:
-        """The modules whose gradients are clipped each on its own."""
-        return {"backbone": self.backbone, "heads": nn.ModuleList([self.patch_head, self.scan_head])}
+    def clipped_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters whose gradients are clipped each group on its own: the backbone's, the heads'."""
+        heads = list(self.backbone.change_head.parameters())
+        named = self.backbone.named_parameters()
+        return {"backbone": [p for name, p in named if not name.startswith("change_head.")], "heads": heads}
 
     def param_groups(self, weight_decay: float, layer_decay: float, patch_embed_lr_mult: float = 1.0) -> list[dict]:
-        """AdamW groups of the backbone (layer-wise LR decay) and the two heads (LR scale 1)."""
-        heads = [
-            _prefixed(grouped_parameters(head.named_parameters(), lambda name: 1.0, weight_decay), f"{name}.")
-            for name, head in (("patch_head", self.patch_head), ("scan_head", self.scan_head))
-        ]
-        backbone = self.backbone.param_groups(weight_decay, layer_decay, patch_embed_lr_mult)
-        return _prefixed(backbone, "backbone.") + heads[0] + heads[1]
+        """AdamW groups of the backbone (layer-wise LR decay; the change heads at LR scale 1)."""
+        return _prefixed(self.backbone.param_groups(weight_decay, layer_decay, patch_embed_lr_mult), "backbone.")
 
 
 def _prefixed(groups: list[dict], prefix: str) -> list[dict]:

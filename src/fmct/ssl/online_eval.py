@@ -42,7 +42,7 @@ from fmct.eval.metrics import auroc
 from fmct.eval.splits import assign_splits
 from fmct.log import logger
 from fmct.models import ViT3D
-from fmct.models.encode import FEATURES, encode
+from fmct.models.encode import encode, feature_names
 from fmct.models.windows import model_input
 from fmct.store import Store
 
@@ -137,7 +137,7 @@ class OnlineEvaluator:
         embed`` writes them), row i for ``scan_ids[i]``; the backbone's train/eval mode is kept."""
         was_training = backbone.training
         backbone.eval()
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in feature_names(backbone)}
         for start in range(0, len(self.hu), self.batch_size):
             x = model_input(
                 self.hu[start : start + self.batch_size].to(self.device), backbone.config.img_size, self.windows

@@ -98,14 +98,22 @@ def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, 
         if "teacher_cosine" in last
         else ""
     )
+    features = (
+        "- Features: the CLS token, the mean and max of the patch tokens and the change logit: the pretext's scan\n"
+        "  head (kept with the backbone) scoring whether the scan holds a focal density change (`fmct embed` writes\n"
+        "  all four; `fmct probe` chooses the change logit, CLS, CLS + mean or CLS + mean + max on the validation\n"
+        "  split)."
+        if model.get("change_heads")
+        else "- Features: the CLS token and the mean and max of the patch tokens (`fmct embed` writes all three;\n"
+        "  `fmct probe` chooses CLS, CLS + mean or CLS + mean + max on the validation split)."
+    )
     model_text = f"""- ViT3D: {embedding}; {model["depth"]} blocks, width {model["embed_dim"]}, \
 {model["n_heads"]} heads, patch {model["patch_size"]} voxels,
   input {model["img_size"]} voxels of {len(config["augment"]["windows"])} HU windows
   {config["augment"]["windows"]} (level, width), {model["n_registers"]} register token(s); {parameters:,} parameters.
 - Expects the canonical grid of fmct's demo stores: 64^3 voxels of 3 mm (RAS), the whole volume
   resized to the input size (`fmct embed` and `fmct finetune` do so; `ViT3DModel.preprocess` in Python).
-- Features: the CLS token and the mean and max of the patch tokens (`fmct embed` writes all three;
-  `fmct probe` chooses CLS, CLS + mean or CLS + mean + max on the validation split)."""
+{features}"""
     recipe = f"""- Config: `{RECIPE_FILE}` (the resolved config of the run; the source is \
 `fmct/configs/pretrain_synth_tiny.yaml`).
 - Reproduce: `{command}`

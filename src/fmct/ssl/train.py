@@ -125,8 +125,8 @@ class Trainer:
             )
         metrics["loss"].backward()
         max_norm = config.optim.clip_grad if config.optim.clip_grad > 0 else math.inf
-        for name, module in unwrap(self.student).clipped_modules().items():
-            metrics[f"grad_norm_{name}"] = full_tensor(nn.utils.clip_grad_norm_(module.parameters(), max_norm))
+        for name, parameters in unwrap(self.student).clipped_parameters().items():
+            metrics[f"grad_norm_{name}"] = full_tensor(nn.utils.clip_grad_norm_(parameters, max_norm))
         self.method.after_clipping(unwrap(self.student), values)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
