@@ -78,6 +78,19 @@ def test_scratch_fine_tune_separates_the_blob_and_evaluate_reads_it(cohort, tmp_
     assert "scratch" in json.dumps(metrics)
 
 
+def test_validation_starts_at_min_steps(cohort, tmp_path):
+    """With no learning (lr 0) validation barely moves (only the head's batch-norm statistics do), so
+    patience 1 would keep step 10's weights and stop at step 20; with min_steps 50 the first check is at
+    step 50: no earlier step's weights can be kept."""
+    root, store, _ = cohort
+    config = quick(lr=0.0, eval_every=10, patience=1, min_steps=50, warmup_steps=0, max_steps=100)
+    run_finetune("scratch", store, str(root / "labels.csv"), tmp_path / "ft", config)
+    (fit,) = json.loads((tmp_path / "ft" / "run.json").read_text())["fits"]
+    assert fit["ended_by"] == "early_stopping" and fit["best_step"] >= 50 and fit["steps"] >= 60, fit
+    with pytest.raises(ConfigError, match="min_steps at least 0"):
+        quick(min_steps=-1)
+
+
 def test_fine_tune_from_a_checkpoint_via_cli_then_resume(cohort, tmp_path, capsys):
     root, store, _ = cohort
     run = save_tiny_run(tmp_path / "run")

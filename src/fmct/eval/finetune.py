@@ -74,6 +74,10 @@ class FinetuneConfig(CohortConfig):
     max_steps: int = 1000
     eval_every: int = 50  # steps between validation checks
     patience: int = 5  # validation checks without a better AUROC before stopping
+    # Validation starts at this step, so the kept weights are never an earlier step's: a network trained
+    # from scratch can score its best validation AUROC by luck at the first checks, before it has learned
+    # anything, and early stopping would keep those weights and end the fit there.
+    min_steps: int = 0
     lr: float = 1e-4  # peak LR of the head and the last block; lower blocks get lr * layer_decay ** depth_below
     layer_decay: float = 0.75
     weight_decay: float = 0.05
@@ -102,10 +106,14 @@ class FinetuneConfig(CohortConfig):
         self.flip_prob = self.views(global_size=1).flip_prob
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip {self.grad_clip}: a gradient norm > 0, or 0 for no clipping")
-        if min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1 or self.batch_size < 2:
+        if (
+            min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1
+            or self.batch_size < 2
+            or self.min_steps < 0
+        ):
             raise ConfigError(
                 "batch_size must be at least 2 (the head's batch norm); "
-                "max_steps, eval_every, patience and seeds at least 1"
+                "max_steps, eval_every, patience and seeds at least 1, min_steps at least 0"
             )
 
     def views(self, global_size: int, windows: list[tuple[float, float]] | None = None) -> AugmentConfig:
@@ -261,7 +269,7 @@ def _train_one(
             checked["loss"] = f"{float(losses[-1]):.3f}"
             progress.set_postfix(checked, refresh=False)
             progress.update()
-            if step % config.eval_every == 0 or step == config.max_steps:
+            if (step % config.eval_every == 0 and step >= config.min_steps) or step == config.max_steps:
                 logits_val, failed = scans.predict(classifier, val_rows)
                 usable = np.array([r not in failed for r in val_rows.tolist()], dtype=bool)
                 value = _validation_auroc(logits_val, val_labels, usable)
