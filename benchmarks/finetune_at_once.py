@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from fmct.config import IngestConfig, load_config
-from fmct.demo import run_at_once
+from fmct.demo import run_at_once, usable_cores
 from fmct.ingest import ingest
 from fmct.synth import generate_cohort
 
@@ -79,12 +79,11 @@ def main() -> None:
     assert run_at_once([[fit("at_once_a")], [fit("at_once_b")]], at_once=2, logs=out / "logs") == 0
     at_once = time.monotonic() - began
     steps = 2 * args.steps
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
         json.dumps(
             {
                 "benchmark": "finetune_at_once",
-                "machine": f"{platform.machine()}, {cores} cores",
+                "machine": f"{platform.machine()}, {usable_cores()} cores",
                 "scans": args.scans,
                 "steps_per_fit": args.steps,
                 "reference_steps_per_s": round(steps / reference, 3),

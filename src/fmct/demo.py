@@ -388,9 +388,8 @@ def run_at_once(chains: list[Chain], at_once: int, logs: Path, progress_every_s:
     Returns 0, or the exit status of the first chain (in the order given) that failed, after every chain
     has ended."""
     logs.mkdir(parents=True, exist_ok=True)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     lanes = max(1, min(at_once, len(chains)))
-    threads = str(max(1, cores // lanes))
+    threads = str(max(1, usable_cores() // lanes))
     # torch, OpenMP and the BLAS libraries read these when a process starts.
     environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     running: dict[str, Path] = {}  # stage log name -> log, while the stage runs
@@ -419,6 +418,11 @@ def run_at_once(chains: list[Chain], at_once: int, logs: Path, progress_every_s:
             for name, log in list(running.items()):
                 print(f"   {name}: {last_line(log)}", flush=True)
     return next((future.result() for future in futures if future.result() != 0), 0)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def last_line(log: Path, tail_bytes: int = 4096) -> str:

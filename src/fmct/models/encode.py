@@ -37,7 +37,7 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
 
 def feature_names(model: ViT3D) -> tuple[str, ...]:
     """The features :func:`encode` gives for ``model``: :data:`FEATURES`, and ``change`` with change heads."""
-    return FEATURES + (("change",) if model.change_head is not None else ())
+    return FEATURES + (OPTIONAL_FEATURES if model.change_head is not None else ())
 
 
 def scan_features(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
