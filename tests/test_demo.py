@@ -4,7 +4,7 @@ closing summary on evaluated predictions of every arm."""
 import pytest
 
 from fmct.cli import main
-from fmct.demo import DemoConfig, claim_lines, demo_summary, last_line, run_at_once
+from fmct.demo import DemoConfig, claim_lines, demo_stages, demo_summary, last_line, run_at_once
 from fmct.eval.evaluate import evaluate, write_evaluation, write_predictions
 from test_report import signal_predictions
 
@@ -37,6 +37,22 @@ def test_demo_summary_shows_the_floors_and_a_verdict_per_floor(tmp_path):
     assert "pretrained linear probe vs hu-histogram: clears it at no budget on this run" in printed
 
 
+def test_each_fit_runs_in_its_own_process_and_evaluate_reads_them_all(tmp_path):
+    steps = demo_stages(DemoConfig(finetune_seeds=3), tmp_path)
+    fit_stages = [chain[0] for chain in steps[4] if chain[0][0] == "finetune"]
+    assert [len(chain) for chain in steps[4]] == [1] * len(fit_stages) + [6]  # the probes chain last
+
+    def option(stage: list[str], flag: str) -> str:
+        return stage[stage.index(flag) + 1]
+
+    assert all(option(stage, "--seeds") == "1" for stage in fit_stages)
+    arms_seeds = sorted((option(stage, "--arm"), option(stage, "--first-seed")) for stage in fit_stages)
+    assert arms_seeds == [("ceiling", "0")] + [(arm, str(k)) for arm in ("pretrained", "scratch") for k in range(3)]
+    assert option(fit_stages[0], "--arm") == "ceiling" and option(fit_stages[0], "--label-fractions") == "1"
+    (evaluate,) = steps[5][0]
+    assert {option(stage, "--out") for stage in fit_stages} <= set(evaluate)
+
+
 @pytest.mark.slow
 def test_reduced_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -67,7 +83,8 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert steps == ["synth", "ingest", "pretrain", "finetune + embed + probe", "evaluate", "report"]
     # The fine-tunes and the probes ran at once, each stage in a process of its own with its own log.
     logs = {path.stem for path in (out / "logs").glob("*.log")}
-    assert logs == {"finetune_ceiling", "finetune_pretrained", "finetune_scratch", "embeddings", "probe"} | {
+    fits = {"finetune_ceiling"} | {f"finetune_{arm}_seed{seed}" for arm in ("pretrained", "scratch") for seed in (0, 1)}
+    assert logs == fits | {"embeddings", "probe"} | {
         f"{stage}_{floor}" for stage in ("embeddings", "probe") for floor in ("random_init", "hu_histogram")
     }
     assert "<img" in html[html.index("<h2 id='learning-curves'>") : html.index("<h2 id='methods'>")]

@@ -140,6 +140,39 @@ def test_fine_tune_from_a_checkpoint_via_cli_then_resume(cohort, tmp_path, capsy
     assert "another config" in capsys.readouterr().err
 
 
+def test_seeds_split_over_runs_evaluate_as_one_run(cohort, tmp_path, capsys):
+    """Seeds 0 and 1 in one run, or each in its own run (``--first-seed``): the same fits, so evaluate
+    reads the two folders together as the one."""
+    root, store, _ = cohort
+    like = save_tiny_run(tmp_path / "run")
+    common = [
+        "finetune",
+        "--model",
+        "scratch",
+        "--like",
+        str(like),
+        "--store",
+        str(store),
+        "--labels",
+        str(root / "labels.csv"),
+    ]
+    common += ["--label-fractions", "1", "--max-steps", "20", "--batch-size", "4", "--ood-sites", "B", "eval_every=10"]
+    assert main([*common, "--out", str(tmp_path / "both"), "--seeds", "2"]) == 0
+    for seed in (0, 1):
+        argv = [*common, "--out", str(tmp_path / f"seed{seed}"), "--seeds", "1", "--first-seed", str(seed)]
+        assert main(argv) == 0, capsys.readouterr().err
+    one = read_predictions(tmp_path / "seed1").columns
+    both = read_predictions(tmp_path / "both").columns
+    assert set(one["seed"]) == {"1"}
+    assert np.array_equal(one["score"], both["score"][both["seed"] == "1"])
+    for name, folders in (("joint", ["both"]), ("split", ["seed0", "seed1"])):
+        argv = ["evaluate", "--predictions", *[str(tmp_path / f) for f in folders], "--bootstrap", "20"]
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+    joint, split = ((tmp_path / name / "metrics.csv").read_text() for name in ("joint", "split"))
+    assert joint == split and "scratch" in joint
+    assert len(json.loads((tmp_path / "split" / "metrics.json").read_text())["metrics"]) == 2  # ID and OOD
+
+
 def test_attentive_probe_on_frozen_patch_tokens(cohort, tmp_path):
     root, store, _ = cohort
     run = save_tiny_run(tmp_path / "run")

@@ -156,6 +156,11 @@ def _add_budget_args(parser: argparse.ArgumentParser, verb: str) -> None:
         help="comma-separated N, one budget each besides the fractions: N positive and N negative scans per finding",
     )
     parser.add_argument("--seeds", type=int, help="number of seeds per budget, each its own training subset")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        help="the first seed (default 0): seeds split over runs, whose folders fmct evaluate reads together",
+    )
     parser.add_argument("--ood-sites", help="comma-separated sites whose scans are test-only (out-of-distribution)")
     parser.add_argument("--findings", help=f"comma-separated findings to {verb} (default: all)")
 
@@ -335,7 +340,7 @@ def _probe_run(args) -> int:
     from fmct.config import load_config
     from fmct.eval.probe import ProbeConfig, run_probe
 
-    overrides = _flag_overrides(args, BUDGET_LISTS, ("seeds", "features", "method", "model", "arm"))
+    overrides = _flag_overrides(args, BUDGET_LISTS, ("seeds", "first_seed", "features", "method", "model", "arm"))
     config = load_config(ProbeConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)
     summary = run_probe(
@@ -657,7 +662,18 @@ def _finetune_run(args) -> int:
     from fmct.config import load_config
     from fmct.eval.finetune import FinetuneConfig, run_finetune
 
-    scalars = ("head", "trainable_blocks", "seeds", "batch_size", "max_steps", "lr", "workers", "name", "arm")
+    scalars = (
+        "head",
+        "trainable_blocks",
+        "seeds",
+        "first_seed",
+        "batch_size",
+        "max_steps",
+        "lr",
+        "workers",
+        "name",
+        "arm",
+    )
     overrides = _flag_overrides(args, BUDGET_LISTS, scalars)
     config = load_config(FinetuneConfig, args.config, args.overrides + overrides)
     rename = _parse_rename(args.rename)

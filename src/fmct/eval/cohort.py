@@ -39,7 +39,10 @@ class CohortConfig:
 
     label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     shots: tuple[int, ...] = ()  # N positives and N negatives per finding, in addition to the fractions
-    seeds: int = 5  # seeds 0 .. seeds-1, each its own training subset
+    seeds: int = 5  # seeds first_seed .. first_seed + seeds - 1, each its own training subset
+    # Where the seeds start: a run's seeds can be split over processes (the demo runs each fit in its own)
+    # and the folders evaluated together, since a seed draws the same subset and weights wherever it runs.
+    first_seed: int = 0
     split_seed: int = 0
     use_split_column: bool = True  # false: ignore the labels' split column, split every scan by the fractions below
     val_fraction: float = 0.15
@@ -50,10 +53,19 @@ class CohortConfig:
     def __post_init__(self) -> None:
         if any(not 0 < f <= 1 for f in self.label_fractions) or any(n < 1 for n in self.shots):
             raise ConfigError("label_fractions must lie in (0, 1] and shots be at least 1")
-        if self.seeds < 1 or not (
-            0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1
+        if (
+            self.seeds < 1
+            or self.first_seed < 0
+            or not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1)
         ):
-            raise ConfigError("seeds must be at least 1, val_fraction and test_fraction >= 0 with a sum below 1")
+            raise ConfigError(
+                "seeds must be at least 1, first_seed at least 0, "
+                "val_fraction and test_fraction >= 0 with a sum below 1"
+            )
+
+    def seed_range(self) -> range:
+        """The seeds to fit, each its own training subset."""
+        return range(self.first_seed, self.first_seed + self.seeds)
 
     def budgets(self) -> list[Budget]:
         """Every label budget to fit: the fractions, then the shots."""

@@ -305,7 +305,11 @@ def _train_one(
 # ------------------------------------------------------------------------------------------- run
 def _fingerprint(config: FinetuneConfig, backbone: hub.ModelSource, arm: str, labels_sha256: str, store: Path) -> str:
     # What decides a fit's result; budgets and seeds name the fit, workers only change the speed.
-    settings = {k: v for k, v in to_dict(config).items() if k not in ("label_fractions", "shots", "seeds", "workers")}
+    settings = {
+        k: v
+        for k, v in to_dict(config).items()
+        if k not in ("label_fractions", "shots", "seeds", "first_seed", "workers")
+    }
     return settings_sha256(
         {
             "config": settings,
@@ -423,7 +427,7 @@ def run_finetune(
     }
 
     predictions, fits, n_reused = [], [], 0
-    plan = [(seed, budget) for seed in range(config.seeds) for budget in config.budgets()]
+    plan = [(seed, budget) for seed in config.seed_range() for budget in config.budgets()]
     for seed, budget in progress_bar(plan, desc="finetune", unit="fit"):
         folder = out / "fits" / f"{budget.name}-seed{seed}"
         fit = _finished_fit(folder, fingerprint)

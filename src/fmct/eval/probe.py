@@ -118,7 +118,7 @@ def run_probe(
     with progress_bar(
         total=len(trainable) * config.seeds * len(budgets), desc="probe", unit="fit", leave=False
     ) as progress:
-        for seed in range(config.seeds):
+        for seed in config.seed_range():
             for budget in budgets:
                 choice = choose_features(
                     candidates,
