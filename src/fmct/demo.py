@@ -10,9 +10,10 @@ same recipe and ends by early stopping on the validation AUROC; the step cap onl
 that never stops.
 
 The verbs run through the command line's own entry point, passed in as ``run_verb``: this module sits
-beside the CLI, which imports it, and never imports the CLI back. The fine-tunes, which are independent of
-each other and take most of the demo's time, run at the same time (with the probes) as ``python -m
-fmct.cli`` processes, each on its share of the CPU cores (:func:`run_at_once`).
+beside the CLI, which imports it, and never imports the CLI back. The fits (each seed of each fine-tuned
+arm, and the ceiling), which are independent of each other and take most of the demo's time, run at the
+same time (with the probes) as ``python -m fmct.cli`` processes, each on its share of the CPU cores
+(:func:`run_at_once`).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class DemoConfig:
     # ceiling kept their weights of step 12 before this).
     finetune_min_steps: int = 120
     finetune_batch_size: int = 8
-    # How many of the independent stages (the three fine-tunes, the probes) run at once, each in its own
-    # process on an even share of the cores. On 2 CPU cores two fits on one core each train 1.2-1.3x the
+    # How many of the independent stages (every fit, the probes) run at once, each in its own process on
+    # an even share of the cores. On 2 CPU cores two fits on one core each train 1.2-1.3x the
     # steps per second of one fit on both (benchmarks/finetune_at_once.py; BENCHMARKS.md, "The demo, the
     # same on every machine"); on one GPU the fits would share the device, so the large preset runs one
     # stage at a time.
