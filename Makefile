@@ -46,7 +46,7 @@ demo: setup-core
 
 # The shipped checkpoint fmct-synth-tiny from its committed recipe (configs/pretrain_synth_tiny.yaml):
 # 800 synthetic heads of sites A and B (seed 1000; never site C, never an evaluation seed), a separate
-# labelled validation cohort (seed 2000) for the online probe; the pretraining itself 32 minutes on 2 CPU cores.
+# labelled validation cohort (seed 2000) for the online probe; the pretraining itself about 10 minutes on 2 CPU cores.
 FOUNDATION ?= foundation_run
 HEADS ?= 800
 WORKERS ?= 2
