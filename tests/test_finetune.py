@@ -171,6 +171,11 @@ def test_seeds_split_over_runs_evaluate_as_one_run(cohort, tmp_path, capsys):
     joint, split = ((tmp_path / name / "metrics.csv").read_text() for name in ("joint", "split"))
     assert joint == split and "scratch" in joint
     assert len(json.loads((tmp_path / "split" / "metrics.json").read_text())["metrics"]) == 2  # ID and OOD
+    # A fit in two of the folders would count twice: evaluate names both and stops.
+    argv = ["evaluate", "--predictions", str(tmp_path / "both"), str(tmp_path / "seed1"), "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "both hold the fit of run (scratch), ich, budget 1.0, seed 1" in error and "seed1" in error
 
 
 def test_attentive_probe_on_frozen_patch_tokens(cohort, tmp_path):

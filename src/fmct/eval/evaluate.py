@@ -338,6 +338,7 @@ def evaluate(
     how seeds are averaged and how pairs are compared.
     """
     loaded = [read_predictions(f) for f in folders]
+    _check_each_fit_once(loaded)
     for p in loaded:
         p.columns["n_train"] = training_sizes(p)
     names = PREDICTION_COLUMNS + OPTIONAL_COLUMNS + ["n_train"]
@@ -370,6 +371,24 @@ def evaluate(
                 evaluation.calibration += cell.calibration_rows()
     evaluation.comparisons = with_holm(evaluation.comparisons)
     return evaluation
+
+
+def _check_each_fit_once(loaded: list[Predictions]) -> None:
+    """Folders are read together as one run per (model, arm), its seeds split over them or not (``fmct
+    finetune --first-seed``); a fit, (model, arm, finding, budget, seed), in two of them would be counted
+    twice, so it raises InputError naming both."""
+    seen: dict[tuple, Path] = {}
+    for p in loaded:
+        c = p.columns
+        for model, arm, finding, fraction, shots, seed in set(
+            zip(c["model"], c["arm"], c["finding"], c["label_fraction"], c["shots"], c["seed"])
+        ):
+            fit = (model, arm, finding, _number_key(fraction), _number_key(shots), _number_key(seed))
+            if seen.setdefault(fit, p.path) != p.path:
+                raise InputError(
+                    f"{seen[fit]} and {p.path}: both hold the fit of {model} ({arm}), {finding}, "
+                    f"budget {budget_name(fraction, shots)}, seed {seed}; give each fit once"
+                )
 
 
 def holm_family(comparisons: list[dict]) -> list[bool]:
