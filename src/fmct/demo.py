@@ -64,7 +64,8 @@ class DemoConfig:
     seeds: int = 2  # of the probes; a probe costs seconds
     # Of the fine-tuned twins, whose AUROCs are averaged over seeds: one fit's test AUROC moves by up to
     # 0.2 with its seed (BENCHMARKS.md, "Backbones", fourth search), more than the effect the claim looks
-    # for. Two seeds keep the demo within 10 minutes on 2 cores; the ceiling has one.
+    # for. Two seeds, not three, for the demo's time (BENCHMARKS.md, "The demo on the chosen seed"); the
+    # ceiling has one.
     finetune_seeds: int = 2
     # Findings common enough to have test positives at every site (the rest are rarer).
     findings: str = "ich,midline_shift"
