@@ -106,14 +106,11 @@ class FinetuneConfig(CohortConfig):
         self.flip_prob = self.views(global_size=1).flip_prob
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip {self.grad_clip}: a gradient norm > 0, or 0 for no clipping")
-        if (
-            min(self.max_steps, self.eval_every, self.patience, self.seeds) < 1
-            or self.batch_size < 2
-            or self.min_steps < 0
-        ):
+        # seeds and first_seed are checked by CohortConfig.
+        if min(self.max_steps, self.eval_every, self.patience) < 1 or self.batch_size < 2 or self.min_steps < 0:
             raise ConfigError(
                 "batch_size must be at least 2 (the head's batch norm); "
-                "max_steps, eval_every, patience and seeds at least 1, min_steps at least 0"
+                "max_steps, eval_every and patience at least 1, min_steps at least 0"
             )
 
     def views(self, global_size: int, windows: list[tuple[float, float]] | None = None) -> AugmentConfig:
