@@ -40,7 +40,7 @@ def test_demo_summary_shows_the_floors_and_a_verdict_per_floor(tmp_path):
 def test_each_fit_runs_in_its_own_process_and_evaluate_reads_them_all(tmp_path):
     steps = demo_stages(DemoConfig(finetune_seeds=3), tmp_path)
     fit_stages = [chain[0] for chain in steps[4] if chain[0][0] == "finetune"]
-    assert [len(chain) for chain in steps[4]] == [1] * len(fit_stages) + [6]  # the probes chain last
+    assert [len(chain) for chain in steps[4]] == [1] * len(fit_stages) + [2] * 3  # each arm's embed, probe last
 
     def option(stage: list[str], flag: str) -> str:
         return stage[stage.index(flag) + 1]

@@ -319,6 +319,21 @@ def test_the_mae_objective_trains_through_the_same_loop(store, tmp_path):
     assert torch.equal(hub.load(run / "backbone").mask_token, torch.zeros(1, 64))  # MAE never uses it
 
 
+def test_signed_change_heads_learn_hyperdense_and_hypodense_apart_and_travel_with_the_backbone(store, tmp_path):
+    overrides = ("method=anomaly", "augment.n_local=0", "anomaly.air_margin_mm=4", "anomaly.signed=true")
+    result = pretrain(store, tmp_path / "signed", tiny_config(*overrides, "optim.epochs=1"))
+    lines = log_lines(tmp_path / "signed")
+    # Fresh heads give logits near 0: ln 2 per element, whatever the number of kinds.
+    assert abs(lines[0]["patch_change_loss"] - math.log(2)) < 0.2
+    exported, student = hub.load(tmp_path / "signed" / "backbone").eval(), result["student"].eval()
+    x = torch.rand(2, 3, 32, 32, 32)
+    with torch.no_grad():
+        patch_logits, scan_logits = student(x)
+        change = exported.forward_features(x)["change"]
+    assert exported.config.change_kinds == 2 and patch_logits.shape == (2, 2, 64) and change.shape == (2, 2)
+    torch.testing.assert_close(change, scan_logits)
+
+
 def test_the_anomaly_pretext_trains_through_the_same_loop_and_resumes_exactly(store, tmp_path):
     overrides = ("method=anomaly", "augment.n_local=0", "anomaly.probability=1.0", "anomaly.air_margin_mm=4")
     run = tmp_path / "anomaly"
@@ -337,8 +352,8 @@ def test_the_anomaly_pretext_trains_through_the_same_loop_and_resumes_exactly(st
     with torch.no_grad():
         patch_logits, scan_logits = student(x)
         change = exported.forward_features(x)["change"]
-    assert exported.config.change_heads and patch_logits.shape == (2, 64)
-    torch.testing.assert_close(change[:, 0], scan_logits)
+    assert exported.config.change_heads and patch_logits.shape == (2, 1, 64)
+    torch.testing.assert_close(change, scan_logits)
     from fmct.ssl.release import package
 
     card = (package(run, tmp_path / "card", "fmct-test", "phantoms", "pytest", "a CPU") / "README.md").read_text()

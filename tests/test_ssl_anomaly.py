@@ -91,6 +91,20 @@ def test_probability_zero_leaves_the_batch_as_it_was_and_hypodense_changes_remov
     assert (changed - hu).min().item() == pytest.approx(-30.0, abs=1e-4) and (changed - hu).max() <= 0
 
 
+def test_signed_changes_map_hyperdense_and_hypodense_apart_and_paint_the_same_volumes():
+    hu = sphere_head().repeat(2, 1, 1, 1, 1)
+    for share, kind in ((1.0, 0), (0.0, 1)):  # all hyperdense: channel 0; all hypodense: channel 1
+        config = one_sphere(hyperdense_share=share)
+        changed, visibility = paint_changes(hu, SPACING_MM, config, torch.Generator().manual_seed(5))
+        signed_changed, signed = paint_changes(
+            hu, SPACING_MM, one_sphere(hyperdense_share=share, signed=True), torch.Generator().manual_seed(5)
+        )
+        # The same draws paint the same HU; the one map of any change becomes the channel of its sign.
+        assert visibility.shape == (2, 1, 32, 32, 32) and signed.shape == (2, 2, 32, 32, 32)
+        assert torch.equal(signed_changed, changed)
+        assert torch.equal(signed[:, kind], visibility[:, 0]) and not signed[:, 1 - kind].any()
+
+
 def test_a_rank_paints_its_volumes_as_one_process_holding_the_global_batch_would():
     config = AnomalyConfig(probability=1.0, edge_roughness=0.15)
     hu = sphere_head().repeat(4, 1, 1, 1, 1) + torch.arange(4.0).view(4, 1, 1, 1, 1)
@@ -101,20 +115,28 @@ def test_a_rank_paints_its_volumes_as_one_process_holding_the_global_batch_would
 
 
 def test_targets_are_the_most_visible_change_per_patch_and_per_crop():
-    visibility = torch.zeros(2, 1, 8, 8, 8)
+    visibility = torch.zeros(2, 2, 8, 8, 8)  # two kinds of change: hyperdense, hypodense
     visibility[0, 0, 5, 1, 6] = 0.7  # patch (1, 0, 1) of a 2^3 grid of 4^3 patches: index 1*4 + 0*2 + 1 = 5
     visibility[0, 0, 4, 0, 4] = 0.2  # the same patch, less visible
+    visibility[1, 1, 0, 0, 0] = 0.4  # a hypodense change in patch 0 of the second crop
     per_patch, per_crop = change_targets(visibility, (4, 4, 4))
-    expected = torch.zeros(2, 8)
-    expected[0, 5] = 0.7
-    assert torch.equal(per_patch, expected) and torch.equal(per_crop, torch.tensor([0.7, 0.0]))
+    expected = torch.zeros(2, 2, 8)
+    expected[0, 0, 5], expected[1, 1, 0] = 0.7, 0.4
+    assert torch.equal(per_patch, expected) and torch.equal(per_crop, torch.tensor([[0.7, 0.0], [0.0, 0.4]]))
 
 
 def test_anomaly_loss_hand_examples():
-    patch, scan = anomaly_loss(torch.zeros(2, 8), torch.zeros(2), torch.rand(2, 8), torch.tensor([1.0, 0.0]))
+    patch, scan = anomaly_loss(
+        torch.zeros(2, 1, 8), torch.zeros(2, 1), torch.rand(2, 1, 8), torch.tensor([[1.0], [0.0]])
+    )
     assert patch.item() == pytest.approx(math.log(2), abs=1e-6) and scan.item() == pytest.approx(math.log(2), abs=1e-6)
-    _, scan = anomaly_loss(torch.zeros(1, 1), torch.tensor([math.log(3)]), torch.zeros(1, 1), torch.ones(1))
+    _, scan = anomaly_loss(torch.zeros(1, 1, 1), torch.tensor([[math.log(3)]]), torch.zeros(1, 1, 1), torch.ones(1, 1))
     assert scan.item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    # Two kinds: the mean over both, here (-ln(3/4) + -ln(1/4)) / 2 for a logit ln 3 against targets 1 and 0.
+    _, scan = anomaly_loss(
+        torch.zeros(1, 2, 1), torch.full((1, 2), math.log(3)), torch.zeros(1, 2, 1), torch.tensor([[1.0, 0.0]])
+    )
+    assert scan.item() == pytest.approx((-math.log(0.75) - math.log(0.25)) / 2, abs=1e-6)
 
 
 def test_maps_travel_with_the_crops_through_flips_rotations_and_scale():

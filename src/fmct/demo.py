@@ -75,9 +75,12 @@ class DemoConfig:
     # Every fine-tuned arm (pretrained, scratch, ceiling) with the same recipe, ended by early stopping:
     # validation AUROC every `finetune_eval_every` steps, stop after `finetune_patience` checks without a
     # better one. `finetune_max_steps` is a guard that should never end a fit (each fit records what did).
+    # Patience 4, chosen by a rule set before the runs: the best score on two validation-only cohorts
+    # (A/B and site D heads) of ten traced fits among the patiences that keep the demo within 9.5 minutes
+    # on 2 cores (BENCHMARKS.md, "The demo's patience"); 10 checks took it to 12 minutes.
     finetune_max_steps: int = 2000
     finetune_eval_every: int = 12
-    finetune_patience: int = 10
+    finetune_patience: int = 4
     # Validation starts at this step (FinetuneConfig.min_steps): from scratch the best of the first checks
     # on 33 validation scans is often luck, and a fit stopped there never trained (a scratch twin and the
     # ceiling kept their weights of step 12 before this).
@@ -286,12 +289,12 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[Chain]]:
         pretrain,
     ]
     probes = [
-        *embed_and_probe(["--model", foundation], "", "vit-linear-probe", "pretrained"),
+        embed_and_probe(["--model", foundation], "", "vit-linear-probe", "pretrained"),
         # The floors every pretrained arm must beat, embedded and probed like the pretrained backbone.
-        *embed_and_probe(
+        embed_and_probe(
             ["--model", "scratch", "--like", foundation], "_random_init", "vit-linear-probe", "random-init"
         ),
-        *embed_and_probe(["--model", "hu-histogram"], "_hu_histogram", "hu-histogram", "hu-histogram"),
+        embed_and_probe(["--model", "hu-histogram"], "_hu_histogram", "hu-histogram", "hu-histogram"),
     ]
     # Each fit in its own process: a fit's length varies with its seed (240-500 steps in the demo), so
     # fits as separate chains share the two lanes more evenly than an arm's seeds one after the other.
@@ -318,8 +321,9 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[Chain]]:
         str(out / "evaluation"),
     ]
     report = ["report", str(out / "evaluation"), "--out", str(out / "report.html"), "--pretraining", foundation]
-    # The fits first, as the longest; the probes, a minute, fill a core left at the end.
-    return [[[stage]] for stage in sequential] + [[*[[fit] for fit in finetunes], probes], [[evaluate]], [[report]]]
+    # The fits first, as the longest; the probes, each arm's embed and probe a chain of about 15 s, fill
+    # whichever core the fits leave free at the end (as one chain of 40 s they kept one core busy alone).
+    return [[[stage]] for stage in sequential] + [[*[[fit] for fit in finetunes], *probes], [[evaluate]], [[report]]]
 
 
 def run_demo(config: DemoConfig, out: Path, run_verb: Callable[[list[str]], int]) -> int:

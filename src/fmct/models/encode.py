@@ -6,7 +6,7 @@ A scan's features are its backbone's output tokens pooled over the scan
 in the units of the backbone's final norm, named as the embeddings table names them (:data:`FEATURES`):
 ``cls`` (the CLS token), ``patch_mean`` and ``patch_max`` (the mean and the maximum over the patch tokens,
 per channel). Register tokens are left out. A backbone pretrained on synthetic anomalies adds ``change``
-(B, 1): its change heads' logit that the scan holds a change (:class:`fmct.models.vit3d.ChangeHeads`), one
+(B, K): its change heads' logits that the scan holds a change of each kind (:class:`fmct.models.vit3d.ChangeHeads`), one
 number a probe fitted on a handful of labels can read.
 """
 
@@ -42,7 +42,7 @@ def feature_names(model: ViT3D) -> tuple[str, ...]:
 
 def scan_features(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The :data:`FEATURES` of a backbone's ``forward_features`` output (``cls`` (B, C), ``patch`` (B, N, C)),
-    each float32 (B, C), and ``change`` (B, 1) where the output has it; pooled in float32 whatever the
+    each float32 (B, C), and ``change`` (B, K) where the output has it; pooled in float32 whatever the
     tokens' precision. Differentiable."""
     pooled = pooled_features({"cls": tokens["cls"].float(), "patch": tokens["patch"].float()})
     features = {"cls": pooled["cls"], "patch_mean": pooled["mean"], "patch_max": pooled["max"]}

@@ -72,12 +72,20 @@ class ViT3DConfig:
     # that its output, the model's own score that a scan holds a change, travels with the weights (set by
     # PretrainConfig for method anomaly; False for every other backbone).
     change_heads: bool = False
+    # What the change heads tell apart, one logit each: 1, any change; 2, a hyperdense change and a
+    # hypodense one, in that order (acute blood adds density, an infarct or a widened CSF space removes
+    # it). Set by PretrainConfig from ``anomaly.signed``.
+    change_kinds: int = 1
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ConfigError(f"unknown ViT size {self.size!r} (known: {', '.join(SIZES)})")
         if isinstance(self.patch_size, int):
             self.patch_size = (self.patch_size,) * 3
+        if self.change_kinds not in (1, 2):
+            raise ConfigError(
+                f"change_kinds must be 1 (any change) or 2 (hyperdense, hypodense), got {self.change_kinds}"
+            )
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.img_size = tuple(int(s) for s in self.img_size)
         embed_dim, depth, n_heads = SIZES[self.size]
@@ -301,13 +309,13 @@ class Block(nn.Module):
 # ------------------------------------------------------------------------------------------ model
 class ChangeHeads(nn.Module):
     """Two linear heads on a backbone's normalised output tokens (:mod:`fmct.ssl.anomaly` trains them):
-    ``patch``, one logit per patch token that its patch holds a painted change, and ``scan``, one logit
-    on the CLS that the scan holds any."""
+    ``patch``, per patch token ``kinds`` logits that its patch holds a painted change of each kind, and
+    ``scan``, ``kinds`` logits on the CLS that the scan holds any (kinds: ``ViT3DConfig.change_kinds``)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, kinds: int = 1):
         super().__init__()
-        self.patch = nn.Linear(dim, 1)
-        self.scan = nn.Linear(dim, 1)
+        self.patch = nn.Linear(dim, kinds)
+        self.scan = nn.Linear(dim, kinds)
 
 
 class ViT3D(nn.Module):
@@ -339,7 +347,7 @@ class ViT3D(nn.Module):
         if not self.pos_embed.is_meta:
             self._init_weights()
         # After the initialisation, so that the blocks draw the same weights with and without them.
-        self.change_head = ChangeHeads(dim) if config.change_heads else None
+        self.change_head = ChangeHeads(dim, config.change_kinds) if config.change_heads else None
 
     @property
     def embed_dim(self) -> int:
@@ -405,8 +413,9 @@ class ViT3D(nn.Module):
 
         Returns ``{"cls": (B, C), "registers": (B, R, C), "patch": (B, N, C)}`` with C = embed_dim and N
         the patch count in patch order (or N' = keep_idx.shape[1] visible patches, in keep_idx order),
-        and for a backbone with change heads also ``"change"`` (B, 1): the scan head's logit that the
-        scan holds a change. See :meth:`prepare_tokens` for ``masks`` and ``keep_idx``.
+        and for a backbone with change heads also ``"change"`` (B, K): the scan head's logits that the
+        scan holds a change of each of its K kinds (``config.change_kinds``). See :meth:`prepare_tokens`
+        for ``masks`` and ``keep_idx``.
         """
         tokens = self.prepare_tokens(x, masks, keep_idx)
         for block in self.blocks:

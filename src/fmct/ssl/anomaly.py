@@ -2,8 +2,11 @@
 
 Half of the volumes (by default) get one to three smooth ellipsoids of added density inside the head,
 hyperdense or hypodense, of a few millimetres to a few centimetres; the backbone learns, from the
-changed volume alone, which of its patches hold a change (one logit per patch token) and whether the
-scan holds any (one logit on the CLS). No label is read: the targets are where the pretext put its
+changed volume alone, which of its patches hold a change (a logit per patch token) and whether the
+scan holds any (a logit on the CLS). With ``signed`` it learns a hyperdense change and a hypodense one
+apart, a logit for each: on validation heads the single logit also rises with atrophy, infarcts and
+hydrocephalus (widened CSF spaces and lost density), which an older population holds more of than a
+bleed. No label is read: the targets are where the pretext put its
 changes. It is the self-supervised family of CutPaste (Li et al. 2021) and foreign-patch interpolation
 (Tan et al. 2021), which learns what normal anatomy looks like in order to tell a local change from it.
 Acute blood is a hyperdense change and an infarct a hypodense one, so this pretext is close to the
@@ -102,13 +105,15 @@ def paint_changes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add synthetic changes to HU volumes ``hu`` (B, 1, X, Y, Z), voxels of ``spacing_mm``.
 
-    Returns float32 ``(changed_hu, visibility)``, both (B, 1, X, Y, Z): ``changed_hu = hu + sum_k
-    alpha_k * delta_k`` and ``visibility = max_k alpha_k * min(1, |delta_k| / config.visible_hu)`` in
-    [0, 1], where ``alpha_k = sigmoid((1 - r_k) / softness_k)`` inside the paintable region
-    (:func:`paintable_region`) and 0 outside it, ``r_k`` the ellipsoid's normalised radius (1 on its
-    surface, in the rotated frame of its semi-axes in mm) roughened by Gaussian noise of
-    ``config.edge_roughness``. So the centre of a +30 HU change gets about +30 HU and visibility 1 (with
-    ``visible_hu`` 15), and a voxel outside every change keeps its HU and visibility 0.
+    Returns float32 ``changed_hu`` (B, 1, X, Y, Z) and ``visibility`` (B, K, X, Y, Z): ``changed_hu =
+    hu + sum_k alpha_k * delta_k`` and ``visibility = max_k alpha_k * min(1, |delta_k| / config.visible_hu)``
+    in [0, 1], the maximum over every change (K = 1) or, with ``config.signed``, over the hyperdense
+    changes (channel 0) and the hypodense ones (channel 1), where ``alpha_k = sigmoid((1 - r_k) /
+    softness_k)`` inside the paintable region (:func:`paintable_region`) and 0 outside it, ``r_k`` the
+    ellipsoid's normalised radius (1 on its surface, in the rotated frame of its semi-axes in mm)
+    roughened by Gaussian noise of ``config.edge_roughness``. So the centre of a +30 HU change gets about
+    +30 HU and visibility 1 (with ``visible_hu`` 15), and a voxel outside every change keeps its HU and
+    visibility 0.
 
     The draws are those of the volumes ``first_volume ..`` of a global batch of ``global_batch``
     (None: B) from ``generator`` (a CPU generator; None: torch's global one), as the crops of
@@ -118,7 +123,7 @@ def paint_changes(
     draws = draw_changes(config, batch if global_batch is None else global_batch, generator)
     draws = ChangeDraws(*(values[first_volume : first_volume + batch] for values in draws))
     hu = hu.float().clone()
-    visibility = torch.zeros_like(hu)
+    visibility = hu.new_zeros((batch, 2 if config.signed else 1, *hu.shape[2:]))
     shape = torch.tensor(hu.shape[2:])
     painted = draws.active.nonzero().view(-1).tolist()  # about half the batch: the region only for those
     for j, region in zip(painted, paintable_region(hu[painted], spacing_mm, config.air_margin_mm)):
@@ -148,15 +153,17 @@ def paint_changes(
             delta = float(draws.delta_hu[j, k])
             hu[j, 0][box] += alpha * delta
             visible = alpha * min(1.0, abs(delta) / config.visible_hu)
-            visibility[j, 0][box] = torch.maximum(visibility[j, 0][box], visible)
+            kind = int(config.signed and delta < 0)
+            visibility[j, kind][box] = torch.maximum(visibility[j, kind][box], visible)
     return hu, visibility
 
 
 def change_targets(visibility: torch.Tensor, patch_size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets in [0, 1] from crops' visibility maps (N, 1, D, H, W): per patch the most visible change
-    in it, (N, n_patches) in the ViT's patch order, and per crop the most visible change, (N,)."""
-    per_patch = F.max_pool3d(visibility, patch_size).flatten(1)
-    return per_patch, visibility.flatten(1).amax(dim=1)
+    """Targets in [0, 1] from crops' visibility maps (N, K, D, H, W), K kinds of change: per patch the
+    most visible change of each kind in it, (N, K, n_patches) in the ViT's patch order, and per crop,
+    (N, K)."""
+    per_patch = F.max_pool3d(visibility, patch_size).flatten(2)
+    return per_patch, visibility.flatten(2).amax(dim=2)
 
 
 def anomaly_loss(
@@ -165,8 +172,9 @@ def anomaly_loss(
     patch_targets: torch.Tensor,
     scan_targets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Binary cross-entropy of the patch logits (N, n_patches) and the scan logits (N,) against soft
-    targets in [0, 1]; each the mean over its elements, returned as ``(patch_loss, scan_loss)``.
+    """Binary cross-entropy of the patch logits (N, K, n_patches) and the scan logits (N, K) against
+    soft targets of the same shapes in [0, 1]; each the mean over its elements, returned as
+    ``(patch_loss, scan_loss)``.
 
     Hand check: logits 0 give ln 2 = 0.693 whatever the targets; a logit of ln 3 (probability 3/4)
     against a target of 1 gives -ln(3/4) = 0.288.

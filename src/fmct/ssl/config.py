@@ -141,6 +141,9 @@ class AnomalyConfig:
     air_margin_mm: float = 9.0  # changes keep this far from air: inside the head, off the scalp
     visible_hu: float = 15.0  # a change of this many HU or more counts as fully visible in the targets
     scan_loss_weight: float = 1.0  # weight of the per-scan term beside the per-patch one
+    # True: the heads learn a hyperdense change and a hypodense one apart (two logits per patch and per
+    # scan, model.change_kinds 2); False: any change, one logit each.
+    signed: bool = False
 
     def __post_init__(self) -> None:
         ranges = (self.semi_axis_mm, self.delta_hu, self.edge_softness)
@@ -263,6 +266,7 @@ class PretrainConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         model, augment = self.model, self.augment
         model.change_heads = self.method == "anomaly"  # the anomaly pretext's heads stay with its backbone
+        model.change_kinds = 2 if model.change_heads and self.anomaly.signed else 1
         if tuple(model.img_size) != (augment.global_size,) * 3:
             raise ConfigError(
                 f"model.img_size {list(model.img_size)} must be the global crop size "

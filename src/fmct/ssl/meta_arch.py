@@ -137,8 +137,8 @@ class MAEModel(nn.Module):
 
 
 class AnomalyModel(nn.Module):
-    """A backbone with change heads (:class:`fmct.models.vit3d.ChangeHeads`): one logit per patch token (does
-    this patch hold a change?) and one on the CLS (does the scan hold any?)."""
+    """A backbone with change heads (:class:`fmct.models.vit3d.ChangeHeads`): per patch token (does this
+    patch hold a change?) and on the CLS (does the scan hold any?), one logit per kind of change."""
 
     def __init__(self, config: PretrainConfig):
         super().__init__()
@@ -148,9 +148,10 @@ class AnomalyModel(nn.Module):
         self.backbone.mask_token.requires_grad_(False)  # nothing is masked: unused, and DDP needs every grad
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch logits (B, N) in patch order and scan logits (B,) of crops (B, C, D, H, W)."""
+        """Patch logits (B, K, N), N in patch order, and scan logits (B, K) of crops (B, C, D, H, W), K the
+        kinds of change (``model.change_kinds``)."""
         tokens = self.backbone.forward_features(crops)
-        return self.backbone.change_head.patch(tokens["patch"]).squeeze(-1), tokens["change"].squeeze(-1)
+        return self.backbone.change_head.patch(tokens["patch"]).transpose(1, 2), tokens["change"]
 
     def clipped_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The parameters whose gradients are clipped each group on its own: the backbone's, the heads'."""
@@ -370,7 +371,7 @@ class AnomalyMethod(Method):
         first_volume: int,
         global_batch: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch with its changes painted in (float HU) and their visibility map (B, 1, X, Y, Z)."""
+        """The batch with its changes painted in (float HU) and their visibility maps (B, K, X, Y, Z)."""
         if spacing_mm is None:
             raise ConfigError(
                 "method anomaly paints its changes in mm: the store's manifest records no store_spacing_mm"

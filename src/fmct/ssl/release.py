@@ -98,9 +98,14 @@ def model_card(name: str, run_dir: Path, data: str, command: str, machine: str, 
         if "teacher_cosine" in last
         else ""
     )
+    kinds = (
+        "two logits, that it holds a focal hyperdense change and a hypodense one"
+        if model.get("change_kinds", 1) == 2
+        else "one logit, that it holds a focal density change"
+    )
     features = (
         "- Features: the CLS token, the mean and max of the patch tokens and the change logit: the pretext's scan\n"
-        "  head (kept with the backbone) scoring whether the scan holds a focal density change (`fmct embed` writes\n"
+        f"  head (kept with the backbone) scoring the scan, {kinds} (`fmct embed` writes\n"
         "  all four; `fmct probe` chooses the change logit, CLS, CLS + mean or CLS + mean + max on the validation\n"
         "  split)."
         if model.get("change_heads")
