@@ -7,7 +7,7 @@ pretrained-probe-minus-floor and pretrained-minus-ceiling differences, how every
 the pretraining budget of the pretrained arm, and the wall time. Arms: pretrained linear probe and the
 two floors (random-init, HU histogram) at 1 %, 10 % and 100 % of the training labels; pretrained and
 scratch fine-tunes at 1 % and 10 %; the ceiling (scratch, 100 %). Every fine-tune ends by early
-stopping under the demo's one recipe. About 19 minutes on 2 CPU cores (BENCHMARKS.md).
+stopping under the demo's one recipe. About 13 minutes on 2 CPU cores (BENCHMARKS.md).
 
     python benchmarks/label_efficiency.py [--out bench_out/label_efficiency] [key=value ...]
 """
