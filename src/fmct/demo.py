@@ -296,7 +296,7 @@ def demo_stages(config: DemoConfig, out: Path) -> list[list[Chain]]:
         ),
         embed_and_probe(["--model", "hu-histogram"], "_hu_histogram", "hu-histogram", "hu-histogram"),
     ]
-    # Each fit in its own process: a fit's length varies with its seed (240-500 steps in the demo), so
+    # Each fit in its own process: a fit's length varies with its seed (168-264 steps in the demo), so
     # fits as separate chains share the two lanes more evenly than an arm's seeds one after the other.
     # The ceiling, the longest (every training label), first; it is measured against, with one seed.
     scratch = ["--model", "scratch", "--like", foundation]

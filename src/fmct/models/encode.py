@@ -6,8 +6,8 @@ A scan's features are its backbone's output tokens pooled over the scan
 in the units of the backbone's final norm, named as the embeddings table names them (:data:`FEATURES`):
 ``cls`` (the CLS token), ``patch_mean`` and ``patch_max`` (the mean and the maximum over the patch tokens,
 per channel). Register tokens are left out. A backbone pretrained on synthetic anomalies adds ``change``
-(B, K): its change heads' logits that the scan holds a change of each kind (:class:`fmct.models.vit3d.ChangeHeads`), one
-number a probe fitted on a handful of labels can read.
+(B, K): its change heads' logits that the scan holds a change of each of K kinds
+(:class:`fmct.models.vit3d.ChangeHeads`), one or two numbers a probe fitted on a handful of labels can read.
 """
 
 from __future__ import annotations

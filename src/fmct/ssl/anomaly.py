@@ -123,7 +123,7 @@ def paint_changes(
     draws = draw_changes(config, batch if global_batch is None else global_batch, generator)
     draws = ChangeDraws(*(values[first_volume : first_volume + batch] for values in draws))
     hu = hu.float().clone()
-    visibility = hu.new_zeros((batch, 2 if config.signed else 1, *hu.shape[2:]))
+    visibility = hu.new_zeros((batch, config.kinds, *hu.shape[2:]))
     shape = torch.tensor(hu.shape[2:])
     painted = draws.active.nonzero().view(-1).tolist()  # about half the batch: the region only for those
     for j, region in zip(painted, paintable_region(hu[painted], spacing_mm, config.air_margin_mm)):

@@ -145,6 +145,12 @@ class AnomalyConfig:
     # scan, model.change_kinds 2); False: any change, one logit each.
     signed: bool = False
 
+    @property
+    def kinds(self) -> int:
+        """How many kinds of change the targets and heads tell apart: 2 (hyperdense, hypodense) when
+        ``signed``, else 1."""
+        return 2 if self.signed else 1
+
     def __post_init__(self) -> None:
         ranges = (self.semi_axis_mm, self.delta_hu, self.edge_softness)
         if not all(0 < low <= high for low, high in ranges):
@@ -266,7 +272,7 @@ class PretrainConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         model, augment = self.model, self.augment
         model.change_heads = self.method == "anomaly"  # the anomaly pretext's heads stay with its backbone
-        model.change_kinds = 2 if model.change_heads and self.anomaly.signed else 1
+        model.change_kinds = self.anomaly.kinds if model.change_heads else 1
         if tuple(model.img_size) != (augment.global_size,) * 3:
             raise ConfigError(
                 f"model.img_size {list(model.img_size)} must be the global crop size "
